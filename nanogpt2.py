@@ -1,0 +1,1516 @@
+"""nanogpt2.py: all of GPT-2 in one readable PyTorch file.
+
+GPT-2 (Radford et al., 2019, "Language Models are Unsupervised Multitask Learners") is a stack of
+pre-norm transformer blocks over token + position embeddings, trained to predict the next token.
+This file writes every part of the Hugging Face transformers GPT-2 family out in full, with the same
+class names, config fields, state_dict keys, forward arguments and output names, so that a Hugging
+Face checkpoint loads with `load_state_dict(strict=True)` and gives the same numbers.
+
+Map of the file (read it top to bottom; the data flows in this order):
+    1. Config            GPT2Config (a dataclass), presets, config.json read/write
+    2. Building blocks   Conv1D, activations, head-pruning helpers, attention masks, output dataclasses
+    3. Attention         GPT2Attention: self/cross, causal mask, KV cache, head mask, two attention cores
+    4. MLP and block     GPT2MLP, GPT2Block
+    5. The model body    GPT2Model: embeddings, blocks, final layer norm, input checks, device maps
+    6. The heads         LM, double heads, sequence/token classification, question answering
+    7. Generation        greedy, sampling (temperature, top-k, top-p), beam search, with the cache
+
+Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd,
+nh = number of heads, hs = head size (C // nh), V = vocab size.
+
+Run the tests with `python -m pytest -q` (see README.md).
+"""
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+
+# The problem types a classification head can be asked to solve (as Hugging Face names them).
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
+
+
+@dataclass
+class GPT2Config:
+    """Every hyperparameter of a GPT-2 model, with Hugging Face's names and defaults (those of gpt2, 124M).
+
+    Fields Hugging Face keeps on its base config class (num_labels, pad_token_id, problem_type, ...) are
+    written here too, so that one dataclass says everything a model reads. Keys of a config.json that
+    this class does not know are kept in `extra` and written back unchanged.
+    """
+
+    vocab_size: int = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+    n_positions: int = 1024  # longest sequence (learned position embeddings)
+    n_embd: int = 768  # width C of the residual stream
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    # The multiple-choice head of GPT2DoubleHeadsModel ("sequence summary").
+    summary_type: str = "cls_index"
+    summary_use_proj: bool = True
+    summary_activation: Optional[str] = None
+    summary_proj_to_labels: bool = True
+    summary_first_dropout: float = 0.1
+    summary_last_dropout: float = 0.0
+    # Attention options.
+    scale_attn_weights: bool = True  # divide scores by sqrt(hs)
+    scale_attn_by_inverse_layer_idx: bool = False  # also divide by (layer index + 1), for stability
+    reorder_and_upcast_attn: bool = False  # scores and softmax in fp32 even under autocast
+    add_cross_attention: bool = False  # a cross-attention sub-block in every block (encoder-decoder use)
+    use_cache: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: Optional[int] = None
+    # Heads.
+    num_labels: int = 2
+    problem_type: Optional[str] = None
+    classifier_dropout: Optional[float] = None  # token classification; None means 0.1 as the reference
+    tie_word_embeddings: bool = True
+    # Heads removed by prune_heads, {layer: [head, ...]}, so that a saved pruned model rebuilds its shapes.
+    pruned_heads: Dict[int, List[int]] = field(default_factory=dict)
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    # Hugging Face's generic names for the same numbers.
+    @property
+    def hidden_size(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.n_positions
+
+    def validate(self):
+        """Raise a ValueError naming the field, its value and what it should be. Called on creation and by
+        every model, so a config edited after creation is checked too."""
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_labels" else 1):
+                raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head gets "
+                f"n_embd // n_head channels; try n_head in {[h for h in range(1, 33) if self.n_embd % h == 0]}"
+            )
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ValueError(f"GPT2Config.n_inner must be None or a positive integer, got {self.n_inner!r}")
+        for name in ("activation_function", "summary_activation"):
+            value = getattr(self, name)
+            if (value is not None or name == "activation_function") and value not in ACTIVATIONS:
+                raise ValueError(f"GPT2Config.{name} is {value!r}, expected one of {sorted(ACTIVATIONS)}")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "summary_last_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GPT2Config.{name} is a dropout probability in [0, 1), got {value!r}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        if self.summary_type not in SUMMARY_TYPES:
+            raise ValueError(f"GPT2Config.summary_type is {self.summary_type!r}, expected one of {SUMMARY_TYPES}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"GPT2Config.problem_type is {self.problem_type!r}, expected one of {PROBLEM_TYPES}")
+        for layer, heads in self.pruned_heads.items():
+            if not 0 <= int(layer) < self.n_layer or any(not 0 <= int(h) < self.n_head for h in heads):
+                raise ValueError(
+                    f"GPT2Config.pruned_heads names layer {layer} heads {list(heads)}, but the model has "
+                    f"{self.n_layer} layers of {self.n_head} heads"
+                )
+
+    # --- presets and config.json -------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPT2Config":
+        """The config of one of OpenAI's released sizes (or distilgpt2), e.g. `GPT2Config.from_preset("gpt2-medium")`."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "GPT2Config":
+        """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in config_dict.items() if k in known}
+        extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
+        if "id2label" in config_dict:  # Hugging Face stores the label names; num_labels is their count
+            kwargs["num_labels"] = len(config_dict["id2label"])
+        elif "num_labels" in config_dict:
+            kwargs["num_labels"] = config_dict["num_labels"]
+        if "pruned_heads" in kwargs:  # JSON object keys are strings
+            kwargs["pruned_heads"] = {int(k): [int(h) for h in v] for k, v in kwargs["pruned_heads"].items()}
+        return cls(**kwargs, extra=extra)
+
+    def to_dict(self) -> dict:
+        """The config as Hugging Face writes it (so transformers reads the same model back)."""
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "num_labels")})
+        d["pruned_heads"] = {str(k): list(v) for k, v in self.pruned_heads.items()}
+        labels = d.pop("id2label", None)
+        if labels is None or len(labels) != self.num_labels:
+            labels = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        d["id2label"] = labels
+        d["label2id"] = {name: int(i) for i, name in labels.items()}
+        d["model_type"] = "gpt2"
+        if d["classifier_dropout"] is None:
+            del d["classifier_dropout"]
+        return d
+
+    @classmethod
+    def from_json_file(cls, path) -> "GPT2Config":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_json_file(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+# OpenAI's four released sizes, and Hugging Face's distilled 6-layer model.
+PRESETS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),  # 82M
+}
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Building blocks
+# ----------------------------------------------------------------------------------------------------
+
+
+class Conv1D(nn.Module):
+    """A linear layer with its weight stored transposed, (in, out), as OpenAI's TensorFlow code stored it.
+
+    The name is historical: it is the 1x1 convolution of the original code, which is just x @ W + b.
+    Keeping the (in, out) layout is what lets OpenAI's and Hugging Face's checkpoints load unchanged.
+    """
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf  # output features
+        self.weight = nn.Parameter(torch.empty(nx, nf))  # (in, out), the transpose of nn.Linear's
+        self.bias = nn.Parameter(torch.zeros(nf))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        out_shape = x.shape[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (N, in) @ (in, out) + b
+        return x.view(out_shape)
+
+
+def gelu_new(x):
+    """GPT-2's GELU: the tanh approximation OpenAI trained with. Using exact erf GELU instead changes
+    logits of a pretrained model by ~1e-3, far more than the 1e-5 we match the reference to."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_fast(x):
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def quick_gelu(x):
+    """x * sigmoid(1.702 x): the cheaper GELU approximation ImageGPT (and CLIP) use."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# Every activation a config may name, by its Hugging Face name.
+ACTIVATIONS = {
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": gelu_fast,
+    "gelu": F.gelu,  # exact, with erf
+    "quick_gelu": quick_gelu,
+    "relu": F.relu,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "mish": F.mish,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+def find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, already_pruned: set):
+    """Which heads still need pruning, and the channel indices to keep in the remaining width.
+
+    Head numbers are those of the original model; after earlier pruning, a head's channels sit further
+    left, by one head size for every smaller head already removed.
+    Returns (heads to prune now, LongTensor of kept channel indices within one of q, k or v).
+    """
+    heads = set(heads) - already_pruned
+    keep = torch.ones(n_heads, head_size)  # (nh_now, hs): 1 = keep this channel
+    for head in heads:
+        head = head - sum(1 for h in already_pruned if h < head)  # position among the heads still here
+        keep[head] = 0
+    index = torch.arange(len(keep.view(-1)))[keep.view(-1).eq(1)]
+    return heads, index
+
+
+def prune_conv1d_layer(layer: Conv1D, index: torch.Tensor, dim: int = 1) -> Conv1D:
+    """A new, smaller Conv1D keeping only `index` along `dim` (0: inputs, 1: outputs) of the weight."""
+    index = index.to(layer.weight.device)
+    weight = layer.weight.index_select(dim, index).detach().clone()
+    bias = layer.bias.detach().clone() if dim == 0 else layer.bias[index].detach().clone()
+    new_layer = Conv1D(weight.size(1), weight.size(0)).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new_layer.weight.copy_(weight)
+        new_layer.bias.copy_(bias)
+    new_layer.weight.requires_grad = layer.weight.requires_grad
+    new_layer.bias.requires_grad = layer.bias.requires_grad
+    return new_layer
+
+
+def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) to add to attention scores.
+
+    Masked keys get the dtype's most negative number, not -inf, so that a row with every key masked
+    (a padding query) gives a uniform softmax instead of NaN.
+    """
+    mask = mask[:, None, None, :].to(dtype)  # (B, S) -> (B, 1, 1, S), broadcasts over heads and queries
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+def init_gpt2_weights(module: nn.Module, config: GPT2Config):
+    """GPT-2's initialisation, for one module (use with `model.apply`): N(0, 0.02) weights, zero biases,
+    unit layer norms, and each residual projection (c_proj) scaled by 1/sqrt(2 * n_layer), since every
+    block adds two of them to the residual stream and their variance would otherwise grow with depth."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        module.weight.data.normal_(mean=0.0, std=config.initializer_range)
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.Embedding):
+        module.weight.data.normal_(mean=0.0, std=config.initializer_range)
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+    for name, p in module.named_parameters():
+        if name == "c_proj.weight":  # GPT2Attention.c_proj and GPT2MLP.c_proj
+            p.data.normal_(mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+
+
+class ModelOutput:
+    """Base of the output dataclasses: attribute access (`out.logits`), and like Hugging Face, indexing
+    and `to_tuple()` over the fields that are set (what `return_dict=False` returns)."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+@dataclass
+class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
+    last_hidden_state: torch.Tensor = None  # (B, T, C)
+    past_key_values: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]] = None  # per layer (k, v)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer + 1 of (B, T, C)
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer of (B, nh, T, P + T)
+    cross_attentions: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer of (B, nh, T, S)
+
+
+@dataclass
+class CausalLMOutputWithCrossAttentions(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None  # (B, T, V)
+    past_key_values: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+
+@dataclass
+class GPT2DoubleHeadsModelOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None  # language-modelling loss
+    mc_loss: Optional[torch.Tensor] = None  # multiple-choice loss
+    logits: torch.Tensor = None  # (B, n_choices, T, V)
+    mc_logits: torch.Tensor = None  # (B, n_choices)
+    past_key_values: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None  # (B, num_labels)
+    past_key_values: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+
+@dataclass
+class TokenClassifierOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None  # (B, T, num_labels)
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+
+@dataclass
+class QuestionAnsweringModelOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    start_logits: torch.Tensor = None  # (B, T)
+    end_logits: torch.Tensor = None  # (B, T)
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Attention
+# ----------------------------------------------------------------------------------------------------
+
+
+class GPT2Attention(nn.Module):
+    """Multi-head attention: causal self-attention, or (is_cross_attention=True) attention from the
+    decoder's tokens to an encoder's outputs.
+
+    Each token's query is compared with every visible key; the softmax of the scores weights the values.
+    Self-attention is causal: a token sees itself and the tokens before it, never after. The keys and
+    values of earlier tokens can be passed back in (`layer_past`) so that generating one more token costs
+    one token's work, not the whole sequence's.
+    """
+
+    def __init__(self, config: GPT2Config, is_cross_attention: bool = False, layer_idx: Optional[int] = None):
+        super().__init__()
+        self.embed_dim = config.n_embd
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.split_size = self.embed_dim  # width of each of q, k, v (shrinks when heads are pruned)
+        self.scale_attn_weights = config.scale_attn_weights
+        self.scale_attn_by_inverse_layer_idx = config.scale_attn_by_inverse_layer_idx
+        self.reorder_and_upcast_attn = config.reorder_and_upcast_attn
+        self.is_cross_attention = is_cross_attention
+        self.layer_idx = layer_idx
+        if is_cross_attention:
+            self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)  # keys and values from the encoder
+            self.q_attn = Conv1D(self.embed_dim, self.embed_dim)  # queries from the decoder
+        else:
+            self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)  # q, k and v in one matmul
+        self.c_proj = Conv1D(self.embed_dim, self.embed_dim)
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.pruned_heads = set()
+        # bias[0, 0, i, j] is True where query i may see key j (j <= i). Not saved in the state_dict:
+        # it is the same for every model of this n_positions.
+        causal = torch.tril(torch.ones(config.n_positions, config.n_positions, dtype=torch.bool))
+        self.register_buffer("bias", causal.view(1, 1, config.n_positions, config.n_positions), persistent=False)
+
+    def prune_heads(self, heads):
+        """Remove whole heads: their columns of c_attn (in q, k and v) and their rows of c_proj."""
+        heads, index = find_pruneable_heads_and_indices(heads, self.num_heads, self.head_dim, self.pruned_heads)
+        if len(heads) == 0:
+            return
+        index_attn = torch.cat([index + i * self.split_size for i in range(3 if not self.is_cross_attention else 2)])
+        self.c_attn = prune_conv1d_layer(self.c_attn, index_attn, dim=1)
+        if self.is_cross_attention:
+            self.q_attn = prune_conv1d_layer(self.q_attn, index, dim=1)
+        self.c_proj = prune_conv1d_layer(self.c_proj, index, dim=0)
+        self.num_heads -= len(heads)
+        self.split_size = self.head_dim * self.num_heads
+        self.pruned_heads = self.pruned_heads.union(heads)
+
+    def score_scale(self) -> float:
+        """What q @ k^T is multiplied by. 1/sqrt(hs) keeps the scores' variance near 1 whatever the head
+        size, so the softmax does not saturate; the per-layer factor steadies deep models in mixed precision."""
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+        return scale
+
+    def split_heads(self, x):
+        B, T, _ = x.size()
+        return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
+
+    def forward(
+        self,
+        hidden_states,
+        layer_past=None,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        use_cache=False,
+        output_attentions=False,
+    ):
+        """hidden_states (B, T, C); layer_past (k, v) each (B, nh, P, hs); attention_mask (B, 1, 1, P + T)
+        additive; head_mask (B or 1, nh, 1, 1) of 0/1. Returns (output (B, T, C), present or None,
+        attention weights (B, nh, T, P + T) or None)."""
+        B, T, C = hidden_states.size()
+        if encoder_hidden_states is not None:
+            if not self.is_cross_attention:
+                raise ValueError("encoder_hidden_states were given to a self-attention layer")
+            query = self.q_attn(hidden_states)  # (B, T, C)
+            key, value = self.c_attn(encoder_hidden_states).split(self.split_size, dim=2)  # 2 x (B, S, C)
+            attention_mask = encoder_attention_mask  # padding of the encoder's tokens; no causal mask
+        else:
+            query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.split_heads(query), self.split_heads(key), self.split_heads(value)  # (B, nh, T, hs)
+
+        if layer_past is not None:  # prepend the cached keys and values of the P earlier tokens
+            past_key, past_value = layer_past
+            k = torch.cat((past_key, k), dim=-2)  # (B, nh, P + T, hs)
+            v = torch.cat((past_value, v), dim=-2)
+        present = (k, v) if use_cache else None
+
+        # One visible `if`: the explicit core when a caller wants the weights or masks heads (or asks for
+        # the fp32 upcast path); otherwise PyTorch's fused kernel, which never materialises (T, T) weights.
+        if output_attentions or head_mask is not None or self.reorder_and_upcast_attn:
+            y, weights = self.explicit_attention(q, k, v, attention_mask, head_mask)
+        else:
+            y, weights = self.sdpa_attention(q, k, v, attention_mask), None
+
+        y = y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
+        return y, present, weights
+
+    def explicit_attention(self, q, k, v, attention_mask=None, head_mask=None):
+        """softmax(q k^T * scale + mask) v, every step written out. q (B, nh, T, hs), k and v (B, nh, K, hs)."""
+        if self.reorder_and_upcast_attn:
+            # Scores and softmax in fp32 even under autocast: in fp16, q @ k^T of a deep model overflows.
+            # The scale goes in before the matmul ("reorder"), which keeps the products smaller too.
+            with torch.autocast(q.device.type, enabled=False):
+                scores = torch.matmul(q.float() * self.score_scale(), k.float().transpose(-1, -2))  # (B, nh, T, K)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.score_scale()  # (B, nh, T, K)
+
+        if not self.is_cross_attention:
+            # The new T queries are the last T of the P + T positions: query i sits at position P + i.
+            T, K = q.size(-2), k.size(-2)
+            causal = self.bias[:, :, K - T : K, :K]  # (1, 1, T, K)
+            scores = torch.where(causal, scores, torch.finfo(scores.dtype).min)
+        if attention_mask is not None:
+            scores = scores + attention_mask  # (B, 1, 1, K): padding keys go to the dtype's minimum
+
+        weights = F.softmax(scores, dim=-1).type(v.dtype)  # back to v's dtype under mixed precision
+        weights = self.attn_dropout(weights)
+        if head_mask is not None:
+            weights = weights * head_mask  # (.., nh, 1, 1): a masked head contributes nothing
+        return torch.matmul(weights, v), weights  # (B, nh, T, K) @ (B, nh, K, hs) -> (B, nh, T, hs)
+
+    def sdpa_attention(self, q, k, v, attention_mask=None):
+        """The same maths through torch.nn.functional.scaled_dot_product_attention (flash or memory-
+        efficient kernels on GPUs)."""
+        T, K = q.size(-2), k.size(-2)
+        dropout_p = self.attn_dropout.p if self.training else 0.0
+        scale = self.score_scale()
+        if attention_mask is not None:
+            # The kernel wants the mask in q's dtype. Clamp first: float32's minimum is -inf in bfloat16,
+            # and a row of -inf (a padding query) would softmax to NaN.
+            attention_mask = attention_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
+        if self.is_cross_attention:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, scale=scale)
+        if attention_mask is None and T == K:  # no cache, no padding: the kernel's own causal mask
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+        if attention_mask is None and T == 1:  # one new token sees every cached one: nothing to mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        # With a cache (T < K) the causal mask is the bottom-right corner of the full one, which is_causal
+        # (top-left) does not give, so pass it in, with the padding mask added. Future keys get -inf and
+        # padding keys the dtype's minimum, so every row scores exactly as in the explicit core.
+        causal = self.bias[:, :, K - T : K, :K]  # (1, 1, T, K)
+        padding = attention_mask if attention_mask is not None else torch.zeros((), dtype=q.dtype, device=q.device)
+        mask = torch.where(causal, padding, float("-inf"))  # (B or 1, 1, T, K)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. MLP and block
+# ----------------------------------------------------------------------------------------------------
+
+
+class GPT2MLP(nn.Module):
+    """Position-wise feed-forward: C -> n_inner (4C) -> activation -> C."""
+
+    def __init__(self, intermediate_size: int, config: GPT2Config):
+        super().__init__()
+        self.c_fc = Conv1D(intermediate_size, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, intermediate_size)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class GPT2Block(nn.Module):
+    """One transformer block, pre-norm: x + attn(ln_1(x)), [+ cross_attn(ln_cross_attn(x))], + mlp(ln_2(x)).
+
+    GPT-2 moved layer norm to the input of each sub-block (GPT-1 normalised after the residual add), so
+    the residual stream itself is never normalised until ln_f, and gradients flow straight through it.
+    """
+
+    def __init__(self, config: GPT2Config, layer_idx: Optional[int] = None):
+        super().__init__()
+        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx=layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        if config.add_cross_attention:
+            self.crossattention = GPT2Attention(config, is_cross_attention=True, layer_idx=layer_idx)
+            self.ln_cross_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(inner_dim, config)
+
+    def forward(
+        self,
+        hidden_states,
+        layer_past=None,
+        attention_mask=None,
+        head_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        use_cache=False,
+        output_attentions=False,
+    ):
+        """Returns (hidden_states (B, T, C), present (k, v) or None, self-attention weights or None,
+        cross-attention weights or None)."""
+        attn_out, present, self_weights = self.attn(
+            self.ln_1(hidden_states),
+            layer_past=layer_past,
+            attention_mask=attention_mask,
+            head_mask=head_mask,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+        )
+        hidden_states = hidden_states + attn_out
+
+        cross_weights = None
+        if encoder_hidden_states is not None:
+            # The encoder's keys and values are recomputed every call, never cached: they do not grow.
+            cross_out, _, cross_weights = self.crossattention(
+                self.ln_cross_attn(hidden_states),
+                head_mask=head_mask,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_attention_mask=encoder_attention_mask,
+                output_attentions=output_attentions,
+            )
+            hidden_states = hidden_states + cross_out
+
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, present, self_weights, cross_weights
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. The model body
+# ----------------------------------------------------------------------------------------------------
+
+
+def _shape_error(name, got, expected, fix=""):
+    return ValueError(f"{name} has shape {tuple(got)}, expected {expected}" + (f" ({fix})" if fix else ""))
+
+
+def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
+    """Token ids (and other indices) must be integers in [0, limit): an embedding lookup outside it
+    crashes on the CPU and corrupts silently or asserts on a GPU."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+    if ids.numel() > 0:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= limit:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds {what} {bad}, but {limit_name} is {limit} ({what}s must be in [0, {limit}))")
+
+
+class GPT2Model(nn.Module):
+    """The GPT-2 body: token + position embeddings, n_layer blocks, a final layer norm. It returns the
+    last hidden states (B, T, C); the heads below turn them into predictions."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed_dim = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings, (V, C)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # position embeddings, (n_positions, C)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([GPT2Block(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.device_map = None
+        self.apply(lambda module: init_gpt2_weights(module, config))
+        if config.pruned_heads:  # a config saved from a pruned model rebuilds the pruned shapes
+            self.prune_heads({layer: heads for layer, heads in config.pruned_heads.items()})
+
+    @property
+    def dtype(self):
+        return self.wte.weight.dtype
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    def prune_heads(self, heads_to_prune: Dict[int, List[int]]):
+        """Remove attention heads, {layer: [heads]}, numbered as in the unpruned model. Pruning a head twice
+        is a no-op. The config records them, so a saved model rebuilds the same shapes."""
+        for layer, heads in heads_to_prune.items():
+            if not 0 <= layer < self.config.n_layer or any(not 0 <= h < self.config.n_head for h in heads):
+                raise ValueError(
+                    f"prune_heads got layer {layer} heads {list(heads)}; layers are 0..{self.config.n_layer - 1} "
+                    f"and heads 0..{self.config.n_head - 1}"
+                )
+            if len(set(heads) | self.h[layer].attn.pruned_heads) >= self.config.n_head:
+                raise ValueError(f"prune_heads would remove every head of layer {layer}; keep at least one")
+        for layer, heads in heads_to_prune.items():
+            self.h[layer].attn.prune_heads(heads)
+            pruned = sorted(self.h[layer].attn.pruned_heads)
+            if pruned:
+                self.config.pruned_heads[layer] = pruned
+
+    def gradient_checkpointing_enable(self):
+        """Trade compute for memory when training: keep only each block's input, recompute its insides
+        during the backward pass."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+    # --- device maps (model parallelism by hand) ---------------------------------------------------------
+
+    def parallelize(self, device_map: Optional[Dict[object, List[int]]] = None):
+        """Spread the blocks over several devices, {device: [block indices]}, e.g. {0: [0, 1, 2], 1: [3, 4, 5]}
+        for cuda:0 and cuda:1 (keys may also be device strings such as "cpu"). Embeddings go to the first
+        device, ln_f to the last; activations move between devices as they flow. Default: blocks split
+        evenly over all visible GPUs."""
+        n = len(self.h)
+        if device_map is None:
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise ValueError("parallelize() without a device_map needs CUDA devices; none are visible")
+            per = math.ceil(n / count)
+            device_map = {d: list(range(d * per, min(n, (d + 1) * per))) for d in range(count)}
+        placed = sorted(b for blocks in device_map.values() for b in blocks)
+        if placed != list(range(n)):
+            raise ValueError(f"device_map must place every block 0..{n - 1} exactly once, got blocks {placed}")
+        devices = {k: torch.device(f"cuda:{k}" if isinstance(k, int) else k) for k in device_map}
+        self.device_map = device_map
+        self.first_device = devices[next(k for k in device_map if 0 in device_map[k])]
+        self.last_device = devices[next(k for k in device_map if n - 1 in device_map[k])]
+        self.wte.to(self.first_device)
+        self.wpe.to(self.first_device)
+        for key, blocks in device_map.items():
+            for b in blocks:
+                self.h[b].to(devices[key])
+        self.ln_f.to(self.last_device)
+
+    def deparallelize(self):
+        """Bring every part back to the CPU."""
+        self.device_map = None
+        self.to("cpu")
+
+    # --- forward -------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
+        encoder_hidden_states, encoder_attention_mask,
+    ):
+        """Every shape and range the forward pass relies on, checked before any work, so a mistake gives a
+        clear message instead of a broadcast that silently does the wrong thing or an error deep in torch."""
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
+        if input_ids is not None:
+            if input_ids.dim() < 1:
+                raise _shape_error("input_ids", input_ids.shape, "(B, T)")
+            _check_indices("input_ids", input_ids, cfg.vocab_size)
+            input_shape = tuple(input_ids.shape)
+        else:
+            if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
+                raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
+            input_shape = tuple(inputs_embeds.shape[:-1])
+        T = input_shape[-1]
+        batch = math.prod(input_shape[:-1])
+        past_length = 0
+        if past_key_values is not None:
+            if len(past_key_values) != cfg.n_layer:
+                raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {cfg.n_layer}")
+            past_length = past_key_values[0][0].size(-2)
+            for i, (k, v) in enumerate(past_key_values):
+                nh = self.h[i].attn.num_heads
+                expected = (batch, nh, past_length, cfg.n_embd // cfg.n_head)
+                if tuple(k.shape) != expected or tuple(v.shape) != expected:
+                    raise _shape_error(f"past_key_values[{i}]", k.shape, f"(B, nh, P, hs) = {expected}")
+        if past_length + T > cfg.n_positions:
+            raise ValueError(
+                f"the sequence is {past_length + T} tokens long ({past_length} cached + {T} new), but the model "
+                f"has n_positions={cfg.n_positions}; crop the input to its last {cfg.n_positions - past_length} tokens"
+            )
+        if attention_mask is not None:
+            expected = input_shape[:-1] + (past_length + T,)
+            if tuple(attention_mask.shape) != expected:
+                raise _shape_error("attention_mask", attention_mask.shape, expected, "1 per cached and new token")
+            if not torch.all((attention_mask == 0) | (attention_mask == 1)):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        if token_type_ids is not None:
+            if tuple(token_type_ids.shape) != input_shape:
+                raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
+            _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
+        if position_ids is not None:
+            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape):
+                raise _shape_error("position_ids", position_ids.shape, f"(T,), (1, T) or (B, T) with T={T}")
+            _check_indices("position_ids", position_ids, cfg.n_positions, "n_positions", "position")
+        if head_mask is not None:
+            if tuple(head_mask.shape) not in ((cfg.n_head,), (cfg.n_layer, cfg.n_head)):
+                raise _shape_error("head_mask", head_mask.shape, f"({cfg.n_head},) or ({cfg.n_layer}, {cfg.n_head})")
+            if any(block.attn.pruned_heads for block in self.h):
+                raise ValueError("head_mask cannot be combined with pruned heads; mask or prune, not both")
+        if encoder_hidden_states is not None:
+            if not cfg.add_cross_attention:
+                raise ValueError(
+                    "encoder_hidden_states were given, but this model has no cross-attention; build it with "
+                    "GPT2Config(add_cross_attention=True)"
+                )
+            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch or \
+                    encoder_hidden_states.shape[2] != cfg.n_embd:
+                raise _shape_error("encoder_hidden_states", encoder_hidden_states.shape, f"(B={batch}, S, {cfg.n_embd})")
+            if encoder_attention_mask is not None and \
+                    tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
+                raise _shape_error("encoder_attention_mask", encoder_attention_mask.shape,
+                                   tuple(encoder_hidden_states.shape[:2]))
+        elif encoder_attention_mask is not None:
+            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+        return input_shape, past_length
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        input_shape, past_length = self.check_inputs(
+            input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
+            encoder_hidden_states, encoder_attention_mask,
+        )
+        T = input_shape[-1]
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # the cache would hold activations checkpointing is trying not to keep
+
+        # Several leading dimensions (the double heads' (B, n_choices, T)) are flattened into one batch.
+        if input_ids is not None:
+            input_ids = input_ids.reshape(-1, T)  # (..., T) -> (B, T)
+            inputs_embeds = self.wte(input_ids.to(self.wte.weight.device))  # (B, T, C)
+        else:
+            inputs_embeds = inputs_embeds.reshape(-1, T, self.embed_dim)
+        device = inputs_embeds.device
+        if position_ids is None:  # the new tokens continue after the P cached ones
+            position_ids = torch.arange(past_length, past_length + T, device=device).unsqueeze(0)  # (1, T)
+        else:
+            position_ids = position_ids.reshape(-1, T).to(device)
+        hidden_states = inputs_embeds + self.wpe(position_ids)  # (B, T, C) + (B or 1, T, C)
+        if token_type_ids is not None:  # GPT-2 has no segment table: segments reuse the token embeddings
+            hidden_states = hidden_states + self.wte(token_type_ids.reshape(-1, T).to(device))
+        hidden_states = self.drop(hidden_states)
+
+        if attention_mask is not None:  # (..., P + T) of 0/1 -> (B, 1, 1, P + T) additive
+            attention_mask = padding_mask_to_additive(attention_mask.reshape(-1, past_length + T), self.dtype)
+        if encoder_hidden_states is not None:
+            if encoder_attention_mask is None:
+                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
+            encoder_attention_mask = padding_mask_to_additive(encoder_attention_mask, self.dtype)  # (B, 1, 1, S)
+        if head_mask is not None:  # (nh,) or (n_layer, nh) -> (n_layer, 1, nh, 1, 1) of 0/1 factors
+            head_mask = head_mask.to(self.dtype).expand(cfg.n_layer, -1)[:, None, :, None, None]
+
+        presents = () if use_cache else None
+        all_hidden_states = () if output_hidden_states else None
+        all_self_attentions = () if output_attentions else None
+        all_cross_attentions = () if output_attentions and cfg.add_cross_attention else None
+        for i, block in enumerate(self.h):
+            if self.device_map is not None:  # follow the block to its device
+                hidden_states = hidden_states.to(block.ln_1.weight.device)
+            layer_past = past_key_values[i] if past_key_values is not None else None
+            layer_inputs = [
+                a.to(hidden_states.device) if isinstance(a, torch.Tensor) else a
+                for a in (attention_mask, head_mask[i] if head_mask is not None else None,
+                          encoder_hidden_states, encoder_attention_mask)
+            ]
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if self.gradient_checkpointing and self.training:
+                outputs = torch.utils.checkpoint.checkpoint(
+                    block, hidden_states, None, *layer_inputs, False, output_attentions, use_reentrant=False
+                )
+            else:
+                outputs = block(hidden_states, layer_past, *layer_inputs, use_cache, output_attentions)
+            hidden_states, present, self_weights, cross_weights = outputs
+            if use_cache:
+                presents += (present,)
+            if output_attentions:
+                all_self_attentions += (self_weights,)
+                if cfg.add_cross_attention:
+                    all_cross_attentions += (cross_weights,)
+
+        hidden_states = self.ln_f(hidden_states.to(self.ln_f.weight.device))
+        hidden_states = hidden_states.view(input_shape + (hidden_states.size(-1),))  # (..., T, C)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        out = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            past_key_values=presents,
+            hidden_states=all_hidden_states,
+            attentions=all_self_attentions,
+            cross_attentions=all_cross_attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. The heads
+# ----------------------------------------------------------------------------------------------------
+
+
+def shifted_lm_loss(logits, labels):
+    """Next-token cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
+    (padding, or a prompt the loss should not count)."""
+    shift_logits = logits[..., :-1, :].contiguous()  # (..., T - 1, V): every position but the last...
+    shift_labels = labels[..., 1:].contiguous().to(logits.device)  # (..., T - 1): ...predicts the next label
+    return F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=-100)
+
+
+def _body_kwargs(kwargs):
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its language-modelling head: logits over the vocabulary for the next token.
+
+    The head's weight is the token embedding matrix itself (tied, as OpenAI trained it): the same vectors
+    that say what a token means on the way in score how likely it is on the way out.
+    """
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            init_gpt2_weights(self.lm_head, config)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
+
+    def parallelize(self, device_map=None):
+        self.transformer.parallelize(device_map)
+        self.lm_head.to(self.transformer.first_device)
+
+    def deparallelize(self):
+        self.transformer.deparallelize()
+        self.lm_head.to("cpu")
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        """labels (B, T): usually input_ids itself; the shift happens inside. Returns loss, logits (B, T, V), ..."""
+        body = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
+            inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )
+        hidden_states = body.last_hidden_state.to(self.lm_head.weight.device)
+        logits = self.lm_head(hidden_states)  # (B, T, C) -> (B, T, V)
+        loss = shifted_lm_loss(logits, labels) if labels is not None else None
+        out = CausalLMOutputWithCrossAttentions(
+            loss=loss, logits=logits, past_key_values=body.past_key_values, hidden_states=body.hidden_states,
+            attentions=body.attentions, cross_attentions=body.cross_attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        """Beam search keeps the best beams each step: pick the cache rows of the beams that survived."""
+        return tuple(
+            tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer_past)
+            for layer_past in past_key_values
+        )
+
+    def generate(self, input_ids, **kwargs):
+        """Continue the prompts input_ids (B, T); see generate() in section 7 for every option."""
+        return generate(self, input_ids, **kwargs)
+
+
+class SequenceSummary(nn.Module):
+    """One vector per sequence, for the multiple-choice head: the hidden state of a chosen token (or the
+    last, first, or mean), then dropout, an optional projection to num_labels, an optional activation."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.summary_type = config.summary_type
+        self.summary = nn.Identity()
+        if config.summary_use_proj:
+            use_labels = config.summary_proj_to_labels and config.num_labels > 0
+            self.summary = nn.Linear(config.n_embd, config.num_labels if use_labels else config.n_embd)
+        act = config.summary_activation
+        self.activation = ACTIVATIONS[act] if act else (lambda x: x)
+        self.first_dropout = nn.Dropout(config.summary_first_dropout)
+        self.last_dropout = nn.Dropout(config.summary_last_dropout)
+
+    def forward(self, hidden_states, cls_index=None):
+        """hidden_states (..., T, C); cls_index (...) position of the token to summarise (default: last)."""
+        if self.summary_type == "last":
+            output = hidden_states[..., -1, :]
+        elif self.summary_type == "first":
+            output = hidden_states[..., 0, :]
+        elif self.summary_type == "mean":
+            output = hidden_states.mean(dim=-2)
+        else:  # "cls_index"
+            if cls_index is None:
+                cls_index = torch.full(hidden_states.shape[:-2], hidden_states.size(-2) - 1, dtype=torch.long)
+            index = cls_index.to(hidden_states.device)[..., None, None]  # (...) -> (..., 1, 1)
+            index = index.expand(*index.shape[:-1], hidden_states.size(-1))  # (..., 1, C)
+            output = hidden_states.gather(-2, index).squeeze(-2)  # (..., C)
+        return self.last_dropout(self.activation(self.summary(self.first_dropout(output))))
+
+
+class GPT2DoubleHeadsModel(nn.Module):
+    """Language modelling plus multiple choice (GPT-1/2 style fine-tuning, e.g. ROCStories): every
+    choice is a full sequence (B, n_choices, T); the multiple-choice head scores each choice from the
+    hidden state at its classification token (mc_token_ids)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        config.num_labels = 1  # one score per choice, as the reference sets it
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            init_gpt2_weights(self.lm_head, config)
+        self.multiple_choice_head = SequenceSummary(config)
+        self.multiple_choice_head.apply(lambda module: init_gpt2_weights(module, config))
+
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        mc_token_ids=None,
+        labels=None,
+        mc_labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        """input_ids (B, n_choices, T); mc_token_ids (B, n_choices); labels (B, n_choices, T); mc_labels (B,)."""
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        if mc_token_ids is not None:
+            if tuple(mc_token_ids.shape) != tuple(shape[:-1]):
+                raise _shape_error("mc_token_ids", mc_token_ids.shape, tuple(shape[:-1]), "one position per choice")
+            _check_indices("mc_token_ids", mc_token_ids, shape[-1], "the sequence length", "position")
+        body = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = body.last_hidden_state  # (B, n_choices, T, C)
+        logits = self.lm_head(hidden_states)  # (B, n_choices, T, V)
+        mc_logits = self.multiple_choice_head(hidden_states, mc_token_ids).squeeze(-1)  # (B, n_choices)
+        mc_loss = None
+        if mc_labels is not None:
+            mc_loss = F.cross_entropy(mc_logits.view(-1, mc_logits.size(-1)), mc_labels.view(-1).to(mc_logits.device))
+        loss = shifted_lm_loss(logits, labels) if labels is not None else None
+        out = GPT2DoubleHeadsModelOutput(
+            loss=loss, mc_loss=mc_loss, logits=logits, mc_logits=mc_logits, past_key_values=body.past_key_values,
+            hidden_states=body.hidden_states, attentions=body.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+def classification_loss(logits, labels, num_labels, problem_type):
+    """The loss a classification head trains with. Without a problem_type, it is inferred as the
+    reference does: one label means regression (MSE), integer labels mean one class per example
+    (cross-entropy), float labels mean several classes at once (binary cross-entropy per class)."""
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    labels = labels.to(logits.device)
+    if problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class GPT2ForSequenceClassification(nn.Module):
+    """A label (or a number) for a whole sequence, read from the hidden state of its last real token:
+    in a causal model that is the only position that has seen every token."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        init_gpt2_weights(self.score, config)
+
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        """labels (B,): class ids, or floats for regression; (B, num_labels) floats for multi-label."""
+        batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+        if self.config.pad_token_id is None and batch_size != 1:
+            raise ValueError(
+                "GPT2ForSequenceClassification needs config.pad_token_id to find the last real token of each "
+                f"sequence in a batch of {batch_size}; set it (e.g. to the eos id 50256) or pass one sequence at a time"
+            )
+        body = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.score(body.last_hidden_state)  # (B, T, num_labels)
+        if self.config.pad_token_id is None or input_ids is None:
+            last = torch.full((batch_size,), -1, device=logits.device)  # no padding to find: the last token
+        else:
+            # The token before the first padding token (as the reference; -1 wraps to the last position
+            # when a row has no padding or is left-padded).
+            first_pad = torch.eq(input_ids, self.config.pad_token_id).int().argmax(-1)  # (B,)
+            last = ((first_pad - 1) % input_ids.shape[-1]).to(logits.device)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = classification_loss(pooled_logits, labels, self.num_labels, self.config.problem_type)
+        out = SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled_logits, past_key_values=body.past_key_values,
+            hidden_states=body.hidden_states, attentions=body.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class GPT2ForTokenClassification(nn.Module):
+    """A label for every token (named entities, parts of speech): dropout, then a linear layer per position."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.transformer = GPT2Model(config)
+        self.dropout = nn.Dropout(config.classifier_dropout if config.classifier_dropout is not None else 0.1)
+        self.classifier = nn.Linear(config.n_embd, config.num_labels)
+        init_gpt2_weights(self.classifier, config)
+
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        """labels (B, T) class ids, -100 where no label applies."""
+        body = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(body.last_hidden_state))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).to(logits.device))
+        out = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=body.hidden_states, attentions=body.attentions
+        )
+        return out if return_dict else out.to_tuple()
+
+
+class GPT2ForQuestionAnswering(nn.Module):
+    """Extractive question answering (SQuAD): for every token, a score for "the answer starts here" and
+    one for "the answer ends here"."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.transformer = GPT2Model(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        init_gpt2_weights(self.qa_outputs, config)
+
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        start_positions=None,
+        end_positions=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        """start_positions, end_positions (B,): token indices of the answer span. Positions past the end of
+        the sequence are clamped to T and ignored by the loss (the answer was cut off)."""
+        body = self.transformer(
+            input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )
+        logits = self.qa_outputs(body.last_hidden_state)  # (B, T, 2)
+        start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))  # 2 x (B, T)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.size(1)  # T: one past the last token
+            start = start_positions.reshape(-1).to(start_logits.device).clamp(0, ignored)
+            end = end_positions.reshape(-1).to(end_logits.device).clamp(0, ignored)
+            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
+                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+        out = QuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=body.hidden_states,
+            attentions=body.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+HEAD_CLASSES = (
+    GPT2Model, GPT2LMHeadModel, GPT2DoubleHeadsModel, GPT2ForSequenceClassification, GPT2ForTokenClassification,
+    GPT2ForQuestionAnswering,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Generation
+# ----------------------------------------------------------------------------------------------------
+
+
+def top_k_filter(logits, k: int):
+    """Keep the k largest logits of each row; the rest become -inf (probability 0). Ties at the k-th
+    value are all kept."""
+    k = min(k, logits.size(-1))
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits, p: float):
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probabilities sum to at least
+    p; the rest become -inf. The most likely token is always kept."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)  # least likely first
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    remove_sorted = cumulative <= (1 - p)  # the unlikely tail whose total mass is at most 1 - p
+    remove_sorted[..., -1:] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
+                         attention_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
+    if input_ids.size(1) == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. <|endoftext|>, 50256)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    total = input_ids.size(1) + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(
+            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"n_positions={model.config.n_positions}; shorten the prompt or ask for fewer tokens"
+        )
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search is deterministic: pass do_sample=False with num_beams > 1")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
+    _check_indices("input_ids", input_ids, model.config.vocab_size)
+
+
+def _positions_from_mask(attention_mask):
+    """Left-padded prompts: each row's first real token is position 0. Padding slots get position 1 (as
+    the reference does); no real token ever attends to them, so any valid index would do."""
+    position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
+    return position_ids.masked_fill(attention_mask == 0, 1)
+
+
+@torch.no_grad()
+def generate(
+    model: "GPT2LMHeadModel",
+    input_ids,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    attention_mask=None,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    stop_at_eos: bool = True,
+    generator: Optional[torch.Generator] = None,
+    on_token=None,
+):
+    """Continue each prompt by up to max_new_tokens tokens, reusing the key/value cache so every step
+    runs the model on one new token only.
+
+    input_ids (B, T): the prompts; left-pad prompts of different lengths and pass attention_mask (B, T)
+    with 0 on the padding. Greedy by default (the most likely token each step); do_sample=True samples
+    from softmax(logits / temperature), optionally restricted to the top_k tokens and/or the top_p
+    nucleus, using `generator` for reproducible draws; num_beams > 1 runs beam search. A sequence that
+    emits eos_token_id (default: the config's, <|endoftext|>) stops and is padded with pad_token_id;
+    generation ends when every sequence has stopped (stop_at_eos=False never stops early).
+    on_token(tokens (B,)) is called after each step, for streaming.
+    Returns a LongTensor (B, T + number of new tokens).
+    """
+    _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
+                         attention_mask)
+    was_training = model.training
+    model.eval()  # no dropout while generating
+    eos = (model.config.eos_token_id if eos_token_id is None else eos_token_id) if stop_at_eos else None
+    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
+    pad = pad if pad is not None else model.config.eos_token_id
+    device = model.transformer.wte.weight.device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    try:
+        if num_beams > 1:
+            return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad)
+        return _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                       eos, pad, generator, on_token)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
+            generator, on_token):
+    """Greedy decoding or sampling, one token per step with the cache."""
+    B = input_ids.size(0)
+    tokens = input_ids  # (B, T), grows by one column per step
+    position_ids = _positions_from_mask(attention_mask)
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    past, step_input = None, input_ids
+    for _ in range(max_new_tokens):
+        out = model(step_input, past_key_values=past, attention_mask=attention_mask,
+                    position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()  # (B, V): the prediction for the next token
+        if do_sample:
+            logits = logits / temperature
+            if top_k is not None:
+                logits = top_k_filter(logits, top_k)
+            if top_p is not None:
+                logits = top_p_filter(logits, top_p)
+            probs = F.softmax(logits, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
+        else:
+            next_tokens = logits.argmax(dim=-1)  # (B,)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        if on_token is not None:
+            on_token(next_tokens)
+        if eos is not None:
+            unfinished &= next_tokens != eos
+            if not unfinished.any():
+                break
+        step_input = next_tokens[:, None]  # (B, 1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+    return tokens
+
+
+class _BeamHypotheses:
+    """The n best finished sequences of one prompt, scored by sum of log-probabilities / length**penalty."""
+
+    def __init__(self, num_beams: int, length_penalty: float):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.beams: List[Tuple[float, torch.Tensor]] = []
+
+    def add(self, tokens, sum_logprobs: float, generated_len: int):
+        score = sum_logprobs / (generated_len ** self.length_penalty)
+        self.beams.append((score, tokens))
+        self.beams.sort(key=lambda b: b[0], reverse=True)
+        del self.beams[self.num_beams:]  # keep the best num_beams
+
+    def is_done(self, best_sum_logprobs: float, generated_len: int) -> bool:
+        """Done when full and no live beam can still beat the worst kept one (its score only falls as it
+        grows longer, for the default length penalty)."""
+        if len(self.beams) < self.num_beams:
+            return False
+        return self.beams[-1][0] >= best_sum_logprobs / (generated_len ** self.length_penalty)
+
+
+def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad):
+    """Beam search as the reference does it: keep the num_beams most likely partial sequences per prompt;
+    finished ones (ending in eos) go to a list of hypotheses; the best hypothesis wins."""
+    B, T = input_ids.shape
+    V = model.config.vocab_size
+    device = input_ids.device
+    tokens = input_ids.repeat_interleave(num_beams, dim=0)  # (B * nb, T)
+    attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+    position_ids = _positions_from_mask(attention_mask)
+    beam_scores = torch.zeros(B, num_beams, device=device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: let only the first one expand at step one
+    beam_scores = beam_scores.view(-1)  # (B * nb,)
+    hyps = [_BeamHypotheses(num_beams, length_penalty) for _ in range(B)]
+    done = [False] * B
+    past, step_input = None, tokens
+    for _ in range(max_new_tokens):
+        out = model(step_input, past_key_values=past, attention_mask=attention_mask,
+                    position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
+        logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B * nb, V)
+        scores = (logprobs + beam_scores[:, None]).view(B, num_beams * V)  # every beam x token continuation
+        n_keep = 2 * num_beams  # enough that num_beams survive even if up to num_beams of them end in eos
+        top_scores, top_ids = torch.topk(scores, n_keep, dim=1, largest=True, sorted=True)  # (B, n_keep)
+        beam_of, token_of = top_ids // V, top_ids % V
+        cur_len = tokens.size(1) + 1
+        next_scores = torch.zeros(B, num_beams, device=device)
+        next_tokens = torch.full((B, num_beams), pad, dtype=torch.long, device=device)
+        next_beams = torch.zeros(B, num_beams, dtype=torch.long, device=device)
+        for b in range(B):
+            if done[b]:  # this prompt is finished: its beams just carry padding
+                next_beams[b] = b * num_beams
+                continue
+            kept = 0
+            for rank in range(n_keep):
+                source = b * num_beams + int(beam_of[b, rank])
+                token, score = int(token_of[b, rank]), float(top_scores[b, rank])
+                if eos is not None and token == eos:
+                    if rank < num_beams:  # a finished sequence counts only if it ranks among the top beams
+                        hyps[b].add(tokens[source].clone(), score, cur_len - T)
+                else:
+                    next_scores[b, kept], next_tokens[b, kept], next_beams[b, kept] = score, token, source
+                    kept += 1
+                if kept == num_beams:
+                    break
+            done[b] = done[b] or hyps[b].is_done(float(top_scores[b].max()), cur_len - T)
+        beam_idx = next_beams.view(-1)
+        beam_scores = next_scores.view(-1)
+        tokens = torch.cat([tokens[beam_idx], next_tokens.view(-1, 1)], dim=1)
+        past = model._reorder_cache(out.past_key_values, beam_idx)
+        attention_mask = torch.cat([attention_mask[beam_idx], attention_mask.new_ones(B * num_beams, 1)], dim=1)
+        position_ids = torch.cat([position_ids[beam_idx], position_ids[beam_idx, -1:] + 1], dim=1)
+        step_input = next_tokens.view(-1, 1)
+        if all(done):
+            break
+    # Beams still alive compete with the finished hypotheses on equal terms.
+    for b in range(B):
+        if not done[b]:
+            for i in range(num_beams):
+                source = b * num_beams + i
+                hyps[b].add(tokens[source], float(beam_scores[source]), tokens.size(1) - T)
+    best = [hyps[b].beams[0][1] for b in range(B)]
+    max_length = T + max_new_tokens
+    length = min(max(len(t) for t in best) + 1, max_length)
+    result = torch.full((B, length), pad, dtype=torch.long, device=device)
+    for b, seq in enumerate(best):
+        result[b, : len(seq)] = seq
+        if len(seq) < length and eos is not None:
+            result[b, len(seq)] = eos  # a hypothesis that finished ends with its eos token
+    return result
+
