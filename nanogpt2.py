@@ -14,6 +14,9 @@ Map of the file (read it top to bottom; the data flows in this order):
     5. The model body    GPT2Model: embeddings, blocks, final layer norm, input checks, device maps
     6. The heads         LM, double heads, sequence/token classification, question answering
     7. Generation        greedy, sampling (temperature, top-k, top-p), beam search, with the cache
+    8. Loading, saving   safetensors read by hand, the hub download, from_pretrained, save_pretrained
+    9. Tokenizer         tiktoken's GPT-2 byte-pair encoding
+   10. Command line      python nanogpt2.py sample --prompt "..."  (python nanogpt2.py --help)
 
 Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd,
 nh = number of heads, hs = head size (C // nh), V = vocab size.
@@ -21,12 +24,23 @@ nh = number of heads, hs = head size (C // nh), V = vocab size.
 Run the tests with `python -m pytest -q` (see README.md).
 """
 
+import argparse
+import codecs
+import functools
+import hashlib
 import json
 import math
-import warnings
+import os
+import re
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -1514,3 +1528,534 @@ def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, le
             result[b, len(seq)] = eos  # a hypothesis that finished ends with its eos token
     return result
 
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Loading and saving
+# ----------------------------------------------------------------------------------------------------
+# A Hugging Face model directory holds config.json and the weights: model.safetensors (or several
+# shards listed in model.safetensors.index.json), or the older pytorch_model.bin. safetensors is simple
+# enough to read by hand:
+#     8 bytes      N, the header's length (unsigned little-endian)
+#     N bytes      JSON: {"name": {"dtype": "F32", "shape": [768, 2304], "data_offsets": [begin, end]}, ...}
+#     the rest     every tensor's raw little-endian bytes, at [begin, end) counted from the end of the header
+
+SAFETENSORS_DTYPES = {  # name in the header -> (numpy dtype to read the bytes as, torch dtype)
+    "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
+    "BF16": ("<u2", torch.bfloat16),  # numpy has no bfloat16: read the 16-bit patterns, reinterpret in torch
+    "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32), "I16": ("<i2", torch.int16),
+    "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("u1", torch.bool),
+}
+TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (_, torch_dtype) in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the format's own limit; a larger "length" means a corrupt file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
+
+
+def read_safetensors_header(path) -> Tuple[dict, int]:
+    """(header dict, offset of the data section). Every claim the header makes is checked against the
+    file before any tensor is read, so a lying header gives an error, never an out-of-bounds read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is a {type(header).__name__}, expected a JSON object")
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else info
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of "
+                                  f"{sorted(SAFETENSORS_DTYPES)}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, expected a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, outside the "
+                                  f"{data_size} data bytes (truncated or corrupt)")
+        itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]][0]).itemsize
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs "
+                                  f"{math.prod(shape) * itemsize} bytes, its offsets span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (corrupt file)")
+    return header, 8 + n
+
+
+def load_safetensors(path) -> Dict[str, torch.Tensor]:
+    """Read a .safetensors file with numpy (memory-mapped) into CPU tensors."""
+    header, data_start = read_safetensors_header(path)
+    tensors = {}
+    if os.path.getsize(path) == data_start:  # only empty tensors (np.memmap cannot map zero bytes)
+        data = np.zeros(0, dtype=np.uint8)
+    else:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        np_dtype, torch_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        array = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(info["shape"])
+        tensor = torch.from_numpy(array.copy())  # copy: own the memory, let the file close
+        if torch_dtype in (torch.bfloat16, torch.bool):
+            tensor = tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor.bool()
+        tensors[name] = tensor
+    del data
+    return tensors
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None):
+    """Write tensors as .safetensors (atomically: a temporary file renamed at the end)."""
+    header, chunks, offset = {}, [], 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in TORCH_TO_SAFETENSORS:
+            raise TypeError(f"cannot save tensor {name!r} of dtype {t.dtype} as safetensors")
+        raw = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t.to(torch.uint8) if t.dtype == torch.bool
+               else t).numpy().tobytes()
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for raw in chunks:
+                f.write(raw)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# Short names of the released checkpoints -> their Hugging Face hub repositories.
+HUB_NAMES = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get("NANOGPT2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanogpt2")
+
+
+def hub_url(repo_id: str, filename: str) -> str:
+    base = os.environ.get("NANOGPT2_HUB_URL", "https://huggingface.co").rstrip("/")
+    return f"{base}/{repo_id}/resolve/main/{filename}"
+
+
+def _progress(desc: str, done: int, total: Optional[int], start: float):
+    rate = done / max(time.time() - start, 1e-6) / 1e6
+    of = f" / {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
+    sys.stderr.write(f"\r{desc}: {done / 1e6:.1f}{of}, {rate:.1f} MB/s   ")
+    sys.stderr.flush()
+
+
+def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
+    """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
+    Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
+    download never looks like a cached one. When the server gives the file's SHA-256 (the hub's ETag for
+    large files) it is checked, and a corrupted file is deleted."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    desc = desc or os.path.basename(dest)
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the .part is already complete (or longer than the file): start over
+            os.remove(part)
+            return download(url, dest, desc, quiet)
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the Range header: start from zero
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
+        start, done, last_report = time.time(), have, 0.0
+        with open(part, "ab" if have else "wb") as f:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                if not quiet and time.time() - last_report > 0.2:
+                    _progress(f"downloading {desc}", done, total, start)
+                    last_report = time.time()
+    if not quiet:
+        _progress(f"downloading {desc}", done, total, start)
+        sys.stderr.write("\n")
+    if total is not None and done != total:
+        raise CheckpointError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
+    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+        sha = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+        if sha.hexdigest() != etag:
+            os.remove(part)
+            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {etag}; "
+                                  "run again to download it afresh")
+    os.replace(part, dest)
+    return dest
+
+
+def resolve_checkpoint(name_or_dir: str) -> str:
+    """A local directory as it is; a released name (gpt2, ...) or hub repo id (owner/name) downloaded
+    into the cache (config.json plus model.safetensors, or its shards) unless already there."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
+    if name_or_dir not in HUB_NAMES and not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_dir):
+        raise CheckpointError(
+            f"model {name_or_dir!r} is neither a directory nor a known name ({', '.join(HUB_NAMES)}) nor a hub "
+            "repository id like openai-community/gpt2"
+        )
+    local = os.path.join(cache_dir(), *repo_id.split("/"))
+    try:
+        download(hub_url(repo_id, "config.json"), os.path.join(local, "config.json"))
+        if not any(os.path.exists(os.path.join(local, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+            try:
+                download(hub_url(repo_id, "model.safetensors"), os.path.join(local, "model.safetensors"))
+            except urllib.error.HTTPError as e:  # large models come in shards, listed in an index
+                if e.code != 404:
+                    raise
+                index = download(hub_url(repo_id, "model.safetensors.index.json"),
+                                 os.path.join(local, "model.safetensors.index.json"))
+                with open(index, encoding="utf-8") as f:
+                    for shard in sorted(set(json.load(f)["weight_map"].values())):
+                        download(hub_url(repo_id, shard), os.path.join(local, shard))
+    except (urllib.error.URLError, OSError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"could not download {name_or_dir} from {hub_url(repo_id, '')} ({getattr(e, 'reason', e)}). "
+            f"To use it offline, put its config.json and model.safetensors in {local} "
+            "(or pass a local directory holding them)"
+        ) from None
+    return local
+
+
+def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
+    """The weights of a model directory, whichever of the four Hugging Face layouts it uses."""
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        single, index = os.path.join(directory, single_name), os.path.join(directory, index_name)
+        if os.path.exists(single):
+            files = [single]
+        elif os.path.exists(index):  # shards: the index maps every tensor name to its file
+            with open(index, encoding="utf-8") as f:
+                files = [os.path.join(directory, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+        else:
+            continue
+        state_dict = {}
+        for path in files:
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path} is listed in {index_name} but missing")
+            if path.endswith(".safetensors"):
+                state_dict.update(load_safetensors(path))
+            else:  # weights_only: a .bin is a pickle, and a pickle can run code; this refuses anything but tensors
+                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+        return state_dict
+    raise CheckpointError(f"{directory} holds no weights: expected model.safetensors, pytorch_model.bin or a "
+                          "sharded index of either")
+
+
+# Keys that heads other than the one being loaded may bring along, and buffers older checkpoints saved.
+OTHER_HEAD_PREFIXES = ("lm_head.", "multiple_choice_head.", "score.", "classifier.", "qa_outputs.")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
+
+
+def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a checkpoint's keys to the model's (checkpoints of the body have no "transformer." prefix,
+    checkpoints of a head do), drop what the model does not need, and check the rest: every missing or
+    unexpected key and every shape mismatch is listed in one error."""
+    expected = model.state_dict()
+    is_body = isinstance(model, GPT2Model)
+    renamed = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if is_body and key.startswith("transformer."):
+            key = key[len("transformer."):]
+        elif not is_body and not key.startswith("transformer.") and not key.startswith(OTHER_HEAD_PREFIXES):
+            key = "transformer." + key
+        renamed[key] = tensor
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in expected
+    if tied:
+        renamed.pop("lm_head.weight", None)  # the embedding matrix is the head: load it once
+    missing = [k for k in expected if k not in renamed and not (tied and k == "lm_head.weight")
+               and (is_body or k.startswith("transformer."))]  # a head's own weights may start fresh
+    unexpected = [k for k in renamed if k not in expected and not k.startswith(OTHER_HEAD_PREFIXES)]
+    mismatched = [f"{k}: checkpoint {tuple(renamed[k].shape)}, model {tuple(expected[k].shape)}"
+                  for k in renamed if k in expected and renamed[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected)
+        lines += [f"shape mismatches: {mismatched}"] * bool(mismatched)
+        raise CheckpointError("the checkpoint does not fit " + type(model).__name__ + ": " + "; ".join(lines))
+    return {k: v for k, v in renamed.items() if k in expected}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+    return names[dtype]
+
+
+def from_pretrained(cls, name_or_dir, dtype=None, device=None):
+    """Build a model of class `cls` from a Hugging Face checkpoint: a local directory, a released name
+    (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) or a hub repository id. Weights load in fp32
+    unless dtype says otherwise ("float16", "bfloat16", or a torch.dtype), onto `device` (default CPU).
+    A head the checkpoint has no weights for (say a classifier on top of gpt2) starts freshly initialised."""
+    dtype = parse_dtype(dtype)
+    directory = resolve_checkpoint(str(name_or_dir))
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{directory} has no config.json")
+    config = GPT2Config.from_json_file(config_path)
+    model = cls(config)
+    model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
+    model.to(dtype=dtype or torch.float32, device=device)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, directory):
+    """Write config.json and model.safetensors in the layout Hugging Face transformers loads. The tied
+    head (lm_head.weight, the same tensor as transformer.wte.weight) is stored once, as transformers does."""
+    os.makedirs(directory, exist_ok=True)
+    state_dict = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    tmp = os.path.join(directory, f"config.json.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(directory, "config.json"))
+
+
+# Every model class loads and saves the same way: one function each, attached to all six classes.
+for _cls in HEAD_CLASSES:
+    _cls.from_pretrained = classmethod(from_pretrained)
+    _cls.save_pretrained = save_pretrained
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Tokenizer
+# ----------------------------------------------------------------------------------------------------
+# GPT-2 reads byte-pair-encoded text: tiktoken's "gpt2" encoding is OpenAI's own 50,257-token vocabulary.
+
+EOT_TOKEN = 50256  # <|endoftext|>, which separated documents in training
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    import tiktoken  # imported here so the model code works without it
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads its files on first use
+        raise OSError(
+            f"tiktoken could not load the gpt2 encoding ({e}). Offline, point TIKTOKEN_CACHE_DIR at a folder "
+            "holding its cached files (this repository's CI uses ../shared/tiktoken-cache)"
+        ) from None
+
+
+def encode(text: str) -> List[int]:
+    """Text -> GPT-2 token ids. The literal text <|endoftext|> becomes the special token 50256."""
+    return get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+
+
+def decode(ids) -> str:
+    """Token ids -> text (bytes that are not valid UTF-8 on their own become U+FFFD)."""
+    return get_tokenizer().decode([int(i) for i in ids])
+
+
+def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Several prompts -> (input_ids (B, T), attention_mask (B, T)), left-padded so that every prompt
+    ends at the last column, where generation continues. An empty prompt starts from <|endoftext|>."""
+    encoded = [encode(p) or [EOT_TOKEN] for p in prompts]
+    T = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, T - len(ids):] = torch.tensor(ids)
+        attention_mask[row, T - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+class StreamDecoder:
+    """Decodes one sequence's tokens as they arrive. A token can end in the middle of a multi-byte
+    character, so bytes go through an incremental UTF-8 decoder that holds back incomplete characters."""
+
+    def __init__(self):
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: int) -> str:
+        return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Command line
+# ----------------------------------------------------------------------------------------------------
+
+CLI_EXAMPLES = """examples:
+  python nanogpt2.py sample --prompt "The meaning of life is"            # downloads gpt2 (124M) once
+  python nanogpt2.py sample --model gpt2-xl --prompt "..." --temperature 0   # greedy
+  python nanogpt2.py sample --model ./my-checkpoint --prompt-file story.txt --num-samples 3
+  python nanogpt2.py sample --prompt "Hello" --prompt "Goodbye"            # a batch of prompts
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanogpt2.py",
+        description="GPT-2 in one file. `sample` continues text with a pretrained or saved GPT-2.",
+        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sample = commands.add_parser(
+        "sample", help="continue a prompt with a GPT-2 model, streaming the text as it is written",
+        description="Continue a prompt with a GPT-2 model. The prompt and its continuation stream to stdout; "
+                    "generation stops at <|endoftext|> or after --max-new-tokens.",
+        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sample.add_argument("--model", default="gpt2",
+                        help="a directory with config.json + weights, a released name (gpt2, gpt2-medium, "
+                             "gpt2-large, gpt2-xl, distilgpt2) or a hub repo id (default: gpt2)")
+    sample.add_argument("--prompt", action="append",
+                        help="text to continue; give it several times for a batch (default: start from "
+                             "<|endoftext|>, i.e. unconditional samples)")
+    sample.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    sample.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add per sample (default 100)")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="divide the logits by this; lower is more predictable, 0 means greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, default=200,
+                        help="sample only among the k most likely tokens; 0 turns it off (default 200)")
+    sample.add_argument("--top-p", type=float, default=None,
+                        help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
+    sample.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default 1)")
+    sample.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
+    sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    sample.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' precision (default: bfloat16 on a GPU that supports it, else float32)")
+    return parser
+
+
+def read_prompts(args) -> List[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            prompts.append(sys.stdin.read())
+        else:
+            if not os.path.isfile(args.prompt_file):
+                raise ValueError(f"--prompt-file {args.prompt_file}: no such file")
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts.append(f.read())
+    return prompts or [""]
+
+
+def sample_command(args):
+    for name, value, low in (("--max-new-tokens", args.max_new_tokens, 0), ("--num-samples", args.num_samples, 1),
+                             ("--top-k", args.top_k, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    prompts = read_prompts(args)
+    model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
+    input_ids, attention_mask = encode_batch([p for p in prompts for _ in range(args.num_samples)])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+    if input_ids.size(1) + args.max_new_tokens > model.config.n_positions:
+        raise ValueError(f"the prompt is {input_ids.size(1)} tokens; with --max-new-tokens {args.max_new_tokens} "
+                         f"that exceeds the model's {model.config.n_positions} positions")
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                   temperature=args.temperature or 1.0, top_k=args.top_k or None, top_p=args.top_p,
+                   attention_mask=attention_mask, generator=generator)
+    out = sys.stdout
+    if input_ids.size(0) == 1:  # one sample: stream it token by token
+        out.write(prompts[0])
+        out.flush()
+        stream = StreamDecoder()
+
+        def on_token(tokens):
+            if int(tokens[0]) != EOT_TOKEN:
+                out.write(stream(tokens[0]))
+                out.flush()
+
+        model.generate(input_ids, on_token=on_token, **options)
+        out.write("\n")
+    else:  # a batch: every sample advances together; print each when all are done
+        sys.stderr.write(f"generating {input_ids.size(0)} samples in one batch...\n")
+        tokens = model.generate(input_ids, **options)
+        for i in range(input_ids.size(0)):
+            new = [t for t in tokens[i, input_ids.size(1):].tolist() if t != EOT_TOKEN]
+            out.write(f"--- sample {i % args.num_samples + 1} of prompt {i // args.num_samples + 1} ---\n")
+            out.write(prompts[i // args.num_samples] + decode(new) + "\n")
+    out.flush()
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "sample":
+            sample_command(args)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed
+        sys.stdout.write("\n")
+        return 130
+    except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
+        print(f"nanogpt2.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
