@@ -47,14 +47,18 @@ def realistic_weights_(model, seed=0):
     return model
 
 
-def make_pair(head, attn_implementation="eager", **options):
-    """A transformers model with realistic weights and our model holding the same state_dict."""
+def make_pair(head, device, attn_implementation="eager", **options):
+    """A transformers model with realistic weights and our model holding the same state_dict, on device."""
     hf_config = transformers.GPT2Config(**{**SMALL, **options}, attn_implementation=attn_implementation)
     hf = realistic_weights_(getattr(transformers, head)(hf_config)).eval()
     ours = getattr(nanogpt2, head)(nanogpt2.GPT2Config(**{**SMALL, **options})).eval()
     result = ours.load_state_dict(hf.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    return hf, ours
+    return hf.to(device), ours.to(device)
+
+
+def on(device, tensors: dict):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
 def assert_outputs_match(hf_out, our_out, real=None):
@@ -112,9 +116,9 @@ def labels_for(head, inputs, seed=2):
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("head", HEADS)
-def test_every_head_matches_reference_with_realistic_weights(head, option):
-    hf, ours = make_pair(head, **OPTIONS[option])
-    inputs = {**inputs_for(head), **labels_for(head, inputs_for(head))}
+def test_every_head_matches_reference_with_realistic_weights(head, option, device):
+    hf, ours = make_pair(head, device, **OPTIONS[option])
+    inputs = on(device, {**inputs_for(head), **labels_for(head, inputs_for(head))})
     for output_attentions in (False, True):  # the fused core, then the explicit one
         with torch.no_grad():
             expected = hf(**inputs, output_hidden_states=True, output_attentions=output_attentions)
@@ -123,16 +127,16 @@ def test_every_head_matches_reference_with_realistic_weights(head, option):
 
 
 @pytest.mark.parametrize("head", HEADS)
-def test_default_config_matches_reference_sdpa_path_too(head):
-    hf, ours = make_pair(head, attn_implementation="sdpa")
-    inputs = inputs_for(head)
+def test_default_config_matches_reference_sdpa_path_too(head, device):
+    hf, ours = make_pair(head, device, attn_implementation="sdpa")
+    inputs = on(device, inputs_for(head))
     with torch.no_grad():
         assert_outputs_match(hf(**inputs, output_hidden_states=True), ours(**inputs, output_hidden_states=True))
 
 
 @pytest.mark.parametrize("option", ["default", "inverse_layer_scale_and_upcast"])
-def test_left_padding_and_head_mask_match_reference(option):
-    hf, ours = make_pair("GPT2LMHeadModel", **OPTIONS[option])
+def test_left_padding_and_head_mask_match_reference(option, device):
+    hf, ours = make_pair("GPT2LMHeadModel", device, **OPTIONS[option])
     ids = torch.randint(1, SMALL["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[1, :4] = 0  # left padding
@@ -140,6 +144,7 @@ def test_left_padding_and_head_mask_match_reference(option):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     head_mask = torch.ones(SMALL["n_layer"], SMALL["n_head"])
     head_mask[0, 1] = head_mask[2, 3] = 0
+    ids, mask, position_ids, head_mask = (t.to(device) for t in (ids, mask, position_ids, head_mask))
     for kwargs in (dict(), dict(head_mask=head_mask), dict(output_attentions=True)):
         with torch.no_grad():
             expected = hf(ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True, **kwargs)
@@ -148,12 +153,13 @@ def test_left_padding_and_head_mask_match_reference(option):
 
 
 @pytest.mark.parametrize("option", ["default", "inverse_layer_scale_and_upcast"])
-def test_cross_attention_matches_reference(option):
-    hf, ours = make_pair("GPT2LMHeadModel", add_cross_attention=True, **OPTIONS[option])
+def test_cross_attention_matches_reference(option, device):
+    hf, ours = make_pair("GPT2LMHeadModel", device, add_cross_attention=True, **OPTIONS[option])
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(1, SMALL["vocab_size"], (2, 9), generator=g)
     encoder_states = torch.randn(2, 5, SMALL["n_embd"], generator=g)
     encoder_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    ids, encoder_states, encoder_mask = ids.to(device), encoder_states.to(device), encoder_mask.to(device)
     for output_attentions in (False, True):
         kwargs = dict(encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
                       output_attentions=output_attentions, output_hidden_states=True, labels=ids)
@@ -161,9 +167,9 @@ def test_cross_attention_matches_reference(option):
             assert_outputs_match(hf(ids, **kwargs), ours(ids, **kwargs))
 
 
-def test_incremental_decoding_with_cache_matches_reference():
-    hf, ours = make_pair("GPT2LMHeadModel")
-    ids = torch.randint(1, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5))
+def test_incremental_decoding_with_cache_matches_reference(device):
+    hf, ours = make_pair("GPT2LMHeadModel", device)
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
     with torch.no_grad():
         hf_out, our_out = hf(ids[:, :7], use_cache=True), ours(ids[:, :7], use_cache=True)
         assert_outputs_match(hf_out, our_out)
@@ -173,20 +179,20 @@ def test_incremental_decoding_with_cache_matches_reference():
             assert_outputs_match(hf_out, our_out)
 
 
-def test_pruned_model_matches_reference():
-    hf, ours = make_pair("GPT2LMHeadModel")
+def test_pruned_model_matches_reference(device):
+    hf, ours = make_pair("GPT2LMHeadModel", device)
     heads = {0: [1, 3], 2: [0]}
     hf.prune_heads(heads)
     ours.prune_heads(heads)
     assert set(ours.state_dict()) == set(hf.state_dict())
-    ids = torch.randint(1, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6)).to(device)
     with torch.no_grad():
         assert_outputs_match(hf(ids, output_attentions=True), ours(ids, output_attentions=True))
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_greedy_generation_equals_reference_token_for_token(padded):
-    hf, ours = make_pair("GPT2LMHeadModel", vocab_size=211, n_positions=48)
+def test_greedy_generation_equals_reference_token_for_token(padded, device):
+    hf, ours = make_pair("GPT2LMHeadModel", device, vocab_size=211, n_positions=48)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(1, 200, (3, 6), generator=g)
     mask = torch.ones_like(ids)
@@ -194,6 +200,7 @@ def test_greedy_generation_equals_reference_token_for_token(padded):
         mask[0, :2] = 0
         mask[2, :4] = 0
         ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = ids.to(device), mask.to(device)
     with torch.no_grad():
         expected = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
                                eos_token_id=210)
@@ -201,9 +208,9 @@ def test_greedy_generation_equals_reference_token_for_token(padded):
     assert torch.equal(actual, expected)
 
 
-def test_beam_search_equals_reference():
-    hf, ours = make_pair("GPT2LMHeadModel")
-    ids = torch.randint(1, 200, (2, 5), generator=torch.Generator().manual_seed(8))
+def test_beam_search_equals_reference(device):
+    hf, ours = make_pair("GPT2LMHeadModel", device)
+    ids = torch.randint(1, 200, (2, 5), generator=torch.Generator().manual_seed(8)).to(device)
     # An eos id the random model does emit, so finished hypotheses and early stopping are exercised.
     with torch.no_grad():
         first = hf.generate(ids, max_new_tokens=12, num_beams=1, do_sample=False, pad_token_id=0)
