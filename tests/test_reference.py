@@ -61,7 +61,7 @@ def on(device, tensors: dict):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
-def assert_outputs_match(hf_out, our_out, real=None):
+def assert_outputs_match(hf_out, our_out, real=None, tol=TOL):
     """Every field of the reference output equals ours. `real` (B, T) bool selects the positions that
     are real tokens: outputs at padding positions are arbitrary in both (nothing reads them)."""
     compared = 0
@@ -71,7 +71,7 @@ def assert_outputs_match(hf_out, our_out, real=None):
             for (hk, hv), (ok, ov) in zip(expected, actual):
                 for h, o in ((hk, ok), (hv, ov)):  # (B, nh, T, hs): padding positions on dim 2
                     mask = real[:, None, :, None].expand_as(h) if real is not None else slice(None)
-                    torch.testing.assert_close(o[mask], h[mask], **TOL)
+                    torch.testing.assert_close(o[mask], h[mask], **tol)
         elif isinstance(expected, tuple):
             assert len(expected) == len(actual), name
             for e, a in zip(expected, actual):
@@ -79,11 +79,11 @@ def assert_outputs_match(hf_out, our_out, real=None):
                     e, a = e[real], a[real]
                 elif real is not None:  # attentions (B, nh, T, K): real query rows only
                     e, a = e.transpose(1, 2)[real], a.transpose(1, 2)[real]
-                torch.testing.assert_close(a, e, **TOL)
+                torch.testing.assert_close(a, e, **tol)
         elif real is not None and expected.dim() >= 2 and expected.shape[:2] == real.shape:
-            torch.testing.assert_close(actual[real], expected[real], **TOL)
+            torch.testing.assert_close(actual[real], expected[real], **tol)
         else:
-            torch.testing.assert_close(actual, expected, **TOL)
+            torch.testing.assert_close(actual, expected, **tol)
         compared += 1
     assert compared >= 2
 
@@ -119,11 +119,16 @@ def labels_for(head, inputs, seed=2):
 def test_every_head_matches_reference_with_realistic_weights(head, option, device):
     hf, ours = make_pair(head, device, **OPTIONS[option])
     inputs = on(device, {**inputs_for(head), **labels_for(head, inputs_for(head))})
+    tol = TOL
+    if device.type == "cuda" and option == "unscaled_relu":
+        # Without the 1/sqrt(hs) scale the scores are 4x larger, and CUDA's kernels sum in another order
+        # than transformers' matmul: seen 1.4e-5 on an H200, so allow 5e-5 here (CPU stays at 1e-5).
+        tol = dict(atol=5e-5, rtol=1e-4)
     for output_attentions in (False, True):  # the fused core, then the explicit one
         with torch.no_grad():
             expected = hf(**inputs, output_hidden_states=True, output_attentions=output_attentions)
             actual = ours(**inputs, output_hidden_states=True, output_attentions=output_attentions)
-        assert_outputs_match(expected, actual)
+        assert_outputs_match(expected, actual, tol=tol)
 
 
 @pytest.mark.parametrize("head", HEADS)
