@@ -24,8 +24,8 @@ Map of the file (read it top to bottom; the data flows in this order):
     5. The model body    ImageGPTModel: embeddings, blocks, final layer norm, input checks
     6. The heads         ImageGPTForCausalImageModeling, ImageGPTForImageClassification
     7. Generation        greedy, sampling (temperature, top-k, top-p), with the cache, from SOS or a prompt
-    8. Pixels and tokens the palette (OpenAI's, or k-means on your images), quantise, dequantise, PNG files
-    9. Loading and saving  from_pretrained / save_pretrained (safetensors, the hub, the palette beside them)
+    8. Loading, saving   safetensors read by hand, the hub download, from_pretrained, save_pretrained (+ palette)
+    9. Pixels and tokens the palette (OpenAI's, or k-means on your images), quantise, dequantise, PNG files
    10. Command line      `python imagegpt.py sample ...` and `python imagegpt.py complete ...`
 
 Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd,
@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -679,6 +680,7 @@ class ImageGPTModel(nn.Module):
         self.h = nn.ModuleList([ImageGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        self.palette = None  # (K, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
         self.apply(lambda module: init_imagegpt_weights(module, config))
         if config.pruned_heads:  # a config saved from a pruned model rebuilds the pruned shapes
             self.prune_heads({layer: heads for layer, heads in config.pruned_heads.items()})
@@ -911,6 +913,7 @@ class ImageGPTForCausalImageModeling(nn.Module):
         self.transformer = ImageGPTModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)  # colours only, no SOS
         init_imagegpt_weights(self.lm_head, config)
+        self.palette = None  # (K, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -1000,6 +1003,7 @@ class ImageGPTForImageClassification(nn.Module):
         self.transformer = ImageGPTModel(config)
         self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
         init_imagegpt_weights(self.score, config)
+        self.palette = None  # (K, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
 
     def prune_heads(self, heads_to_prune):
         self.transformer.prune_heads(heads_to_prune)
@@ -1154,7 +1158,388 @@ def generate(
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Pixels and tokens
+# 8. Loading and saving
+# ----------------------------------------------------------------------------------------------------
+# A Hugging Face model directory holds config.json and the weights: model.safetensors (or several
+# shards listed in model.safetensors.index.json), or the older pytorch_model.bin (what the openai/imagegpt-*
+# repositories hold). ImageGPT's directories also keep the palette: preprocessor_config.json ("clusters",
+# Hugging Face's layout) or kmeans_centers.npy (OpenAI's). safetensors is simple enough to read by hand:
+#     8 bytes      N, the header's length (unsigned little-endian)
+#     N bytes      JSON: {"name": {"dtype": "F32", "shape": [512, 1536], "data_offsets": [begin, end]}, ...}
+#     the rest     every tensor's raw little-endian bytes, at [begin, end) counted from the end of the header
+
+SAFETENSORS_DTYPES = {  # name in the header -> (numpy dtype to read the bytes as, torch dtype)
+    "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
+    "BF16": ("<u2", torch.bfloat16),  # numpy has no bfloat16: read the 16-bit patterns, reinterpret in torch
+    "I64": ("<i8", torch.int64), "I32": ("<i4", torch.int32), "I16": ("<i2", torch.int16),
+    "I8": ("i1", torch.int8), "U8": ("u1", torch.uint8), "BOOL": ("u1", torch.bool),
+}
+TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (_, torch_dtype) in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the format's own limit; a larger "length" means a corrupt file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
+
+
+class _atomic_path:
+    """`with _atomic_path(path) as tmp:` write to tmp; on success it is renamed onto path in one step, so
+    a reader (or an interrupted run) never sees half a file; on failure tmp is removed."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
+        os.close(fd)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
+def _write_atomically(path, data: bytes):
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def read_safetensors_header(path) -> Tuple[dict, int]:
+    """(header dict, offset of the data section). Every claim the header makes is checked against the
+    file before any tensor is read, so a lying header gives an error, never an out-of-bounds read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is a {type(header).__name__}, expected a JSON object")
+    data_size = size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            dtype = info.get("dtype") if isinstance(info, dict) else info
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of "
+                                  f"{sorted(SAFETENSORS_DTYPES)}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, expected a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, outside the "
+                                  f"{data_size} data bytes (truncated or corrupt)")
+        itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]][0]).itemsize
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs "
+                                  f"{math.prod(shape) * itemsize} bytes, its offsets span {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section (corrupt file)")
+    return header, 8 + n
+
+
+def load_safetensors(path) -> Dict[str, torch.Tensor]:
+    """Read a .safetensors file with numpy (memory-mapped) into CPU tensors."""
+    header, data_start = read_safetensors_header(path)
+    tensors = {}
+    if os.path.getsize(path) == data_start:  # only empty tensors (np.memmap cannot map zero bytes)
+        data = np.zeros(0, dtype=np.uint8)
+    else:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        np_dtype, torch_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        array = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(info["shape"])
+        tensor = torch.from_numpy(array.copy())  # copy: own the memory, let the file close
+        if torch_dtype in (torch.bfloat16, torch.bool):
+            tensor = tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor.bool()
+        tensors[name] = tensor
+    del data
+    return tensors
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None):
+    """Write tensors as .safetensors (atomically: a temporary file renamed at the end)."""
+    header, chunks, offset = {}, [], 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        if t.dtype not in TORCH_TO_SAFETENSORS:
+            raise TypeError(f"cannot save tensor {name!r} of dtype {t.dtype} as safetensors")
+        raw = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t.to(torch.uint8) if t.dtype == torch.bool
+               else t).numpy().tobytes()
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header_bytes)))
+            f.write(header_bytes)
+            for raw in chunks:
+                f.write(raw)
+
+
+# Short names of the released checkpoints -> their Hugging Face hub repositories.
+HUB_NAMES = {
+    "imagegpt-small": "openai/imagegpt-small",
+    "imagegpt-medium": "openai/imagegpt-medium",
+    "imagegpt-large": "openai/imagegpt-large",
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get("NANOGPT2_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanogpt2")
+
+
+def hub_url(repo_id: str, filename: str) -> str:
+    base = os.environ.get("NANOGPT2_HUB_URL", "https://huggingface.co").rstrip("/")
+    return f"{base}/{repo_id}/resolve/main/{filename}"
+
+
+def _progress(desc: str, done: int, total: Optional[int], start: float):
+    rate = done / max(time.time() - start, 1e-6) / 1e6
+    of = f" / {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
+    sys.stderr.write(f"\r{desc}: {done / 1e6:.1f}{of}, {rate:.1f} MB/s   ")
+    sys.stderr.flush()
+
+
+def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
+    """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
+    Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
+    download never looks like a cached one. When the server gives the file's SHA-256 (the hub's ETag for
+    large files) it is checked, and a corrupted file is deleted."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    desc = desc or os.path.basename(dest)
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the .part is already complete (or longer than the file): start over
+            os.remove(part)
+            return download(url, dest, desc, quiet)
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the Range header: start from zero
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
+        start, done, last_report = time.time(), have, 0.0
+        with open(part, "ab" if have else "wb") as f:
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                done += len(chunk)
+                if not quiet and time.time() - last_report > 0.2:
+                    _progress(f"downloading {desc}", done, total, start)
+                    last_report = time.time()
+    if not quiet:
+        _progress(f"downloading {desc}", done, total, start)
+        sys.stderr.write("\n")
+    if total is not None and done != total:
+        raise CheckpointError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
+    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+        sha = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+        if sha.hexdigest() != etag:
+            os.remove(part)
+            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {etag}; "
+                                  "run again to download it afresh")
+    os.replace(part, dest)
+    return dest
+
+
+def _download_if_present(repo_id: str, filename: str, local: str) -> bool:
+    """Download one file of a hub repository; False (not an error) when the repository has no such file."""
+    try:
+        download(hub_url(repo_id, filename), os.path.join(local, filename))
+        return True
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+        return False
+
+
+def resolve_checkpoint(name_or_dir: str) -> str:
+    """A local directory as it is; a released name (imagegpt-small, ...) or hub repo id (owner/name)
+    downloaded into the cache unless already there: config.json, the weights (model.safetensors, its
+    shards, or pytorch_model.bin, whichever the repository has) and the palette (preprocessor_config.json)."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
+    if name_or_dir not in HUB_NAMES and not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_dir):
+        raise CheckpointError(
+            f"model {name_or_dir!r} is neither a directory nor a known name ({', '.join(HUB_NAMES)}) nor a hub "
+            "repository id like openai/imagegpt-small"
+        )
+    local = os.path.join(cache_dir(), *repo_id.split("/"))
+    weight_files = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    try:
+        download(hub_url(repo_id, "config.json"), os.path.join(local, "config.json"))
+        if not any(os.path.exists(os.path.join(local, f)) for f in weight_files):
+            # The first layout the repository has; the openai/imagegpt-* repositories hold pytorch_model.bin.
+            if not _download_if_present(repo_id, "model.safetensors", local):
+                if _download_if_present(repo_id, "model.safetensors.index.json", local):
+                    with open(os.path.join(local, "model.safetensors.index.json"), encoding="utf-8") as f:
+                        for shard in sorted(set(json.load(f)["weight_map"].values())):
+                            download(hub_url(repo_id, shard), os.path.join(local, shard))
+                elif not _download_if_present(repo_id, "pytorch_model.bin", local):
+                    raise CheckpointError(f"{repo_id} has no model.safetensors, sharded index or pytorch_model.bin")
+        if not any(os.path.exists(os.path.join(local, f)) for f in PALETTE_FILES):
+            _download_if_present(repo_id, "preprocessor_config.json", local)  # the palette, if it has one
+    except (urllib.error.URLError, OSError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"could not download {name_or_dir} from {hub_url(repo_id, '')} ({getattr(e, 'reason', e)}). "
+            f"To use it offline, put its config.json, model.safetensors and preprocessor_config.json (or "
+            f"kmeans_centers.npy) in {local} (or pass a local directory holding them)"
+        ) from None
+    return local
+
+
+def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
+    """The weights of a model directory, whichever of the four Hugging Face layouts it uses."""
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        single, index = os.path.join(directory, single_name), os.path.join(directory, index_name)
+        if os.path.exists(single):
+            files = [single]
+        elif os.path.exists(index):  # shards: the index maps every tensor name to its file
+            with open(index, encoding="utf-8") as f:
+                files = [os.path.join(directory, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+        else:
+            continue
+        state_dict = {}
+        for path in files:
+            if not os.path.exists(path):
+                raise CheckpointError(f"{path} is listed in {index_name} but missing")
+            if path.endswith(".safetensors"):
+                state_dict.update(load_safetensors(path))
+            else:  # weights_only: a .bin is a pickle, and a pickle can run code; this refuses anything but tensors
+                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+        return state_dict
+    raise CheckpointError(f"{directory} holds no weights: expected model.safetensors, pytorch_model.bin or a "
+                          "sharded index of either")
+
+
+# Keys that heads other than the one being loaded may bring along, and buffers older checkpoints saved.
+OTHER_HEAD_PREFIXES = ("lm_head.", "score.")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
+
+
+def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename a checkpoint's keys to the model's (checkpoints of the body have no "transformer." prefix,
+    checkpoints of a head do), drop what the model does not need, and check the rest: every missing or
+    unexpected key and every shape mismatch is listed in one error."""
+    expected = model.state_dict()
+    is_body = isinstance(model, ImageGPTModel)
+    renamed = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(IGNORED_SUFFIXES):
+            continue
+        if is_body and key.startswith("transformer."):
+            key = key[len("transformer."):]
+        elif not is_body and not key.startswith("transformer.") and not key.startswith(OTHER_HEAD_PREFIXES):
+            key = "transformer." + key
+        renamed[key] = tensor
+    missing = [k for k in expected if k not in renamed
+               and (is_body or k.startswith("transformer."))]  # a head's own weights may start fresh
+    unexpected = [k for k in renamed if k not in expected and not k.startswith(OTHER_HEAD_PREFIXES)]
+    mismatched = [f"{k}: checkpoint {tuple(renamed[k].shape)}, model {tuple(expected[k].shape)}"
+                  for k in renamed if k in expected and renamed[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected)
+        lines += [f"shape mismatches: {mismatched}"] * bool(mismatched)
+        raise CheckpointError("the checkpoint does not fit " + type(model).__name__ + ": " + "; ".join(lines))
+    return {k: v for k, v in renamed.items() if k in expected}
+
+
+def parse_dtype(dtype) -> Optional[torch.dtype]:
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+    return names[dtype]
+
+
+def from_pretrained(cls, name_or_dir, dtype=None, device=None):
+    """Build a model of class `cls` from a Hugging Face checkpoint: a local directory, a released name
+    (imagegpt-small, imagegpt-medium, imagegpt-large) or a hub repository id (openai/imagegpt-small).
+    Weights load in fp32 unless dtype says otherwise ("float16", "bfloat16", or a torch.dtype), onto
+    `device` (default CPU). A head the checkpoint has no weights for (say a classifier on top of
+    imagegpt-small) starts freshly initialised. The directory's palette, if it has one, becomes
+    `model.palette` ((K, 3) in [-1, 1], on the CPU)."""
+    dtype = parse_dtype(dtype)
+    directory = resolve_checkpoint(str(name_or_dir))
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise CheckpointError(f"{directory} has no config.json")
+    config = ImageGPTConfig.from_json_file(config_path)
+    model = cls(config)
+    model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
+    model.to(dtype=dtype or torch.float32, device=device)
+    if any(os.path.exists(os.path.join(directory, name)) for name in PALETTE_FILES):
+        model.palette = load_palette(directory)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, directory):
+    """Write config.json and model.safetensors in the layout Hugging Face transformers loads, and the
+    palette, when the model has one, beside them (preprocessor_config.json and kmeans_centers.npy)."""
+    os.makedirs(directory, exist_ok=True)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    _write_atomically(os.path.join(directory, "config.json"),
+                      (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    if model.palette is not None:
+        save_palette(model.palette, directory, n_px=model.config.n_px)
+
+
+# Every model class loads and saves the same way: one function each, attached to all three classes.
+for _cls in HEAD_CLASSES:
+    _cls.from_pretrained = classmethod(from_pretrained)
+    _cls.save_pretrained = save_pretrained
+
+
+# ----------------------------------------------------------------------------------------------------
+# 9. Pixels and tokens
 # ----------------------------------------------------------------------------------------------------
 #
 # An image becomes tokens in three steps, as Hugging Face's ImageGPTImageProcessor does it:
@@ -1380,33 +1765,6 @@ PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel: gre
 _RESAVE_HINT = "re-save it as an 8-bit RGB PNG (e.g. `convert in.png -depth 8 PNG24:out.png`, or any image editor)"
 
 
-class _atomic_path:
-    """`with _atomic_path(path) as tmp:` write to tmp; on success it is renamed onto path in one step,
-    so a reader (or an interrupted run) never sees half a file; on failure tmp is removed."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-
-    def __enter__(self):
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-        return False
-
-
-def _write_atomically(path, data: bytes):
-    with _atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-
 def _png_chunk(chunk_type: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + chunk_type + data + struct.pack(">I", zlib.crc32(chunk_type + data))
 
@@ -1554,3 +1912,188 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
         top, left = pad + (i // columns) * (H + pad), pad + (i % columns) * (W + pad)
         grid[top : top + H, left : left + W] = image
     return grid
+
+# ----------------------------------------------------------------------------------------------------
+# 10. Command line
+# ----------------------------------------------------------------------------------------------------
+
+CLI_EXAMPLES = """examples:
+  python imagegpt.py sample --model imagegpt-small --num-samples 8 --out samples.png   # downloads 76M params once
+  python imagegpt.py sample --model ./my-checkpoint --top-k 40 --seed 1 --out samples.png
+  python imagegpt.py complete --model imagegpt-small --image cat.png --out completions.png
+  python imagegpt.py complete --model openai/imagegpt-medium --image cat.png --num-samples 4 --temperature 0.9
+
+A model directory holds config.json, model.safetensors (or pytorch_model.bin) and its palette
+(preprocessor_config.json or kmeans_centers.npy); --palette points at a palette kept elsewhere.
+Every image costs one model step per pixel (1024 for 32 x 32): minutes on a CPU, seconds on a GPU.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagegpt.py",
+        description="ImageGPT in one file. `sample` draws new images; `complete` keeps the top half of your "
+                    "image and lets the model paint the rest.",
+        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sample = commands.add_parser(
+        "sample", help="draw unconditional samples into one PNG grid",
+        description="Draw images from nothing (the SOS token) and write them side by side into one PNG.",
+        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    complete = commands.add_parser(
+        "complete", help="complete the bottom half of an image, several times",
+        description="Shrink IMAGE to the model's n_px x n_px, keep its top rows, sample the rest, and write the "
+                    "original (as the model sees it) followed by the completions into one PNG.",
+        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    complete.add_argument("--image", required=True, help="the PNG to complete (8-bit grey, RGB or RGBA)")
+    complete.add_argument("--keep-rows", type=int, default=None,
+                          help="rows of the shrunk image to keep (default: the top half, n_px // 2)")
+    for command, out in ((sample, "samples.png"), (complete, "completions.png")):
+        command.add_argument("--model", default="imagegpt-small",
+                             help="a directory with config.json + weights + palette, a released name "
+                                  "(imagegpt-small, imagegpt-medium, imagegpt-large) or a hub repo id "
+                                  "(default: imagegpt-small)")
+        command.add_argument("--palette", default=None,
+                             help="kmeans_centers.npy or preprocessor_config.json, if the model directory has none")
+        command.add_argument("--num-samples", type=int, default=8, help="images to draw (default 8)")
+        command.add_argument("--out", default=out, help=f"the PNG to write (default {out})")
+        command.add_argument("--temperature", type=float, default=1.0,
+                             help="divide the logits by this; lower is more predictable, 0 means greedy (default 1.0)")
+        command.add_argument("--top-k", type=int, default=0,
+                             help="sample only among the k most likely colours; 0 turns it off (default 0)")
+        command.add_argument("--top-p", type=float, default=None,
+                             help="sample only among the most likely colours whose probabilities sum to p")
+        command.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
+        command.add_argument("--scale", type=int, default=4,
+                             help="enlarge every pixel to scale x scale in the PNG (default 4: 32 px -> 128 px)")
+        command.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+        command.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                             help="weights' precision (default: bfloat16 on a GPU that supports it, else float32)")
+    return parser
+
+
+def _check_args(args):
+    """The user's numbers, checked before a model is loaded (which can take a while)."""
+    for name, value, low in (("--num-samples", args.num_samples, 1), ("--top-k", args.top_k, 0),
+                             ("--scale", args.scale, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if getattr(args, "image", None) is not None and not os.path.isfile(args.image):
+        raise ValueError(f"--image {args.image}: no such file")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--out {args.out}: the directory {out_dir} does not exist")
+    if args.palette is not None and not os.path.exists(args.palette):
+        raise ValueError(f"--palette {args.palette}: no such file")
+
+
+def load_model_and_palette(args):
+    """The model on its device, and the palette: --palette, else the one saved with the model."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
+    model = ImageGPTForCausalImageModeling.from_pretrained(args.model, dtype=dtype, device=device)
+    palette = load_palette(args.palette) if args.palette is not None else model.palette
+    if palette is None:
+        raise ValueError(f"{args.model} comes without a palette (preprocessor_config.json or kmeans_centers.npy); "
+                         "pass --palette PATH")
+    if palette.size(0) != model.config.n_colours:
+        raise ValueError(f"the palette has {palette.size(0)} colours, but the model predicts "
+                         f"{model.config.n_colours}; use the palette the model was trained with")
+    model.config.n_px  # raises a clear error for a model whose positions are not a square image
+    return model, palette, device
+
+
+class ProgressLine:
+    """on_token callback for generate(): one line on stderr, rewritten in place at most 5 times a second."""
+
+    def __init__(self, total: int, what: str):
+        self.total, self.what, self.done = total, what, 0
+        self.start = self.last = time.time()
+
+    def __call__(self, tokens):
+        self.done += 1
+        now = time.time()
+        if now - self.last > 0.2 or self.done == self.total:
+            rate = self.done / max(now - self.start, 1e-6)
+            left = (self.total - self.done) / rate
+            sys.stderr.write(f"\r{self.what}: {self.done}/{self.total} pixels ({100 * self.done // self.total}%), "
+                             f"{rate:.1f} px/s, {left:.0f} s left   ")
+            sys.stderr.flush()
+            self.last = now
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def _generate_images(model, prompt, args, device, what):
+    """Sample num_samples continuations of prompt (1, T) with the command line's options -> (N, n*n) tokens."""
+    seed = args.seed if args.seed is not None else torch.seed() % 2**31
+    if args.seed is None:
+        sys.stderr.write(f"seed {seed} (pass --seed {seed} to draw the same images again)\n")
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    max_new_tokens = model.config.n_positions + 1 - prompt.size(1)
+    tokens = model.generate(
+        prompt, num_samples=args.num_samples, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+        top_k=args.top_k or None, top_p=args.top_p, generator=generator,
+        on_token=ProgressLine(max_new_tokens, f"{what} {args.num_samples} images"),
+    )
+    return tokens[:, 1:].cpu()  # drop SOS: one token per pixel
+
+
+def sample_command(args):
+    _check_args(args)
+    model, palette, device = load_model_and_palette(args)
+    sos = torch.full((1, 1), model.config.sos_token_id, dtype=torch.long)
+    images = dequantise(_generate_images(model, sos, args, device, "sampling"), palette)  # (N, n, n, 3)
+    write_png(args.out, image_grid(images, columns=min(args.num_samples, 8), scale=args.scale))
+    sys.stderr.write(f"wrote {args.out}\n")
+
+
+def complete_command(args):
+    _check_args(args)
+    image = to_rgb(read_png(args.image))  # read before the model: a bad file fails fast
+    model, palette, device = load_model_and_palette(args)
+    n_px = model.config.n_px
+    keep_rows = args.keep_rows if args.keep_rows is not None else n_px // 2
+    if not 0 <= keep_rows < n_px:
+        raise ValueError(f"--keep-rows must be in [0, {n_px}) for this {n_px} x {n_px} model, got {keep_rows}")
+    original = quantise(image, palette, n_px=n_px)  # (n_px * n_px,): the whole image as the model sees it
+    sos = torch.tensor([model.config.sos_token_id])
+    prompt = torch.cat([sos, original[: keep_rows * n_px]])[None]  # (1, 1 + keep_rows * n_px)
+    completions = _generate_images(model, prompt, args, device, "completing")  # (N, n_px * n_px)
+    images = dequantise(torch.cat([original[None], completions]), palette)  # original first: (1 + N, n, n, 3)
+    write_png(args.out, image_grid(images, columns=1 + args.num_samples, scale=args.scale))
+    sys.stderr.write(f"wrote {args.out} (the original, as the model sees it, then {args.num_samples} completions)\n")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "sample":
+            sample_command(args)
+        else:
+            complete_command(args)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly; the PNG is written only when complete, so none is left
+        sys.stderr.write("\ninterrupted: nothing written\n")
+        return 130
+    except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
+        print(f"imagegpt.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
