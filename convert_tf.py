@@ -1,0 +1,874 @@
+"""convert_tf.py: OpenAI's original TensorFlow checkpoints of GPT-2 and ImageGPT, read with numpy alone and
+written as Hugging Face folders (config.json + model.safetensors) that nanogpt2.py, imagegpt.py and
+transformers all load. TensorFlow is never imported.
+
+How a TensorFlow checkpoint is stored (the "tensor bundle" format), from the outside in:
+
+    model.ckpt.index                   an SSTable (LevelDB's sorted table): name -> BundleEntryProto
+    model.ckpt.data-00000-of-00001     the raw tensor bytes, one tensor after another (several shards possible)
+
+    .index   [data block][trailer] [data block][trailer] ... [metaindex block][trailer] [index block][trailer] [footer]
+    footer   48 bytes at the very end: two block handles (varint offset, varint size), zero padding, and the
+             magic number 0xdb4775248b80fb57. The "index block" handle says where the index block is.
+    trailer  5 bytes after every block: a compression byte (0 = none) and a masked CRC32C of block + that byte.
+    block    entries (shared, unshared, value_length as varints; the key's unshared tail; the value), then
+             "restart points": uint32 offsets of entries whose key is stored whole, then their count.
+             Each key stores only what differs from the key before it (prefix compression).
+    index block    key = a separator >= every key of a data block, value = that block's handle.
+    data blocks    key "" = BundleHeaderProto (num_shards, endianness); every other key is a tensor name and
+                   its value a BundleEntryProto: dtype, shape, shard_id, offset, size, crc32c.
+    tensor   bytes [offset, offset + size) of model.ckpt.data-{shard_id:05d}-of-{num_shards:05d}, little-endian,
+             row-major; crc32c is the masked CRC32C of exactly those bytes.
+
+Map of this file:
+    1. CRC32C              the checksum of blocks and tensors, with a numpy version fast enough for GBs
+    2. Protobuf by hand    varints and the three messages the bundle needs
+    3. The .index SSTable  footer -> index block -> data blocks -> entries
+    4. CheckpointReader    lists names, dtypes and shapes without touching data; reads one tensor at a time
+    5. GPT-2 mapping       openai/gpt-2 names -> GPT2LMHeadModel's state dict and config
+    6. ImageGPT mapping    openai/image-gpt names -> ImageGPTForCausalImageModeling's state dict and config
+    7. Writing             model.safetensors by hand, config.json, an output folder that appears whole or not at all
+    8. Downloading         OpenAI's release files over HTTPS, resumable
+    9. Command line
+
+Run:
+    python convert_tf.py models/124M out/gpt2            # a folder with hparams.json and model.ckpt.*
+    python convert_tf.py --download gpt2-124M out/gpt2   # fetch OpenAI's files first, then convert
+    python convert_tf.py --list models/124M              # names, dtypes and shapes only
+"""
+
+import argparse
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is malformed, corrupted or not what was expected. The message names the file."""
+
+
+# --- 1. CRC32C -------------------------------------------------------------------------------------------
+# CRC-32C (Castagnoli) is what LevelDB and TensorFlow checksum with. Stored values are "masked": a CRC of
+# data that itself contains CRCs is weak, so the stored value is rotated right by 15 bits and offset.
+
+CRC_POLY = 0x82F63B78  # Castagnoli polynomial, bit-reversed (the CRC is computed least significant bit first)
+
+
+def _make_crc_table():
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (CRC_POLY if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+CRC_TABLE = _make_crc_table()  # register update for one byte: see _crc_bytes
+
+
+def _make_crc_table16():
+    """The same for two bytes at once (65536 entries, 256 KB): half the steps in the numpy loop."""
+    table = np.arange(1 << 16, dtype=np.uint32)
+    for _ in range(16):
+        table = (table >> 1) ^ np.where(table & 1, np.uint32(CRC_POLY), np.uint32(0))
+    return table
+
+
+CRC_TABLE16 = _make_crc_table16()
+
+
+def _crc_bytes(data, register=0xFFFFFFFF):
+    """Feed bytes through the CRC register one at a time (the textbook loop; ~5 MB/s in Python)."""
+    for byte in data:
+        register = CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8)
+    return register
+
+
+def _apply(op, x):
+    """Apply a linear map on 32-bit registers, given as the images of the 32 single-bit values."""
+    result, bit = 0, 0
+    while x:
+        if x & 1:
+            result ^= op[bit]
+        x >>= 1
+        bit += 1
+    return result
+
+
+def _zeros_operator(count):
+    """The map register -> register after `count` zero bytes (linear, since the table is), by squaring."""
+    power = [CRC_TABLE[(1 << b) & 0xFF] ^ ((1 << b) >> 8) for b in range(32)]  # one zero byte
+    result = [1 << b for b in range(32)]                                          # identity
+    while count:
+        if count & 1:
+            result = [_apply(power, v) for v in result]
+        power = [_apply(power, v) for v in power]
+        count >>= 1
+    return result
+
+
+def _crc_lanes(rows):
+    """CRC registers (started at 0) of every row of a (lanes, width) uint8 array, width even, all at once.
+
+    numpy cannot speed up one byte-after-byte loop, but it can run 65536 of them side by side."""
+    words = rows.view("<u2")  # (lanes, width / 2): two bytes per step, the first in the low bits
+    registers = np.zeros(rows.shape[0], np.uint32)
+    for start in range(0, words.shape[1], 256):
+        columns = np.ascontiguousarray(words[:, start:start + 256].T)  # (256, lanes): word j of every lane
+        for column in columns:
+            registers = CRC_TABLE16[(registers ^ column) & 0xFFFF] ^ (registers >> 16)
+    return registers
+
+
+def crc32c(data, max_lanes=65536):
+    """CRC-32C of a bytes-like object: ~150 MB/s on one core (GPT-2 124M's 500 MB: ~4 s).
+
+    The data is cut into a short head plus `lanes` equal rows. CRCs are linear, so
+    crc(A + B) = zeros_operator(len(B))(register after A) ^ (register of B started at 0):
+    the rows are checksummed side by side with numpy and then folded together one by one."""
+    buf = np.frombuffer(data, np.uint8)
+    lanes = min(max_lanes, buf.size // 1024)
+    if lanes < 2:
+        return _crc_bytes(buf.tobytes()) ^ 0xFFFFFFFF
+    width = buf.size // lanes // 2 * 2
+    head = buf.size - lanes * width
+    register = _crc_bytes(buf[:head].tobytes())
+    row_registers = _crc_lanes(buf[head:].reshape(lanes, width))
+    # Fold the rows: acc = shift(acc, width) ^ row. Shifting is linear, so four 256-entry tables do it.
+    op = _zeros_operator(width)
+    tables = []
+    for k in range(4):
+        table = [0]
+        for bit in range(8):
+            table = table + [value ^ op[8 * k + bit] for value in table]
+        tables.append(table)
+    t0, t1, t2, t3 = tables
+    acc = 0
+    for row in row_registers.tolist():
+        acc = t0[acc & 255] ^ t1[(acc >> 8) & 255] ^ t2[(acc >> 16) & 255] ^ t3[acc >> 24] ^ row
+    return (_apply(_zeros_operator(buf.size - head), register) ^ acc) ^ 0xFFFFFFFF
+
+
+def mask_crc(crc):
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+# --- 2. Protobuf by hand ---------------------------------------------------------------------------------
+# A protobuf message is a list of (field number << 3 | wire type) keys, each followed by its value:
+# wire type 0 a varint, 1 eight bytes, 2 a varint length and that many bytes, 5 four bytes.
+
+def read_varint(buf, pos, where):
+    """Decode a base-128 varint (7 bits per byte, low bits first, high bit = "more follows")."""
+    result = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(buf):
+            raise CheckpointError(f"{where}: truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+    raise CheckpointError(f"{where}: varint longer than 10 bytes")
+
+
+def proto_fields(buf, where):
+    """Yield (field number, value) for every field; value is an int, or bytes for wire type 2."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = read_varint(buf, pos, where)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = read_varint(buf, pos, where)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > len(buf):
+                raise CheckpointError(f"{where}: truncated fixed-size field {field}")
+            value, pos = int.from_bytes(buf[pos:pos + size], "little"), pos + size
+        elif wire == 2:
+            size, pos = read_varint(buf, pos, where)
+            if pos + size > len(buf):
+                raise CheckpointError(f"{where}: field {field} claims {size} bytes, {len(buf) - pos} remain")
+            value, pos = bytes(buf[pos:pos + size]), pos + size
+        else:
+            raise CheckpointError(f"{where}: unsupported protobuf wire type {wire} (field {field})")
+        yield field, value
+
+
+def as_int64(value):
+    """Varints carry int64 as two's complement in 64 bits (-1 arrives as 2**64 - 1)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# TensorFlow's DataType enum (tensorflow/core/framework/types.proto) -> (name, numpy dtype of the stored bytes)
+DTYPES = {1: ("float32", "<f4"), 2: ("float64", "<f8"), 3: ("int32", "<i4"), 9: ("int64", "<i8"),
+          14: ("bfloat16", "<u2"), 19: ("float16", "<f2")}
+NUMPY_DTYPES = dict(DTYPES.values())  # "float32" -> "<f4", ...
+DTYPE_NAMES = {4: "uint8", 5: "int16", 6: "int8", 7: "string", 8: "complex64", 10: "bool", 17: "uint16",
+               18: "complex128", 22: "uint32", 23: "uint64"}  # the ones skipped, named in the note
+
+
+@dataclass
+class TensorEntry:
+    """One BundleEntryProto: where a tensor's bytes are and what they hold."""
+    name: str
+    dtype: str           # "float32", ..., or the unsupported type's name
+    shape: tuple
+    shard: int = 0       # field 3, shard_id
+    offset: int = 0      # field 4
+    size: int = 0        # field 5, bytes
+    crc: int = 0         # field 6, masked CRC32C of the bytes
+    slices: int = 0      # field 7, repeated: a partitioned variable lists its slices here
+
+
+def parse_entry(name, buf, where):
+    dtype_code, shape, entry = 0, (), TensorEntry(name, "", ())
+    for field, value in proto_fields(buf, where):
+        if field == 1:
+            dtype_code = value
+        elif field == 2:  # TensorShapeProto: repeated Dim dim = 2 (Dim: int64 size = 1)
+            dims = [dict(proto_fields(dim, where)) for f, dim in proto_fields(value, where) if f == 2]
+            shape = tuple(as_int64(dim.get(1, 0)) for dim in dims)  # a size of 0 is left out: the default
+        elif field == 3:
+            entry.shard = value
+        elif field == 4:
+            entry.offset = as_int64(value)
+        elif field == 5:
+            entry.size = as_int64(value)
+        elif field == 6:
+            entry.crc = value
+        elif field == 7:
+            entry.slices += 1
+    entry.shape = shape
+    entry.dtype = DTYPES[dtype_code][0] if dtype_code in DTYPES else DTYPE_NAMES.get(dtype_code, f"#{dtype_code}")
+    return entry
+
+
+# --- 3. The .index SSTable -------------------------------------------------------------------------------
+
+FOOTER_SIZE = 48
+TABLE_MAGIC = 0xDB4775248B80FB57
+
+
+def read_block(data, handle_bytes, path, what):
+    """Check a block's trailer (compression byte, masked CRC32C) and return its contents."""
+    offset, pos = read_varint(handle_bytes, 0, f"{path}: {what} handle")
+    size, _ = read_varint(handle_bytes, pos, f"{path}: {what} handle")
+    end = len(data) - FOOTER_SIZE
+    if offset + size + 5 > end:
+        raise CheckpointError(f"{path}: truncated block: {what} at bytes [{offset}, {offset + size + 5}) "
+                              f"runs past the {end} bytes before the footer")
+    block = data[offset:offset + size]
+    compression = data[offset + size]
+    stored = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
+    actual = mask_crc(crc32c(data[offset:offset + size + 1]))
+    if stored != actual:
+        raise CheckpointError(f"{path}: CRC mismatch in {what} (bytes [{offset}, {offset + size})): stored "
+                              f"{stored:#010x}, computed {actual:#010x}; the file is corrupted")
+    if compression != 0:
+        raise CheckpointError(f"{path}: {what} uses compression type {compression}; tensor bundles are "
+                              f"written uncompressed (0)")
+    return block
+
+
+def block_entries(block, path, what):
+    """Yield (key, value) from a block, undoing the prefix compression of keys."""
+    if len(block) < 4:
+        raise CheckpointError(f"{path}: {what} is {len(block)} bytes, too short for its restart count")
+    num_restarts = int.from_bytes(block[-4:], "little")
+    entries_end = len(block) - 4 * (num_restarts + 1)
+    if entries_end < 0:
+        raise CheckpointError(f"{path}: {what} claims {num_restarts} restart points, more than fit")
+    restarts = set(struct.unpack_from(f"<{num_restarts}I", block, entries_end))
+    key, pos, where = b"", 0, f"{path}: {what}"
+    while pos < entries_end:
+        start = pos
+        shared, pos = read_varint(block, pos, where)
+        unshared, pos = read_varint(block, pos, where)
+        value_length, pos = read_varint(block, pos, where)
+        if shared > len(key) or pos + unshared + value_length > entries_end:
+            raise CheckpointError(f"{where}: entry at byte {start} runs past its block")
+        if start in restarts and shared != 0:  # a restart point stores its key whole
+            raise CheckpointError(f"{where}: restart point at byte {start} shares {shared} key bytes")
+        key = key[:shared] + block[pos:pos + unshared]
+        pos += unshared
+        yield key, block[pos:pos + value_length]
+        pos += value_length
+
+
+def read_index(path):
+    """Return (header fields, [(name bytes, BundleEntryProto bytes), ...]) from a .index file."""
+    data = Path(path).read_bytes()
+    if len(data) < FOOTER_SIZE:
+        raise CheckpointError(f"{path}: {len(data)} bytes, too short for a TensorFlow index "
+                              f"(its footer alone is {FOOTER_SIZE})")
+    footer = data[-FOOTER_SIZE:]
+    magic = int.from_bytes(footer[-8:], "little")
+    if magic != TABLE_MAGIC:
+        raise CheckpointError(f"{path}: bad magic number {magic:#018x} (expected {TABLE_MAGIC:#018x}): "
+                              f"not a TensorFlow checkpoint index, or truncated")
+    # Footer: metaindex handle, then index handle (varints), then padding. Skip the first handle.
+    _, pos = read_varint(footer, 0, f"{path}: footer")
+    _, pos = read_varint(footer, pos, f"{path}: footer")
+    index_block = read_block(data, footer[pos:40], path, "index block")
+    header, entries, previous = None, [], None
+    for number, (_, handle) in enumerate(block_entries(index_block, path, "index block")):
+        what = f"data block {number}"
+        for key, value in block_entries(read_block(data, handle, path, what), path, what):
+            if previous is not None and key <= previous:
+                raise CheckpointError(f"{path}: keys out of order ({previous!r} then {key!r})")
+            previous = key
+            if key == b"":  # the header entry sorts first
+                header = dict(proto_fields(value, f"{path}: header"))
+            else:
+                entries.append((key, value))
+    if header is None:
+        raise CheckpointError(f"{path}: no header entry (key \"\"): not a TensorFlow V2 checkpoint")
+    return header, entries
+
+
+# --- 4. CheckpointReader ---------------------------------------------------------------------------------
+
+class CheckpointReader:
+    """A TensorFlow V2 checkpoint, opened by prefix ("dir/model.ckpt" for dir/model.ckpt.index).
+
+    reader.entries  {name: TensorEntry} of the tensors it can read, known without reading any data
+    reader.skipped  {name: reason} of the ones it cannot (strings, partitioned variables, other dtypes)
+    reader.read(name, verify=False) -> numpy array (read-only; bfloat16 widened exactly to float32)
+    """
+
+    def __init__(self, prefix):
+        self.prefix = str(prefix)
+        index_path = self.prefix + ".index"
+        header, raw_entries = read_index(index_path)
+        self.num_shards = header.get(1, 1)
+        if not 1 <= self.num_shards <= 1 << 16:
+            raise CheckpointError(f"{index_path}: the header claims {self.num_shards} data shards")
+        if header.get(2, 0) not in (0, 1):
+            raise CheckpointError(f"{index_path}: unknown endianness {header.get(2)} in the header")
+        self.byteorder = ">" if header.get(2, 0) == 1 else "<"
+        self.entries, self.skipped = {}, {}
+        for key, value in raw_entries:
+            if key[:1] == b"\x00":  # a slice of a partitioned variable (an encoded key, not a name)
+                continue
+            try:
+                name = key.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{index_path}: tensor name {key!r} is not UTF-8") from None
+            entry = parse_entry(name, value, f"{index_path}: entry {name!r}")
+            reason = self._unreadable(entry, index_path)
+            if reason:
+                self.skipped[name] = reason
+            else:
+                self.entries[name] = entry
+        self.shard_paths = [f"{self.prefix}.data-{i:05d}-of-{self.num_shards:05d}" for i in range(self.num_shards)]
+        for path in self.shard_paths:
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: data shard missing ({index_path} says there are {self.num_shards})")
+        self._maps = {}
+
+    def _unreadable(self, entry, index_path):
+        """Why a tensor is skipped, or "" if it can be read; raise if its entry contradicts itself."""
+        if entry.slices:
+            return f"partitioned into {entry.slices} slices (not supported; OpenAI's releases have none)"
+        if entry.dtype not in NUMPY_DTYPES:
+            return f"dtype {entry.dtype} (not supported; model weights are floats)"
+        if any(d < 0 for d in entry.shape):
+            return f"shape {list(entry.shape)} has unknown dimensions"
+        itemsize = np.dtype(NUMPY_DTYPES[entry.dtype]).itemsize
+        expected = itemsize * math.prod(entry.shape)
+        if entry.size != expected or entry.offset < 0 or not 0 <= entry.shard < self.num_shards:
+            raise CheckpointError(f"{index_path}: entry {entry.name!r} is inconsistent: {entry.dtype} "
+                                  f"{list(entry.shape)} needs {expected} bytes, entry says {entry.size} "
+                                  f"at offset {entry.offset} of shard {entry.shard}/{self.num_shards}")
+        return ""
+
+    def _shard(self, index):
+        """The data shard as a read-only memory map: bytes are paged in only when a tensor is read."""
+        if index not in self._maps:
+            with open(self.shard_paths[index], "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._maps[index] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        return self._maps[index]
+
+    def read(self, name, verify=False):
+        """Read one tensor. verify: check its CRC32C (~150 MB/s), so a corrupted shard raises."""
+        if name not in self.entries:
+            why = self.skipped.get(name, "no such tensor")
+            raise KeyError(f"{name!r} cannot be read from {self.prefix}: {why}")
+        entry = self.entries[name]
+        path, data = self.shard_paths[entry.shard], self._shard(entry.shard)
+        if entry.offset + entry.size > len(data):
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes [{entry.offset}, "
+                                  f"{entry.offset + entry.size}) but the file has {len(data)} bytes")
+        raw = data[entry.offset:entry.offset + entry.size]  # a copy, so no view pins the map open
+        if verify and mask_crc(crc32c(raw)) != entry.crc:
+            raise CheckpointError(f"{path}: CRC mismatch in tensor {name!r} (bytes [{entry.offset}, "
+                                  f"{entry.offset + entry.size})): the file is corrupted")
+        stored = np.dtype(NUMPY_DTYPES[entry.dtype]).newbyteorder(self.byteorder)
+        array = np.frombuffer(raw, stored).reshape(entry.shape)
+        if entry.dtype == "bfloat16":  # bfloat16 is the top half of a float32: shift the bits back up
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        return array if self.byteorder == "<" else array.astype(array.dtype.newbyteorder("<"))
+
+    def close(self):
+        for data in self._maps.values():
+            if isinstance(data, mmap.mmap):
+                data.close()
+        self._maps = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def find_checkpoint(src):
+    """SRC is a checkpoint prefix, its .index file, or a folder holding one checkpoint -> the prefix."""
+    src = Path(src)
+    if src.is_dir():
+        indexes = sorted(src.glob("*.index"))
+        if len(indexes) == 1:
+            return str(indexes[0])[:-len(".index")]
+        state = src / "checkpoint"  # TF's pointer to the latest of several: model_checkpoint_path: "..."
+        if indexes and state.is_file():
+            match = re.search(r'^model_checkpoint_path:\s*"(.*)"', state.read_text(), re.MULTILINE)
+            if match:
+                return str(src / match.group(1))
+        if not indexes:
+            raise CheckpointError(f"{src}: no *.index file in this folder (expected e.g. model.ckpt.index)")
+        raise CheckpointError(f"{src}: several checkpoints ({', '.join(p.name for p in indexes)}); "
+                              f"pass the prefix of one, e.g. {str(indexes[-1])[:-len('.index')]}")
+    if Path(str(src) + ".index").is_file():
+        return str(src)
+    if src.suffix == ".index" and src.is_file():
+        return str(src)[:-len(".index")]
+    raise CheckpointError(f"{src}: not found (expected a checkpoint folder, or a prefix P with P.index beside it)")
+
+
+# --- Shared by both mappings -----------------------------------------------------------------------------
+
+OPTIMIZER_SLOTS = {"Adam", "Adam_1", "adam_m", "adam_v", "Momentum", "RMSProp", "RMSProp_1"}
+OPTIMIZER_SCOPES = {"AdamWeightDecayOptimizer", "AdamWeightDecayOptimizer_1"}
+COUNTERS = {"global_step", "_step", "beta1_power", "beta2_power"}
+
+
+def is_training_state(name):
+    """Optimiser slots (model/wte/Adam) and step counters: saved by training, not part of the model."""
+    parts = name.split("/")
+    return parts[-1] in OPTIMIZER_SLOTS | COUNTERS or any(p in OPTIMIZER_SCOPES for p in parts)
+
+
+class Plan:
+    """The output state dict as a list of (HF name, shape, function returning the array), built from the
+    index alone so that every name and shape is checked before a byte is written."""
+
+    def __init__(self, reader, family):
+        self.reader, self.family, self.items, self.used = reader, family, [], set()
+
+    def require(self, name, shape=None):
+        entry = self.reader.entries.get(name)
+        if entry is None:
+            why = self.reader.skipped.get(name, "missing")
+            raise CheckpointError(f"{self.reader.prefix}: {self.family} needs variable {name} ({why})")
+        if shape is not None and entry.shape != tuple(shape):
+            raise CheckpointError(f"{self.reader.prefix}: {name} has shape {list(entry.shape)}, "
+                                  f"expected {list(shape)}")
+        self.used.add(name)
+        return entry
+
+    def add(self, hf_name, shape, make):
+        self.items.append((hf_name, tuple(shape), make))
+
+    def unrecognised(self):
+        names = set(self.reader.entries) | set(self.reader.skipped)
+        return sorted(n for n in names if n not in self.used and not is_training_state(n))
+
+
+def count_layers(reader):
+    layers = {int(m.group(1)) for n in reader.entries if (m := re.match(r"model/h(\d+)/", n))}
+    if layers != set(range(len(layers))):
+        raise CheckpointError(f"{reader.prefix}: layer numbers {sorted(layers)} are not 0..{len(layers) - 1}")
+    return len(layers)
+
+
+# --- 5. GPT-2 mapping ------------------------------------------------------------------------------------
+# openai/gpt-2 stores Conv1D weights as [1, nx, nf]; Hugging Face's Conv1D keeps (nx, nf): drop the 1.
+# lm_head is tied to wte, so GPT2LMHeadModel saves no lm_head.weight and neither do we.
+
+GPT2_LAYER = [  # (TF name under model/h{i}/, HF name under transformer.h.{i}., shape in units of n_embd)
+    ("ln_1/g", "ln_1.weight", (1,)), ("ln_1/b", "ln_1.bias", (1,)),
+    ("attn/c_attn/w", "attn.c_attn.weight", (1, 3)), ("attn/c_attn/b", "attn.c_attn.bias", (3,)),  # q, k, v
+    ("attn/c_proj/w", "attn.c_proj.weight", (1, 1)), ("attn/c_proj/b", "attn.c_proj.bias", (1,)),
+    ("ln_2/g", "ln_2.weight", (1,)), ("ln_2/b", "ln_2.bias", (1,)),
+    ("mlp/c_fc/w", "mlp.c_fc.weight", (1, 4)), ("mlp/c_fc/b", "mlp.c_fc.bias", (4,)),
+    ("mlp/c_proj/w", "mlp.c_proj.weight", (4, 1)), ("mlp/c_proj/b", "mlp.c_proj.bias", (1,)),
+]
+
+
+def gpt2_plan(reader, hparams_path, verify):
+    if not hparams_path.is_file():
+        raise CheckpointError(f"{hparams_path}: not found; GPT-2 needs it for n_head (it is beside "
+                              f"model.ckpt.index in OpenAI's release)")
+    try:
+        hp = json.loads(hparams_path.read_text())
+        n_vocab, n_ctx, n, n_head, n_layer = (int(hp[key]) for key in ("n_vocab", "n_ctx", "n_embd", "n_head",
+                                                                        "n_layer"))
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{hparams_path}: expected JSON with n_vocab, n_ctx, n_embd, n_head, n_layer "
+                              f"({error!r})") from None
+    if n_head <= 0 or n % n_head:
+        raise CheckpointError(f"{hparams_path}: n_head {n_head} does not divide n_embd {n}")
+    if count_layers(reader) != n_layer:
+        raise CheckpointError(f"{reader.prefix}: has {count_layers(reader)} layers, hparams.json says {n_layer}")
+    plan = Plan(reader, "GPT-2")
+
+    def take(tf_name, hf_name, shape):
+        entry = plan.require(tf_name)
+        if entry.shape not in (shape, (1, *shape)):  # the leading 1 of Conv1D weights is optional
+            raise CheckpointError(f"{reader.prefix}: {tf_name} has shape {list(entry.shape)}, "
+                                  f"expected {list(shape)}")
+        plan.add(hf_name, shape, lambda: reader.read(tf_name, verify).reshape(shape).astype(np.float32))
+
+    take("model/wte", "transformer.wte.weight", (n_vocab, n))  # (vocab, n_embd)
+    take("model/wpe", "transformer.wpe.weight", (n_ctx, n))    # (positions, n_embd)
+    for i in range(n_layer):
+        for tf_name, hf_name, units in GPT2_LAYER:
+            take(f"model/h{i}/{tf_name}", f"transformer.h.{i}.{hf_name}", tuple(u * n for u in units))
+    take("model/ln_f/g", "transformer.ln_f.weight", (n,))
+    take("model/ln_f/b", "transformer.ln_f.bias", (n,))
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": n_vocab, "n_positions": n_ctx, "n_embd": n, "n_layer": n_layer, "n_head": n_head,
+        "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "initializer_range": 0.02,
+        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
+        "bos_token_id": n_vocab - 1, "eos_token_id": n_vocab - 1,  # <|endoftext|> is the last token
+        "torch_dtype": "float32",
+    }
+    return plan, config
+
+
+# --- 6. ImageGPT mapping ---------------------------------------------------------------------------------
+# openai/image-gpt differs from GPT-2 in storage, not in architecture:
+#   q_proj, k_proj, v_proj  [n_head, head_dim, n_embd]: output (head, e) from input f (einsum "bsf,hef->bhse")
+#   c_proj                  [n_head, head_dim, n_embd]: input (head, e) to output f
+#   sos                     the start-of-sequence embedding: Hugging Face makes it token n_vocab, wte's last row
+#   wtet                    the untied output embedding: lm_head.weight
+#   no biases anywhere (Hugging Face's Conv1D has them: zeros); layer norms have a gain g only.
+
+def igpt_plan(reader, verify):
+    plan = Plan(reader, "ImageGPT")
+    wte = plan.require("model/wte")
+    n_vocab, n = wte.shape
+    n_ctx = plan.require("model/wpe").shape[0]
+    n_head = plan.require("model/h0/attn/q_proj").shape[0]
+    if n_head <= 0 or n % n_head:
+        raise CheckpointError(f"{reader.prefix}: model/h0/attn/q_proj has {n_head} heads for n_embd {n}")
+    n_layer = count_layers(reader)
+    heads = (n_head, n // n_head, n)
+
+    def read(name):
+        return reader.read(name, verify).astype(np.float32)
+
+    def zeros(size):  # Hugging Face's Conv1D has a bias; OpenAI's ImageGPT has none: a zero bias is the same
+        return lambda: np.zeros(size, np.float32)
+
+
+    plan.require("model/sos", (n,))
+    plan.add("transformer.wte.weight", (n_vocab + 1, n),             # colours, then SOS as the last token
+             lambda: np.concatenate([read("model/wte"), read("model/sos")[None, :]]))
+    plan.require("model/wpe", (n_ctx, n))
+    plan.add("transformer.wpe.weight", (n_ctx, n), lambda: read("model/wpe"))
+    for i in range(n_layer):
+        h, p = f"model/h{i}/", f"transformer.h.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
+            plan.require(h + "attn/" + proj, heads)
+        # (n_head, head_dim, n_embd) -> (n_out, n_in) -> transposed to Conv1D's (n_in, n_out); q, k, v side by side
+        plan.add(p + "attn.c_attn.weight", (n, 3 * n), lambda h=h: np.concatenate(
+            [read(h + "attn/" + proj).reshape(n, n).T for proj in ("q_proj", "k_proj", "v_proj")], axis=1))
+        plan.add(p + "attn.c_attn.bias", (3 * n,), zeros(3 * n))
+        plan.add(p + "attn.c_proj.weight", (n, n), lambda h=h: read(h + "attn/c_proj").reshape(n, n))  # (in, out)
+        plan.add(p + "attn.c_proj.bias", (n,), zeros(n))
+        for tf_name, hf_name, shape in (("ln_1/g", "ln_1.weight", (n,)), ("ln_2/g", "ln_2.weight", (n,)),
+                                        ("mlp/c_fc/w", "mlp.c_fc.weight", (n, 4 * n)),
+                                        ("mlp/c_proj/w", "mlp.c_proj.weight", (4 * n, n))):
+            plan.require(h + tf_name, shape)
+            plan.add(p + hf_name, shape, lambda name=h + tf_name: read(name))
+        plan.add(p + "mlp.c_fc.bias", (4 * n,), zeros(4 * n))
+        plan.add(p + "mlp.c_proj.bias", (n,), zeros(n))
+    plan.require("model/ln_f/g", (n,))
+    plan.add("transformer.ln_f.weight", (n,), lambda: read("model/ln_f/g"))
+    plan.require("model/wtet", (n_vocab, n))
+    plan.add("lm_head.weight", (n_vocab, n), lambda: read("model/wtet"))
+    config = {
+        "architectures": ["ImageGPTForCausalImageModeling"], "model_type": "imagegpt",
+        "vocab_size": n_vocab + 1, "n_positions": n_ctx, "n_embd": n, "n_layer": n_layer, "n_head": n_head,
+        "n_inner": None, "activation_function": "quick_gelu", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "initializer_range": 0.02,
+        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    return plan, config
+
+
+def make_plan(reader, verify=True):
+    """Tell the family from the variable names and build its plan."""
+    names = reader.entries
+    if "model/h0/attn/c_attn/w" in names:
+        return gpt2_plan(reader, Path(reader.prefix).parent / "hparams.json", verify)
+    if "model/h0/attn/q_proj" in names or "model/wtet" in names:
+        return igpt_plan(reader, verify)
+    sample = ", ".join(sorted(names)[:5]) or "none"
+    raise CheckpointError(f"{reader.prefix}: neither GPT-2 (model/h0/attn/c_attn/w) nor ImageGPT "
+                          f"(model/h0/attn/q_proj) variables found; first names: {sample}")
+
+
+# --- 7. Writing ------------------------------------------------------------------------------------------
+
+def write_safetensors(path, plan):
+    """safetensors, by hand: an 8-byte little-endian header length, a JSON header naming each tensor's
+    dtype, shape and byte range, then the bytes back to back. Tensors are made and written one at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in plan.items:
+        size = 4 * math.prod(shape)  # float32
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data then starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, make in plan.items:
+            array = np.ascontiguousarray(make(), dtype="<f4")
+            if array.shape != shape:  # the plan promised this shape in the header
+                raise AssertionError(f"internal error: {name} came out {array.shape}, planned {shape}")
+            f.write(array)  # its buffer, without a copy
+
+
+def write_atomically(out_dir, fill):
+    """Build the folder under a temporary name beside out_dir and rename it at the end, so that a failed
+    or interrupted run leaves no out_dir behind (and never a half-written one)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the result is an ordinary folder
+        fill(tmp)
+        if out_dir.is_dir():
+            out_dir.rmdir()  # only ever empty here: checked before any work
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_out_dir(out_dir):
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise CheckpointError(f"{out_dir}: already exists and is not an empty folder; choose another OUT_DIR "
+                              f"or remove it")
+
+
+def convert(src, out_dir, verify=True, log=lambda message: print(message, file=sys.stderr)):
+    """Convert the checkpoint at src into a Hugging Face folder out_dir. Returns the config written."""
+    check_out_dir(out_dir)
+    prefix = find_checkpoint(src)
+    folder = Path(prefix).parent
+    with CheckpointReader(prefix) as reader:
+        plan, config = make_plan(reader, verify)  # every name and shape checked here, before writing
+        for name, reason in sorted(reader.skipped.items()):
+            log(f"skipped {name}: {reason}")
+        training = [name for name in reader.entries if is_training_state(name)]
+        if training:
+            log(f"skipped {len(training)} optimiser slots and step counters (training state, not the model)")
+        unknown = plan.unrecognised()
+        if unknown:
+            log(f"ignored {len(unknown)} variables that are not part of the model: {', '.join(unknown)}")
+        extras = {"vocab.json": folder / "encoder.json", "merges.txt": folder / "vocab.bpe"}  # GPT-2's BPE
+        if config["model_type"] == "imagegpt":
+            extras = {"kmeans_centers.npy": folder / "kmeans_centers.npy"}  # the 512-colour palette
+
+        def fill(tmp):
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_safetensors(tmp / "model.safetensors", plan)
+            for name, source in extras.items():
+                if source.is_file():
+                    shutil.copyfile(source, tmp / name)
+
+        write_atomically(out_dir, fill)
+    parameters = sum(math.prod(shape) for _, shape, _ in plan.items)
+    log(f"wrote {out_dir}: {plan.family}, {config['n_layer']} layers, {parameters:,} parameters"
+        + "".join(f", {name}" for name, source in extras.items() if source.is_file()))
+    return config
+
+
+# --- 8. Downloading --------------------------------------------------------------------------------------
+
+OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net"
+GPT2_FILES = ["hparams.json", "encoder.json", "vocab.bpe"]
+PALETTE = "image-gpt/color-clusters/kmeans_centers.npy"
+RELEASES = {  # name -> (folder under the base URL, checkpoint prefix, other files under the base URL)
+    "gpt2-124M": ("gpt-2/models/124M", "model.ckpt", ["gpt-2/models/124M/" + f for f in GPT2_FILES]),
+    "gpt2-355M": ("gpt-2/models/355M", "model.ckpt", ["gpt-2/models/355M/" + f for f in GPT2_FILES]),
+    "gpt2-774M": ("gpt-2/models/774M", "model.ckpt", ["gpt-2/models/774M/" + f for f in GPT2_FILES]),
+    "gpt2-1558M": ("gpt-2/models/1558M", "model.ckpt", ["gpt-2/models/1558M/" + f for f in GPT2_FILES]),
+    "igpt-s": ("image-gpt/checkpoints/igpt-s/1000000", "model.ckpt-1000000", [PALETTE]),  # 32 shards
+    "igpt-m": ("image-gpt/checkpoints/igpt-m/1000000", "model.ckpt-1000000", [PALETTE]),  # 32 shards
+    "igpt-l": ("image-gpt/checkpoints/igpt-l/1000000", "model.ckpt-1000000", [PALETTE]),  # 64 shards
+}
+
+
+def fetch(url, path):
+    """Download url to path. Bytes go to path.part first and a rerun resumes it with an HTTP Range request;
+    path itself appears, by rename, only once complete, so a partial download never looks complete."""
+    if path.exists():
+        return
+    part = path.with_name(path.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as error:
+        total = re.search(r"/(\d+)$", error.headers.get("Content-Range", "") if error.headers else "")
+        if error.code == 416 and total and int(total.group(1)) == have:  # nothing after `have`: it is whole
+            os.replace(part, path)
+            return
+        raise CheckpointError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        raise CheckpointError(f"{url}: {error.reason}") from None
+    with response:
+        if have and response.status != 206:  # the server ignored the Range header: start again
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        done, shown = have, 0.0
+        with open(part, "ab" if have else "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if time.monotonic() - shown > 0.5 or done == total:
+                    shown = time.monotonic()
+                    of = f" / {total / 1e6:.1f} MB ({100 * done // max(total, 1)}%)" if total else " MB"
+                    print(f"\r  {path.name}: {done / 1e6:.1f}{of}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    if total is not None and done != total:
+        raise CheckpointError(f"{url}: connection closed after {done} of {total} bytes; run again to resume")
+    os.replace(part, path)
+
+
+def download_release(name, folder, base_url=OPENAI_BASE_URL):
+    """Fetch one of OpenAI's releases into folder (files already there are kept) and return folder."""
+    remote, prefix, others = RELEASES[name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base_url = base_url.rstrip("/")
+    for other in others:
+        fetch(f"{base_url}/{other}", folder / other.rsplit("/", 1)[-1])
+    index = folder / f"{prefix}.index"
+    fetch(f"{base_url}/{remote}/{prefix}.index", index)
+    shards = read_index(index)[0].get(1, 1)  # the header says how many data shards (igpt-l: 64)
+    for i in range(shards):
+        shard = f"{prefix}.data-{i:05d}-of-{shards:05d}"
+        fetch(f"{base_url}/{remote}/{shard}", folder / shard)
+    return folder
+
+
+# --- 9. Command line -------------------------------------------------------------------------------------
+
+EXAMPLES = """examples:
+  python convert_tf.py models/124M out/gpt2             # OpenAI's gpt-2 folder (hparams.json, model.ckpt.*)
+  python nanogpt2.py sample --model out/gpt2
+  python convert_tf.py --download gpt2-124M out/gpt2    # fetch the release first (kept in --download-dir)
+  python convert_tf.py --download igpt-s out/igpt-s     # ImageGPT: 32 shards, plus kmeans_centers.npy
+  python convert_tf.py --list models/124M               # names, dtypes and shapes; reads no tensor data
+
+OUT_DIR receives config.json and model.safetensors (plus vocab.json and merges.txt for GPT-2, or
+kmeans_centers.npy for ImageGPT, when found beside the checkpoint). It is written under a temporary name
+and renamed at the end: a failed run leaves no OUT_DIR behind.
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="convert_tf.py",
+        usage="%(prog)s SRC OUT_DIR\n       %(prog)s --download NAME OUT_DIR\n       %(prog)s --list SRC",
+        description="Convert OpenAI's original TensorFlow checkpoints of GPT-2 and ImageGPT into Hugging Face "
+                    "folders that nanogpt2.py, imagegpt.py and transformers load. Needs only numpy: the "
+                    "checkpoint format is read by hand.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", metavar="SRC OUT_DIR",
+                        help="SRC: a checkpoint folder, or a prefix such as models/124M/model.ckpt; "
+                             "OUT_DIR: the folder to create")
+    parser.add_argument("--download", metavar="NAME", choices=sorted(RELEASES),
+                        help="fetch an OpenAI release first (resumable) and use it as SRC: "
+                             + ", ".join(RELEASES))
+    parser.add_argument("--download-dir", metavar="DIR",
+                        help="where --download keeps the files (default ~/.cache/nanogpt2/NAME)")
+    parser.add_argument("--base-url", metavar="URL",
+                        default=os.environ.get("NANOGPT2_OPENAI_BASE_URL", OPENAI_BASE_URL),
+                        help="where the releases live (default $NANOGPT2_OPENAI_BASE_URL or %(default)s)")
+    parser.add_argument("--list", action="store_true",
+                        help="print every variable with its dtype and shape, then exit")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the CRC32C of tensor data (index blocks are always checked); "
+                             "verifying costs ~8 s per GB")
+    return parser
+
+
+def list_variables(prefix):
+    with CheckpointReader(prefix) as reader:
+        width = max((len(name) for name in {**reader.entries, **reader.skipped}), default=4)
+        print(f"{'name':<{width}}  {'dtype':<9} shape")
+        for name, entry in sorted(reader.entries.items()):
+            print(f"{name:<{width}}  {entry.dtype:<9} {list(entry.shape)}")
+        for name, reason in sorted(reader.skipped.items()):
+            print(f"{name:<{width}}  skipped: {reason}")
+        total = sum(entry.size for entry in reader.entries.values())
+        print(f"{len(reader.entries)} tensors, {total / 1e6:.1f} MB in {reader.num_shards} shard(s)"
+              + (f"; {len(reader.skipped)} skipped" if reader.skipped else ""))
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    expected = ["SRC"] if args.list else ["SRC", "OUT_DIR"]
+    if args.download:
+        expected.remove("SRC")  # the downloaded release is SRC
+    if len(args.paths) != len(expected):
+        parser.error(f"expected {' '.join(expected) or 'no path'}, got {len(args.paths)} path(s): "
+                     f"{' '.join(args.paths) or '(none)'}")
+    try:
+        if args.download:
+            cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "nanogpt2"
+            src = download_release(args.download, args.download_dir or cache / args.download, args.base_url)
+        else:
+            src = args.paths.pop(0)
+        if args.list:
+            list_variables(find_checkpoint(src))
+        else:
+            convert(src, args.paths[-1], verify=not args.no_verify)
+    except (CheckpointError, OSError) as error:  # bad input, not a bug: one line, no traceback
+        print(f"convert_tf.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\nconvert_tf.py: interrupted (a rerun resumes downloads)", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
