@@ -1,0 +1,268 @@
+"""The hub download (section 8: download, resolve_checkpoint) against a local HTTP server on 127.0.0.1.
+
+The server plays the Hugging Face hub: files under /<repo_id>/resolve/main/<file>, Range requests answered
+with 206 and Content-Range, the file's SHA-256 as its ETag (as the hub gives for large files). Switches
+make it misbehave: cut the connection part way through a file, send a wrong SHA-256, serve a truncated
+file with a matching Content-Length, answer 404 for model.safetensors (so the client falls back to the
+sharded index). Every request is recorded, so the tests can see a resume use a Range header and a cache
+hit make no request at all. NANOGPT2_HUB_URL points at the server and NANOGPT2_CACHE at a temporary
+folder, and proxies are switched off, so nothing but 127.0.0.1 is ever contacted.
+"""
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import threading
+
+import pytest
+import torch
+
+import nanogpt2
+
+SMALL = dict(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=50257)  # the real vocabulary
+REPO = "test-owner/tiny-gpt2"
+PROMPT_IDS = [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 0]  # "Hello world, this is GPT-2!"
+
+
+class FakeHub(http.server.ThreadingHTTPServer):
+    """Files from a dict {"/<repo>/resolve/main/<name>": bytes}, with switches to misbehave."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeHubHandler)
+        self.files = {}
+        self.requests = []  # (path, Range header or None), in order
+        self.cut_after = {}  # name -> bytes: send the full Content-Length, write only this many, close (once)
+        self.wrong_sha = set()  # names whose ETag is a SHA-256 of something else
+        self.missing = set()  # names answered with 404
+        self.ignore_range = False  # answer Range requests with 200 and the whole file, as some servers do
+        self.lock = threading.Lock()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def add(self, repo, directory):
+        for name in os.listdir(directory):
+            with open(os.path.join(directory, name), "rb") as f:
+                self.files[f"/{repo}/resolve/main/{name}"] = f.read()
+
+    def names_requested(self):
+        return [path.rsplit("/", 1)[1] for path, _ in self.requests]
+
+
+class FakeHubHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def do_GET(self):
+        hub = self.server
+        name = self.path.rsplit("/", 1)[1]
+        with hub.lock:
+            hub.requests.append((self.path, self.headers.get("Range")))
+            cut = hub.cut_after.pop(name, None)
+        body = hub.files.get(self.path)
+        if body is None or name in hub.missing:
+            self.send_error(404)
+            return
+        sha = hashlib.sha256(b"not the file" if name in hub.wrong_sha else body).hexdigest()
+        start = 0
+        match = None if hub.ignore_range else re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match:
+            start = int(match.group(1))
+            if start >= len(body):
+                self.send_error(416)
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.send_header("ETag", f'"{sha}"')
+        self.end_headers()
+        payload = body[start:]
+        if cut is not None:  # the connection drops: the client sees fewer bytes than Content-Length promised
+            payload = payload[:cut]
+            self.close_connection = True
+        self.wfile.write(payload)
+        self.wfile.flush()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A running FakeHub; NANOGPT2_HUB_URL points at it and NANOGPT2_CACHE at tmp_path/cache."""
+    server = FakeHub()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NANOGPT2_HUB_URL", server.url)
+    monkeypatch.setenv("NANOGPT2_CACHE", str(tmp_path / "cache"))
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.chdir(tmp_path)  # so that REPO can never name a local directory
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(directory, model) of a small GPT2LMHeadModel saved by save_pretrained, to serve."""
+    directory = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    model = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(**SMALL)).eval()
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def logits(model, device):
+    with torch.no_grad():
+        return model.to(device)(torch.tensor([PROMPT_IDS], device=device)).logits
+
+
+def cached(*names):
+    return os.path.join(os.environ["NANOGPT2_CACHE"], *REPO.split("/"), *names)
+
+
+def test_download_shows_progress_and_loads_the_served_model(hub, checkpoint, capfd, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert hub.names_requested() == ["config.json", "model.safetensors"]
+    assert torch.equal(logits(loaded, device), logits(source, device))  # same weights, same code: bit for bit
+    err = capfd.readouterr().err
+    size_mb = os.path.getsize(directory / "model.safetensors") / 1e6
+    assert f"downloading model.safetensors: {size_mb:.1f} / {size_mb:.1f} MB (100%)" in err
+    assert "downloading config.json" in err
+    assert sorted(os.listdir(cached())) == ["config.json", "model.safetensors"]  # no .part left behind
+
+
+def test_second_load_is_a_cache_hit_with_no_request_even_with_the_server_down(hub, checkpoint, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    n_requests = len(hub.requests)
+    hub.shutdown()
+    hub.server_close()  # from now on a request would be refused
+    again = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert len(hub.requests) == n_requests
+    assert torch.equal(logits(again, device), logits(source, device))
+
+
+def test_released_names_map_to_their_hub_repositories(hub, checkpoint, device):
+    directory, source = checkpoint
+    hub.add("openai-community/gpt2", directory)
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained("gpt2", device=device)
+    assert [path for path, _ in hub.requests] == ["/openai-community/gpt2/resolve/main/config.json",
+                                                  "/openai-community/gpt2/resolve/main/model.safetensors"]
+    assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+def test_interrupted_download_fails_clearly_then_resumes_with_a_range_request(hub, checkpoint, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    size = os.path.getsize(directory / "model.safetensors")
+    hub.cut_after["model.safetensors"] = 1_000_000
+    with pytest.raises(nanogpt2.CheckpointError, match=f"stopped at 1000000 of {size} bytes; run again to resume"):
+        nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert not os.path.exists(cached("model.safetensors"))  # a partial file never looks like a cached one
+    assert os.path.getsize(cached("model.safetensors.part")) == 1_000_000
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert hub.requests[-1] == (f"/{REPO}/resolve/main/model.safetensors", "bytes=1000000-")
+    assert hub.names_requested() == ["config.json", "model.safetensors", "model.safetensors"]  # config was cached
+    assert not os.path.exists(cached("model.safetensors.part"))
+    assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+def test_a_server_that_ignores_range_gets_the_whole_file_again(hub, checkpoint, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    os.makedirs(cached())
+    with open(cached("model.safetensors.part"), "wb") as f:
+        f.write(b"junk that a 200 reply must overwrite")
+    hub.ignore_range = True
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert hub.requests[-1][1] == "bytes=36-"  # it asked to resume, got a 200 with the whole file
+    assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+def test_wrong_sha256_is_rejected_and_deleted_then_downloaded_afresh(hub, checkpoint, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    hub.wrong_sha.add("model.safetensors")
+    with pytest.raises(nanogpt2.CheckpointError, match="model.safetensors is corrupt: sha256 .*run again"):
+        nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert not os.path.exists(cached("model.safetensors")) and not os.path.exists(cached("model.safetensors.part"))
+    hub.wrong_sha.clear()
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert hub.requests[-1][1] is None  # afresh, from byte 0
+    assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+def test_truncated_file_with_matching_length_is_rejected_when_loaded(hub, checkpoint, device):
+    directory, _ = checkpoint
+    hub.add(REPO, directory)
+    path = f"/{REPO}/resolve/main/model.safetensors"
+    hub.files[path] = hub.files[path][: len(hub.files[path]) // 2]  # the server itself holds half the file
+    with pytest.raises(nanogpt2.CheckpointError, match="truncated"):
+        nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+
+
+def test_sharded_checkpoint_is_fetched_through_its_index_when_there_is_no_single_file(hub, checkpoint, tmp_path,
+                                                                                     device):
+    directory, source = checkpoint
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    state_dict = nanogpt2.load_safetensors(directory / "model.safetensors")
+    names = sorted(state_dict)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        nanogpt2.save_safetensors({k: state_dict[k] for k in part}, shards / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (shards / "config.json").write_bytes((directory / "config.json").read_bytes())
+    hub.add(REPO, shards)
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert hub.names_requested() == ["config.json", "model.safetensors", "model.safetensors.index.json",
+                                     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+def test_unreachable_hub_gives_a_checkpoint_error_saying_how_to_work_offline(hub, monkeypatch):
+    port = hub.server_address[1]
+    hub.shutdown()
+    hub.server_close()  # nothing listens on the port any more
+    monkeypatch.setenv("NANOGPT2_HUB_URL", f"http://127.0.0.1:{port}")
+    with pytest.raises(nanogpt2.CheckpointError, match="could not download .* To use it offline, put its config.json"):
+        nanogpt2.resolve_checkpoint(REPO)
+
+
+def test_repository_missing_on_the_hub_gives_a_checkpoint_error(hub):
+    with pytest.raises(nanogpt2.CheckpointError, match="could not download test-owner/absent"):
+        nanogpt2.resolve_checkpoint("test-owner/absent")
+    assert hub.names_requested() == ["config.json"]
+
+
+def test_a_name_that_is_neither_a_directory_nor_a_repo_id_is_never_requested(hub):
+    with pytest.raises(nanogpt2.CheckpointError, match="neither a directory nor a known name"):
+        nanogpt2.resolve_checkpoint("no-such-model")
+    assert hub.requests == []
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="bug: resolve_checkpoint's repo-id pattern [\\w.-]+/[\\w.-]+ matches relative paths "
+                          "such as ./ckpt and ../ckpt, so a mistyped local path is sent to the hub (and "
+                          "../ckpt is downloaded outside the cache) instead of reported as a missing directory")
+@pytest.mark.parametrize("path", ["./my-checkpoint", "../my-checkpoint"])
+def test_a_missing_relative_path_is_never_sent_to_the_hub(hub, path):
+    with pytest.raises(nanogpt2.CheckpointError, match="neither a directory"):
+        nanogpt2.resolve_checkpoint(path)
+    assert hub.requests == []
