@@ -853,6 +853,8 @@ def main(argv=None):
         parser.error(f"expected {' '.join(expected) or 'no path'}, got {len(args.paths)} path(s): "
                      f"{' '.join(args.paths) or '(none)'}")
     try:
+        if not args.list:
+            check_out_dir(args.paths[-1])  # before a download of GBs, not after
         if args.download:
             cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "nanogpt2"
             src = download_release(args.download, args.download_dir or cache / args.download, args.base_url)
