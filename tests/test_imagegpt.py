@@ -420,6 +420,24 @@ def test_pruning_heads_equals_masking_them(device, data):
         assert_close(logits[real], masked[real], FP32_TOL, f"pruned {plan}, output_attentions={output_attentions}")
 
 
+@examples(10)
+@given(data=st.data())
+def test_pruning_in_steps_equals_pruning_at_once(device, data):
+    """Heads are numbered as in the unpruned model, however many were removed before."""
+    config = data.draw(configs(n_head=4, add_cross_attention=False), label="config")
+    seed = data.draw(seeds, label="seed")
+    plan = data.draw(heads_to_prune(config), label="heads to prune")
+    at_once = build(ImageGPTForCausalImageModeling, config, device, seed)
+    in_steps = copy.deepcopy(at_once)
+    at_once.prune_heads(plan)
+    for layer, heads in plan.items():
+        for head in reversed(heads) if seed % 2 else heads:  # one head at a time, in either order
+            in_steps.prune_heads({layer: [head]})
+    assert in_steps.config.pruned_heads == at_once.config.pruned_heads == plan
+    for key, value in at_once.state_dict().items():
+        assert torch.equal(in_steps.state_dict()[key], value), key
+
+
 @examples(8)
 @given(data=st.data())
 def test_pruned_model_survives_save_and_load(device, data, tmp_path_factory):
