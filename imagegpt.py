@@ -1222,8 +1222,8 @@ def read_safetensors_header(path) -> Tuple[dict, int]:
             raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} (truncated or corrupt)")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also 4300+ digit integers
+            raise CheckpointError(f"{path}: the header is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is a {type(header).__name__}, expected a JSON object")
     data_size = size - 8 - n
@@ -1231,12 +1231,16 @@ def read_safetensors_header(path) -> Tuple[dict, int]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+        dtype_name = info.get("dtype") if isinstance(info, dict) else None
+        if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:  # str first: a list is unhashable
             dtype = info.get("dtype") if isinstance(info, dict) else info
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of "
                                   f"{sorted(SAFETENSORS_DTYPES)}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        # Sizes numpy can hold: at most 32 dimensions, no booleans (JSON true is not a size), and a product of
+        # the non-zero sizes below 2**62, else reshape itself fails (even for an empty tensor).
+        if not isinstance(shape, list) or len(shape) > 32 or not all(type(d) is int and 0 <= d < 2**62 for d in shape) \
+                or math.prod(max(d, 1) for d in shape) >= 2**62:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, expected a list of sizes")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data_size):

@@ -194,3 +194,21 @@ def test_hub_name_downloads_weights_and_palette_together(tmp_path, monkeypatch, 
     # The server is gone: the cache alone is enough now.
     again = ImageGPTForCausalImageModeling.from_pretrained("openai/imagegpt-small")
     assert torch.equal(again(ids).logits, source(ids).logits)
+
+
+# --- hostile safetensors headers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [
+    b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}',  # an unhashable dtype
+    b'{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}',  # a boolean size
+    b'{"a": {"dtype": "F32", "shape": [' + b"1, " * 64 + b'1], "data_offsets": [0, 4]}}',  # 65 dimensions
+    b'{"a": {"dtype": "F32", "shape": [0, 1099511627776, 1099511627776], "data_offsets": [0, 0]}}',  # 2**80
+    b'{"a": {"dtype": "F32", "shape": [' + b"1" * 5000 + b'], "data_offsets": [0, 4]}}',  # a 5000-digit size
+    b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than Python's recursion limit
+], ids=["list_dtype", "boolean_size", "65_dimensions", "product_overflows", "5000_digits", "deep_nesting"])
+def test_hostile_safetensors_headers_are_checkpoint_errors(tmp_path, header):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(imagegpt.CheckpointError):
+        imagegpt.load_safetensors(path)
