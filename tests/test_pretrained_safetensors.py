@@ -227,16 +227,18 @@ def test_lying_headers_give_checkpoint_error_or_exactly_the_claimed_bytes(origin
     assert_loads_as_its_header_says_or_fails_cleanly(scratch, mutated)
 
 
-@given(claimed=st.one_of(st.integers(0, 2 ** 64 - 1), st.sampled_from([2 ** 64 - 1, 2 ** 63, 100_000_001])))
-def test_any_wrong_header_length_is_a_checkpoint_error(original, scratch, claimed):
+@given(change=st.one_of(st.integers(-16, 16), st.integers(-(2 ** 64), 2 ** 64)))
+def test_a_wrong_header_length_gives_checkpoint_error_or_exactly_what_the_header_says(original, scratch, change):
     _, data = original
     n = struct.unpack("<Q", data[:8])[0]
-    if claimed == n:
-        return
-    scratch.write_bytes(struct.pack("<Q", claimed) + data[8:])
-    # A shorter claim cuts the JSON, a longer one swallows binary data into it (or runs past the end).
-    with pytest.raises(nanogpt2.CheckpointError):
-        nanogpt2.load_safetensors(scratch)
+    claimed = (n + change) % 2 ** 64  # near the true length, or anywhere up to 2**64 - 1
+    mutated = struct.pack("<Q", claimed) + data[8:]
+    scratch.write_bytes(mutated)
+    # Mostly a shorter claim cuts the JSON and a longer one swallows binary data into it (or runs past the
+    # end); but a claim that cuts only the header's padding (spaces) leaves a valid file with another
+    # data section, whose tensors the oracle then reads from there.
+    got = assert_loads_as_its_header_says_or_fails_cleanly(scratch, mutated)
+    assert got is None or n - 7 <= claimed <= n
 
 
 def test_empty_and_tiny_files_are_checkpoint_errors(scratch):
@@ -252,7 +254,7 @@ def test_offsets_outside_the_data_are_a_checkpoint_error(scratch, offsets):
     span = max(offsets[1] - offsets[0], 0)
     header = json.dumps({"a": {"dtype": "U8", "shape": [span], "data_offsets": offsets}}).encode()
     scratch.write_bytes(struct.pack("<Q", len(header)) + header + bytes(80))
-    with pytest.raises(nanogpt2.CheckpointError, match="data_offsets"):
+    with pytest.raises(nanogpt2.CheckpointError, match="tensor 'a'"):
         nanogpt2.load_safetensors(scratch)
 
 
