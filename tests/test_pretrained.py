@@ -407,9 +407,6 @@ def test_pytorch_model_bin_never_runs_code_when_loaded(tmp_path, device):
     assert not (tmp_path / "ran").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: load_state_dict_files passes torch.load's own errors through "
-                                       "(UnpicklingError, OSError, EOFError, TypeError) instead of CheckpointError; "
-                                       "the CLI catches only ValueError/OSError, so most give a traceback")
 @pytest.mark.parametrize("kind", ["runs_code", "truncated", "empty", "a_list"])
 def test_unreadable_pytorch_model_bin_is_a_checkpoint_error(tmp_path, device, kind):
     make_model(n_layer=1, **TOY).config.to_json_file(tmp_path / "config.json")

@@ -241,9 +241,6 @@ def test_batch_output_drops_endoftext_and_what_follows_it(steered, device, capsy
                                        "--- sample 1 of prompt 2 ---\n world is is is\n")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the batch output removes <|endoftext|> itself but prints the "
-                                       "pad_token_id tokens generate() puts after it when the config's "
-                                       "pad_token_id is not 50256 (here 0, '!': 'Hello!!')")
 def test_batch_output_drops_padding_after_endoftext_whatever_the_pad_token(tmp_path, device, capsys):
     steered_model(pad_token_id=0).save_pretrained(tmp_path)
     args = sample_args(tmp_path, device, "--prompt", "Hello", "--prompt", " world", "--temperature", "0",
@@ -253,9 +250,6 @@ def test_batch_output_drops_padding_after_endoftext_whatever_the_pad_token(tmp_p
                                        "--- sample 1 of prompt 2 ---\n world is is is\n")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the streamed output never flushes its incremental UTF-8 "
-                                       "decoder, so bytes of an unfinished character at the end are dropped "
-                                       "where decode() gives U+FFFD")
 def test_streamed_output_equals_decode_even_when_it_ends_mid_character(steered, device, capsys):
     _, model = steered
     args = sample_args(steered[0], device, "--prompt", "Hi!", "--temperature", "0", "--max-new-tokens", "3")
@@ -263,9 +257,6 @@ def test_streamed_output_equals_decode_even_when_it_ends_mid_character(steered, 
     assert capsys.readouterr().out == "Hi!" + continuation(model, "Hi!", device, max_new_tokens=3) + "\n"
 
 
-@pytest.mark.xfail(strict=True, raises=EOFError, reason="bug: torch.load's errors on an unreadable "
-                                                        "pytorch_model.bin are not CheckpointError (nor "
-                                                        "OSError), so main() lets them out as a traceback")
 def test_an_unreadable_checkpoint_is_a_one_line_error(steered, tmp_path, device, capsys):
     (tmp_path / "config.json").write_bytes((steered[0] / "config.json").read_bytes())
     (tmp_path / "pytorch_model.bin").write_bytes(b"")

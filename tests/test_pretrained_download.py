@@ -257,10 +257,6 @@ def test_a_name_that_is_neither_a_directory_nor_a_repo_id_is_never_requested(hub
     assert hub.requests == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: resolve_checkpoint's repo-id pattern [\\w.-]+/[\\w.-]+ matches relative paths "
-                          "such as ./ckpt and ../ckpt, so a mistyped local path is sent to the hub (and "
-                          "../ckpt is downloaded outside the cache) instead of reported as a missing directory")
 @pytest.mark.parametrize("path", ["./my-checkpoint", "../my-checkpoint"])
 def test_a_missing_relative_path_is_never_sent_to_the_hub(hub, path):
     with pytest.raises(nanogpt2.CheckpointError, match="neither a directory"):
