@@ -1222,8 +1222,8 @@ def read_safetensors_header(path) -> Tuple[dict, int]:
             raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} (truncated or corrupt)")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also 4300+ digit integers
-            raise CheckpointError(f"{path}: the header is not valid JSON ({type(e).__name__}: {e})") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd numbers or nesting
+            raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is a {type(header).__name__}, expected a JSON object")
     data_size = size - 8 - n
@@ -1231,22 +1231,19 @@ def read_safetensors_header(path) -> Tuple[dict, int]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype_name = info.get("dtype") if isinstance(info, dict) else None
-        if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:  # str first: a list is unhashable
-            dtype = info.get("dtype") if isinstance(info, dict) else info
+        dtype = info.get("dtype") if isinstance(info, dict) else info
+        if not isinstance(info, dict) or not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}, expected one of "
                                   f"{sorted(SAFETENSORS_DTYPES)}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        # Sizes numpy can hold: at most 32 dimensions, no booleans (JSON true is not a size), and a product of
-        # the non-zero sizes below 2**62, else reshape itself fails (even for an empty tensor).
-        if not isinstance(shape, list) or len(shape) > 32 or not all(type(d) is int and 0 <= d < 2**62 for d in shape) \
-                or math.prod(max(d, 1) for d in shape) >= 2**62:
+        itemsize = np.dtype(SAFETENSORS_DTYPES[dtype][0]).itemsize
+        if (not isinstance(shape, list) or len(shape) > 64 or not all(type(d) is int and d >= 0 for d in shape)
+                or math.prod(max(d, 1) for d in shape) * itemsize >= 2 ** 63):  # numpy's limits
             raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}, expected a list of sizes")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data_size):
             raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {offsets!r}, outside the "
                                   f"{data_size} data bytes (truncated or corrupt)")
-        itemsize = np.dtype(SAFETENSORS_DTYPES[info["dtype"]][0]).itemsize
         if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
             raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} and dtype {info['dtype']} needs "
                                   f"{math.prod(shape) * itemsize} bytes, its offsets span {offsets[1] - offsets[0]}")
@@ -1403,7 +1400,8 @@ def resolve_checkpoint(name_or_dir: str) -> str:
     if os.path.isdir(name_or_dir):
         return name_or_dir
     repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
-    if name_or_dir not in HUB_NAMES and not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_dir):
+    looks_like_repo = re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name_or_dir) and ".." not in name_or_dir
+    if name_or_dir not in HUB_NAMES and not looks_like_repo:  # ./ckpt or ../ckpt: a mistyped local path
         raise CheckpointError(
             f"model {name_or_dir!r} is neither a directory nor a known name ({', '.join(HUB_NAMES)}) nor a hub "
             "repository id like openai/imagegpt-small"
@@ -1453,7 +1451,14 @@ def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
             if path.endswith(".safetensors"):
                 state_dict.update(load_safetensors(path))
             else:  # weights_only: a .bin is a pickle, and a pickle can run code; this refuses anything but tensors
-                state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+                try:
+                    loaded = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception as e:
+                    raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
+                                          f"({type(e).__name__}): truncated, corrupt or unsafe") from None
+                if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+                    raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors")
+                state_dict.update(loaded)
         return state_dict
     raise CheckpointError(f"{directory} holds no weights: expected model.safetensors, pytorch_model.bin or a "
                           "sharded index of either")
