@@ -145,6 +145,9 @@ class GPT2Config:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"GPT2Config.{name} is a dropout probability in [0, 1), got {value!r}")
+        if self.classifier_dropout is not None and not 0.0 <= self.classifier_dropout < 1.0:
+            raise ValueError(f"GPT2Config.classifier_dropout is a dropout probability in [0, 1) or None, "
+                             f"got {self.classifier_dropout!r}")
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
         if self.summary_type not in SUMMARY_TYPES:
@@ -789,7 +792,8 @@ class GPT2Model(nn.Module):
                 raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
             _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
         if position_ids is not None:
-            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape):
+            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape) or \
+                    math.prod(position_ids.shape[:-1]) not in (1, batch):
                 raise _shape_error("position_ids", position_ids.shape, f"(T,), (1, T) or (B, T) with T={T}")
             _check_indices("position_ids", position_ids, cfg.n_positions, "n_positions", "position")
         if head_mask is not None:

@@ -507,10 +507,7 @@ BAD_INPUTS = [
         ValueError, r"position_ids has shape \(3,\)"),
     bad("position_ids of the wrong batch", GPT2Model, {},
         lambda c, d: dict(input_ids=token_ids(d, 2, 4), position_ids=torch.arange(4, device=d).repeat(3, 1)),
-        ValueError, r"position_ids has shape \(3, 4\)",
-        xfail="bug: check_inputs checks position_ids' last size and rank but not its batch size; (3, 4) for a "
-              "batch of 2 fails later in a broadcast (RuntimeError), and for a batch of 1 silently broadcasts "
-              "the batch to 3"),
+        ValueError, r"position_ids has shape \(3, 4\)"),
     bad("position beyond n_positions", GPT2Model, {},
         lambda c, d: dict(input_ids=token_ids(d, 1, 4), position_ids=torch.tensor([[0, 1, 2, 32]], device=d)),
         ValueError, r"position_ids holds position 32, but n_positions is 32"),
@@ -618,9 +615,7 @@ INVALID_CONFIGS = [
     (dict(resid_pdrop=1.0), r"resid_pdrop is a dropout probability in \[0, 1\), got 1.0"),
     (dict(attn_pdrop=-0.1), r"attn_pdrop is a dropout probability"),
     (dict(summary_first_dropout=2.0), r"summary_first_dropout is a dropout probability"),
-    pytest.param(dict(classifier_dropout=1.5), r"classifier_dropout", marks=pytest.mark.xfail(
-        strict=True, reason="bug: validate() checks every dropout probability but classifier_dropout; 1.5 is "
-        "accepted and fails later, only in GPT2ForTokenClassification, inside nn.Dropout")),
+    (dict(classifier_dropout=1.5), r"classifier_dropout is a dropout probability in \[0, 1\) or None"),
     (dict(layer_norm_epsilon=0.0), r"layer_norm_epsilon must be > 0"),
     (dict(summary_type="max"), r"summary_type is 'max', expected one of"),
     (dict(problem_type="ranking"), r"problem_type is 'ranking', expected one of"),
