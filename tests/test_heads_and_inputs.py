@@ -119,15 +119,6 @@ def nll(logits, target):
     return (torch.logsumexp(logits, 0) - logits[int(target)]).item()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with several threads, starting and synchronising them costs more than the maths
-    (10x the run time on 2 busy cores). One thread for this file; the previous setting is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- each head's loss, by hand -----------------------------------------------------------------------
 

@@ -47,15 +47,6 @@ FP32_TOL = 1e-5
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """These models are tiny: with several threads, each small matmul spends more time handing work between
-    threads than computing (100x slower on a busy 2-core machine). One thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def examples(n):
     """Hypothesis settings for a property worth n examples under the "ci" profile (25 by default), scaled up

@@ -23,14 +23,6 @@ N_PX, SCALE, PAD = 4, 2, 2  # a 4 x 4 model, drawn at 2x, with image_grid's 2-pi
 PALETTE = torch.tensor([[r, g, b] for r in (-1.0, 1.0) for g in (-1.0, 1.0) for b in (-1.0, 0.5)])  # 8 colours
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """A tiny model: several threads cost more in hand-offs than they save. One thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(autouse=True)
 def no_hub(monkeypatch, tmp_path):

@@ -44,14 +44,6 @@ def examples(n):
     return settings(max_examples=max(1, n * settings.default.max_examples // 25))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Small tensors: several threads cost more in hand-offs than they save. One thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- tokens and the palette --------------------------------------------------------------------------
 

@@ -47,14 +47,6 @@ OPTIONS = {
 HEADS = ["ImageGPTModel", "ImageGPTForCausalImageModeling", "ImageGPTForImageClassification"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Small models: several threads cost more in hand-offs than they save. One thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def realistic_weights_(model, seed=0):
     """Weights of the size a trained model has: matrices std 0.3 (sharp attention), layer norms 1 +- 0.3."""

@@ -156,15 +156,6 @@ def assert_close(actual, expected, tol, why):
     assert err <= tol * scale, f"max difference {err:.3g} > {tol:g} x scale {scale:.3g} ({why})"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: with several threads, starting and synchronising them costs more than the maths
-    (10x the run time on 2 busy cores). One thread for this file; the previous setting is restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --- causal masking ----------------------------------------------------------------------------------
 
