@@ -16,7 +16,9 @@ Map of the file (read it top to bottom; the data flows in this order):
     7. Generation        greedy, sampling (temperature, top-k, top-p), beam search, with the cache
     8. Loading, saving   safetensors read by hand, the hub download, from_pretrained, save_pretrained
     9. Tokenizer         tiktoken's GPT-2 byte-pair encoding
-   10. Command line      python nanogpt2.py sample --prompt "..."  (python nanogpt2.py --help)
+   10. Training, eval    the addition task, text files (memory-mapped), AdamW, warmup + cosine, gradient
+                         accumulation, mixed precision, DDP, exact resume; sliding-window perplexity
+   11. Command line      python nanogpt2.py train | sample --prompt "..." | eval  (python nanogpt2.py --help)
 
 Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd,
 nh = number of heads, hs = head size (C // nh), V = vocab size.
@@ -26,14 +28,18 @@ Run the tests with `python -m pytest -q` (see README.md).
 
 import argparse
 import codecs
+import contextlib
+import csv
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
 import struct
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +48,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -1946,7 +1953,875 @@ class StreamDecoder:
         return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Command line
+# 10. Training and evaluation
+# ----------------------------------------------------------------------------------------------------
+# `python nanogpt2.py train` trains a GPT-2, from scratch or from pretrained weights (--init), and saves it
+# with save_pretrained. With no options it learns to add 2-digit numbers, on a CPU, in minutes.
+# One optimiser step (train_step) does, in order:
+#     1. the step's batch: addition problems made on the fly, or windows of a tokenised text file
+#     2. forward and backward over k micro-batches (gradient accumulation), under autocast (mixed precision)
+#     3. clip the gradient norm, then an AdamW step at the learning rate of the schedule (warmup, cosine)
+# Around it, the loop (train) logs every step to a CSV file, measures the validation loss now and then,
+# and saves checkpoints that resume exactly. Under torchrun every process runs this same loop on its own
+# slice of each batch, and DistributedDataParallel sums their gradients.
+# `python nanogpt2.py eval` measures loss and perplexity on a text file with a sliding window.
+
+# --- Tokenizers: characters, or GPT-2's BPE -----------------------------------------------------------
+
+
+class CharTokenizer:
+    """One token per character of a fixed string, the vocabulary: token i is chars[i]. A model trained on
+    characters keeps that string in its config.json ("char_vocab"), so whoever loads it can decode."""
+
+    def __init__(self, chars: str):
+        self.chars = chars
+        self.ids = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    def encode(self, text: str) -> List[int]:
+        unknown = set(text) - self.ids.keys()
+        if unknown:
+            raise ValueError(f"the text holds characters that are not in the vocabulary {self.chars!r}: "
+                             f"{''.join(sorted(unknown))!r}")
+        return [self.ids[c] for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+class BPETokenizer:
+    """GPT-2's byte-pair encoding (section 9) behind the same two methods."""
+
+    chars = None
+    vocab_size = EOT_TOKEN + 1
+
+    def encode(self, text: str) -> List[int]:
+        return encode(text)
+
+    def decode(self, ids) -> str:
+        return decode(ids)
+
+
+def tokenizer_for(config: GPT2Config):
+    """The tokenizer a model was trained with: its characters if its config lists them, else GPT-2's BPE."""
+    chars = config.extra.get("char_vocab")
+    return CharTokenizer(chars) if chars is not None else BPETokenizer()
+
+
+# --- The default task: addition, made on the fly --------------------------------------------------------
+
+ADDITION_VOCAB = "0123456789+=\n"  # a digit's token id is its value; "\n" ends a problem (the eos token)
+
+
+class AdditionTask:
+    """Character-level addition problems such as "07+39=640\\n", which asks 7 + 39 and answers 46.
+
+    Two well-known tricks make it learnable in minutes:
+    - fixed width: operands are zero-padded to `digits` digits and the answer to digits + 1, so every
+      problem has the same length, each answer digit always sits at the same position, and a batch
+      needs no padding;
+    - reversed answer: the sum is written least significant digit first (46 -> "640"), the order in
+      which carries are worked out, so each digit depends on digits already seen, never on later ones.
+    The loss counts only the answer and its "\\n": the operands are random, there is nothing to learn in them.
+    A fixed random set of problems, the same whatever --seed, is held out: never trained on, it measures
+    whether the model learnt to add rather than memorised its training problems.
+    """
+
+    def __init__(self, digits: int):
+        self.digits = digits
+        self.tokenizer = CharTokenizer(ADDITION_VOCAB)
+        self.prompt_len = 2 * digits + 2  # "07+39="
+        self.seq_len = self.prompt_len + digits + 2  # + "640" + "\n"
+        self.n = 10 ** digits  # operands are 0 .. n - 1; a problem's code is a * n + b
+        g = torch.Generator().manual_seed(20190214)  # the day GPT-2 was announced
+        if self.n ** 2 <= 10 ** 6:  # few enough to list: hold out 10% of all problems, at most 2,000
+            self.held_out = torch.randperm(self.n ** 2, generator=g)[: min(self.n ** 2 // 10, 2000)]
+        else:  # too many to list: about 2,000 random ones (unique() drops the rare repeat)
+            self.held_out = torch.randint(0, self.n ** 2, (2000,), generator=g).unique()
+
+    def describe(self) -> str:
+        a, b = 7 % self.n, 39 % self.n
+        return (f"{self.digits}-digit addition made on the fly, e.g. {self.show(a * self.n + b)!r} for {a} + {b}: "
+                f"operands zero-padded, the answer written least significant digit first (reversed), loss on "
+                f"the answer only; {len(self.held_out):,} of the {self.n ** 2:,} problems held out")
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Codes of `count` random problems, none of them held out."""
+        codes = torch.empty(0, dtype=torch.long)
+        while len(codes) < count:  # draw, drop the held-out ones (10% at most), draw more if short
+            draw = torch.randint(0, self.n ** 2, (count,), generator=generator)
+            codes = torch.cat([codes, draw[~torch.isin(draw, self.held_out)]])
+        return codes[:count]
+
+    def encode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N,) problem codes -> (N, seq_len) token ids of "a+b=" and the reversed sum, then "\\n"."""
+        a, b = codes // self.n, codes % self.n
+        msd_first = 10 ** torch.arange(self.digits - 1, -1, -1)  # (digits,): ..., 100, 10, 1
+        lsd_first = 10 ** torch.arange(self.digits + 1)  # (digits + 1,): 1, 10, 100, ...
+        plus, equals, end = (torch.full((len(codes), 1), self.tokenizer.ids[c]) for c in "+=\n")
+        return torch.cat([a[:, None] // msd_first % 10, plus, b[:, None] // msd_first % 10, equals,
+                          (a + b)[:, None] // lsd_first % 10, end], dim=1)
+
+    def examples(self, codes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N,) problem codes -> inputs (N, seq_len - 1) and targets (N, seq_len - 1), -100 but on the answer."""
+        tokens = self.encode(codes)
+        x, y = tokens[:, :-1], tokens[:, 1:].clone()  # the token at t is trained to predict the one at t + 1
+        y[:, : self.prompt_len - 1] = -100  # predicting the operands is guesswork: no loss there
+        return x, y
+
+    def validation_batches(self, batch_size: int, max_batches: int):
+        """The held-out problems, in batches (the same every time)."""
+        return [self.examples(codes) for codes in self.held_out.split(batch_size)[:max_batches]]
+
+    def show(self, code: int, answer=None) -> str:
+        """A problem as the model sees it, with the model's answer tokens or else the right answer."""
+        tokens = self.encode(torch.tensor([int(code)]))[0]
+        shown = tokens[: self.prompt_len].tolist() + (tokens[self.prompt_len: -1].tolist() if answer is None
+                                                      else list(answer))
+        return self.tokenizer.decode(shown)
+
+    @torch.no_grad()
+    def accuracy(self, model, batch_size: int = 500):
+        """Exact match on the held-out problems, decoding greedily. Returns (fraction right, the model's
+        answer tokens (N, digits + 1), right (N,) bool)."""
+        device = next(model.parameters()).device
+        answers = []
+        for codes in self.held_out.split(batch_size):
+            prompts = self.encode(codes)[:, : self.prompt_len]  # (b, prompt_len): "07+39="
+            out = generate(model, prompts.to(device), max_new_tokens=self.digits + 1, stop_at_eos=False)
+            answers.append(out[:, self.prompt_len:].cpu())  # (b, digits + 1)
+        answers = torch.cat(answers)
+        right = (answers == self.encode(self.held_out)[:, self.prompt_len: -1]).all(dim=1)
+        return right.float().mean().item(), answers, right
+
+    def report(self, model, say):
+        """Print the held-out exact match and a few worked examples (wrong ones first, if any)."""
+        fraction, answers, right = self.accuracy(model)
+        say(f"held-out exact match: {100 * fraction:.1f}% ({int(right.sum()):,} of {len(right):,} problems never "
+            f"seen in training; greedy decoding)")
+        say("worked examples (what the model wrote, then its reversed answer read back):")
+        order = torch.cat([torch.nonzero(~right).flatten()[:3], torch.nonzero(right).flatten()])[:6]
+        for i in order.tolist():
+            code = int(self.held_out[i])
+            a, b = divmod(code, self.n)
+            text = self.tokenizer.decode(answers[i])
+            value = int(text[::-1]) if text.isdigit() else text[::-1]
+            verdict = "right" if right[i] else f"wrong, {a + b} expected"
+            say(f"  {self.show(code, answers[i].tolist()):<{self.seq_len + 2}} {a} + {b} = {value}   ({verdict})")
+        return fraction
+
+
+# --- Any text file, tokenised into a memory-mapped file --------------------------------------------------
+
+
+def read_text_pieces(path, piece_chars: int = 1 << 20):
+    """A UTF-8 text file in pieces of about piece_chars characters, each cut just before a run of spaces or
+    newlines. GPT-2's BPE never joins a character to the whitespace after it, so tokenising the pieces
+    one at a time gives the tokens of the whole file, while only one piece is ever in memory."""
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": the text exactly as stored
+        carry = ""
+        while True:
+            chunk = f.read(piece_chars)
+            text = carry + chunk
+            if not chunk:  # end of file
+                if text:
+                    yield text
+                return
+            cut = max(text.rfind(" "), text.rfind("\n"))
+            while cut > 0 and text[cut - 1].isspace():  # back to the start of that whitespace run
+                cut -= 1
+            if cut <= 0:  # no such place in this piece: read on
+                carry = text
+                continue
+            yield text[:cut]
+            carry = text[cut:]
+
+
+def characters_of(path) -> str:
+    """Every character a text file uses, sorted: the vocabulary of a character-level model."""
+    chars = set()
+    for text in read_text_pieces(path):
+        chars.update(text)
+    return "".join(sorted(chars))
+
+
+def tokenize_file(path, tokenizer, dest, piece_chars: int = 1 << 20) -> int:
+    """Write a text file's tokens to dest, a flat array of uint16 (uint32 for a vocabulary over 65,536),
+    one piece at a time. Returns the number of tokens."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+    count, tmp = 0, f"{dest}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as out:
+            for text in read_text_pieces(path, piece_chars):
+                ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+                out.write(ids.tobytes())
+                count += len(ids)
+        os.replace(tmp, dest)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count
+
+
+def check_text_file(path, option: str = "--data"):
+    if not os.path.isfile(path):
+        raise ValueError(f"{option} {path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{option} {path} is empty: there is nothing to train on or score")
+
+
+class TextData:
+    """A tokenised text file, memory-mapped: a batch reads only the windows it draws, so a corpus larger than
+    memory works. The last val_fraction of the tokens is the validation split. An example is a window of
+    block_size + 1 tokens: the inputs are its first block_size, the targets its last (each predicts the next)."""
+
+    def __init__(self, token_file, dtype, block_size: int, val_fraction: float, name: str):
+        self.tokens = np.memmap(token_file, dtype=dtype, mode="r")
+        self.block_size = block_size
+        self.n_val = int(len(self.tokens) * val_fraction)
+        self.n_train = len(self.tokens) - self.n_val
+        if min(self.n_train, self.n_val) < block_size + 1:
+            raise ValueError(
+                f"--data {name} holds {len(self.tokens):,} tokens: {self.n_train:,} for training and {self.n_val:,} "
+                f"for validation (--val-fraction {val_fraction}), but a window of --block-size {block_size} needs "
+                f"{block_size + 1} in each; use a longer file, a smaller --block-size or another --val-fraction"
+            )
+
+    def describe(self) -> str:
+        return f"{len(self.tokens):,} tokens: {self.n_train:,} for training, {self.n_val:,} for validation"
+
+    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Start positions of `count` random training windows."""
+        return torch.randint(0, self.n_train - self.block_size, (count,), generator=generator)
+
+    def examples(self, starts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(N,) start positions -> inputs (N, block_size) and targets (N, block_size), read from the file."""
+        rows = np.stack([self.tokens[s: s + self.block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        rows = torch.from_numpy(rows)  # (N, block_size + 1)
+        return rows[:, :-1], rows[:, 1:]
+
+    def validation_batches(self, batch_size: int, max_batches: int):
+        """Windows side by side from the start of the validation split (the same every time)."""
+        starts = torch.arange(self.n_train, len(self.tokens) - self.block_size, self.block_size)
+        return [self.examples(s) for s in starts[: batch_size * max_batches].split(batch_size)]
+
+
+def prepare_text_data(args, vocab, is_main: bool, world_size: int):
+    """Tokenise --data into out/tokens.bin (once: kept while the file, its size and date are unchanged) and
+    open it. vocab: "gpt2" for GPT-2's BPE, "char" for the file's own characters, or a string of characters
+    (a model that already has them). Returns (TextData, tokenizer)."""
+    check_text_file(args.data)
+    dest, meta_path = os.path.join(args.out, "tokens.bin"), os.path.join(args.out, "tokens.json")
+    source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
+                  mtime_ns=os.stat(args.data).st_mtime_ns)
+    if is_main:  # one process tokenises; the others wait at the barrier, then read its files
+        meta = None
+        if os.path.exists(meta_path) and os.path.exists(dest):
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        same_vocab = meta is not None and (meta["char_vocab"] is None if vocab == "gpt2" else
+                                           meta["char_vocab"] is not None if vocab == "char" else
+                                           meta["char_vocab"] == vocab)
+        if not same_vocab or meta["source"] != source:
+            chars = characters_of(args.data) if vocab == "char" else None if vocab == "gpt2" else vocab
+            tokenizer = CharTokenizer(chars) if chars is not None else BPETokenizer()
+            print(f"tokenising {args.data} ({'GPT-2 BPE' if chars is None else f'{len(chars)} characters'})...",
+                  flush=True)
+            count = tokenize_file(args.data, tokenizer, dest)
+            dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
+            with open(meta_path, "w", encoding="utf-8") as f:
+                json.dump(dict(source=source, char_vocab=chars, dtype=dtype, tokens=count), f, indent=1)
+    if world_size > 1:
+        dist.barrier()
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    tokenizer = CharTokenizer(meta["char_vocab"]) if meta["char_vocab"] is not None else BPETokenizer()
+    data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
+    return data, tokenizer
+
+
+# --- The model, the optimiser, the learning-rate schedule ----------------------------------------------
+
+
+def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> GPT2LMHeadModel:
+    """A GPT-2 with its LM head: rebuilt from a training checkpoint, loaded from --init, or new."""
+    if state is not None:  # resuming: the checkpoint's own config and weights
+        model = GPT2LMHeadModel(GPT2Config.from_dict(state["config"]))
+        model.load_state_dict(state["model"])
+    elif args.init is not None:
+        model = GPT2LMHeadModel.from_pretrained(args.init)
+        if args.dropout is not None:  # the dropout layers were built from the config: change both
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = args.dropout
+            model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = args.dropout
+        model.config.extra.update(extra)
+    else:
+        # The token that ends a text: <|endoftext|>, or for characters a newline (which ends an addition problem).
+        eos = EOT_TOKEN if tokenizer.chars is None else tokenizer.ids.get("\n", 0)
+        config = GPT2Config(
+            vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=args.n_embd, n_layer=args.n_layer,
+            n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+            bos_token_id=eos, eos_token_id=eos, extra=dict(extra),
+        )
+        if tokenizer.chars is not None:
+            config.extra["char_vocab"] = tokenizer.chars
+        model = GPT2LMHeadModel(config)
+    return model.train()  # from_pretrained returns a model in eval mode: dropout back on
+
+
+def configure_optimizer(model, lr: float, weight_decay: float, device_type: str):
+    """AdamW with weight decay on the matrices only (linear layers, embeddings). Decay pulls weights toward
+    zero, which keeps matrices small and the model smooth; on biases and layer-norm gains it would only
+    fight the offsets and scales they exist to set."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied matrix once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+
+
+def learning_rate(step: int, progress: float, peak: float, warmup_steps: int) -> float:
+    """A linear warmup over the first warmup_steps (Adam's first moment estimates are noisy, and full-size
+    steps on them can wreck the initialisation), times a cosine from peak down to peak / 10 as progress,
+    the fraction of the run's budget spent, goes from 0 to 1."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return peak * warmup * cosine
+
+
+# --- One optimiser step, and the validation loss ---------------------------------------------------------
+
+
+def all_reduce_sum(value, device) -> float:
+    """A number summed over every process (the number itself when there is only one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    total = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def train_step(model, optimizer, scaler, micro_batches, lr: float, grad_clip: float, autocast, device,
+               world_size: int = 1) -> Tuple[float, float]:
+    """One optimiser step over this process's micro-batches [(inputs (b, T), targets (b, T)), ...]. Returns
+    the mean loss per target over the whole batch (the micro-batches of every process) and the gradient's
+    norm before clipping.
+
+    Each micro-batch's loss is summed over its targets and divided by the number of targets in the whole
+    batch, so that k micro-batches of b examples give the gradient of one batch of k * b: a mean taken per
+    micro-batch would weigh one with few targets as much as one with many."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_targets = all_reduce_sum(sum(int((y != -100).sum()) for _, y in micro_batches), device)
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        x, y = x.to(device), y.to(device)
+        # DDP sums gradients across processes after each backward; between the micro-batches of one step
+        # that would be wasted traffic, so all but the last skip it (no_sync).
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or world_size == 1 else model.no_sync():
+            with autocast():
+                logits = model(x).logits  # (b, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                   reduction="sum") / n_targets
+            # DDP divides the summed gradient by the number of processes; the factor undoes that, so the
+            # step follows the batch's mean loss exactly as one process with the whole batch would.
+            scaler.scale(loss * world_size).backward()
+        total += loss.item()
+    scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled-up ones
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scaler then lowers its scale)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return all_reduce_sum(total, device), grad_norm.item()
+
+
+@torch.no_grad()
+def validation_loss(model, batches, autocast, device, rank: int = 0, world_size: int = 1) -> float:
+    """Mean loss per target over fixed validation batches, each process scoring every world_size-th one."""
+    model.eval()  # no dropout
+    total, count = 0.0, 0
+    for x, y in batches[rank::world_size]:
+        with autocast():
+            logits = model(x.to(device)).logits  # (b, T, V)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((y != -100).sum())
+    model.train()
+    return all_reduce_sum(total, device) / all_reduce_sum(count, device)
+
+
+# --- Processes, devices, precision ------------------------------------------------------------------------
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def init_distributed(device_name: Optional[str]):
+    """torchrun starts one process per GPU (or per CPU worker) and tells each, in its environment, its RANK
+    (0 .. WORLD_SIZE - 1 over every machine), LOCAL_RANK (its number on this machine) and WORLD_SIZE.
+    Returns (rank, world_size, device); with several processes, joins them in a process group: nccl
+    between GPUs, gloo between CPU processes."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if device.index is None:  # one GPU per process: the LOCAL_RANK-th (without torchrun, the first)
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return rank, world_size, device
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """Mixed precision: under autocast, matrix products run in bf16 or fp16 while the weights, the optimiser
+    and the loss stay fp32. Returns a function giving a fresh context each time (float32: none)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
+def rng_states(device, world_size: int) -> list:
+    """Every process's random-number state (each draws its own dropout masks), for the checkpoint."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if world_size == 1:
+        return [mine]
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+# --- Checkpoints, the log ---------------------------------------------------------------------------------
+
+# Options a resumed run may change; every other option comes from the checkpoint, so the run goes on
+# exactly as it would have.
+RESUME_MAY_CHANGE = ("resume", "out", "stop_at", "device", "compile", "log_every", "save_every")
+
+
+def save_checkpoint(out, model, optimizer, scaler, step: int, elapsed: float, data_rng, args, device,
+                    world_size: int, is_main: bool):
+    """out/config.json + model.safetensors (save_pretrained: what from_pretrained loads) and
+    out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
+    weights, optimiser moments, step, time spent, the data generator (the data position) and every
+    process's RNG states."""
+    rngs = rng_states(device, world_size)  # every process takes part, only the first writes
+    if not is_main:
+        return
+    model.save_pretrained(out)
+    state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), model=model.state_dict(),
+                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), data_rng=data_rng.get_state(), rng=rngs)
+    tmp = os.path.join(out, f"training_state.pt.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out, "training_state.pt"))
+
+
+def load_checkpoint(args, is_main: bool = True) -> dict:
+    """The training state in --resume DIR; its options replace those given, but for RESUME_MAY_CHANGE."""
+    path = os.path.join(args.resume, "training_state.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {args.resume}: no training_state.pt there (it is written by `train`)")
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise ValueError(f"--resume {args.resume} continues in that directory; drop --out {args.out}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, saved in state["args"].items():
+        given = getattr(args, name, None)
+        if name in RESUME_MAY_CHANGE:
+            continue
+        if given is not None and given != saved and is_main:
+            print(f"note: --{name.replace('_', '-')} {given} ignored: the resumed run keeps {saved}", file=sys.stderr)
+        setattr(args, name, saved)
+    args.out = args.resume
+    return state
+
+
+class TrainingLog:
+    """Every step to out/log.csv (step, loss, lr, gradient norm before clipping, tokens/s, elapsed, validation
+    loss where measured) and, at the end, a loss-curve PNG when matplotlib is installed."""
+
+    COLUMNS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "val_loss"]
+
+    def __init__(self, out: str, resume_step: int):
+        self.path = os.path.join(out, "log.csv")
+        rows = []
+        if resume_step and os.path.exists(self.path):  # keep the rows up to the checkpoint; later ones are redone
+            with open(self.path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, self.COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+
+    def write(self, step, loss, lr, grad_norm, tokens_per_s, elapsed, val_loss=None):
+        self.writer.writerow(dict(step=step, loss=f"{loss:.6g}", lr=f"{lr:.6g}", grad_norm=f"{grad_norm:.6g}",
+                                  tokens_per_s=f"{tokens_per_s:.0f}", elapsed_s=f"{elapsed:.2f}",
+                                  val_loss="" if val_loss is None else f"{val_loss:.6g}"))
+
+    def close(self):
+        self.file.close()
+
+    def plot(self) -> Optional[str]:
+        """out/loss.png: training loss and validation loss against the step; None without matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")  # draw to a file; no window
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        val = [row for row in rows if row["val_loss"]]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=0.8, label="training loss")
+        ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-", label="validation loss")
+        ax.set(xlabel="step", ylabel="loss (nats per target token)", yscale="log")
+        ax.legend()
+        png = os.path.join(os.path.dirname(self.path), "loss.png")
+        fig.savefig(png, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return png
+
+
+def format_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# --- The training command ---------------------------------------------------------------------------------
+
+# Defaults that depend on what is trained: the addition task, a text file from scratch, or --init.
+ADDITION_DEFAULTS = dict(digits=2, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=256, lr=1e-3,
+                         warmup=50, max_steps=1000, time_budget=240.0, eval_every=100, log_every=50)
+TEXT_DEFAULTS = dict(tokenizer="gpt2", block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=16,
+                     lr=6e-4, warmup=100, max_steps=2000, time_budget=0.0, eval_every=200, log_every=20)
+FINE_TUNE_DEFAULTS = dict(lr=1e-4, dropout=None)  # --init: a gentler learning rate; the checkpoint's dropout
+COMMON_DEFAULTS = dict(accum=1, weight_decay=0.1, grad_clip=1.0, seed=0, val_fraction=0.1, eval_batches=20)
+
+
+def fill_defaults(args):
+    """Options left unset get the defaults of the task; then every option is checked."""
+    defaults = dict(COMMON_DEFAULTS, **(ADDITION_DEFAULTS if args.data is None else TEXT_DEFAULTS))
+    if args.init is not None:
+        defaults.update(FINE_TUNE_DEFAULTS)
+        defaults["tokenizer"] = None  # the checkpoint's own
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.save_every is None:
+        args.save_every = args.eval_every
+    if args.out is None:
+        stem = os.path.splitext(os.path.basename(args.data))[0] if args.data else f"addition-{args.digits}digit"
+        args.out = os.path.join("out", stem)
+    if args.data is None and args.digits is not None and not 1 <= args.digits <= 9:
+        raise ValueError(f"--digits must be in 1..9, got {args.digits}")
+    if args.data is not None and args.digits is not None:
+        raise ValueError("--digits is an option of the addition task; it cannot go with --data")
+    if args.data is None and args.tokenizer is not None:
+        raise ValueError("--tokenizer is an option of --data; the addition task has its own characters")
+    for name, low in (("batch_size", 1), ("accum", 1), ("max_steps", 1), ("n_layer", 1), ("n_head", 1),
+                      ("n_embd", 1), ("block_size", 1), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
+                      ("save_every", 0), ("log_every", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
+                             f"got {getattr(args, name)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at must be a step >= 1, got {args.stop_at}")
+
+
+def prepare_task(args, state, is_main: bool, world_size: int):
+    """(data, tokenizer, n_positions of a new model, config extras to save) for the addition task or --data."""
+    if args.data is None:
+        task = AdditionTask(args.digits)
+        if args.init is not None and state is None:  # go on training an adder, perhaps on more digits
+            init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
+            if init_config.extra.get("char_vocab") != ADDITION_VOCAB or init_config.n_positions < task.seq_len:
+                raise ValueError(f"--init {args.init} is not an addition model of {task.seq_len} positions or more; "
+                                 "to fine-tune it, give a text file with --data")
+        return task, task.tokenizer, task.seq_len, {"addition_digits": args.digits}
+    if state is not None:
+        vocab = tokenizer_for(GPT2Config.from_dict(state["config"])).chars or "gpt2"
+    elif args.init is not None:
+        init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
+        vocab = tokenizer_for(init_config).chars or "gpt2"
+        if args.tokenizer is not None and args.tokenizer != ("gpt2" if vocab == "gpt2" else "char"):
+            raise ValueError(f"--tokenizer {args.tokenizer} does not match --init {args.init}, which reads "
+                             f"{'GPT-2 BPE' if vocab == 'gpt2' else 'characters'}; drop --tokenizer")
+        if args.block_size > init_config.n_positions:
+            raise ValueError(f"--block-size {args.block_size} is longer than --init {args.init}'s "
+                             f"{init_config.n_positions} positions")
+    else:
+        vocab = args.tokenizer
+    data, tokenizer = prepare_text_data(args, vocab, is_main, world_size)
+    return data, tokenizer, args.block_size, {}
+
+
+def train_command(args) -> dict:
+    """`python nanogpt2.py train ...`, under torchrun or not. Returns a summary (for tests and scripts)."""
+    rank, world_size, device = init_distributed(args.device)
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank: int, world_size: int, device: torch.device) -> dict:
+    """The training loop. Every process runs it on its own slice of each batch; only the first (rank 0)
+    prints, logs and writes files."""
+    is_main = rank == 0
+    say = functools.partial(print, flush=True) if is_main else (lambda *lines: None)
+    state = load_checkpoint(args, is_main) if args.resume else None
+    fill_defaults(args)
+    dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else
+                                        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if is_main:
+        os.makedirs(args.out, exist_ok=True)
+    data, tokenizer, n_positions, extra = prepare_task(args, state, is_main, world_size)
+
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(args, tokenizer, n_positions, extra, state).to(device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
+    data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch: it is the data position
+    torch.manual_seed(args.seed + rank)  # each process its own dropout masks
+    step, elapsed_before = 0, 0.0
+    if state is not None:
+        step, elapsed_before = restore_training_state(state, optimizer, scaler, data_rng, rank, world_size, device)
+    # What the loop calls: compiled and/or wrapped for DDP. `model` stays the plain module, to save and evaluate.
+    trained = torch.compile(model) if args.compile else model
+    if world_size > 1:
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    autocast = autocast_for(device, dtype)
+    val_batches = data.validation_batches(args.batch_size, args.eval_batches)
+    batch = args.batch_size * args.accum * world_size  # examples per optimiser step, over every process
+    say(describe_run(args, data, model, state, step, world_size, dtype, device))
+
+    log = TrainingLog(args.out, step) if is_main else None
+    start, first_step, last_line = time.time(), step, (time.time(), step)
+    loss, val, tokens = float("nan"), None, 0
+    while True:
+        elapsed = elapsed_before + time.time() - start
+        if args.time_budget and world_size > 1:  # every process must stop at the same step: the first decides
+            elapsed = torch.tensor(elapsed, dtype=torch.float64, device=device)
+            dist.broadcast(elapsed, 0)
+            elapsed = elapsed.item()
+        # How far through its budget the run is: in steps, or in time, whichever is further.
+        progress = max(step / args.max_steps, elapsed / args.time_budget if args.time_budget else 0.0)
+        if progress >= 1 or (args.stop_at is not None and step >= args.stop_at):
+            break
+        lr = learning_rate(step, progress, args.lr, args.warmup)
+        step_start = time.time()
+        # Every process draws the same batch, then takes its own micro-batches from it.
+        indices = data.sample(batch, data_rng).view(args.accum, world_size, args.batch_size)[:, rank]
+        micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
+        loss, grad_norm = train_step(trained, optimizer, scaler, micro_batches, lr, args.grad_clip, autocast, device,
+                                     world_size)
+        step += 1
+        tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
+        tokens_per_s = tokens / (time.time() - step_start)
+
+        val = None
+        if args.eval_every and step % args.eval_every == 0:
+            val = validation_loss(model, val_batches, autocast, device, rank, world_size)
+        elapsed = elapsed_before + time.time() - start
+        if is_main:
+            log.write(step, loss, lr, grad_norm, tokens_per_s, elapsed, val)
+        if step % args.log_every == 0 or val is not None or step == first_step + 1:
+            say(progress_line(args, step, loss, lr, val, elapsed, last_line, tokens))
+            last_line = (time.time(), step)
+        if args.save_every and step % args.save_every == 0:
+            save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size,
+                            is_main)
+
+    elapsed = elapsed_before + time.time() - start
+    if val is None and args.eval_every:
+        val = validation_loss(model, val_batches, autocast, device, rank, world_size)
+    save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size, is_main)
+    tokens_per_s = (step - first_step) * tokens / (time.time() - start)  # this run's average
+    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out)
+    if is_main:
+        log.close()
+        report_run(args, summary, model, data, tokenizer, log.plot(), say)
+    return summary
+
+
+def restore_training_state(state, optimizer, scaler, data_rng, rank, world_size, device) -> Tuple[int, float]:
+    """Put back what the weights alone do not hold. Returns (step, seconds of training so far)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    data_rng.set_state(state["data_rng"])
+    if len(state["rng"]) == world_size:
+        torch.set_rng_state(state["rng"][rank]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"][rank]:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
+    elif rank == 0:
+        print(f"note: the checkpoint was saved by {len(state['rng'])} processes and this run has {world_size}: "
+              "dropout masks will differ from those of an uninterrupted run", file=sys.stderr)
+    return state["step"], state["elapsed"]
+
+
+def describe_run(args, data, model, state, step, world_size, dtype, device) -> str:
+    """What is about to happen, in four lines."""
+    cfg, batch = model.config, args.batch_size * args.accum * world_size
+    start = f"resumed at step {step}" if state else f"from {args.init}" if args.init else "from scratch"
+    budget = f"{args.max_steps} steps" + (f" or {args.time_budget:g} s, whichever ends first" if args.time_budget else "")
+    return "\n".join([
+        f"task: {data.describe() if args.data is None else args.data + ': ' + data.describe()}",
+        f"model: GPT-2, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, a vocabulary of {cfg.vocab_size:,}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {start}",
+        f"training: {budget}; batch {batch} (micro-batch {args.batch_size}, accumulation {args.accum}, processes "
+        f"{world_size}); AdamW lr {args.lr:g}, warmup {args.warmup} steps, cosine to {args.lr / 10:g}; "
+        f"{str(dtype)[6:]} on {device.type}" + (", compiled" if args.compile else ""),
+        f"saving to {args.out} (log.csv: every step)",
+    ])
+
+
+def progress_line(args, step, loss, lr, val, elapsed, last_line, tokens_per_step) -> str:
+    """step, loss, learning rate, speed since the previous line, time spent and time left."""
+    since, since_step = last_line
+    seconds_per_step = (time.time() - since) / max(step - since_step, 1)
+    left = (args.max_steps - step) * seconds_per_step
+    if args.time_budget:
+        left = min(left, args.time_budget - elapsed)
+    return (f"step {step:>{len(str(args.max_steps))}}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{tokens_per_step / seconds_per_step:,.0f} tok/s | {format_time(elapsed)} elapsed, "
+            f"{format_time(max(left, 0))} left" + (f" | val loss {val:.4f}" if val is not None else ""))
+
+
+def report_run(args, summary, model, data, tokenizer, png, say):
+    """The end of a run: why it stopped, its losses, what the model can do, and where it was saved."""
+    step, val = summary["step"], summary["val_loss"]
+    if step >= args.max_steps:
+        why = "all steps done"
+    elif args.stop_at is not None and step >= args.stop_at:
+        why = f"stopped at --stop-at; continue with --resume {args.out}"
+    else:
+        why = "the time budget ran out"
+    say(f"done: step {step} of {args.max_steps} in {format_time(summary['elapsed'])} ({why}), "
+        f"{summary['tokens_per_s']:,.0f} tokens/s; loss {summary['loss']:.4f}"
+        + (f", validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})" if val is not None else ""))
+    if args.data is None:
+        summary["accuracy"] = data.report(model, say)
+    else:
+        say("sample (temperature 0.8):", tokenizer.decode(sample_after(model, data)))
+    say(f"saved to {args.out}: config.json + model.safetensors (load with GPT2LMHeadModel.from_pretrained("
+        f"{args.out!r})), training_state.pt (to --resume), log.csv" + (", loss.png" if png else ""))
+
+
+def sample_after(model, data: TextData, new_tokens: int = 200) -> List[int]:
+    """A short continuation of the first tokens of the validation split, to see what the model writes."""
+    prompt = torch.from_numpy(data.tokens[data.n_train: data.n_train + 8].astype(np.int64))[None]  # (1, 8)
+    new_tokens = min(new_tokens, model.config.n_positions - prompt.size(1))
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    out = generate(model, prompt, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=200,
+                   generator=generator, stop_at_eos=False)
+    return out[0].tolist()
+
+
+# --- Evaluation: loss and perplexity with a sliding window ---------------------------------------------
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
+    """The windows (begin, end, first scored position) of a sliding-window evaluation, as the GPT-2 paper
+    and Hugging Face's perplexity guide do it: each window holds up to `context` tokens and begins `stride`
+    after the previous one, and scores only the tokens no earlier window scored, so that every token is
+    scored once, predicted from at least context - stride tokens before it (fewer in the first window).
+    The first token of the text, with nothing before it, is never scored."""
+    windows, scored_up_to = [], 1
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + context, n_tokens)
+        windows.append((begin, end, max(scored_up_to, begin + 1)))  # a window's first token has no context
+        scored_up_to = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def sliding_window_loss(model, tokens, context: int, stride: int, batch_size: int = 4) -> Tuple[float, int]:
+    """The summed negative log-likelihood (nats) of the tokens of `tokens` (a 1-D array) the sliding windows
+    score, and how many they score. Windows of the same shape go through the model together."""
+    model.eval()
+    device = next(model.parameters()).device
+    windows = sliding_windows(len(tokens), context, stride)
+    total, count = 0.0, 0
+    for (length, offset), group in itertools.groupby(windows, key=lambda w: (w[1] - w[0], w[2] - w[0])):
+        group = list(group)
+        for i in range(0, len(group), batch_size):
+            rows = np.stack([np.asarray(tokens[begin:end]) for begin, end, _ in group[i: i + batch_size]])
+            x = torch.from_numpy(rows.astype(np.int64)).to(device)  # (n, length)
+            hidden = model.transformer(x).last_hidden_state  # (n, length, C)
+            # Position t predicts token t + 1, so the scored tokens offset .. length - 1 are predicted at
+            # offset - 1 .. length - 2. Only those logits are computed: at V per position they are most
+            # of the memory.
+            logits = model.lm_head(hidden[:, offset - 1: length - 1]).float()  # (n, length - offset, V)
+            targets = x[:, offset:]  # (n, length - offset)
+            total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+    return total, count
+
+
+def eval_command(args):
+    """`python nanogpt2.py eval`: loss and perplexity on a text file, or an addition model's accuracy."""
+    for name, value in (("--stride", args.stride), ("--context", args.context), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if args.data is not None:
+        check_text_file(args.data)
+    device = resolve_device(args.device)
+    model = GPT2LMHeadModel.from_pretrained(args.model, dtype=args.dtype, device=device)
+    digits = model.config.extra.get("addition_digits")
+    if args.data is None:
+        if digits is None:
+            raise ValueError(f"--data is needed: {args.model} is not an addition model; give a text file to score")
+        AdditionTask(digits).report(model, print)
+        return
+    context = args.context or model.config.n_positions
+    stride = args.stride or max(context // 2, 1)
+    if context > model.config.n_positions:
+        raise ValueError(f"--context {context} is longer than the model's {model.config.n_positions} positions")
+    if stride > context:
+        raise ValueError(f"--stride {stride} is longer than --context {context}: tokens between windows would "
+                         "never be scored")
+    tokenizer = tokenizer_for(model.config)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:  # tokens on disk, memory-mapped: any size of file works
+        n_tokens = tokenize_file(args.data, tokenizer, os.path.join(tmp, "tokens.bin"))
+        if n_tokens < 2:
+            raise ValueError(f"--data {args.data} is {n_tokens} token long; scoring needs at least 2")
+        tokens = np.memmap(os.path.join(tmp, "tokens.bin"), mode="r",
+                           dtype=np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32)
+        total, count = sliding_window_loss(model, tokens, context, stride, args.batch_size)
+        del tokens
+    loss = total / count
+    kind = "GPT-2 BPE" if tokenizer.chars is None else "characters"
+    print(f"{args.model} on {args.data}: {n_tokens:,} tokens ({kind}); context {context}, stride {stride}: "
+          f"{len(sliding_windows(n_tokens, context, stride)):,} windows")
+    print(f"scored {count:,} tokens: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.3f} "
+          f"({loss / math.log(2):.4f} bits/token) in {time.time() - start:.1f} s")
+    return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Command line
 # ----------------------------------------------------------------------------------------------------
 
 CLI_EXAMPLES = """examples:
@@ -1955,13 +2830,24 @@ CLI_EXAMPLES = """examples:
   python nanogpt2.py sample --model ./my-checkpoint --prompt-file story.txt --num-samples 3
   python nanogpt2.py sample --prompt "Hello" --prompt "Goodbye"            # a batch of prompts
 """
+TRAIN_EXAMPLES = """examples:
+  python nanogpt2.py train                              # a small GPT-2 learns 2-digit addition, on a CPU
+  python nanogpt2.py train --digits 3 --max-steps 1500 --time-budget 300   # 3-digit: ~99% in 4-5 min
+  python nanogpt2.py train --data input.txt --tokenizer char --out out/shakespeare
+  python nanogpt2.py train --data notes.txt --init gpt2 --block-size 512 --batch-size 4 --accum 8
+  python nanogpt2.py train --resume out/shakespeare     # continue exactly where it stopped
+  torchrun --nproc_per_node 8 nanogpt2.py train --data big.txt   # one process per GPU (DDP)
+  python nanogpt2.py eval --model gpt2 --data wiki.test.raw --stride 512
+  python nanogpt2.py eval --model out/addition-2digit   # the held-out accuracy of an adder
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanogpt2.py",
-        description="GPT-2 in one file. `sample` continues text with a pretrained or saved GPT-2.",
-        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="GPT-2 in one file. `sample` continues text with a pretrained or saved GPT-2; `train` trains\n"
+                    "one (with no options: a small GPT-2 that learns to add, in minutes on a CPU); `eval` scores one.",
+        epilog=CLI_EXAMPLES + TRAIN_EXAMPLES[len("examples:\n"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     sample = commands.add_parser(
@@ -1989,7 +2875,85 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     sample.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weights' precision (default: bfloat16 on a GPU that supports it, else float32)")
+    add_train_parser(commands)
+    add_eval_parser(commands)
     return parser
+
+
+def add_train_parser(commands):
+    # Defaults shown as "addition X, text Y" depend on the task; fill_defaults (section 10) sets them.
+    train = commands.add_parser(
+        "train", help="train a GPT-2 (no options: a small one learns to add, in minutes on a CPU)",
+        description="Train a GPT-2 and save it with save_pretrained.\n\n"
+                    "With no options, a GPT-2 of 4 layers x 128 learns 2-digit addition from problems made on the\n"
+                    "fly, on a CPU, within 5 minutes, then reports its exact-match accuracy on problems it never saw.\n"
+                    "--data trains on a text file instead; --init fine-tunes pretrained weights. Under torchrun,\n"
+                    "every process trains on its slice of each batch (DistributedDataParallel: nccl on GPUs, gloo\n"
+                    "on CPUs) and the first one logs and saves. Defaults written \"addition X, text Y\" depend on\n"
+                    "what is trained.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = train.add_argument_group("what to learn")
+    data.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: the addition task)")
+    data.add_argument("--digits", type=int, metavar="N", help="addition: digits per operand (default 2)")
+    data.add_argument("--tokenizer", choices=["gpt2", "char"],
+                      help="--data: GPT-2's BPE or one token per character (default gpt2; --init: the model's own)")
+    data.add_argument("--block-size", type=int, metavar="N", help="--data: tokens per training window (default 256)")
+    data.add_argument("--val-fraction", type=float, metavar="F",
+                      help="--data: the share of tokens, at the end of the file, kept for validation (default 0.1)")
+    model = train.add_argument_group("the model")
+    model.add_argument("--init", metavar="NAME_OR_DIR",
+                       help="fine-tune these weights (a directory, gpt2, gpt2-medium, ...) instead of new ones")
+    model.add_argument("--n-layer", type=int, metavar="N", help="blocks of a new model (default 4)")
+    model.add_argument("--n-head", type=int, metavar="N", help="attention heads of a new model (default 4)")
+    model.add_argument("--n-embd", type=int, metavar="N", help="width of a new model (default 128)")
+    model.add_argument("--dropout", type=float, metavar="P", help="dropout probability (addition 0, text 0.1, --init the model's)")
+    opt = train.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch and process (addition 256, text 16)")
+    opt.add_argument("--accum", type=int, metavar="K", help="micro-batches per step: gradient accumulation (default 1)")
+    opt.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (addition 1e-3, text 6e-4, --init 1e-4)")
+    opt.add_argument("--warmup", type=int, metavar="STEPS", help="steps of linear warmup (addition 50, text 100)")
+    opt.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay, on matrices only (default 0.1)")
+    opt.add_argument("--grad-clip", type=float, metavar="NORM", help="largest gradient norm; 0 turns clipping off (default 1.0)")
+    opt.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (addition 1000, text 2000)")
+    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+                     help="also stop after this much training time, the cosine schedule following whichever "
+                          "budget runs out first; 0: none (addition 240, text 0)")
+    opt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                     help="autocast precision (default: float32 on a CPU; bfloat16 on a GPU that has it, else "
+                          "float16 with a GradScaler)")
+    opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the batches and dropout (default 0)")
+    opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present; under torchrun cuda:LOCAL_RANK)")
+    run = train.add_argument_group("the run")
+    run.add_argument("--out", metavar="DIR", help="where to save (default out/addition-2digit, or out/<file name>)")
+    run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly, with its own options")
+    run.add_argument("--stop-at", type=int, metavar="STEP",
+                     help="stop (and save) after this step, leaving the schedule as it is; continue with --resume")
+    run.add_argument("--eval-every", type=int, metavar="STEPS", help="steps between validation losses; 0: at the end only "
+                                                    "(addition 100, text 200)")
+    run.add_argument("--eval-batches", type=int, metavar="N", help="batches in a validation loss (default 20)")
+    run.add_argument("--save-every", type=int, metavar="STEPS", help="steps between checkpoints; 0: at the end only "
+                                                    "(default: --eval-every)")
+    run.add_argument("--log-every", type=int, metavar="STEPS", help="steps between progress lines (addition 50, text 20)")
+
+
+def add_eval_parser(commands):
+    ev = commands.add_parser(
+        "eval", help="loss and perplexity of a model on a text file, with a sliding window",
+        description="Loss and perplexity of a model on a text file, with a sliding window as the GPT-2 paper\n"
+                    "measures WikiText: windows of --context tokens, --stride apart, each scoring only the tokens\n"
+                    "no earlier window scored. An addition model with no --data reports its held-out accuracy.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("--model", default="gpt2", help="a directory, a released name or a hub repo id (default gpt2)")
+    ev.add_argument("--data", metavar="PATH", help="a UTF-8 text file to score")
+    ev.add_argument("--context", type=int, metavar="N", help="tokens per window (default: the model's n_positions)")
+    ev.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: half the context)")
+    ev.add_argument("--batch-size", type=int, metavar="N", default=4, help="windows per forward pass (default 4)")
+    ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights' precision (default float32)")
 
 
 def read_prompts(args) -> List[str]:
@@ -2062,6 +3026,10 @@ def main(argv=None):
     try:
         if args.command == "sample":
             sample_command(args)
+        elif args.command == "train":
+            train_command(args)
+        elif args.command == "eval":
+            eval_command(args)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed
         sys.stdout.write("\n")
         return 130

@@ -1,0 +1,361 @@
+"""Training and evaluation (section 10 of nanogpt2.py): the addition task, text data, the parts of the loop
+(schedule, optimiser groups, gradient accumulation, exact resume, DDP), sliding-window perplexity, and the
+errors a user meets. Models are tiny (1-2 layers, width 16-32) so the whole file runs in well under a
+minute on 2 cores; the full default run is marked slow."""
+
+import csv
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import nanogpt2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16"]
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog, {i * 7 % 13} times.\n" for i in range(60))
+
+
+def train(tmp_path, *options, name="run"):
+    out = tmp_path / name
+    assert nanogpt2.main(["train", *TINY, "--out", str(out), *options]) == 0
+    return out
+
+
+def log_rows(out):
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(out):
+    return nanogpt2.load_safetensors(str(out / "model.safetensors"))
+
+
+def text_file(tmp_path, text=TEXT, name="corpus.txt"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- the addition task --------------------------------------------------------------------------------
+
+
+def test_addition_problems_are_fixed_width_with_the_answer_reversed():
+    task = nanogpt2.AdditionTask(2)
+    tokens = task.encode(torch.tensor([7 * 100 + 39, 99 * 100 + 99]))
+    assert [task.tokenizer.decode(row) for row in tokens] == ["07+39=640\n", "99+99=891\n"]
+    assert nanogpt2.AdditionTask(3).tokenizer.decode(nanogpt2.AdditionTask(3).encode(torch.tensor([999_999]))[0]) \
+        == "999+999=8991\n"
+    x, y = task.examples(torch.tensor([7 * 100 + 39]))
+    assert task.tokenizer.decode(x[0]) == "07+39=640"  # the inputs: all but the last token
+    assert (y[0, :5] == -100).all()  # no loss on predicting "7+39=" (the operands are random)
+    assert task.tokenizer.decode(y[0, 5:]) == "640\n"  # the answer digits and the end, predicted from "=" on
+
+
+def test_held_out_problems_are_fixed_and_never_drawn_for_training():
+    task, again = nanogpt2.AdditionTask(2), nanogpt2.AdditionTask(2)
+    assert torch.equal(task.held_out, again.held_out)  # the same set every run, whatever the seed
+    assert len(task.held_out.unique()) == 1000  # 10% of the 10,000 problems
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.cat([task.sample(256, g) for _ in range(200)])  # 51,200 draws from the 9,000 others
+    assert not torch.isin(drawn, task.held_out).any()
+    assert len(drawn.unique()) > 8900  # and those are all drawn, not a few (expected: 9000 (1 - e^-5.7) = 8970)
+    assert len(nanogpt2.AdditionTask(4).held_out) > 1990  # too many problems to list: ~2,000 random ones
+
+
+# --- the loop's parts ---------------------------------------------------------------------------------
+
+
+def test_schedule_warms_up_then_follows_a_cosine_down_to_a_tenth():
+    lr = nanogpt2.learning_rate
+    assert lr(0, 0.0, 1e-3, 10) == pytest.approx(1e-4)  # first warmup step: a tenth of the peak
+    assert lr(9, 0.0, 1e-3, 10) == pytest.approx(1e-3)
+    assert lr(500, 0.5, 1e-3, 10) == pytest.approx(0.55e-3)  # half way: between peak and floor
+    assert lr(1000, 1.0, 1e-3, 10) == pytest.approx(1e-4)  # the end: a tenth of the peak
+    after_warmup = [lr(s, s / 100, 1.0, 10) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
+
+
+def test_weight_decay_goes_to_matrices_only_and_each_parameter_once():
+    model = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=2, n_head=2))
+    decay, no_decay = nanogpt2.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is model.transformer.wte.weight for p in decay["params"])  # the tied embedding/head, once
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_micro_batches_with_accumulation_equal_one_bigger_batch():
+    """k micro-batches give the gradient of one batch k times larger, even when they hold different numbers
+    of targets (the loss is normalised by the whole batch's count, not per micro-batch)."""
+    torch.manual_seed(0)
+    config = nanogpt2.GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                 embd_pdrop=0.0, attn_pdrop=0.0)
+    model = nanogpt2.GPT2LMHeadModel(config)
+    x = torch.randint(0, 20, (8, 8))
+    y = torch.randint(0, 20, (8, 8))
+    y[torch.rand(8, 8) < 0.5] = -100  # uneven: each micro-batch holds a different number of targets
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    updates = []
+    for micro_batches in ([(x, y)], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
+        copy = nanogpt2.GPT2LMHeadModel(config)
+        copy.load_state_dict(model.state_dict())
+        sgd = torch.optim.SGD(copy.parameters(), lr=1.0)  # the update is minus the gradient itself
+        loss, norm = nanogpt2.train_step(copy, sgd, scaler, micro_batches, 1.0, 0.0, nanogpt2.contextlib.nullcontext,
+                                         "cpu")
+        updates.append((loss, norm, torch.cat([(p - q).flatten() for p, q in zip(copy.parameters(), model.parameters())])))
+    (loss_one, norm_one, one), (loss_four, norm_four, four) = updates
+    assert loss_one == pytest.approx(loss_four, rel=1e-6) and norm_one == pytest.approx(norm_four, rel=1e-5)
+    torch.testing.assert_close(four, one, rtol=0, atol=1e-6)  # fp32: the same sums in another order
+
+
+def test_training_lowers_the_loss_and_logs_every_step(tmp_path):
+    out = train(tmp_path, "--digits", "1", "--n-layer", "2", "--n-embd", "32", "--batch-size", "64", "--lr", "3e-3",
+                "--warmup", "5", "--max-steps", "40", "--eval-every", "20")
+    rows = log_rows(out)
+    assert [int(r["step"]) for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows if r["val_loss"]] == ["20", "40"]
+    first, last = (np.mean([float(r["loss"]) for r in part]) for part in (rows[:5], rows[-5:]))
+    assert first > 2.3  # at first the model guesses among 13 tokens: about ln 13 = 2.56
+    assert last < 1.5, f"loss went from {first:.3f} to {last:.3f} in 40 steps"
+    assert (out / "config.json").exists() and (out / "training_state.pt").exists()
+    model = nanogpt2.GPT2LMHeadModel.from_pretrained(str(out))
+    assert model.config.extra["char_vocab"] == nanogpt2.ADDITION_VOCAB and model.config.extra["addition_digits"] == 1
+
+
+def test_resume_continues_bitwise_exactly_with_dropout_on(tmp_path):
+    options = ["--digits", "2", "--batch-size", "16", "--max-steps", "8", "--dropout", "0.1", "--eval-every", "3",
+               "--warmup", "2"]
+    whole = train(tmp_path, *options, name="whole")
+    halves = train(tmp_path, *options, "--stop-at", "4", name="halves")
+    assert nanogpt2.main(["train", "--resume", str(halves)]) == 0
+    a, b = weights(whole), weights(halves)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from an uninterrupted run"
+    state_a, state_b = (torch.load(out / "training_state.pt", weights_only=True) for out in (whole, halves))
+    assert state_a["step"] == state_b["step"] == 8
+    moments = [(s["optimizer"]["state"][0]["exp_avg"], s["optimizer"]["state"][0]["exp_avg_sq"]) for s in (state_a, state_b)]
+    assert all(torch.equal(x, y) for x, y in zip(*moments))
+    assert [r["loss"] for r in log_rows(whole)] == [r["loss"] for r in log_rows(halves)]
+
+
+def test_two_gloo_processes_under_torchrun_match_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo, 127.0.0.1 only): each process takes half of every batch;
+    DDP's gradients then equal those of one process with the whole batch."""
+    options = [*TINY, "--digits", "2", "--max-steps", "4", "--warmup", "1", "--eval-every", "2", "--device", "cpu"]
+    one = tmp_path / "one"
+    assert nanogpt2.main(["train", *options, "--batch-size", "16", "--out", str(one)]) == 0
+    with socket.socket() as s:  # a free port on the loopback interface
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port),
+               os.path.join(ROOT, "nanogpt2.py"), "train", *options, "--batch-size", "8", "--out", str(two)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes 2" in result.stdout and result.stdout.count("saved to") == 1  # only the first process speaks
+    a, b = weights(one), weights(two)
+    for key in a:  # fp32: the two halves' gradients are summed in another order
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    for column in ("loss", "grad_norm"):  # AdamW would hide a gradient off by a constant factor; the norm does not
+        assert [float(r[column]) for r in log_rows(two)] == pytest.approx([float(r[column]) for r in log_rows(one)],
+                                                                          rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains(tmp_path, device, dtype):
+    out = train(tmp_path, "--digits", "1", "--batch-size", "32", "--max-steps", "6", "--dtype", dtype,
+                "--device", str(device), "--lr", "3e-3", "--warmup", "1")
+    losses = [float(r["loss"]) for r in log_rows(out)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert weights(out)["transformer.h.0.attn.c_attn.weight"].dtype == torch.float32  # master weights stay fp32
+
+
+def test_loss_curve_png_only_when_matplotlib_is_importable(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    out = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "2")
+    assert not (out / "loss.png").exists() and (out / "log.csv").exists()
+
+
+# --- text data ----------------------------------------------------------------------------------------
+
+
+def test_text_file_at_character_level_trains_and_saves_its_vocabulary(tmp_path, capsys):
+    path = text_file(tmp_path)
+    out = train(tmp_path, "--data", str(path), "--tokenizer", "char", "--block-size", "16", "--batch-size", "8",
+                "--max-steps", "6", "--eval-every", "3")
+    chars = "".join(sorted(set(TEXT)))
+    model = nanogpt2.GPT2LMHeadModel.from_pretrained(str(out))
+    assert model.config.extra["char_vocab"] == chars and model.config.vocab_size == len(chars)
+    tokens = np.fromfile(out / "tokens.bin", dtype=np.uint16)
+    assert tokens.tolist() == [chars.index(c) for c in TEXT]  # the memory-mapped file holds the whole text
+    data = nanogpt2.TextData(str(out / "tokens.bin"), "uint16", 16, 0.1, "corpus")
+    assert data.n_val == len(TEXT) // 10 and data.n_train + data.n_val == len(TEXT)
+    x, y = data.examples(torch.tensor([0, 5]))
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 16)  # targets are the inputs shifted by one
+    assert "sample (temperature 0.8):" in capsys.readouterr().out
+
+
+def test_bpe_tokens_of_a_file_read_in_pieces_equal_those_of_the_whole_text(tmp_path):
+    text = ("Hello  world!\n\n\n   indented\tline\n" * 3 + "naïve café 😀 <|endoftext|> done.  \n\n" + "x" * 50) * 4
+    path = text_file(tmp_path, text)
+    pieces = list(nanogpt2.read_text_pieces(str(path), piece_chars=7))  # cuts land everywhere
+    assert "".join(pieces) == text and len(pieces) > 10
+    dest = str(tmp_path / "tokens.bin")
+    count = nanogpt2.tokenize_file(str(path), nanogpt2.BPETokenizer(), dest, piece_chars=7)
+    assert np.fromfile(dest, dtype=np.uint16).tolist() == nanogpt2.encode(text) and count == len(nanogpt2.encode(text))
+
+
+def test_text_file_with_gpt2_bpe_trains(tmp_path):
+    out = train(tmp_path, "--data", str(text_file(tmp_path)), "--block-size", "16", "--batch-size", "4",
+                "--max-steps", "3", "--eval-every", "0")
+    assert nanogpt2.GPT2Config.from_json_file(out / "config.json").vocab_size == 50257
+    assert "char_vocab" not in nanogpt2.GPT2Config.from_json_file(out / "config.json").extra
+    assert np.fromfile(out / "tokens.bin", dtype=np.uint16).tolist() == nanogpt2.encode(TEXT)
+
+
+def test_init_fine_tunes_the_given_weights(tmp_path):
+    chars = "".join(sorted(set(TEXT)))
+    config = nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                 extra={"char_vocab": chars})
+    pretrained = nanogpt2.GPT2LMHeadModel(config)
+    pretrained.save_pretrained(str(tmp_path / "pretrained"))
+    out = train(tmp_path, "--data", str(text_file(tmp_path)), "--init", str(tmp_path / "pretrained"),
+                "--block-size", "16", "--batch-size", "4", "--max-steps", "2", "--lr", "1e-9", "--warmup", "0")
+    tuned = weights(out)
+    for name, tensor in pretrained.state_dict().items():
+        if name in tuned:  # a step of 1e-9 leaves the pretrained weights all but unchanged
+            torch.testing.assert_close(tuned[name], tensor, rtol=0, atol=1e-7)
+
+
+# --- eval -----------------------------------------------------------------------------------------------
+
+
+def hand_sliding_window_nll(model, tokens, context, stride):
+    """The Hugging Face perplexity guide's loop, one window at a time, each token scored once."""
+    total, count, scored_up_to = 0.0, 0, 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + context, len(tokens))
+        logprobs = torch.log_softmax(model(torch.tensor(tokens[begin:end])[None]).logits[0].double(), dim=-1)
+        for t in range(max(scored_up_to, begin + 1), end):  # not scored before, and with context
+            total -= logprobs[t - begin - 1, tokens[t]].item()
+            count += 1
+        scored_up_to = end
+        if end == len(tokens):
+            break
+    return total, count
+
+
+@pytest.mark.parametrize("context, stride", [(16, 5), (16, 16), (7, 1), (32, 9)])
+def test_eval_perplexity_matches_a_hand_computed_sliding_window(tmp_path, capsys, context, stride):
+    chars = "".join(sorted(set(TEXT)))
+    torch.manual_seed(0)
+    model = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=32, n_embd=16,
+                                                         n_layer=2, n_head=2, extra={"char_vocab": chars})).eval()
+    model.save_pretrained(str(tmp_path / "model"))
+    text = TEXT[:120]
+    tokens = [chars.index(c) for c in text]
+    expected_total, expected_count = hand_sliding_window_nll(model, tokens, context, stride)
+    total, count = nanogpt2.sliding_window_loss(model, np.array(tokens), context, stride, batch_size=3)
+    assert count == expected_count and (stride == context or count == len(tokens) - 1)
+    assert total == pytest.approx(expected_total, rel=1e-5)  # fp32 logits against a float64 sum
+    path = text_file(tmp_path, text)
+    assert nanogpt2.main(["eval", "--model", str(tmp_path / "model"), "--data", str(path), "--context",
+                          str(context), "--stride", str(stride)]) == 0
+    printed = float(re.search(r"perplexity ([\d.]+)", capsys.readouterr().out).group(1))
+    assert printed == pytest.approx(math.exp(expected_total / expected_count), rel=1e-3)  # printed to 3 decimals
+
+
+def test_eval_of_an_addition_model_reports_held_out_accuracy(tmp_path, capsys):
+    out = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "2")
+    capsys.readouterr()
+    assert nanogpt2.main(["eval", "--model", str(out)]) == 0
+    assert re.search(r"held-out exact match: [\d.]+% \(\d+ of 10 problems", capsys.readouterr().out)
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+
+def run_error(capsys, argv):
+    assert nanogpt2.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanogpt2.py: error: ") and err.count("\n") == 1  # one line, no traceback
+    return err
+
+
+def test_bad_data_files_give_clear_errors(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    assert "--data " + str(missing) + ": no such file" in run_error(capsys, ["train", "--data", str(missing)])
+    empty = text_file(tmp_path, "", "empty.txt")
+    assert "is empty" in run_error(capsys, ["train", "--data", str(empty), "--out", str(tmp_path / "o")])
+    short = text_file(tmp_path, "just a few words\n" * 3, "short.txt")
+    err = run_error(capsys, ["train", "--data", str(short), "--tokenizer", "char", "--out", str(tmp_path / "o")])
+    assert "holds 51 tokens: 46 for training and 5 for validation" in err and "--block-size 256 needs 257" in err
+    not_utf8 = tmp_path / "latin1.txt"
+    not_utf8.write_bytes("café\n".encode("latin-1") * 100)
+    assert "is not UTF-8 text" in run_error(capsys, ["train", "--data", str(not_utf8), "--out", str(tmp_path / "o")])
+    assert "no such file" in run_error(capsys, ["eval", "--model", str(tmp_path), "--data", str(missing)])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--digits", "0"], "--digits must be in 1..9, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--dropout", "1"], "--dropout is a probability in [0, 1), got 1.0"),
+    (["--tokenizer", "char"], "--tokenizer is an option of --data"),
+    (["--resume", "/nonexistent/run"], "no training_state.pt there"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--val-fraction", "1"],
+     "CUDA is not available" if not torch.cuda.is_available() else "--val-fraction must be in (0, 1)"),
+])
+def test_bad_options_give_clear_errors(tmp_path, capsys, options, message):
+    assert message in run_error(capsys, ["train", "--out", str(tmp_path / "o"), *options])
+
+
+def test_digits_with_a_text_file_is_refused(tmp_path, capsys):
+    err = run_error(capsys, ["train", "--data", str(text_file(tmp_path)), "--digits", "3"])
+    assert "--digits is an option of the addition task" in err
+
+
+def test_init_without_data_must_be_an_addition_model(tmp_path, capsys):
+    chars = "".join(sorted(set(TEXT)))
+    nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=16, n_embd=16, n_layer=1,
+                                                 n_head=2, extra={"char_vocab": chars})).save_pretrained(str(tmp_path / "m"))
+    err = run_error(capsys, ["train", "--init", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    assert "is not an addition model of 10 positions or more; to fine-tune it, give a text file with --data" in err
+
+
+def test_unknown_option_exits_2_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        nanogpt2.main(["train", "--bogus", "1"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_eval_stride_longer_than_context_is_refused(tmp_path, capsys):
+    chars = "".join(sorted(set(TEXT)))
+    nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=16, n_embd=16, n_layer=1,
+                                                 n_head=2, extra={"char_vocab": chars})).save_pretrained(str(tmp_path / "m"))
+    path = str(text_file(tmp_path))
+    assert "--stride 20 is longer than --context 16" in run_error(
+        capsys, ["eval", "--model", str(tmp_path / "m"), "--data", path, "--stride", "20"])
+    assert "--context 64 is longer than the model's 16 positions" in run_error(
+        capsys, ["eval", "--model", str(tmp_path / "m"), "--data", path, "--context", "64"])
+
+
+# --- the default run ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_run_learns_two_digit_addition_within_five_minutes(tmp_path):
+    args = nanogpt2.build_parser().parse_args(["train", "--out", str(tmp_path / "add")])
+    start = time.time()
+    summary = nanogpt2.train_command(args)
+    assert summary["accuracy"] >= 0.99
+    assert time.time() - start < 300
