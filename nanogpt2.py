@@ -2524,8 +2524,10 @@ def fill_defaults(args):
         args.out = os.path.join("out", stem)
     if args.data is None and args.digits is not None and not 1 <= args.digits <= 9:
         raise ValueError(f"--digits must be in 1..9, got {args.digits}")
-    if args.data is not None and args.digits is not None:
-        raise ValueError("--digits is an option of the addition task; it cannot go with --data")
+    if args.data is not None:
+        check_text_file(args.data)  # before any directory is made
+        if args.digits is not None:
+            raise ValueError("--digits is an option of the addition task; it cannot go with --data")
     if args.data is None and args.tokenizer is not None:
         raise ValueError("--tokenizer is an option of --data; the addition task has its own characters")
     for name, low in (("batch_size", 1), ("accum", 1), ("max_steps", 1), ("n_layer", 1), ("n_head", 1),

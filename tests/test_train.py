@@ -294,6 +294,7 @@ def run_error(capsys, argv):
 def test_bad_data_files_give_clear_errors(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     assert "--data " + str(missing) + ": no such file" in run_error(capsys, ["train", "--data", str(missing)])
+    assert not os.path.exists(os.path.join("out", "nope"))  # checked before any directory is made
     empty = text_file(tmp_path, "", "empty.txt")
     assert "is empty" in run_error(capsys, ["train", "--data", str(empty), "--out", str(tmp_path / "o")])
     short = text_file(tmp_path, "just a few words\n" * 3, "short.txt")
