@@ -1929,10 +1929,11 @@ def decode(ids) -> str:
     return get_tokenizer().decode([int(i) for i in ids])
 
 
-def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) -> Tuple[torch.Tensor, torch.Tensor]:
     """Several prompts -> (input_ids (B, T), attention_mask (B, T)), left-padded so that every prompt
-    ends at the last column, where generation continues. An empty prompt starts from <|endoftext|>."""
-    encoded = [encode(p) or [EOT_TOKEN] for p in prompts]
+    ends at the last column, where generation continues. An empty prompt starts from pad_id
+    (<|endoftext|> for GPT-2). encode_fn: text -> ids (GPT-2's BPE unless a model has its own)."""
+    encoded = [encode_fn(p) or [pad_id] for p in prompts]
     T = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
@@ -1943,14 +1944,22 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN) -> Tuple[torch.Ten
 
 
 class StreamDecoder:
-    """Decodes one sequence's tokens as they arrive. A token can end in the middle of a multi-byte
-    character, so bytes go through an incremental UTF-8 decoder that holds back incomplete characters."""
+    """Decodes one sequence's tokens as they arrive. A BPE token can end in the middle of a multi-byte
+    character, so bytes go through an incremental UTF-8 decoder that holds back incomplete characters.
+    A character-level model (chars: its vocabulary string) needs none of that."""
 
-    def __init__(self):
+    def __init__(self, chars: Optional[str] = None):
+        self.chars = chars
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, token: int) -> str:
+        if self.chars is not None:
+            return self.chars[int(token)]
         return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))
+
+    def flush(self) -> str:
+        """What is left at the end: an unfinished character becomes U+FFFD, as decode() gives it."""
+        return self.utf8.decode(b"", final=True)
 
 # ----------------------------------------------------------------------------------------------------
 # 10. Training and evaluation
@@ -2865,7 +2874,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text to continue; give it several times for a batch (default: start from "
                              "<|endoftext|>, i.e. unconditional samples)")
     sample.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
-    sample.add_argument("--max-new-tokens", type=int, default=100, help="tokens to add per sample (default 100)")
+    sample.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to add per sample (default 100, or fewer if the model has less room)")
     sample.add_argument("--temperature", type=float, default=0.8,
                         help="divide the logits by this; lower is more predictable, 0 means greedy (default 0.8)")
     sample.add_argument("--top-k", type=int, default=200,
@@ -2974,7 +2984,7 @@ def read_prompts(args) -> List[str]:
 def sample_command(args):
     for name, value, low in (("--max-new-tokens", args.max_new_tokens, 0), ("--num-samples", args.num_samples, 1),
                              ("--top-k", args.top_k, 0)):
-        if value < low:
+        if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
@@ -2986,10 +2996,16 @@ def sample_command(args):
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     prompts = read_prompts(args)
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
-    input_ids, attention_mask = encode_batch([p for p in prompts for _ in range(args.num_samples)])
+    tokenizer = tokenizer_for(model.config)  # GPT-2's BPE, or the characters a model was trained on
+    eos = model.config.eos_token_id
+    input_ids, attention_mask = encode_batch([p for p in prompts for _ in range(args.num_samples)],
+                                             pad_id=eos, encode_fn=tokenizer.encode)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
-    if input_ids.size(1) + args.max_new_tokens > model.config.n_positions:
+    room = model.config.n_positions - input_ids.size(1)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = max(0, min(100, room))
+    if args.max_new_tokens > room:
         raise ValueError(f"the prompt is {input_ids.size(1)} tokens; with --max-new-tokens {args.max_new_tokens} "
                          f"that exceeds the model's {model.config.n_positions} positions")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -2999,23 +3015,23 @@ def sample_command(args):
     if input_ids.size(0) == 1:  # one sample: stream it token by token
         out.write(prompts[0])
         out.flush()
-        stream = StreamDecoder()
+        stream = StreamDecoder(tokenizer.chars)
 
         def on_token(tokens):
-            if int(tokens[0]) != EOT_TOKEN:
+            if int(tokens[0]) != eos:
                 out.write(stream(tokens[0]))
                 out.flush()
 
         model.generate(input_ids, on_token=on_token, **options)
-        out.write(stream.utf8.decode(b"", final=True) + "\n")  # a character cut off at the end: U+FFFD
+        out.write(stream.flush() + "\n")
     else:  # a batch: every sample advances together; print each when all are done
         sys.stderr.write(f"generating {input_ids.size(0)} samples in one batch...\n")
         tokens = model.generate(input_ids, **options)
         for i in range(input_ids.size(0)):
             new = tokens[i, input_ids.size(1):].tolist()
-            new = new[:new.index(EOT_TOKEN)] if EOT_TOKEN in new else new  # what follows eos is padding
+            new = new[:new.index(eos)] if eos in new else new  # what follows eos is padding
             out.write(f"--- sample {i % args.num_samples + 1} of prompt {i // args.num_samples + 1} ---\n")
-            out.write(prompts[i // args.num_samples] + decode(new) + "\n")
+            out.write(prompts[i // args.num_samples] + tokenizer.decode(new) + "\n")
     out.flush()
 
 

@@ -262,3 +262,23 @@ def test_an_unreadable_checkpoint_is_a_one_line_error(steered, tmp_path, device,
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     assert nanogpt2.main(sample_args(tmp_path, device, "--prompt", "Hello")) == 2
     assert capsys.readouterr().err.startswith("nanogpt2.py: error:")
+
+
+def test_a_character_level_model_samples_with_its_own_vocabulary(tmp_path, device, capsys):
+    # A model trained by `train` on characters keeps its vocabulary in config.json; sample must encode the
+    # prompt and decode the answer with it (GPT-2's BPE would give other ids, or fail), stop at its own
+    # end token, and fit its short context without being told --max-new-tokens.
+    chars = nanogpt2.ADDITION_VOCAB
+    eos = chars.index("\n")
+    config = nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=10, n_embd=16, n_layer=1, n_head=2,
+                                 bos_token_id=eos, eos_token_id=eos, extra={"char_vocab": chars})
+    torch.manual_seed(0)
+    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path / "adder")
+    model = nanogpt2.GPT2LMHeadModel.from_pretrained(tmp_path / "adder", device=device)
+    ids = torch.tensor([[chars.index(c) for c in "12+34="]], device=device)
+    new = model.generate(ids, max_new_tokens=4)[0, 6:].tolist()
+    expected = "".join(chars[t] for t in (new[:new.index(eos)] if eos in new else new))
+    status = nanogpt2.main(["sample", "--model", str(tmp_path / "adder"), "--prompt", "12+34=",
+                            "--temperature", "0", "--device", str(device)])
+    assert status == 0
+    assert capsys.readouterr().out == "12+34=" + expected + "\n"
