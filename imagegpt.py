@@ -26,15 +26,20 @@ Map of the file (read it top to bottom; the data flows in this order):
     7. Generation        greedy, sampling (temperature, top-k, top-p), with the cache, from SOS or a prompt
     8. Loading, saving   safetensors read by hand, the hub download, from_pretrained, save_pretrained (+ palette)
     9. Pixels and tokens the palette (OpenAI's, or k-means on your images), quantise, dequantise, PNG files
-   10. Command line      `python imagegpt.py sample ...` and `python imagegpt.py complete ...`
+   10. Training, eval    shapes drawn on the fly or your images, a k-means palette, AdamW, warmup + cosine,
+                         sample grids as it trains; a linear probe or fine-tuned classifier
+   11. Command line      python imagegpt.py sample | complete | train  (python imagegpt.py --help)
 
 Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd,
 nh = number of heads, hs = head size (C // nh), V = vocab size (colours + SOS), K = number of colours.
 
-Run the tests with `python -m pytest -q` (see README.md); sample with `python imagegpt.py sample --help`.
+Run the tests with `python -m pytest -q` (see README.md); sample with `python imagegpt.py sample --help`;
+train a small one that draws shapes with `python imagegpt.py train` (minutes on a CPU).
 """
 
 import argparse
+import csv
+import functools
 import hashlib
 import json
 import math
@@ -1923,7 +1928,741 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
     return grid
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Command line
+# 10. Training and evaluation
+# ----------------------------------------------------------------------------------------------------
+# `python imagegpt.py train` trains an ImageGPT, from scratch or from pretrained weights (--init), and saves it
+# with its palette (save_pretrained). With no options it learns to draw coloured shapes on plain backgrounds,
+# 12 x 12 pixels in 16 colours, on a CPU, in about five minutes, writing a grid of samples as it goes.
+# Before the loop: the images (drawn on the fly, or read from --data) and a palette fitted to them by k-means
+# (fit_palette, section 9), which turns each image into n_px * n_px colour tokens.
+# One optimiser step (train_step) does, in order:
+#     1. the step's batch of images as tokens; the inputs are SOS and every pixel but the last, the targets
+#        every pixel, so each input predicts the pixel after it (lm_examples)
+#     2. forward and backward
+#     3. clip the gradient norm, then an AdamW step at the learning rate of the schedule (warmup, cosine)
+# Around it, the loop (train) logs every step to a CSV file, measures the validation loss now and then, and
+# samples a PNG grid of images every --sample-every steps. After it, --probe trains a classifier on the
+# model's features (ImageGPTForImageClassification) and reports its accuracy on held-out images: a linear
+# probe (the body frozen, only the score layer learnt) or fine-tuning (every weight).
+# This is nanogpt2.py's section 10 with only what the images need: no gradient accumulation, mixed precision,
+# DDP or resume (nanogpt2.py shows those, and a 12 x 12 model does not need them).
+
+# --- The default task: coloured shapes, drawn on the fly ------------------------------------------------
+
+SHAPE_KINDS = ("square", "disc", "triangle", "stripes")  # a shape's kind is its label for --probe
+BACKGROUNDS = ((242, 238, 226), (38, 40, 52), (112, 128, 144))  # cream, charcoal, slate grey
+SHAPE_COLOURS = ((214, 48, 49), (46, 160, 67), (40, 90, 220), (245, 195, 30), (150, 70, 190))  # red ... purple
+
+
+def draw_shapes(count: int, n_px: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """count images of one shape each on a plain background -> (images (count, n_px, n_px, 3) uint8, kinds
+    (count,), indices into SHAPE_KINDS). Everything random comes from generator, so a seed gives the same images.
+
+    A square, disc or upward triangle is 45-80% of the image across (smaller discs look square once drawn in
+    pixels), anywhere it fits whole; stripes (bars 3 or more pixels apart, horizontal or vertical) cross the
+    whole image. A pixel takes the shape's colour when its centre is inside the shape: hard edges, no blending,
+    so each image holds exactly two colours. Each colour is shifted by up to 12 levels per channel, so the
+    palette has a spread of colours to fit, not a handful of exact ones.
+    """
+    if not isinstance(n_px, int) or n_px < 6:
+        raise ValueError(f"the shapes need n_px >= 6 (a smaller image cannot hold a disc), got {n_px!r}")
+    n, g = n_px, generator
+    kinds = torch.randint(len(SHAPE_KINDS), (count,), generator=g)
+    size = n * (0.45 + 0.35 * torch.rand(count, generator=g))  # (count,): side, diameter, or base and height
+    centre = size[:, None] / 2 + (n - size[:, None]) * torch.rand(count, 2, generator=g)  # (count, 2): x, y
+    ys, xs = torch.meshgrid(torch.arange(n) + 0.5, torch.arange(n) + 0.5, indexing="ij")  # pixel centres (n, n)
+    dx = xs - centre[:, 0, None, None]  # (count, n, n): each pixel centre's offset from the shape's centre
+    dy = ys - centre[:, 1, None, None]
+    half = size[:, None, None] / 2  # (count, 1, 1)
+    square = (dx.abs() < half) & (dy.abs() < half)
+    disc = dx ** 2 + dy ** 2 < half ** 2
+    triangle = (dy.abs() < half) & (dx.abs() < (dy + half) / 2)  # half-width grows from 0 at the apex to half
+    period = torch.randint(3, max(3, n // 3) + 1, (count, 1, 1), generator=g)  # pixels from one bar to the next
+    phase = torch.randint(0, n, (count, 1, 1), generator=g)
+    vertical = torch.rand(count, 1, 1, generator=g) < 0.5
+    across = torch.where(vertical, xs, ys).long()  # (count, n, n): the column (vertical bars) or row index
+    stripes = (across + phase) % period < (period + 1) // 2
+    inside = torch.stack([square, disc, triangle, stripes], dim=1)[torch.arange(count), kinds]  # (count, n, n)
+    background = torch.tensor(BACKGROUNDS)[torch.randint(len(BACKGROUNDS), (count,), generator=g)]  # (count, 3)
+    colour = torch.tensor(SHAPE_COLOURS)[torch.randint(len(SHAPE_COLOURS), (count,), generator=g)]
+    background = (background + torch.randint(-12, 13, (count, 3), generator=g)).clamp(0, 255)
+    colour = (colour + torch.randint(-12, 13, (count, 3), generator=g)).clamp(0, 255)
+    images = torch.where(inside[..., None], colour[:, None, None, :], background[:, None, None, :])
+    return images.to(torch.uint8), kinds  # (count, n, n, 3)
+
+
+class ShapesTask:
+    """The default task: draw_shapes images, new ones for every batch, so the model never sees one twice and
+    cannot overfit. Two fixed sets, the same whatever --seed, are drawn once: 2,048 images to fit the palette
+    on (and to train a probe on), and 512 held out for the validation loss (and to test a probe). A shape's
+    kind is its label, so --probe needs no --labels here."""
+
+    def __init__(self, n_px: int):
+        self.n_px = n_px
+        self.label_names = list(SHAPE_KINDS)
+        # Seeds of their own (ImageGPT was published on 17 June 2020), apart from the batches' --seed.
+        self.fit_images, self.fit_kinds = draw_shapes(2048, n_px, torch.Generator().manual_seed(2020))
+        self.held_out, self.held_out_kinds = draw_shapes(512, n_px, torch.Generator().manual_seed(617))
+        self.palette = None
+
+    def describe(self) -> str:
+        return (f"coloured shapes ({', '.join(SHAPE_KINDS)}) on plain backgrounds, {self.n_px} x {self.n_px} "
+                f"pixels, drawn on the fly; {len(self.held_out)} held out")
+
+    def palette_images(self) -> torch.Tensor:
+        return self.fit_images
+
+    def set_palette(self, palette: torch.Tensor):
+        self.palette = palette
+
+    def batch(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """count new images as tokens, (count, n_px * n_px)."""
+        return quantise(draw_shapes(count, self.n_px, generator)[0], self.palette)
+
+    def validation_batches(self, batch_size: int, max_batches: int) -> List[torch.Tensor]:
+        return list(quantise(self.held_out, self.palette).split(batch_size)[:max_batches])
+
+    def labelled(self):
+        """(train tokens, train labels, test tokens, test labels) for a probe: the kind of each shape."""
+        return (quantise(self.fit_images, self.palette), self.fit_kinds,
+                quantise(self.held_out, self.palette), self.held_out_kinds)
+
+    def show(self, count: int) -> torch.Tensor:
+        """count held-out images as the model sees them (in the palette's colours), (count, n, n, 3)."""
+        return dequantise(quantise(self.held_out[:count], self.palette), self.palette)
+
+
+# --- Your images: a folder of PNGs or an .npy array ------------------------------------------------------
+
+DATA_HINT = "give a folder of .png files or an .npy array of shape (N, H, W, 3), uint8"
+
+
+def read_images(path: str, n_px: int) -> Tuple[torch.Tensor, List[str]]:
+    """--data -> (images (N, n_px, n_px, 3) uint8, names). A folder: every .png in it (grey, RGB or RGBA,
+    section 9's reader), in sorted name order, the names being the file names. An .npy file: an (N, H, W, 3)
+    uint8 array, names None. Each image is resized to n_px x n_px as the processor does (resize_image)."""
+    if os.path.isdir(path):
+        names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        if not names:
+            raise ValueError(f"--data {path}: the folder holds no .png files; {DATA_HINT}")
+        return torch.stack([resize_image(to_rgb(read_png(os.path.join(path, f))), n_px) for f in names]), names
+    if not os.path.isfile(path):
+        raise ValueError(f"--data {path}: no such file or folder")
+    if not path.lower().endswith(".npy"):
+        raise ValueError(f"--data {path} is neither a folder nor an .npy file; {DATA_HINT}")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise ValueError(f"--data {path} is not a readable .npy array ({e}); {DATA_HINT}") from None
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"--data {path} holds an array of shape {array.shape}, expected (N, H, W, 3): N RGB images, "
+                         "channels last")
+    if array.dtype != np.uint8:
+        raise ValueError(f"--data {path} holds {array.dtype} values, expected uint8 pixels in [0, 255] (from floats in "
+                         "[0, 1]: np.save(path, (x * 255).round().astype(np.uint8)))")
+    if array.shape[0] == 0 or array.shape[1] == 0 or array.shape[2] == 0:
+        raise ValueError(f"--data {path} holds no pixels: its shape is {array.shape}")
+    if array.shape[1:3] == (n_px, n_px):
+        return torch.from_numpy(np.array(array)), None
+    return torch.stack([resize_image(np.array(image), n_px) for image in array]), None  # np.array: a writable copy
+
+
+def read_labels(path: str, names: Optional[List[str]], count: int) -> Tuple[torch.Tensor, List[str]]:
+    """--labels -> (labels (count,) long, the class names). An .npy file of count integers >= 0 (the names
+    are the numbers); or a CSV file with one row per image, in the order of the images (for a folder of
+    PNGs: sorted by name), whose last column is the label, a number or a name (names are numbered in sorted
+    order). A first row labelled "label" or "class" is a header. For a folder, rows of two or more columns
+    are matched to the images by the file name in their first column, in any order."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--labels {path}: no such file")
+    if path.lower().endswith(".npy"):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise ValueError(f"--labels {path} is not a readable .npy array ({e})") from None
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"--labels {path} holds {array.dtype} values of shape {array.shape}, expected a 1-D array "
+                             "of integer class ids")
+        raw = [int(v) for v in array]
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [[cell.strip() for cell in row] for row in csv.reader(f) if any(cell.strip() for cell in row)]
+        if rows and rows[0][-1].lower() in ("label", "labels", "class"):
+            rows = rows[1:]
+        if names is not None and rows and all(len(row) >= 2 for row in rows):
+            by_name = {row[0]: row[-1] for row in rows}
+            missing = [name for name in names if name not in by_name]
+            if missing:
+                raise ValueError(f"--labels {path} names files in its first column, but has no row for {missing[:3]}"
+                                 f"{' ...' if len(missing) > 3 else ''} ({len(missing)} of the {count} images)")
+            rows = [[by_name[name]] for name in names]
+        raw = [row[-1] for row in rows]
+        if all(re.fullmatch(r"\d+", label) for label in raw):
+            raw = [int(label) for label in raw]
+    if len(raw) != count:
+        raise ValueError(f"--labels {path} holds {len(raw)} labels, but --data has {count} images: give one label per "
+                         "image, in the same order")
+    if all(isinstance(label, int) for label in raw):
+        if min(raw) < 0:
+            raise ValueError(f"--labels {path} holds the class id {min(raw)}; class ids must be >= 0")
+        classes = [str(i) for i in range(max(raw) + 1)]
+        labels = torch.tensor(raw, dtype=torch.long)
+    else:
+        classes = sorted(set(map(str, raw)))
+        labels = torch.tensor([classes.index(str(label)) for label in raw], dtype=torch.long)
+    if len(set(labels.tolist())) < 2:
+        raise ValueError(f"--labels {path} holds a single class ({classes[int(labels[0])]!r}): a classifier needs "
+                         "at least two")
+    return labels, classes
+
+
+class ImageData:
+    """Your images (--data) in memory, and their labels (--labels) if given. A seeded shuffle sets
+    val_fraction of them aside: never trained on, by the generative model or by a probe, they measure the
+    validation loss and test the probe. Once the palette is known every image is quantised, once."""
+
+    def __init__(self, images: torch.Tensor, labels: Optional[torch.Tensor], label_names, val_fraction: float,
+                 seed: int, source: str):
+        N = images.size(0)
+        n_val = max(1, round(N * val_fraction))
+        if N - n_val < 1:
+            raise ValueError(f"--data {source} holds {N} image{'s' * (N != 1)}: at least 2 are needed, one to train "
+                             f"on and one to validate on (--val-fraction {val_fraction})")
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
+        self.train_index, self.val_index = order[: N - n_val], order[N - n_val:]
+        self.images, self.labels, self.label_names, self.source = images, labels, label_names, source
+        self.n_px = images.size(1)
+        self.tokens = None
+        self.palette = None
+
+    def describe(self) -> str:
+        labels = f", {len(self.label_names)} classes" if self.labels is not None else ""
+        return (f"{len(self.images):,} images{labels}, resized to {self.n_px} x {self.n_px}: {len(self.train_index):,} "
+                f"for training, {len(self.val_index):,} for validation")
+
+    def palette_images(self) -> torch.Tensor:
+        return self.images[self.train_index]
+
+    def set_palette(self, palette: torch.Tensor):
+        self.palette = palette
+        # int16 holds any palette of up to 32,767 colours in a quarter of int64's memory
+        self.tokens = torch.cat([quantise(chunk, palette) for chunk in self.images.split(4096)]).to(torch.int16)
+
+    def batch(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """count training images, drawn at random (with replacement), as tokens (count, n_px * n_px)."""
+        pick = self.train_index[torch.randint(len(self.train_index), (count,), generator=generator)]
+        return self.tokens[pick].long()
+
+    def validation_batches(self, batch_size: int, max_batches: int) -> List[torch.Tensor]:
+        return [self.tokens[index].long() for index in self.val_index.split(batch_size)[:max_batches]]
+
+    def labelled(self):
+        if self.labels is None:
+            raise ValueError("--probe needs --labels with --data: a .npy of class ids or a CSV, one per image")
+        return (self.tokens[self.train_index].long(), self.labels[self.train_index],
+                self.tokens[self.val_index].long(), self.labels[self.val_index])
+
+    def show(self, count: int) -> torch.Tensor:
+        return dequantise(self.tokens[self.val_index[:count]].long(), self.palette)
+
+
+def lm_examples(tokens: torch.Tensor, sos: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Images as tokens (B, N) -> inputs (B, N) and targets (B, N) for next-pixel prediction: the inputs are SOS
+    and the first N - 1 pixels, the targets the N pixels, so input t predicts pixel t. (The last pixel is never
+    an input: nothing comes after it. That is why n_positions = N suffices, and why generate() can draw
+    SOS + N pixels.)"""
+    sos_column = torch.full((tokens.size(0), 1), sos, dtype=torch.long, device=tokens.device)
+    return torch.cat([sos_column, tokens[:, :-1]], dim=1), tokens  # (B, 1 + N - 1), (B, N)
+
+
+# --- The model, the optimiser, the learning-rate schedule ----------------------------------------------
+
+
+def build_model(args, palette: torch.Tensor, n_px: int, init=None) -> ImageGPTForCausalImageModeling:
+    """An ImageGPT with its next-pixel head: --init's (already loaded), or a new one of palette's colours."""
+    if init is not None:
+        model = init
+        if args.dropout is not None:  # the dropout layers were built from the config: change both
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = args.dropout
+            model.config.resid_pdrop = model.config.embd_pdrop = model.config.attn_pdrop = args.dropout
+    else:
+        config = ImageGPTConfig(
+            vocab_size=palette.size(0) + 1, n_positions=n_px * n_px, n_embd=args.n_embd, n_layer=args.n_layer,
+            n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+        )
+        model = ImageGPTForCausalImageModeling(config)
+        if args.position_init == "grid":
+            init_grid_positions(model.transformer.wpe, n_px, config.initializer_range)
+    model.palette = palette  # saved beside the weights, so the checkpoint samples and completes on its own
+    return model.train()  # from_pretrained returns a model in eval mode: dropout back on
+
+
+@torch.no_grad()
+def init_grid_positions(wpe: nn.Embedding, n_px: int, std: float = 0.02):
+    """Start the position embeddings (n_px * n_px, C) as sines and cosines of each pixel's row (the first half
+    of the channels) and column (the second half), at C / 4 frequencies from pi (a pixel and its neighbour
+    opposite) down to pi / n_px (half a wave across the image).
+
+    ImageGPT's position embeddings start random, like GPT-2's: nothing tells the model that pixel 13 of a
+    12 x 12 image sits under pixel 1, and a large model learns the image's rows and columns from millions of
+    images. A small one, trained for minutes, spends most of them on that. Started from the grid, the model
+    knows from the first step which pixels are neighbours (seen on the shapes, 5 minutes each: 0.128 nats/pixel
+    against 0.153 from random positions). The embeddings still train freely, and the checkpoint is an ordinary
+    ImageGPT: only the starting point differs. Each channel keeps about the usual spread, std."""
+    C = wpe.embedding_dim
+    pixel = torch.arange(n_px * n_px)
+    row, col = (pixel // n_px).float(), (pixel % n_px).float()  # (N,) each
+    k = C // 4
+    freqs = math.pi / n_px ** (torch.arange(k) / max(k - 1, 1))  # (k,): pi ... pi / n_px
+    waves = [f(x[:, None] * freqs) for x in (row, col) for f in (torch.sin, torch.cos)]  # 4 x (N, k)
+    wpe.weight.normal_(std=std)  # channels beyond 4k (when C is not a multiple of 4) stay random
+    wpe.weight[:, : 4 * k] = torch.cat(waves, dim=1) * std * math.sqrt(2)  # (N, 4k): sin and cos have RMS 1/sqrt(2)
+
+
+def configure_optimizer(model, lr: float, weight_decay: float, device_type: str):
+    """AdamW with weight decay on the matrices only (linear layers, embeddings). Decay pulls weights toward
+    zero, which keeps matrices small and the model smooth; on biases and layer-norm gains it would only
+    fight the offsets and scales they exist to set."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+
+
+def learning_rate(step: int, progress: float, peak: float, warmup_steps: int) -> float:
+    """A linear warmup over the first warmup_steps (Adam's first moment estimates are noisy, and full-size
+    steps on them can wreck the initialisation), times a cosine from peak down to peak / 10 as progress,
+    the fraction of the run's budget spent, goes from 0 to 1."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return peak * warmup * cosine
+
+
+# --- One optimiser step, and the validation loss ---------------------------------------------------------
+
+
+def train_step(model, optimizer, tokens: torch.Tensor, lr: float, grad_clip: float) -> Tuple[float, float]:
+    """One optimiser step on a batch of images as tokens (B, N). Returns the mean loss per pixel (nats) and
+    the gradient's norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    device = model.lm_head.weight.device
+    x, y = lm_examples(tokens.to(device), model.config.sos_token_id)  # (B, N) each
+    logits = model(x, use_cache=False).logits  # (B, N, K)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_norm.item()
+
+
+@torch.no_grad()
+def validation_loss(model, batches: List[torch.Tensor]) -> float:
+    """Mean loss per pixel (nats) over fixed validation images, each batch (b, N) tokens."""
+    model.eval()  # no dropout
+    device = model.lm_head.weight.device
+    total, count = 0.0, 0
+    for tokens in batches:
+        x, y = lm_examples(tokens.to(device), model.config.sos_token_id)
+        logits = model(x, use_cache=False).logits  # (b, N, K)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+# --- Samples, the log ---------------------------------------------------------------------------------------
+
+
+def write_samples(model, palette: torch.Tensor, path: str, count: int, seed: int, scale: int):
+    """count images drawn by the model from SOS (temperature 1), as one PNG grid of up to 8 columns. The same
+    seed every time, so grids from successive steps show the same random draws, as the model learns."""
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = generate(model, None, do_sample=True, num_samples=count, generator=generator)  # (count, 1 + N)
+    images = dequantise(tokens[:, 1:].cpu(), palette)  # drop SOS: (count, n, n, 3)
+    write_png(path, image_grid(images, columns=min(count, 8), scale=scale))
+
+
+class TrainingLog:
+    """Every step to out/log.csv: step, loss, lr, gradient norm before clipping, pixels/s, elapsed, and the
+    validation loss where measured."""
+
+    COLUMNS = ["step", "loss", "lr", "grad_norm", "pixels_per_s", "elapsed_s", "val_loss"]
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, "log.csv")
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, self.COLUMNS)
+        self.writer.writeheader()
+
+    def write(self, step, loss, lr, grad_norm, pixels_per_s, elapsed, val_loss=None):
+        self.writer.writerow(dict(step=step, loss=f"{loss:.6f}", lr=f"{lr:.6g}", grad_norm=f"{grad_norm:.6g}",
+                                  pixels_per_s=f"{pixels_per_s:.0f}", elapsed_s=f"{elapsed:.2f}",
+                                  val_loss="" if val_loss is None else f"{val_loss:.6f}"))
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def format_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# --- The training command ---------------------------------------------------------------------------------
+
+# Defaults that depend on what is trained: the shapes, your images (--data), or --init.
+SHAPES_DEFAULTS = dict(n_px=12, n_colours=16, n_layer=4, n_head=4, n_embd=64, dropout=0.0, batch_size=32,
+                       lr=3e-3, warmup=50, max_steps=3000, time_budget=300.0, eval_every=200, sample_every=250,
+                       log_every=25)
+DATA_DEFAULTS = dict(n_px=16, n_colours=16, n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=32, lr=1e-3,
+                     warmup=100, max_steps=2000, time_budget=0.0, eval_every=200, sample_every=500, log_every=25)
+FINE_TUNE_DEFAULTS = dict(lr=1e-4, dropout=None)  # --init: a gentler learning rate; the checkpoint's dropout
+COMMON_DEFAULTS = dict(weight_decay=0.1, grad_clip=1.0, seed=0, val_fraction=0.1, eval_batches=8, num_samples=16,
+                       position_init="grid")
+PROBE_DEFAULTS = {"linear": dict(probe_steps=100), "finetune": dict(probe_steps=300, probe_lr=1e-3)}
+
+
+def fill_defaults(args):
+    """Options left unset get the defaults of the task; then every option is checked, before any work."""
+    given = {name for name, value in vars(args).items() if value is not None}
+    if args.labels is not None and args.probe is None:
+        args.probe = "linear"  # --labels alone: the cheaper probe
+    defaults = dict(COMMON_DEFAULTS, **(SHAPES_DEFAULTS if args.data is None else DATA_DEFAULTS))
+    if args.init is not None:
+        defaults.update(FINE_TUNE_DEFAULTS)
+        defaults.update(n_px=None, n_colours=None)  # the checkpoint's own
+        new_model_only = sorted(given & {"n_layer", "n_head", "n_embd", "n_colours", "position_init"})
+        if new_model_only:
+            raise ValueError(f"--{new_model_only[0].replace('_', '-')} shapes a new model; --init {args.init} brings "
+                             "its own (drop one of them)")
+    if args.probe is not None:
+        defaults.update(PROBE_DEFAULTS[args.probe])
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.out is None:
+        stem = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0] if args.data else "shapes"
+        args.out = os.path.join("out", f"imagegpt-{stem}")
+    if args.labels is not None and args.data is None:
+        raise ValueError("--labels labels the images of --data; the shapes bring their own labels (their kind), so "
+                         "use --probe alone")
+    if args.probe is not None and args.data is not None and args.labels is None:
+        raise ValueError("--probe needs --labels with --data: a .npy of class ids or a CSV, one per image (only the "
+                         "shapes bring their own labels)")
+    if args.palette is not None and "n_colours" in given:
+        raise ValueError("--palette brings its own colours; drop --n-colours")
+    if args.palette is not None and not os.path.exists(args.palette):
+        raise ValueError(f"--palette {args.palette}: no such file")
+    for name, low in (("batch_size", 1), ("max_steps", 0), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
+                      ("n_px", 1), ("n_colours", 2), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
+                      ("sample_every", 0), ("log_every", 1), ("num_samples", 1), ("probe_steps", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if args.data is None and args.n_px is not None and args.n_px < 6:
+        raise ValueError(f"--n-px must be at least 6 for the shapes (a smaller image cannot hold a disc), "
+                         f"got {args.n_px}")
+    for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
+                             f"got {getattr(args, name)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.probe_lr is not None and args.probe != "finetune":
+        raise ValueError("--probe-lr is the learning rate of --probe finetune (a linear probe is fitted by L-BFGS)")
+    if args.probe == "finetune" and not args.probe_lr > 0:
+        raise ValueError(f"--probe-lr must be > 0, got {args.probe_lr}")
+    if args.max_steps == 0 and args.probe is None:
+        raise ValueError("--max-steps 0 trains nothing; with it, --probe (to probe an --init model) is the only work")
+
+
+def prepare_task(args, n_px: int):
+    """The shapes, or --data (with --labels) read and resized to n_px: a task with palette_images(),
+    set_palette(), batch(), validation_batches(), labelled() and show()."""
+    if args.data is None:
+        return ShapesTask(n_px)
+    images, names = read_images(args.data, n_px)
+    labels, label_names = read_labels(args.labels, names, len(images)) if args.labels is not None else (None, None)
+    return ImageData(images, labels, label_names, args.val_fraction, args.seed, args.data)
+
+
+def choose_palette(args, task, init) -> Tuple[torch.Tensor, str]:
+    """--palette, else --init's own, else k-means on the task's training images. Returns (palette, how)."""
+    if args.palette is not None:
+        palette, how = load_palette(args.palette), f"from {args.palette}"
+    elif init is not None:
+        if init.palette is None:
+            raise ValueError(f"--init {args.init} comes without a palette (preprocessor_config.json or "
+                             "kmeans_centers.npy); pass --palette PATH, the palette it was trained with")
+        palette, how = init.palette, f"from {args.init}"
+    else:
+        images = task.palette_images()
+        palette = fit_palette(images, n_colours=args.n_colours, seed=args.seed)
+        how = f"fitted by k-means to {len(images):,} training images"
+    if init is not None and palette.size(0) != init.config.n_colours:
+        raise ValueError(f"--palette {args.palette} has {palette.size(0)} colours, but --init {args.init} predicts "
+                         f"{init.config.n_colours}; use the palette it was trained with")
+    return palette, how
+
+
+def train_command(args) -> dict:
+    """`python imagegpt.py train ...`. Returns a summary (for tests and scripts)."""
+    fill_defaults(args)
+    device = resolve_device(args.device)
+    init = ImageGPTForCausalImageModeling.from_pretrained(args.init) if args.init is not None else None
+    n_px = args.n_px
+    if init is not None:
+        if n_px is not None and n_px != init.config.n_px:
+            raise ValueError(f"--n-px {n_px}: --init {args.init} draws {init.config.n_px} x {init.config.n_px} images; "
+                             "drop --n-px")
+        n_px = init.config.n_px
+        if args.data is None and n_px < 6:
+            raise ValueError(f"--init {args.init} draws {n_px} x {n_px} images, too small for the shapes (n_px >= 6)")
+    task = prepare_task(args, n_px)
+    os.makedirs(args.out, exist_ok=True)
+    return train(args, task, init, device)
+
+
+def train(args, task, init, device: torch.device) -> dict:
+    """The training loop, then the probe if asked for."""
+    say = functools.partial(print, flush=True)
+    palette, palette_how = choose_palette(args, task, init)
+    task.set_palette(palette)
+    torch.manual_seed(args.seed)
+    model = build_model(args, palette, task.n_px, init).to(device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
+    data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch
+    val_batches = task.validation_batches(args.batch_size, args.eval_batches)
+    scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
+    write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
+                                                             scale=scale))
+    say(describe_run(args, task, model, palette_how, device))
+
+    log = TrainingLog(args.out)
+    pixels = args.batch_size * task.n_px ** 2  # targets per step
+    start, step, last_line = time.time(), 0, (time.time(), 0)
+    loss, val, grids = float("nan"), None, []
+    while True:
+        elapsed = time.time() - start
+        # How far through its budget the run is: in steps, or in time, whichever is further.
+        progress = max(step / max(args.max_steps, 1), elapsed / args.time_budget if args.time_budget else 0.0)
+        if progress >= 1 or args.max_steps == 0:
+            break
+        lr = learning_rate(step, progress, args.lr, args.warmup)
+        step_start = time.time()
+        loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
+        step += 1
+        pixels_per_s = pixels / (time.time() - step_start)
+        val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
+        log.write(step, loss, lr, grad_norm, pixels_per_s, time.time() - start, val)
+        if step % args.log_every == 0 or val is not None or step == 1:
+            say(progress_line(args, step, loss, lr, val, time.time() - start, last_line, pixels))
+            last_line = (time.time(), step)
+        if args.sample_every and step % args.sample_every == 0:
+            grids.append(sample_grid(args, model, palette, step, scale, say))
+
+    elapsed = time.time() - start
+    if step > 0:
+        if val is None:  # the last step measured none
+            val = validation_loss(model, val_batches)
+        if not grids or not grids[-1].endswith(f"_{step}.png"):
+            grids.append(sample_grid(args, model, palette, step, scale, say))
+    log.close()
+    model.eval()
+    if step > 0:  # --max-steps 0 (a probe of --init as it is) has nothing new to save
+        model.save_pretrained(args.out)
+    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids,
+                   pixels_per_s=step * pixels / max(elapsed, 1e-9))
+    report_run(args, summary, say)
+    if args.probe is not None:
+        summary.update(train_classifier(args, model, task, device, say))
+    return summary
+
+
+def sample_grid(args, model, palette, step: int, scale: int, say) -> str:
+    """out/samples_step_STEP.png, and the same grid as out/samples.png (the latest: keep it open in a viewer)."""
+    path = os.path.join(args.out, f"samples_step_{step}.png")
+    write_samples(model, palette, path, args.num_samples, args.seed, scale)
+    with open(path, "rb") as f:
+        _write_atomically(os.path.join(args.out, "samples.png"), f.read())
+    say(f"  wrote {path}")
+    return path
+
+
+def describe_run(args, task, model, palette_how: str, device) -> str:
+    """What is about to happen, in five lines."""
+    cfg = model.config
+    start = f"from {args.init}" if args.init else "from scratch"
+    budget = f"{args.max_steps} steps" + (f" or {args.time_budget:g} s, whichever ends first" if args.time_budget else "")
+    return "\n".join([
+        f"task: {task.describe() if args.data is None else args.data + ': ' + task.describe()}",
+        f"palette: {cfg.n_colours} colours, {palette_how}; each image is {cfg.n_positions} colour tokens",
+        f"model: ImageGPT, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads: "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, {start}",
+        f"training: {budget}; batch {args.batch_size} images; AdamW lr {args.lr:g}, warmup {args.warmup} steps, "
+        f"cosine to {args.lr / 10:g}; float32 on {device.type}",
+        f"saving to {args.out} (data.png: what the model sees; samples_step_N.png "
+        + (f"every {args.sample_every} steps" if args.sample_every else "at the end") + "; log.csv: every step)",
+    ])
+
+
+def progress_line(args, step, loss, lr, val, elapsed, last_line, pixels_per_step) -> str:
+    """step, loss, learning rate, speed since the previous line, time spent and time left."""
+    since, since_step = last_line
+    seconds_per_step = (time.time() - since) / max(step - since_step, 1)
+    left = (args.max_steps - step) * seconds_per_step
+    if args.time_budget:
+        left = min(left, args.time_budget - elapsed)
+    return (f"step {step:>{len(str(args.max_steps))}}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{pixels_per_step / seconds_per_step:,.0f} px/s | {format_time(elapsed)} elapsed, "
+            f"{format_time(max(left, 0))} left" + (f" | val loss {val:.4f}" if val is not None else ""))
+
+
+def report_run(args, summary, say):
+    """The end of the generative training: why it stopped, its losses, the samples and where it was saved."""
+    step, val = summary["step"], summary["val_loss"]
+    if step == 0:
+        say(f"no generative training (--max-steps 0): the probe reads {args.init or 'a new model'} as it is")
+        return
+    why = "all steps done" if step >= args.max_steps else "the time budget ran out"
+    say(f"done: step {step} of {args.max_steps} in {format_time(summary['elapsed'])} ({why}), "
+        f"{summary['pixels_per_s']:,.0f} pixels/s; loss {summary['loss']:.4f} nats/pixel"
+        + (f", validation loss {val:.4f} ({val / math.log(2):.3f} bits/pixel)" if val is not None else ""))
+    say(f"samples: {summary['samples'][-1]} (the last grid; every grid: {args.out}/samples_step_*.png)")
+    say(f"saved to {args.out}: config.json + model.safetensors + the palette (preprocessor_config.json, "
+        f"kmeans_centers.npy); draw more with: python imagegpt.py sample --model {args.out}")
+
+
+# --- Evaluation: a linear probe or a fine-tuned classifier -------------------------------------------------
+# ImageGPT's paper measured what the model learnt by classifying images from its features: the hidden
+# states, averaged over every pixel, are what ImageGPTForImageClassification's score layer reads. A linear
+# probe learns that layer alone, the body frozen (a logistic regression on the features, fitted by L-BFGS);
+# fine-tuning trains every weight on the labels. The classifier's inputs are the n_px * n_px pixels alone, as
+# Hugging Face's image processor makes them (no SOS), so the saved classifier works in transformers too.
+
+
+@torch.no_grad()
+def image_features(classifier, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, n_px * n_px) tokens -> (N, C): the last hidden states averaged over the pixels, the score layer's input."""
+    classifier.eval()
+    device = classifier.score.weight.device
+    return torch.cat([classifier.transformer(t.to(device)).last_hidden_state.mean(dim=1).float()  # (b, T, C) -> (b, C)
+                      for t in tokens.split(batch_size)])
+
+
+def fit_linear_probe(classifier, tokens, labels, steps: int, weight_decay: float = 1e-3):
+    """Learn the score layer alone by L-BFGS on the full batch of features (a convex problem: a logistic
+    regression). The features are scaled to unit variance while fitting, which L-BFGS converges much faster
+    on; the scale is folded back into the weights, so the head computes the same logits from the raw features."""
+    features = image_features(classifier, tokens)  # (N, C)
+    labels = labels.to(features.device)
+    std = features.std(dim=0).clamp(min=1e-6)  # (C,)
+    scaled = features / std
+    weight = torch.zeros(classifier.num_labels, features.size(1), device=features.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(scaled @ weight.T, labels) + weight_decay * weight.square().sum()  # L2 keeps it finite
+        loss.backward()                                                                           # on separable data
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        classifier.score.weight.copy_(weight / std)  # (L, C): logits = features @ (weight / std)^T
+
+
+def fine_tune_classifier(classifier, tokens, labels, steps: int, lr: float, batch_size: int, weight_decay: float,
+                         grad_clip: float, seed: int, say, log_every: int):
+    """Train every weight of the classifier on the labels: AdamW, warmup then cosine, random batches."""
+    device = classifier.score.weight.device
+    classifier.train()
+    optimizer = configure_optimizer(classifier, lr, weight_decay, device.type)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, step / steps, lr, min(50, steps // 10))
+        pick = torch.randint(len(tokens), (batch_size,), generator=generator)
+        loss = classifier(tokens[pick].to(device), labels=labels[pick].to(device)).loss
+        loss.backward()
+        nn.utils.clip_grad_norm_(classifier.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            say(f"  fine-tune step {step + 1}/{steps} | loss {loss.item():.4f} | {format_time(time.time() - start)}")
+    classifier.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier, tokens, labels, batch_size: int = 64) -> float:
+    """The fraction of images whose most likely class, by the classifier's forward pass, is their label."""
+    classifier.eval()
+    device = classifier.score.weight.device
+    right = sum(int((classifier(t.to(device)).logits.argmax(dim=-1).cpu() == y).sum())
+                for t, y in zip(tokens.split(batch_size), labels.split(batch_size)))
+    return right / len(labels)
+
+
+def train_classifier(args, model, task, device, say) -> dict:
+    """--probe: an ImageGPTForImageClassification with the trained body, its score layer learnt on the
+    training images' labels (linear) or every weight (finetune); its accuracy on the held-out images; saved
+    to out/classifier."""
+    train_tokens, train_labels, test_tokens, test_labels = task.labelled()
+    names = task.label_names
+    id2label = {str(i): str(name) for i, name in enumerate(names)}  # config.json keeps the class names
+    config = ImageGPTConfig.from_dict({**model.config.to_dict(), "id2label": id2label})
+    config.problem_type = "single_label_classification"
+    classifier = ImageGPTForImageClassification(config)
+    classifier.transformer.load_state_dict(model.transformer.state_dict())
+    classifier.to(device)
+    classifier.palette = model.palette
+    say(f"{args.probe} probe: {len(names)} classes ({', '.join(map(str, names[:8]))}{' ...' * (len(names) > 8)}), "
+        f"{len(train_labels):,} training images, {len(test_labels):,} held out")
+    start = time.time()
+    if args.probe == "linear":
+        fit_linear_probe(classifier, train_tokens, train_labels, args.probe_steps)
+    else:
+        fine_tune_classifier(classifier, train_tokens, train_labels, args.probe_steps, args.probe_lr,
+                             args.batch_size, args.weight_decay, args.grad_clip, args.seed, say, args.log_every * 4)
+    train_accuracy = classifier_accuracy(classifier, train_tokens, train_labels)
+    accuracy = classifier_accuracy(classifier, test_tokens, test_labels)
+    chance = torch.bincount(test_labels, minlength=len(names)).max().item() / len(test_labels)
+    out = os.path.join(args.out, "classifier")
+    classifier.save_pretrained(out)
+    say(f"{args.probe} probe accuracy: {100 * accuracy:.1f}% on {len(test_labels):,} held-out images (training "
+        f"images: {100 * train_accuracy:.1f}%; always guessing the commonest class: {100 * chance:.1f}%), in "
+        f"{format_time(time.time() - start)}")
+    say(f"classifier saved to {out} (load with ImageGPTForImageClassification.from_pretrained({out!r}); its "
+        "inputs are the pixels' tokens, no SOS)")
+    return dict(probe_accuracy=accuracy, probe_train_accuracy=train_accuracy, chance=chance, classifier=out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Command line
 # ----------------------------------------------------------------------------------------------------
 
 CLI_EXAMPLES = """examples:
@@ -1936,14 +2675,23 @@ A model directory holds config.json, model.safetensors (or pytorch_model.bin) an
 (preprocessor_config.json or kmeans_centers.npy); --palette points at a palette kept elsewhere.
 Every image costs one model step per pixel (1024 for 32 x 32): minutes on a CPU, seconds on a GPU.
 """
+TRAIN_EXAMPLES = """examples:
+  python imagegpt.py train                    # a small ImageGPT learns to draw shapes: ~5 min on a CPU
+  python imagegpt.py train --probe linear     # ... then a linear probe tells the shapes apart from its features
+  python imagegpt.py train --init out/imagegpt-shapes --max-steps 0 --probe finetune   # classify with a saved model
+  python imagegpt.py train --data photos/ --n-px 16 --out out/photos   # a folder of PNGs, resized to 16 x 16
+  python imagegpt.py train --data images.npy --labels labels.npy --probe linear   # (N, H, W, 3) uint8, N class ids
+  python imagegpt.py sample --model out/imagegpt-shapes --num-samples 16 --out more.png   # sample a trained model
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegpt.py",
         description="ImageGPT in one file. `sample` draws new images; `complete` keeps the top half of your "
-                    "image and lets the model paint the rest.",
-        epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    "image and lets the model paint the rest; `train` trains one (with no options: a small "
+                    "ImageGPT that learns to draw shapes, in minutes on a CPU).",
+        epilog=CLI_EXAMPLES + "\ntraining " + TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     sample = commands.add_parser(
@@ -1982,7 +2730,82 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                              help="weights' precision (default float32: sampling one pixel at a time is bound by "
                                   "kernel launches, not arithmetic, so half precision gains little)")
+    add_train_parser(commands)
     return parser
+
+
+def add_train_parser(commands):
+    # Defaults shown as "shapes X, --data Y" depend on the task; fill_defaults (section 10) sets them.
+    train = commands.add_parser(
+        "train", help="train an ImageGPT (no options: a small one learns to draw shapes, in minutes on a CPU)",
+        description="Train an ImageGPT and save it, with its palette, by save_pretrained.\n\n"
+                    "With no options, an ImageGPT of 4 layers x 64 learns to draw coloured shapes on plain\n"
+                    "backgrounds (12 x 12 pixels, a 16-colour palette fitted by k-means), from images drawn on the\n"
+                    "fly, on a CPU, within about 5 minutes, writing a grid of samples every --sample-every steps\n"
+                    "(out/imagegpt-shapes/samples.png is always the latest: watch the shapes appear). --data trains\n"
+                    "on your images instead; --init continues from a checkpoint; --probe then classifies images\n"
+                    "from the model's features and reports the accuracy on held-out ones. Defaults written\n"
+                    "\"shapes X, --data Y\" depend on what is trained.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = train.add_argument_group("what to learn")
+    data.add_argument("--data", metavar="PATH",
+                      help="a folder of .png files, or an .npy array (N, H, W, 3) of uint8 (default: the shapes)")
+    data.add_argument("--n-px", type=int, metavar="N",
+                      help="images are resized to N x N pixels, N * N tokens (shapes 12, --data 16; --init: its own)")
+    data.add_argument("--n-colours", type=int, metavar="K",
+                      help="colours of the palette k-means fits to the training images (default 16)")
+    data.add_argument("--palette", metavar="PATH",
+                      help="use this palette (kmeans_centers.npy or preprocessor_config.json) instead of fitting one")
+    data.add_argument("--val-fraction", type=float, metavar="F",
+                      help="--data: the share of images set aside for validation and for testing a probe (default 0.1)")
+    probe = train.add_argument_group("classification")
+    probe.add_argument("--labels", metavar="PATH",
+                       help="--data's labels: a .npy of N class ids, or a CSV, one row per image (the last column "
+                            "is the label; a first column of file names is matched to a folder's PNGs)")
+    probe.add_argument("--probe", choices=["linear", "finetune"],
+                       help="after training, learn a classifier on the model's features: its score layer alone "
+                            "(linear) or every weight (finetune), and report its held-out accuracy; the shapes' "
+                            "label is their kind (default with --labels: linear)")
+    probe.add_argument("--probe-steps", type=int, metavar="N",
+                       help="L-BFGS iterations of a linear probe (100), or fine-tuning steps (300)")
+    probe.add_argument("--probe-lr", type=float, metavar="LR",
+                       help="fine-tuning's peak learning rate (default 1e-3; for a large pretrained model, try 1e-5)")
+    model = train.add_argument_group("the model")
+    model.add_argument("--init", metavar="NAME_OR_DIR",
+                       help="start from these weights and their palette (a directory, imagegpt-small, ...)")
+    model.add_argument("--n-layer", type=int, metavar="N", help="blocks of a new model (default 4)")
+    model.add_argument("--n-head", type=int, metavar="N", help="attention heads of a new model (default 4)")
+    model.add_argument("--n-embd", type=int, metavar="N", help="width of a new model (shapes 64, --data 128)")
+    model.add_argument("--position-init", choices=["grid", "random"],
+                       help="how a new model's position embeddings start: sines and cosines of each pixel's row and "
+                            "column (grid), or at random as in ImageGPT (random; learns the image's shape far more "
+                            "slowly) (default grid)")
+    model.add_argument("--dropout", type=float, metavar="P",
+                       help="dropout probability (shapes 0, --data 0.1, --init the model's)")
+    opt = train.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, metavar="N", help="images per step (default 32)")
+    opt.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (shapes 3e-3, --data 1e-3, --init 1e-4)")
+    opt.add_argument("--warmup", type=int, metavar="STEPS", help="steps of linear warmup (shapes 50, --data 100)")
+    opt.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay, on matrices only (default 0.1)")
+    opt.add_argument("--grad-clip", type=float, metavar="NORM", help="largest gradient norm; 0 turns clipping off "
+                                                                      "(default 1.0)")
+    opt.add_argument("--max-steps", type=int, metavar="N",
+                     help="optimiser steps (shapes 3000, --data 2000); 0 with --probe: probe --init as it is")
+    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+                     help="also stop after this much training time, the cosine schedule following whichever "
+                          "budget runs out first; 0: none (shapes 300, --data 0)")
+    opt.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the batches and the samples (default 0)")
+    opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    run = train.add_argument_group("the run")
+    run.add_argument("--out", metavar="DIR", help="where to save (default out/imagegpt-shapes, or out/imagegpt-<name>)")
+    run.add_argument("--eval-every", type=int, metavar="STEPS",
+                     help="steps between validation losses; 0: at the end only (default 200)")
+    run.add_argument("--eval-batches", type=int, metavar="N", help="batches in a validation loss (default 8)")
+    run.add_argument("--sample-every", type=int, metavar="STEPS",
+                     help="steps between sample grids; 0: at the end only (shapes 250, --data 500)")
+    run.add_argument("--num-samples", type=int, metavar="N", help="images in a sample grid (default 16)")
+    run.add_argument("--log-every", type=int, metavar="STEPS", help="steps between progress lines (default 25)")
 
 
 def _check_args(args):
@@ -2093,10 +2916,15 @@ def main(argv=None):
     try:
         if args.command == "sample":
             sample_command(args)
-        else:
+        elif args.command == "complete":
             complete_command(args)
-    except KeyboardInterrupt:  # Ctrl-C: stop quietly; the PNG is written only when complete, so none is left
-        sys.stderr.write("\ninterrupted: nothing written\n")
+        else:
+            train_command(args)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly; a PNG or checkpoint is written only when complete
+        if args.command == "train":
+            sys.stderr.write(f"\ninterrupted: no checkpoint saved; the sample grids so far are in {args.out}\n")
+        else:
+            sys.stderr.write("\ninterrupted: nothing written\n")
         return 130
     except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
         print(f"imagegpt.py: error: {e}", file=sys.stderr)
