@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import nanogpt2
@@ -29,21 +29,13 @@ from nanogpt2 import (
     GPT2LMHeadModel,
     GPT2Model,
 )
+from helpers import examples
 
 # The hand computations below sum in another order than PyTorch's fused losses: fp32 rounding only.
 FP32_TOL = 1e-5
 
 
-# --- helpers (the same as in test_properties.py, kept here so each file reads on its own) ---------------
-
-
-def examples(n):
-    """Hypothesis settings for a property worth n examples under the "ci" profile (25 by default), scaled up
-    under "thorough". The `device` fixture is a plain torch.device, safe to share between examples."""
-    return settings(
-        max_examples=max(1, n * settings.default.max_examples // 25),
-        suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
-    )
+# --- helpers ---------------------------------------------------------------------------------------
 
 
 def tiny_config(**overrides):
@@ -117,7 +109,6 @@ def nll(logits, target):
     """-log softmax(logits)[target] for one row of logits: log-sum-exp minus the target's logit, in float64."""
     logits = logits.double()
     return (torch.logsumexp(logits, 0) - logits[int(target)]).item()
-
 
 
 # --- each head's loss, by hand -----------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from imagegpt import (
@@ -38,6 +38,7 @@ from imagegpt import (
     ImageGPTModel,
     generate,
 )
+from helpers import examples
 
 # fp32 keeps ~7 significant digits; a few layers of reordered sums (cache vs no cache, SDPA vs explicit)
 # lose about one more. A real bug here moves outputs by 1e-1 of their scale or more.
@@ -45,16 +46,6 @@ FP32_TOL = 1e-5
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-
-def examples(n):
-    """Hypothesis settings for a property worth n examples under the "ci" profile (25 by default), scaled up
-    under "thorough". The `device` fixture is a plain torch.device, safe to share between examples."""
-    return settings(
-        max_examples=max(1, n * settings.default.max_examples // 25),
-        suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
-    )
 
 
 @st.composite

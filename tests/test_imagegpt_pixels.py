@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import imagegpt
@@ -35,14 +35,7 @@ from imagegpt import (
     to_rgb,
     write_png,
 )
-
-
-
-
-def examples(n):
-    """n examples under the "ci" hypothesis profile (25 by default), scaled up under "thorough"."""
-    return settings(max_examples=max(1, n * settings.default.max_examples // 25))
-
+from helpers import examples
 
 
 # --- tokens and the palette --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nanogpt2 import (
@@ -36,6 +36,7 @@ from nanogpt2 import (
     GPT2LMHeadModel,
     GPT2Model,
 )
+from helpers import examples
 
 # fp32 keeps ~7 significant digits; a few layers of reordered sums (cache vs no cache, SDPA vs explicit)
 # lose about one more: the worst seen over 2,500 examples of each property is 1.4e-6 of the outputs' scale.
@@ -44,15 +45,6 @@ FP32_TOL = 1e-5
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-def examples(n):
-    """Hypothesis settings for a property worth n examples under the "ci" profile (25 by default), scaled up
-    under "thorough". The `device` fixture is a plain torch.device, safe to share between examples."""
-    return settings(
-        max_examples=max(1, n * settings.default.max_examples // 25),
-        suppress_health_check=[*settings.default.suppress_health_check, HealthCheck.function_scoped_fixture],
-    )
 
 
 @st.composite
@@ -154,7 +146,6 @@ def assert_close(actual, expected, tol, why):
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, f"max difference {err:.3g} > {tol:g} x scale {scale:.3g} ({why})"
-
 
 
 # --- causal masking ----------------------------------------------------------------------------------
