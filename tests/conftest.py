@@ -20,11 +20,9 @@ settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_
 settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-if os.environ.get("TIKTOKEN_CACHE_DIR") is None:
-    shared_cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                                "tiktoken-cache")
-    if os.path.isdir(shared_cache):
-        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(shared_cache)
+# tiktoken downloads GPT-2's BPE files on first use. The suite ships them (tests/fixtures/tiktoken) and always
+# reads its own copy, so it needs no network and no cache from outside; CLI tests inherit this variable.
+os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiktoken")
 
 
 # The test models are tiny: with several threads, each small matmul spends more time handing work between

@@ -119,12 +119,13 @@ def labels_for(head, inputs, seed=2):
 def test_every_head_matches_reference_with_realistic_weights(head, option, device):
     hf, ours = make_pair(head, device, **OPTIONS[option])
     inputs = on(device, {**inputs_for(head), **labels_for(head, inputs_for(head))})
-    tol = TOL
-    if device.type == "cuda" and option == "unscaled_relu":
-        # Without the 1/sqrt(hs) scale the scores are 4x larger, and CUDA's kernels sum in another order
-        # than transformers' matmul: seen 1.4e-5 on an H200, so allow 5e-5 here (CPU stays at 1e-5).
-        tol = dict(atol=5e-5, rtol=1e-4)
     for output_attentions in (False, True):  # the fused core, then the explicit one
+        tol = TOL
+        if option == "unscaled_relu" and (not output_attentions or device.type == "cuda"):
+            # Without the 1/sqrt(hs) scale the scores are 8x larger, and the fused kernels (CUDA's, and the
+            # CPU's blocked softmax) sum in another order than transformers' matmul: seen 1.4e-5 on an H200
+            # and 1.7e-5 on an AVX2 EPYC, so allow 5e-5 there. The explicit core matches to 1e-5 on CPUs.
+            tol = dict(atol=5e-5, rtol=1e-4)
         with torch.no_grad():
             expected = hf(**inputs, output_hidden_states=True, output_attentions=output_attentions)
             actual = ours(**inputs, output_hidden_states=True, output_attentions=output_attentions)
