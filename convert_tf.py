@@ -46,7 +46,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -660,14 +659,39 @@ def write_safetensors(path, plan):
             f.write(array)  # its buffer, without a copy
 
 
+def _process_alive(pid):
+    if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its folder
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir):
+    """Delete the `.OUT_DIR.tmp<PID>` folders that killed runs (kill -9, a power cut) left beside out_dir:
+    those whose process no longer exists. A live process's folder is left alone: it may still be writing."""
+    out_dir = Path(out_dir)
+    for entry in out_dir.parent.iterdir():
+        found = re.fullmatch(re.escape(f".{out_dir.name}.tmp") + r"(\d+)", entry.name)
+        if found and entry.is_dir() and not _process_alive(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def write_atomically(out_dir, fill):
-    """Build the folder under a temporary name beside out_dir and rename it at the end, so that a failed
-    or interrupted run leaves no out_dir behind (and never a half-written one)."""
+    """Build the folder under a temporary name beside out_dir (.OUT_DIR.tmp<PID>) and rename it at the end,
+    so that a failed or interrupted run leaves no out_dir behind (and never a half-written one). The folder
+    and its files are made like any others, so the umask sets their modes (0755 and 0644 under umask 022)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier call that was cut short
+    tmp.mkdir()
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the result is an ordinary folder
         fill(tmp)
         if out_dir.is_dir():
             out_dir.rmdir()  # only ever empty here: checked before any work

@@ -38,6 +38,7 @@ train a small one that draws shapes with `python imagegpt.py train` (minutes on 
 """
 
 import argparse
+import contextlib
 import csv
 import functools
 import hashlib
@@ -47,7 +48,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -229,9 +229,7 @@ class ImageGPTConfig:
             return cls.from_dict(json.load(f))
 
     def to_json_file(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # OpenAI's three released sizes (trained on 32 x 32 ImageNet with the same 512-colour palette).
@@ -1187,17 +1185,41 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
 
 
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its file
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete the `path.tmp<PID>` files that killed runs (kill -9, a power cut) left beside path: those
+    whose process no longer exists. A live process's temporary is left alone: it may still be writing."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(directory):
+        found = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", entry)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another run may clean it up first
+                os.remove(os.path.join(directory, entry))
+
+
 class _atomic_path:
-    """`with _atomic_path(path) as tmp:` write to tmp; on success it is renamed onto path in one step, so
-    a reader (or an interrupted run) never sees half a file; on failure tmp is removed."""
+    """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
+    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
+    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
+    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
 
     def __enter__(self):
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
-        os.close(fd)
+        remove_stale_temporaries(self.path)
+        self.tmp = f"{self.path}.tmp{os.getpid()}"
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

@@ -212,9 +212,7 @@ class GPT2Config:
             return cls.from_dict(json.load(f))
 
     def to_json_file(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # OpenAI's four released sizes, and Hugging Face's distilled 6-layer model.
@@ -1564,6 +1562,57 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
 
 
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its file
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete the `path.tmp<PID>` files that killed runs (kill -9, a power cut) left beside path: those
+    whose process no longer exists. A live process's temporary is left alone: it may still be writing."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(directory):
+        found = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", entry)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another run may clean it up first
+                os.remove(os.path.join(directory, entry))
+
+
+class _atomic_path:
+    """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
+    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
+    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
+    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        remove_stale_temporaries(self.path)
+        self.tmp = f"{self.path}.tmp{os.getpid()}"
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
+def _write_atomically(path, data: bytes):
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 def read_safetensors_header(path) -> Tuple[dict, int]:
     """(header dict, offset of the data section). Every claim the header makes is checked against the
     file before any tensor is read, so a lying header gives an error, never an out-of-bounds read."""
@@ -1649,17 +1698,12 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[
         offset += len(raw)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with _atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
             for raw in chunks:
                 f.write(raw)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # Short names of the released checkpoints -> their Hugging Face hub repositories.
@@ -1886,11 +1930,8 @@ def save_pretrained(model: nn.Module, directory):
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    tmp = os.path.join(directory, f"config.json.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    _write_atomically(os.path.join(directory, "config.json"),
+                      (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # Every model class loads and saves the same way: one function each, attached to all six classes.

@@ -416,7 +416,7 @@ def test_failure_while_writing_leaves_no_out_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(CheckpointReader, "read", broken_read)
     with pytest.raises(CheckpointError, match="simulated"):
         convert_tf.convert(FIXTURES / "gpt2", tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []  # neither out nor its temporary .out.*.partial
+    assert list(tmp_path.iterdir()) == []  # neither out nor its temporary .out.tmp<PID>
 
 
 def test_existing_out_dir_is_refused_and_left_alone(tmp_path):
