@@ -1892,6 +1892,20 @@ def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> D
     return {k: v for k, v in renamed.items() if k in expected}
 
 
+def check_finite(state_dict: Dict[str, torch.Tensor], where) -> Dict[str, torch.Tensor]:
+    """Refuse weights holding NaN or inf (a corrupt file, or a run that diverged before it was saved): every
+    such tensor is named, with how many of its values are not finite. Returns state_dict unchanged."""
+    bad = []
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise CheckpointError(f"{where}: weights hold NaN or inf, in {len(bad)} tensor(s): {', '.join(bad)}. "
+                              "The checkpoint is corrupt or its training diverged; use an earlier one")
+    return state_dict
+
+
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -1915,6 +1929,7 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     config = GPT2Config.from_json_file(config_path)
     model = cls(config)
     model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
+    check_finite(model.state_dict(), directory)
     model.to(dtype=dtype or torch.float32, device=device)
     return model.eval()
 
