@@ -1732,19 +1732,34 @@ def _progress(desc: str, done: int, total: Optional[int], start: float):
     sys.stderr.flush()
 
 
+def _if_range_value(response) -> str:
+    """What identifies this version of the file for an If-Range header: its ETag if strong (If-Range
+    accepts no weak W/ ETag), else its Last-Modified date; "" when the server gives neither."""
+    etag = response.headers.get("ETag") or ""
+    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
+
+
 def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
     """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
     Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
-    download never looks like a cached one. When the server gives the file's SHA-256 (the hub's ETag for
-    large files) it is checked, and a corrupted file is deleted."""
+    download never looks like a cached one. A resume also sends If-Range with the ETag (or Last-Modified)
+    the .part was started under, kept in dest + ".part.if-range": if the file has changed on the server
+    since, the server sends the whole new file (200) and the .part starts again from zero, so two versions
+    are never spliced together (a .part with no such record starts again too). When the server gives the
+    file's SHA-256 (the hub's ETag for large files) it is checked, and a corrupted file is deleted. The
+    folder is made only once the server answers with the file, so a missing file (404) leaves none behind."""
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+    part, if_range_path = dest + ".part", dest + ".part.if-range"
+    if_range = ""
+    if os.path.exists(part) and os.path.exists(if_range_path):
+        with open(if_range_path, encoding="utf-8") as f:
+            if_range = f.read().strip()
+    have = os.path.getsize(part) if if_range else 0
     request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
     if have:
         request.add_header("Range", f"bytes={have}-")
+        request.add_header("If-Range", if_range)
     desc = desc or os.path.basename(dest)
     try:
         response = urllib.request.urlopen(request, timeout=60)
@@ -1754,8 +1769,11 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
             return download(url, dest, desc, quiet)
         raise
     with response:
-        if have and response.status != 206:  # the server ignored the Range header: start from zero
+        if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            with open(if_range_path, "w", encoding="utf-8") as f:
+                f.write(_if_range_value(response))
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
@@ -1782,9 +1800,11 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
                 sha.update(block)
         if sha.hexdigest() != etag:
             os.remove(part)
+            os.remove(if_range_path)
             raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {etag}; "
                                   "run again to download it afresh")
     os.replace(part, dest)
+    os.remove(if_range_path)
     return dest
 
 
