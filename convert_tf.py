@@ -912,6 +912,9 @@ def main(argv=None):
             list_variables(find_checkpoint(src))
         else:
             convert(src, args.paths[-1], verify=not args.no_verify)
+    except BrokenPipeError:  # the reader left early (`--list ... | head`): it has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails silently too
+        sys.exit(0)
     except (CheckpointError, OSError) as error:  # bad input, not a bug: one line, no traceback
         if args.download and isinstance(error, CorruptFileError):  # a damaged download: fetch it again next time
             Path(error.path).unlink(missing_ok=True)

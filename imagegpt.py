@@ -199,6 +199,8 @@ class ImageGPTConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
         """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"config_dict must be a dict of config fields, got {type(config_dict).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in config_dict.items() if k in known}
         extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
@@ -225,8 +227,15 @@ class ImageGPTConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "ImageGPTConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
+                                  "fields ({\"n_layer\": 12, ...})")
+        return cls.from_dict(config_dict)
 
     def to_json_file(self, path):
         _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
@@ -743,6 +752,9 @@ class ImageGPTModel(nn.Module):
             if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
                 raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
             input_shape = tuple(inputs_embeds.shape[:-1])
+        if 0 in input_shape:  # nothing to compute: say so here, not in a reshape deep inside attention
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            raise _shape_error(name, given.shape, "at least one sequence of at least one token", "an empty batch")
         T = input_shape[-1]
         batch = math.prod(input_shape[:-1])
         past_length = 0
@@ -771,7 +783,8 @@ class ImageGPTModel(nn.Module):
                 raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
             _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
         if position_ids is not None:
-            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape):
+            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape) or \
+                    math.prod(position_ids.shape[:-1]) not in (1, batch):
                 raise _shape_error("position_ids", position_ids.shape, f"(T,), (1, T) or (B, T) with T={T}")
             _check_indices("position_ids", position_ids, cfg.n_positions, "n_positions", "position")
         if head_mask is not None:
@@ -895,6 +908,13 @@ class ImageGPTModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _input_shape(input_ids, inputs_embeds):
+    """(B, T), or (B, n_choices, T), of the inputs; None when neither is given (the body then says so)."""
+    if input_ids is not None:
+        return tuple(input_ids.shape)
+    return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
+
+
 def shifted_lm_loss(logits, labels):
     """Next-pixel cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
     (padding, or a prompt the loss should not count)."""
@@ -944,7 +964,7 @@ class ImageGPTForCausalImageModeling(nn.Module):
         """labels (B, T): usually input_ids itself (SOS first); the shift happens inside, so the label at
         position 0 is never read. Returns loss, logits (B, T, V - 1), ..."""
         if labels is not None:
-            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+            shape = _input_shape(input_ids, inputs_embeds)
             if tuple(labels.shape) != tuple(shape):
                 raise _shape_error("labels", labels.shape, tuple(shape), "one label per input token")
             predicted = labels[..., 1:]
@@ -970,17 +990,39 @@ class ImageGPTForCausalImageModeling(nn.Module):
         return generate(self, input_ids, **kwargs)
 
 
+def infer_problem_type(labels, num_labels: int, problem_type) -> str:
+    """config.problem_type, or when it is None the reference's rule: one label means regression (MSE),
+    integer labels mean one class per example (cross-entropy), float labels mean several classes at once
+    (binary cross-entropy per class)."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
+    """labels of the shape classification_loss reads, checked before any work (a wrong shape would be
+    broadcast or flattened into a loss over the wrong pairs): (B,) class ids; (B,) or (B, 1) targets for
+    one-value regression; (B, num_labels) for several values, or multi-label 0/1 floats."""
+    if labels is None or input_shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    kind, batch = infer_problem_type(labels, num_labels, problem_type), input_shape[0]
+    if kind == "single_label_classification" or (kind == "regression" and num_labels == 1):
+        expected, per = ((batch,), (batch, 1)), "one label per example"
+    else:
+        expected, per = ((batch, num_labels),), f"num_labels={num_labels} values per example"
+    if tuple(labels.shape) not in expected:
+        raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
+    if kind == "single_label_classification":
+        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+
+
 def classification_loss(logits, labels, num_labels, problem_type):
-    """The loss a classification head trains with. Without a problem_type, it is inferred as the
-    reference does: one label means regression (MSE), integer labels mean one class per example
-    (cross-entropy), float labels mean several classes at once (binary cross-entropy per class)."""
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    """The loss a classification head trains with (see infer_problem_type for which)."""
+    problem_type = infer_problem_type(labels, num_labels, problem_type)
     labels = labels.to(logits.device)
     if problem_type == "regression":
         if num_labels == 1:
@@ -1027,9 +1069,8 @@ class ImageGPTForImageClassification(nn.Module):
         return_dict=True,
     ):
         """labels (B,): class ids, or floats for regression; (B, num_labels) floats for multi-label."""
-        if labels is not None and labels.dim() > 0 and labels.dtype in (torch.long, torch.int) and \
-                self.num_labels > 1 and self.config.problem_type in (None, "single_label_classification"):
-            _check_indices("labels", labels, self.num_labels, "num_labels", "class")
+        check_classification_labels(labels, _input_shape(input_ids, inputs_embeds), self.num_labels,
+                                    self.config.problem_type)
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1078,6 +1119,8 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
+    if input_ids.size(0) == 0:
+        raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
     if input_ids.size(1) == 0:
         raise ValueError(f"input_ids is empty: start each row with the SOS token ({model.config.sos_token_id}), "
                          "or pass input_ids=None to sample from SOS")
@@ -1633,8 +1676,12 @@ def _as_uint8_image(image, name="image") -> torch.Tensor:
 def _as_image_list(images) -> List[torch.Tensor]:
     """A single image (H, W, 3), a batch (B, H, W, 3) or a list of images -> a list of (H, W, 3) uint8 tensors."""
     if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("images is an empty list; expected at least one (H, W, 3) image")
         return [_as_uint8_image(image, f"images[{i}]") for i, image in enumerate(images)]
     images = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    if images.dim() == 4 and images.size(0) == 0:
+        raise _shape_error("images", images.shape, "(B, H, W, 3) with B >= 1", "an empty batch")
     if images.dim() == 4:
         return [_as_uint8_image(image, f"images[{i}]") for i, image in enumerate(images)]
     return [_as_uint8_image(images, "images")]
@@ -1833,6 +1880,7 @@ def save_palette(palette, directory, n_px: Optional[int] = None):
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel: grey, RGB, grey+alpha, RGBA
+MAX_PNG_BYTES = 1 << 28  # 256 MiB of pixels (8192 x 8192 RGB): a larger declared image is refused unread
 _RESAVE_HINT = "re-save it as an 8-bit RGB PNG (e.g. `convert in.png -depth 8 PNG24:out.png`, or any image editor)"
 
 
@@ -1918,6 +1966,9 @@ def read_png(path) -> np.ndarray:
         if header is None and chunk_type != b"IHDR":
             raise ValueError(f"{path}: the first chunk is {chunk_type!r}, not IHDR (the file is corrupt)")
         if chunk_type == b"IHDR":
+            if len(body) != 13:
+                raise ValueError(f"{path}: its IHDR chunk holds {len(body)} bytes, but a PNG header is 13 bytes "
+                                 "(the file is corrupt)")
             header = struct.unpack(">IIBBBBB", body)
         elif chunk_type == b"IDAT":
             idat.append(body)
@@ -1938,12 +1989,17 @@ def read_png(path) -> np.ndarray:
         raise ValueError(f"{path} is an interlaced (Adam7) PNG, which this reader does not decode; {_RESAVE_HINT}")
     channels = PNG_CHANNELS[colour_type]
     stride = width * channels  # bytes per row, without the filter byte
-    try:
-        raw = zlib.decompress(b"".join(idat))
+    if width == 0 or height == 0 or height * stride > MAX_PNG_BYTES:
+        raise ValueError(f"{path} declares a {width} x {height} image of {channels} channels ({height * stride:,} "
+                         f"bytes); images must be at least 1 x 1 and at most {MAX_PNG_BYTES:,} bytes (shrink it first)")
+    try:  # never more than the image needs (+1 to notice more): a zip bomb stops here, not after GBs
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(b"".join(idat), height * (stride + 1) + 1)
     except zlib.error as e:
         raise ValueError(f"{path}: its image data does not decompress ({e}); the file is corrupt") from None
     if len(raw) != height * (stride + 1):
-        raise ValueError(f"{path}: the image data holds {len(raw)} bytes, but a {width} x {height} image of "
+        holds = f"{len(raw)} bytes" if len(raw) <= height * (stride + 1) else "more bytes than that"
+        raise ValueError(f"{path}: the image data holds {holds}, but a {width} x {height} image of "
                          f"{channels} channels needs {height * (stride + 1)} (the file is corrupt)")
     rows, prev = [], bytes(stride)  # the row above the first one is all zeros
     for y in range(height):
@@ -2332,12 +2388,20 @@ def validation_loss(model, batches: List[torch.Tensor]) -> float:
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
+    """--device NAME as a torch.device (default: cuda when there is one, else cpu), refused before any work
+    when torch has no such device type, or this machine has none of it (an mps on Linux, a tpu anywhere)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: {e}") from None
+    except RuntimeError:  # a type torch does not know, e.g. "tpu"
+        raise ValueError(f"--device {name}: not a device type torch knows; use cpu, cuda, cuda:N or mps") from None
+    backends = {"cpu": None, "cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}
+    if device.type not in backends:  # meta, xla, ...: torch knows the name, but this file does not run there
+        raise ValueError(f"--device {name}: {device.type} devices are not supported here; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type in ("mps", "xpu") and not (backends[device.type] and backends[device.type].is_available()):
+        raise ValueError(f"--device {name}: this machine (or this build of torch) has no {device.type} device; "
+                         "use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
@@ -2886,9 +2950,7 @@ def _check_args(args):
 
 def load_model_and_palette(args):
     """The model on its device, and the palette: --palette, else the one saved with the model."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(args.device)
     model = ImageGPTForCausalImageModeling.from_pretrained(args.model, dtype=args.dtype, device=device)
     palette = load_palette(args.palette) if args.palette is not None else model.palette
     if palette is None:

@@ -180,6 +180,8 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "GPT2Config":
         """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"config_dict must be a dict of config fields, got {type(config_dict).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in config_dict.items() if k in known}
         extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
@@ -208,8 +210,15 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path) -> "GPT2Config":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
+                                  "fields ({\"n_layer\": 12, ...})")
+        return cls.from_dict(config_dict)
 
     def to_json_file(self, path):
         _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
@@ -769,6 +778,9 @@ class GPT2Model(nn.Module):
             if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
                 raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
             input_shape = tuple(inputs_embeds.shape[:-1])
+        if 0 in input_shape:  # nothing to compute: say so here, not in a reshape deep inside attention
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            raise _shape_error(name, given.shape, "at least one sequence of at least one token", "an empty batch")
         T = input_shape[-1]
         batch = math.prod(input_shape[:-1])
         past_length = 0
@@ -924,6 +936,26 @@ class GPT2Model(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _input_shape(input_ids, inputs_embeds):
+    """(B, T), or (B, n_choices, T), of the inputs; None when neither is given (the body then says so)."""
+    if input_ids is not None:
+        return tuple(input_ids.shape)
+    return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
+
+
+def check_labels(name, labels, shape, limit: int, limit_name: str, what: str, per: str = "input token"):
+    """Labels with one entry per input token (or per example, per choice), of shape `shape`: ids in
+    [0, limit), or -100 where no label applies. Checked before any work: a wrong shape would otherwise be
+    flattened into a loss over the wrong pairs, or fail deep inside cross_entropy."""
+    if labels is None or shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {tuple(shape)}, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(shape):
+        raise _shape_error(name, labels.shape, tuple(shape), f"one label per {per}")
+    _check_indices(name, labels[labels != -100], limit, limit_name, what)
+
+
 def shifted_lm_loss(logits, labels):
     """Next-token cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
     (padding, or a prompt the loss should not count)."""
@@ -985,6 +1017,8 @@ class GPT2LMHeadModel(nn.Module):
         return_dict=True,
     ):
         """labels (B, T): usually input_ids itself; the shift happens inside. Returns loss, logits (B, T, V), ..."""
+        check_labels("labels", labels, _input_shape(input_ids, inputs_embeds), self.config.vocab_size, "vocab_size",
+                     "token id")
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1086,7 +1120,10 @@ class GPT2DoubleHeadsModel(nn.Module):
         return_dict=True,
     ):
         """input_ids (B, n_choices, T); mc_token_ids (B, n_choices); labels (B, n_choices, T); mc_labels (B,)."""
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        shape = _input_shape(input_ids, inputs_embeds)
+        check_labels("labels", labels, shape, self.config.vocab_size, "vocab_size", "token id")
+        check_labels("mc_labels", mc_labels, shape and shape[:-2], shape and shape[-2], "the number of choices",
+                     "choice", per="example")
         if mc_token_ids is not None:
             if tuple(mc_token_ids.shape) != tuple(shape[:-1]):
                 raise _shape_error("mc_token_ids", mc_token_ids.shape, tuple(shape[:-1]), "one position per choice")
@@ -1111,17 +1148,39 @@ class GPT2DoubleHeadsModel(nn.Module):
         return out if return_dict else out.to_tuple()
 
 
+def infer_problem_type(labels, num_labels: int, problem_type) -> str:
+    """config.problem_type, or when it is None the reference's rule: one label means regression (MSE),
+    integer labels mean one class per example (cross-entropy), float labels mean several classes at once
+    (binary cross-entropy per class)."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
+    """labels of the shape classification_loss reads, checked before any work (a wrong shape would be
+    broadcast or flattened into a loss over the wrong pairs): (B,) class ids; (B,) or (B, 1) targets for
+    one-value regression; (B, num_labels) for several values, or multi-label 0/1 floats."""
+    if labels is None or input_shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    kind, batch = infer_problem_type(labels, num_labels, problem_type), input_shape[0]
+    if kind == "single_label_classification" or (kind == "regression" and num_labels == 1):
+        expected, per = ((batch,), (batch, 1)), "one label per example"
+    else:
+        expected, per = ((batch, num_labels),), f"num_labels={num_labels} values per example"
+    if tuple(labels.shape) not in expected:
+        raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
+    if kind == "single_label_classification":
+        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+
+
 def classification_loss(logits, labels, num_labels, problem_type):
-    """The loss a classification head trains with. Without a problem_type, it is inferred as the
-    reference does: one label means regression (MSE), integer labels mean one class per example
-    (cross-entropy), float labels mean several classes at once (binary cross-entropy per class)."""
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    """The loss a classification head trains with (see infer_problem_type for which)."""
+    problem_type = infer_problem_type(labels, num_labels, problem_type)
     labels = labels.to(logits.device)
     if problem_type == "regression":
         if num_labels == 1:
@@ -1169,6 +1228,8 @@ class GPT2ForSequenceClassification(nn.Module):
                 "GPT2ForSequenceClassification needs config.pad_token_id to find the last real token of each "
                 f"sequence in a batch of {batch_size}; set it (e.g. to the eos id 50256) or pass one sequence at a time"
             )
+        check_classification_labels(labels, _input_shape(input_ids, inputs_embeds), self.num_labels,
+                                    self.config.problem_type)
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1225,6 +1286,7 @@ class GPT2ForTokenClassification(nn.Module):
         return_dict=True,
     ):
         """labels (B, T) class ids, -100 where no label applies."""
+        check_labels("labels", labels, _input_shape(input_ids, inputs_embeds), self.num_labels, "num_labels", "class")
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1272,6 +1334,10 @@ class GPT2ForQuestionAnswering(nn.Module):
     ):
         """start_positions, end_positions (B,): token indices of the answer span. Positions past the end of
         the sequence are clamped to T and ignored by the loss (the answer was cut off)."""
+        shape = _input_shape(input_ids, inputs_embeds)
+        for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+            if positions is not None and shape and tuple(positions.shape) not in ((shape[0],), (shape[0], 1)):
+                raise _shape_error(name, positions.shape, f"({shape[0]},)", "one token index per example")
         body = self.transformer(
             input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
@@ -1327,6 +1393,8 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
+    if input_ids.size(0) == 0:
+        raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
     if input_ids.size(1) == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. <|endoftext|>, 50256)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -2009,6 +2077,10 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) 
     """Several prompts -> (input_ids (B, T), attention_mask (B, T)), left-padded so that every prompt
     ends at the last column, where generation continues. An empty prompt starts from pad_id
     (<|endoftext|> for GPT-2). encode_fn: text -> ids (GPT-2's BPE unless a model has its own)."""
+    if isinstance(prompts, str):  # a string is a sequence too: each character would become a prompt
+        raise TypeError(f"prompts must be a list of strings, got the string {prompts[:40]!r}; wrap it: [prompt]")
+    if len(prompts) == 0:
+        raise ValueError("prompts is an empty list; give at least one prompt ([\"\"] starts from <|endoftext|>)")
     encoded = [encode_fn(p) or [pad_id] for p in prompts]
     T = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
@@ -2442,9 +2514,23 @@ def validation_loss(model, batches, autocast, device, rank: int = 0, world_size:
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device NAME as a torch.device (default: cuda when there is one, else cpu), refused before any work
+    when torch has no such device type, or this machine has none of it (an mps on Linux, a tpu anywhere)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # a type torch does not know, e.g. "tpu"
+        raise ValueError(f"--device {name}: not a device type torch knows; use cpu, cuda, cuda:N or mps") from None
+    backends = {"cpu": None, "cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}
+    if device.type not in backends:  # meta, xla, ...: torch knows the name, but this file does not run there
+        raise ValueError(f"--device {name}: {device.type} devices are not supported here; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type in ("mps", "xpu") and not (backends[device.type] and backends[device.type].is_available()):
+        raise ValueError(f"--device {name}: this machine (or this build of torch) has no {device.type} device; "
+                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -3066,9 +3152,7 @@ def sample_command(args):
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     prompts = read_prompts(args)
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
@@ -3079,11 +3163,16 @@ def sample_command(args):
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     room = model.config.n_positions - input_ids.size(1)
+    if room < 0:
+        raise ValueError(f"the prompt is {input_ids.size(1)} tokens, longer than the model's "
+                         f"{model.config.n_positions} positions; shorten it to at most {model.config.n_positions} "
+                         "tokens (fewer, to leave room for new ones)")
     if args.max_new_tokens is None:
-        args.max_new_tokens = max(0, min(100, room))
+        args.max_new_tokens = min(100, room)
     if args.max_new_tokens > room:
         raise ValueError(f"the prompt is {input_ids.size(1)} tokens; with --max-new-tokens {args.max_new_tokens} "
-                         f"that exceeds the model's {model.config.n_positions} positions")
+                         f"that exceeds the model's {model.config.n_positions} positions; ask for at most {room} "
+                         "new tokens or shorten the prompt")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k or None, top_p=args.top_p,
                    attention_mask=attention_mask, generator=generator)
