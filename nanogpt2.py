@@ -1122,8 +1122,8 @@ class GPT2DoubleHeadsModel(nn.Module):
         """input_ids (B, n_choices, T); mc_token_ids (B, n_choices); labels (B, n_choices, T); mc_labels (B,)."""
         shape = _input_shape(input_ids, inputs_embeds)
         check_labels("labels", labels, shape, self.config.vocab_size, "vocab_size", "token id")
-        check_labels("mc_labels", mc_labels, shape and shape[:-2], shape and shape[-2], "the number of choices",
-                     "choice", per="example")
+        if shape is not None and len(shape) >= 2:  # (B, n_choices, T): one right choice per example, (B,)
+            check_labels("mc_labels", mc_labels, shape[:-2], shape[-2], "the number of choices", "choice", "example")
         if mc_token_ids is not None:
             if tuple(mc_token_ids.shape) != tuple(shape[:-1]):
                 raise _shape_error("mc_token_ids", mc_token_ids.shape, tuple(shape[:-1]), "one position per choice")
