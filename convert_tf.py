@@ -46,7 +46,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -58,6 +57,15 @@ import numpy as np
 
 class CheckpointError(ValueError):
     """A checkpoint file is malformed, corrupted or not what was expected. The message names the file."""
+
+
+class CorruptFileError(CheckpointError):
+    """A file whose bytes fail their CRC32C, or are cut short: `path` names it, so that --download can
+    delete its cached copy and a rerun fetch it again."""
+
+    def __init__(self, path, message):
+        super().__init__(f"{path}: {message}")
+        self.path = path
 
 
 # --- 1. CRC32C -------------------------------------------------------------------------------------------
@@ -276,8 +284,8 @@ def read_block(data, handle_bytes, path, what):
     stored = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
     actual = mask_crc(crc32c(data[offset:offset + size + 1]))
     if stored != actual:
-        raise CheckpointError(f"{path}: CRC mismatch in {what} (bytes [{offset}, {offset + size})): stored "
-                              f"{stored:#010x}, computed {actual:#010x}; the file is corrupted")
+        raise CorruptFileError(path, f"CRC mismatch in {what} (bytes [{offset}, {offset + size})): stored "
+                                     f"{stored:#010x}, computed {actual:#010x}; the file is corrupted")
     if compression != 0:
         raise CheckpointError(f"{path}: {what} uses compression type {compression}; tensor bundles are "
                               f"written uncompressed (0)")
@@ -412,12 +420,12 @@ class CheckpointReader:
         entry = self.entries[name]
         path, data = self.shard_paths[entry.shard], self._shard(entry.shard)
         if entry.offset + entry.size > len(data):
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes [{entry.offset}, "
-                                  f"{entry.offset + entry.size}) but the file has {len(data)} bytes")
+            raise CorruptFileError(path, f"truncated: tensor {name!r} needs bytes [{entry.offset}, "
+                                         f"{entry.offset + entry.size}) but the file has {len(data)} bytes")
         raw = data[entry.offset:entry.offset + entry.size]  # a copy, so no view pins the map open
         if verify and mask_crc(crc32c(raw)) != entry.crc:
-            raise CheckpointError(f"{path}: CRC mismatch in tensor {name!r} (bytes [{entry.offset}, "
-                                  f"{entry.offset + entry.size})): the file is corrupted")
+            raise CorruptFileError(path, f"CRC mismatch in tensor {name!r} (bytes [{entry.offset}, "
+                                         f"{entry.offset + entry.size})): the file is corrupted")
         stored = np.dtype(NUMPY_DTYPES[entry.dtype]).newbyteorder(self.byteorder)
         array = np.frombuffer(raw, stored).reshape(entry.shape)
         if entry.dtype == "bfloat16":  # bfloat16 is the top half of a float32: shift the bits back up
@@ -660,14 +668,39 @@ def write_safetensors(path, plan):
             f.write(array)  # its buffer, without a copy
 
 
+def _process_alive(pid):
+    if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its folder
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir):
+    """Delete the `.OUT_DIR.tmp<PID>` folders that killed runs (kill -9, a power cut) left beside out_dir:
+    those whose process no longer exists. A live process's folder is left alone: it may still be writing."""
+    out_dir = Path(out_dir)
+    for entry in out_dir.parent.iterdir():
+        found = re.fullmatch(re.escape(f".{out_dir.name}.tmp") + r"(\d+)", entry.name)
+        if found and entry.is_dir() and not _process_alive(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def write_atomically(out_dir, fill):
-    """Build the folder under a temporary name beside out_dir and rename it at the end, so that a failed
-    or interrupted run leaves no out_dir behind (and never a half-written one)."""
+    """Build the folder under a temporary name beside out_dir (.OUT_DIR.tmp<PID>) and rename it at the end,
+    so that a failed or interrupted run leaves no out_dir behind (and never a half-written one). The folder
+    and its files are made like any others, so the umask sets their modes (0755 and 0644 under umask 022)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier call that was cut short
+    tmp.mkdir()
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the result is an ordinary folder
         fill(tmp)
         if out_dir.is_dir():
             out_dir.rmdir()  # only ever empty here: checked before any work
@@ -733,27 +766,42 @@ RELEASES = {  # name -> (folder under the base URL, checkpoint prefix, other fil
 }
 
 
+def if_range_value(response):
+    """What identifies this version of the file for an If-Range header: its ETag if strong (If-Range
+    accepts no weak W/ ETag), else its Last-Modified date; "" when the server gives neither."""
+    etag = response.headers.get("ETag") or ""
+    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
+
+
 def fetch(url, path):
     """Download url to path. Bytes go to path.part first and a rerun resumes it with an HTTP Range request;
-    path itself appears, by rename, only once complete, so a partial download never looks complete."""
+    path itself appears, by rename, only once complete, so a partial download never looks complete. A
+    resume also sends If-Range with the ETag (or Last-Modified) the .part was started under, kept in
+    path.part.if-range: a file changed on the server since comes back whole (200) and the .part starts again,
+    so two versions are never spliced together. The folder is made only once the server answers with the
+    file, so a missing file (404) leaves no empty folder behind."""
     if path.exists():
         return
-    part = path.with_name(path.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    part, if_range_path = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.if-range")
+    if_range = if_range_path.read_text().strip() if part.exists() and if_range_path.exists() else ""
+    have = part.stat().st_size if if_range else 0  # a .part with no record of its version starts again
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-", "If-Range": if_range} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as error:
         total = re.search(r"/(\d+)$", error.headers.get("Content-Range", "") if error.headers else "")
         if error.code == 416 and total and int(total.group(1)) == have:  # nothing after `have`: it is whole
             os.replace(part, path)
+            if_range_path.unlink()
             return
         raise CheckpointError(f"{url}: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
         raise CheckpointError(f"{url}: {error.reason}") from None
     with response:
-        if have and response.status != 206:  # the server ignored the Range header: start again
+        if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if_range_path.write_text(if_range_value(response))
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         done, shown = have, 0.0
@@ -769,13 +817,13 @@ def fetch(url, path):
     if total is not None and done != total:
         raise CheckpointError(f"{url}: connection closed after {done} of {total} bytes; run again to resume")
     os.replace(part, path)
+    if_range_path.unlink()
 
 
 def download_release(name, folder, base_url=OPENAI_BASE_URL):
     """Fetch one of OpenAI's releases into folder (files already there are kept) and return folder."""
     remote, prefix, others = RELEASES[name]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)  # made by the first fetch that succeeds: a 404 leaves no empty folder
     base_url = base_url.rstrip("/")
     for other in others:
         fetch(f"{base_url}/{other}", folder / other.rsplit("/", 1)[-1])
@@ -864,7 +912,13 @@ def main(argv=None):
             list_variables(find_checkpoint(src))
         else:
             convert(src, args.paths[-1], verify=not args.no_verify)
+    except BrokenPipeError:  # the reader left early (`--list ... | head`): it has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails silently too
+        sys.exit(0)
     except (CheckpointError, OSError) as error:  # bad input, not a bug: one line, no traceback
+        if args.download and isinstance(error, CorruptFileError):  # a damaged download: fetch it again next time
+            Path(error.path).unlink(missing_ok=True)
+            error = f"{error}. Deleted it from the download cache: run again to fetch it afresh"
         print(f"convert_tf.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ train a small one that draws shapes with `python imagegpt.py train` (minutes on 
 """
 
 import argparse
+import contextlib
 import csv
 import functools
 import hashlib
@@ -47,7 +48,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -199,6 +199,8 @@ class ImageGPTConfig:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
         """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"config_dict must be a dict of config fields, got {type(config_dict).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in config_dict.items() if k in known}
         extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
@@ -225,13 +227,18 @@ class ImageGPTConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "ImageGPTConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
+                                  "fields ({\"n_layer\": 12, ...})")
+        return cls.from_dict(config_dict)
 
     def to_json_file(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # OpenAI's three released sizes (trained on 32 x 32 ImageNet with the same 512-colour palette).
@@ -745,6 +752,9 @@ class ImageGPTModel(nn.Module):
             if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
                 raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
             input_shape = tuple(inputs_embeds.shape[:-1])
+        if 0 in input_shape:  # nothing to compute: say so here, not in a reshape deep inside attention
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            raise _shape_error(name, given.shape, "at least one sequence of at least one token", "an empty batch")
         T = input_shape[-1]
         batch = math.prod(input_shape[:-1])
         past_length = 0
@@ -773,7 +783,8 @@ class ImageGPTModel(nn.Module):
                 raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
             _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
         if position_ids is not None:
-            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape):
+            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape) or \
+                    math.prod(position_ids.shape[:-1]) not in (1, batch):
                 raise _shape_error("position_ids", position_ids.shape, f"(T,), (1, T) or (B, T) with T={T}")
             _check_indices("position_ids", position_ids, cfg.n_positions, "n_positions", "position")
         if head_mask is not None:
@@ -897,6 +908,13 @@ class ImageGPTModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _input_shape(input_ids, inputs_embeds):
+    """(B, T), or (B, n_choices, T), of the inputs; None when neither is given (the body then says so)."""
+    if input_ids is not None:
+        return tuple(input_ids.shape)
+    return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
+
+
 def shifted_lm_loss(logits, labels):
     """Next-pixel cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
     (padding, or a prompt the loss should not count)."""
@@ -946,7 +964,7 @@ class ImageGPTForCausalImageModeling(nn.Module):
         """labels (B, T): usually input_ids itself (SOS first); the shift happens inside, so the label at
         position 0 is never read. Returns loss, logits (B, T, V - 1), ..."""
         if labels is not None:
-            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+            shape = _input_shape(input_ids, inputs_embeds)
             if tuple(labels.shape) != tuple(shape):
                 raise _shape_error("labels", labels.shape, tuple(shape), "one label per input token")
             predicted = labels[..., 1:]
@@ -972,17 +990,39 @@ class ImageGPTForCausalImageModeling(nn.Module):
         return generate(self, input_ids, **kwargs)
 
 
+def infer_problem_type(labels, num_labels: int, problem_type) -> str:
+    """config.problem_type, or when it is None the reference's rule: one label means regression (MSE),
+    integer labels mean one class per example (cross-entropy), float labels mean several classes at once
+    (binary cross-entropy per class)."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
+    """labels of the shape classification_loss reads, checked before any work (a wrong shape would be
+    broadcast or flattened into a loss over the wrong pairs): (B,) class ids; (B,) or (B, 1) targets for
+    one-value regression; (B, num_labels) for several values, or multi-label 0/1 floats."""
+    if labels is None or input_shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    kind, batch = infer_problem_type(labels, num_labels, problem_type), input_shape[0]
+    if kind == "single_label_classification" or (kind == "regression" and num_labels == 1):
+        expected, per = ((batch,), (batch, 1)), "one label per example"
+    else:
+        expected, per = ((batch, num_labels),), f"num_labels={num_labels} values per example"
+    if tuple(labels.shape) not in expected:
+        raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
+    if kind == "single_label_classification":
+        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+
+
 def classification_loss(logits, labels, num_labels, problem_type):
-    """The loss a classification head trains with. Without a problem_type, it is inferred as the
-    reference does: one label means regression (MSE), integer labels mean one class per example
-    (cross-entropy), float labels mean several classes at once (binary cross-entropy per class)."""
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    """The loss a classification head trains with (see infer_problem_type for which)."""
+    problem_type = infer_problem_type(labels, num_labels, problem_type)
     labels = labels.to(logits.device)
     if problem_type == "regression":
         if num_labels == 1:
@@ -1029,9 +1069,8 @@ class ImageGPTForImageClassification(nn.Module):
         return_dict=True,
     ):
         """labels (B,): class ids, or floats for regression; (B, num_labels) floats for multi-label."""
-        if labels is not None and labels.dim() > 0 and labels.dtype in (torch.long, torch.int) and \
-                self.num_labels > 1 and self.config.problem_type in (None, "single_label_classification"):
-            _check_indices("labels", labels, self.num_labels, "num_labels", "class")
+        check_classification_labels(labels, _input_shape(input_ids, inputs_embeds), self.num_labels,
+                                    self.config.problem_type)
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1080,6 +1119,8 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
+    if input_ids.size(0) == 0:
+        raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
     if input_ids.size(1) == 0:
         raise ValueError(f"input_ids is empty: start each row with the SOS token ({model.config.sos_token_id}), "
                          "or pass input_ids=None to sample from SOS")
@@ -1187,17 +1228,41 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
 
 
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its file
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete the `path.tmp<PID>` files that killed runs (kill -9, a power cut) left beside path: those
+    whose process no longer exists. A live process's temporary is left alone: it may still be writing."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(directory):
+        found = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", entry)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another run may clean it up first
+                os.remove(os.path.join(directory, entry))
+
+
 class _atomic_path:
-    """`with _atomic_path(path) as tmp:` write to tmp; on success it is renamed onto path in one step, so
-    a reader (or an interrupted run) never sees half a file; on failure tmp is removed."""
+    """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
+    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
+    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
+    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
 
     def __enter__(self):
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(self.path) + ".", suffix=".tmp")
-        os.close(fd)
+        remove_stale_temporaries(self.path)
+        self.tmp = f"{self.path}.tmp{os.getpid()}"
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -1331,19 +1396,34 @@ def _progress(desc: str, done: int, total: Optional[int], start: float):
     sys.stderr.flush()
 
 
+def _if_range_value(response) -> str:
+    """What identifies this version of the file for an If-Range header: its ETag if strong (If-Range
+    accepts no weak W/ ETag), else its Last-Modified date; "" when the server gives neither."""
+    etag = response.headers.get("ETag") or ""
+    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
+
+
 def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
     """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
     Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
-    download never looks like a cached one. When the server gives the file's SHA-256 (the hub's ETag for
-    large files) it is checked, and a corrupted file is deleted."""
+    download never looks like a cached one. A resume also sends If-Range with the ETag (or Last-Modified)
+    the .part was started under, kept in dest + ".part.if-range": if the file has changed on the server
+    since, the server sends the whole new file (200) and the .part starts again from zero, so two versions
+    are never spliced together (a .part with no such record starts again too). When the server gives the
+    file's SHA-256 (the hub's ETag for large files) it is checked, and a corrupted file is deleted. The
+    folder is made only once the server answers with the file, so a missing file (404) leaves none behind."""
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+    part, if_range_path = dest + ".part", dest + ".part.if-range"
+    if_range = ""
+    if os.path.exists(part) and os.path.exists(if_range_path):
+        with open(if_range_path, encoding="utf-8") as f:
+            if_range = f.read().strip()
+    have = os.path.getsize(part) if if_range else 0
     request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
     if have:
         request.add_header("Range", f"bytes={have}-")
+        request.add_header("If-Range", if_range)
     desc = desc or os.path.basename(dest)
     try:
         response = urllib.request.urlopen(request, timeout=60)
@@ -1353,8 +1433,11 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
             return download(url, dest, desc, quiet)
         raise
     with response:
-        if have and response.status != 206:  # the server ignored the Range header: start from zero
+        if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            with open(if_range_path, "w", encoding="utf-8") as f:
+                f.write(_if_range_value(response))
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
@@ -1381,9 +1464,11 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
                 sha.update(block)
         if sha.hexdigest() != etag:
             os.remove(part)
+            os.remove(if_range_path)
             raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {etag}; "
                                   "run again to download it afresh")
     os.replace(part, dest)
+    os.remove(if_range_path)
     return dest
 
 
@@ -1501,6 +1586,20 @@ def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> D
     return {k: v for k, v in renamed.items() if k in expected}
 
 
+def check_finite(state_dict: Dict[str, torch.Tensor], where) -> Dict[str, torch.Tensor]:
+    """Refuse weights holding NaN or inf (a corrupt file, or a run that diverged before it was saved): every
+    such tensor is named, with how many of its values are not finite. Returns state_dict unchanged."""
+    bad = []
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise CheckpointError(f"{where}: weights hold NaN or inf, in {len(bad)} tensor(s): {', '.join(bad)}. "
+                              "The checkpoint is corrupt or its training diverged; use an earlier one")
+    return state_dict
+
+
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -1526,6 +1625,7 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     config = ImageGPTConfig.from_json_file(config_path)
     model = cls(config)
     model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
+    check_finite(model.state_dict(), directory)
     model.to(dtype=dtype or torch.float32, device=device)
     if any(os.path.exists(os.path.join(directory, name)) for name in PALETTE_FILES):
         model.palette = load_palette(directory)
@@ -1576,8 +1676,12 @@ def _as_uint8_image(image, name="image") -> torch.Tensor:
 def _as_image_list(images) -> List[torch.Tensor]:
     """A single image (H, W, 3), a batch (B, H, W, 3) or a list of images -> a list of (H, W, 3) uint8 tensors."""
     if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("images is an empty list; expected at least one (H, W, 3) image")
         return [_as_uint8_image(image, f"images[{i}]") for i, image in enumerate(images)]
     images = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    if images.dim() == 4 and images.size(0) == 0:
+        raise _shape_error("images", images.shape, "(B, H, W, 3) with B >= 1", "an empty batch")
     if images.dim() == 4:
         return [_as_uint8_image(image, f"images[{i}]") for i, image in enumerate(images)]
     return [_as_uint8_image(images, "images")]
@@ -1776,6 +1880,7 @@ def save_palette(palette, directory, n_px: Optional[int] = None):
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel: grey, RGB, grey+alpha, RGBA
+MAX_PNG_BYTES = 1 << 28  # 256 MiB of pixels (8192 x 8192 RGB): a larger declared image is refused unread
 _RESAVE_HINT = "re-save it as an 8-bit RGB PNG (e.g. `convert in.png -depth 8 PNG24:out.png`, or any image editor)"
 
 
@@ -1861,6 +1966,9 @@ def read_png(path) -> np.ndarray:
         if header is None and chunk_type != b"IHDR":
             raise ValueError(f"{path}: the first chunk is {chunk_type!r}, not IHDR (the file is corrupt)")
         if chunk_type == b"IHDR":
+            if len(body) != 13:
+                raise ValueError(f"{path}: its IHDR chunk holds {len(body)} bytes, but a PNG header is 13 bytes "
+                                 "(the file is corrupt)")
             header = struct.unpack(">IIBBBBB", body)
         elif chunk_type == b"IDAT":
             idat.append(body)
@@ -1881,12 +1989,17 @@ def read_png(path) -> np.ndarray:
         raise ValueError(f"{path} is an interlaced (Adam7) PNG, which this reader does not decode; {_RESAVE_HINT}")
     channels = PNG_CHANNELS[colour_type]
     stride = width * channels  # bytes per row, without the filter byte
-    try:
-        raw = zlib.decompress(b"".join(idat))
+    if width == 0 or height == 0 or height * stride > MAX_PNG_BYTES:
+        raise ValueError(f"{path} declares a {width} x {height} image of {channels} channels ({height * stride:,} "
+                         f"bytes); images must be at least 1 x 1 and at most {MAX_PNG_BYTES:,} bytes (shrink it first)")
+    try:  # never more than the image needs (+1 to notice more): a zip bomb stops here, not after GBs
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(b"".join(idat), height * (stride + 1) + 1)
     except zlib.error as e:
         raise ValueError(f"{path}: its image data does not decompress ({e}); the file is corrupt") from None
     if len(raw) != height * (stride + 1):
-        raise ValueError(f"{path}: the image data holds {len(raw)} bytes, but a {width} x {height} image of "
+        holds = f"{len(raw)} bytes" if len(raw) <= height * (stride + 1) else "more bytes than that"
+        raise ValueError(f"{path}: the image data holds {holds}, but a {width} x {height} image of "
                          f"{channels} channels needs {height * (stride + 1)} (the file is corrupt)")
     rows, prev = [], bytes(stride)  # the row above the first one is all zeros
     for y in range(height):
@@ -2275,12 +2388,20 @@ def validation_loss(model, batches: List[torch.Tensor]) -> float:
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
+    """--device NAME as a torch.device (default: cuda when there is one, else cpu), refused before any work
+    when torch has no such device type, or this machine has none of it (an mps on Linux, a tpu anywhere)."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: {e}") from None
+    except RuntimeError:  # a type torch does not know, e.g. "tpu"
+        raise ValueError(f"--device {name}: not a device type torch knows; use cpu, cuda, cuda:N or mps") from None
+    backends = {"cpu": None, "cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}
+    if device.type not in backends:  # meta, xla, ...: torch knows the name, but this file does not run there
+        raise ValueError(f"--device {name}: {device.type} devices are not supported here; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type in ("mps", "xpu") and not (backends[device.type] and backends[device.type].is_available()):
+        raise ValueError(f"--device {name}: this machine (or this build of torch) has no {device.type} device; "
+                         "use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
@@ -2829,9 +2950,7 @@ def _check_args(args):
 
 def load_model_and_palette(args):
     """The model on its device, and the palette: --palette, else the one saved with the model."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(args.device)
     model = ImageGPTForCausalImageModeling.from_pretrained(args.model, dtype=args.dtype, device=device)
     palette = load_palette(args.palette) if args.palette is not None else model.palette
     if palette is None:

@@ -180,6 +180,8 @@ class GPT2Config:
     @classmethod
     def from_dict(cls, config_dict: dict) -> "GPT2Config":
         """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"config_dict must be a dict of config fields, got {type(config_dict).__name__}")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in config_dict.items() if k in known}
         extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
@@ -208,13 +210,18 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path) -> "GPT2Config":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
+                                  "fields ({\"n_layer\": 12, ...})")
+        return cls.from_dict(config_dict)
 
     def to_json_file(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # OpenAI's four released sizes, and Hugging Face's distilled 6-layer model.
@@ -771,6 +778,9 @@ class GPT2Model(nn.Module):
             if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
                 raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
             input_shape = tuple(inputs_embeds.shape[:-1])
+        if 0 in input_shape:  # nothing to compute: say so here, not in a reshape deep inside attention
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            raise _shape_error(name, given.shape, "at least one sequence of at least one token", "an empty batch")
         T = input_shape[-1]
         batch = math.prod(input_shape[:-1])
         past_length = 0
@@ -926,6 +936,26 @@ class GPT2Model(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _input_shape(input_ids, inputs_embeds):
+    """(B, T), or (B, n_choices, T), of the inputs; None when neither is given (the body then says so)."""
+    if input_ids is not None:
+        return tuple(input_ids.shape)
+    return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
+
+
+def check_labels(name, labels, shape, limit: int, limit_name: str, what: str, per: str = "input token"):
+    """Labels with one entry per input token (or per example, per choice), of shape `shape`: ids in
+    [0, limit), or -100 where no label applies. Checked before any work: a wrong shape would otherwise be
+    flattened into a loss over the wrong pairs, or fail deep inside cross_entropy."""
+    if labels is None or shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {tuple(shape)}, got {type(labels).__name__}")
+    if tuple(labels.shape) != tuple(shape):
+        raise _shape_error(name, labels.shape, tuple(shape), f"one label per {per}")
+    _check_indices(name, labels[labels != -100], limit, limit_name, what)
+
+
 def shifted_lm_loss(logits, labels):
     """Next-token cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
     (padding, or a prompt the loss should not count)."""
@@ -987,6 +1017,8 @@ class GPT2LMHeadModel(nn.Module):
         return_dict=True,
     ):
         """labels (B, T): usually input_ids itself; the shift happens inside. Returns loss, logits (B, T, V), ..."""
+        check_labels("labels", labels, _input_shape(input_ids, inputs_embeds), self.config.vocab_size, "vocab_size",
+                     "token id")
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1088,7 +1120,10 @@ class GPT2DoubleHeadsModel(nn.Module):
         return_dict=True,
     ):
         """input_ids (B, n_choices, T); mc_token_ids (B, n_choices); labels (B, n_choices, T); mc_labels (B,)."""
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        shape = _input_shape(input_ids, inputs_embeds)
+        check_labels("labels", labels, shape, self.config.vocab_size, "vocab_size", "token id")
+        if shape is not None and len(shape) >= 2:  # (B, n_choices, T): one right choice per example, (B,)
+            check_labels("mc_labels", mc_labels, shape[:-2], shape[-2], "the number of choices", "choice", "example")
         if mc_token_ids is not None:
             if tuple(mc_token_ids.shape) != tuple(shape[:-1]):
                 raise _shape_error("mc_token_ids", mc_token_ids.shape, tuple(shape[:-1]), "one position per choice")
@@ -1113,17 +1148,39 @@ class GPT2DoubleHeadsModel(nn.Module):
         return out if return_dict else out.to_tuple()
 
 
+def infer_problem_type(labels, num_labels: int, problem_type) -> str:
+    """config.problem_type, or when it is None the reference's rule: one label means regression (MSE),
+    integer labels mean one class per example (cross-entropy), float labels mean several classes at once
+    (binary cross-entropy per class)."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
+    """labels of the shape classification_loss reads, checked before any work (a wrong shape would be
+    broadcast or flattened into a loss over the wrong pairs): (B,) class ids; (B,) or (B, 1) targets for
+    one-value regression; (B, num_labels) for several values, or multi-label 0/1 floats."""
+    if labels is None or input_shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    kind, batch = infer_problem_type(labels, num_labels, problem_type), input_shape[0]
+    if kind == "single_label_classification" or (kind == "regression" and num_labels == 1):
+        expected, per = ((batch,), (batch, 1)), "one label per example"
+    else:
+        expected, per = ((batch, num_labels),), f"num_labels={num_labels} values per example"
+    if tuple(labels.shape) not in expected:
+        raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
+    if kind == "single_label_classification":
+        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+
+
 def classification_loss(logits, labels, num_labels, problem_type):
-    """The loss a classification head trains with. Without a problem_type, it is inferred as the
-    reference does: one label means regression (MSE), integer labels mean one class per example
-    (cross-entropy), float labels mean several classes at once (binary cross-entropy per class)."""
-    if problem_type is None:
-        if num_labels == 1:
-            problem_type = "regression"
-        elif labels.dtype in (torch.long, torch.int):
-            problem_type = "single_label_classification"
-        else:
-            problem_type = "multi_label_classification"
+    """The loss a classification head trains with (see infer_problem_type for which)."""
+    problem_type = infer_problem_type(labels, num_labels, problem_type)
     labels = labels.to(logits.device)
     if problem_type == "regression":
         if num_labels == 1:
@@ -1171,6 +1228,8 @@ class GPT2ForSequenceClassification(nn.Module):
                 "GPT2ForSequenceClassification needs config.pad_token_id to find the last real token of each "
                 f"sequence in a batch of {batch_size}; set it (e.g. to the eos id 50256) or pass one sequence at a time"
             )
+        check_classification_labels(labels, _input_shape(input_ids, inputs_embeds), self.num_labels,
+                                    self.config.problem_type)
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1227,6 +1286,7 @@ class GPT2ForTokenClassification(nn.Module):
         return_dict=True,
     ):
         """labels (B, T) class ids, -100 where no label applies."""
+        check_labels("labels", labels, _input_shape(input_ids, inputs_embeds), self.num_labels, "num_labels", "class")
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
@@ -1274,6 +1334,10 @@ class GPT2ForQuestionAnswering(nn.Module):
     ):
         """start_positions, end_positions (B,): token indices of the answer span. Positions past the end of
         the sequence are clamped to T and ignored by the loss (the answer was cut off)."""
+        shape = _input_shape(input_ids, inputs_embeds)
+        for name, positions in (("start_positions", start_positions), ("end_positions", end_positions)):
+            if positions is not None and shape and tuple(positions.shape) not in ((shape[0],), (shape[0], 1)):
+                raise _shape_error(name, positions.shape, f"({shape[0]},)", "one token index per example")
         body = self.transformer(
             input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
             position_ids=position_ids, head_mask=head_mask, inputs_embeds=inputs_embeds,
@@ -1329,6 +1393,8 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
+    if input_ids.size(0) == 0:
+        raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
     if input_ids.size(1) == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. <|endoftext|>, 50256)")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -1564,6 +1630,57 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
 
 
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its file
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: no signal is sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Delete the `path.tmp<PID>` files that killed runs (kill -9, a power cut) left beside path: those
+    whose process no longer exists. A live process's temporary is left alone: it may still be writing."""
+    directory, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(directory):
+        found = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", entry)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(FileNotFoundError):  # another run may clean it up first
+                os.remove(os.path.join(directory, entry))
+
+
+class _atomic_path:
+    """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
+    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
+    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
+    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        remove_stale_temporaries(self.path)
+        self.tmp = f"{self.path}.tmp{os.getpid()}"
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False
+
+
+def _write_atomically(path, data: bytes):
+    with _atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 def read_safetensors_header(path) -> Tuple[dict, int]:
     """(header dict, offset of the data section). Every claim the header makes is checked against the
     file before any tensor is read, so a lying header gives an error, never an out-of-bounds read."""
@@ -1649,17 +1766,12 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[
         offset += len(raw)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with _atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
             for raw in chunks:
                 f.write(raw)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # Short names of the released checkpoints -> their Hugging Face hub repositories.
@@ -1688,19 +1800,34 @@ def _progress(desc: str, done: int, total: Optional[int], start: float):
     sys.stderr.flush()
 
 
+def _if_range_value(response) -> str:
+    """What identifies this version of the file for an If-Range header: its ETag if strong (If-Range
+    accepts no weak W/ ETag), else its Last-Modified date; "" when the server gives neither."""
+    etag = response.headers.get("ETag") or ""
+    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
+
+
 def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
     """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
     Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
-    download never looks like a cached one. When the server gives the file's SHA-256 (the hub's ETag for
-    large files) it is checked, and a corrupted file is deleted."""
+    download never looks like a cached one. A resume also sends If-Range with the ETag (or Last-Modified)
+    the .part was started under, kept in dest + ".part.if-range": if the file has changed on the server
+    since, the server sends the whole new file (200) and the .part starts again from zero, so two versions
+    are never spliced together (a .part with no such record starts again too). When the server gives the
+    file's SHA-256 (the hub's ETag for large files) it is checked, and a corrupted file is deleted. The
+    folder is made only once the server answers with the file, so a missing file (404) leaves none behind."""
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    part = dest + ".part"
-    have = os.path.getsize(part) if os.path.exists(part) else 0
+    part, if_range_path = dest + ".part", dest + ".part.if-range"
+    if_range = ""
+    if os.path.exists(part) and os.path.exists(if_range_path):
+        with open(if_range_path, encoding="utf-8") as f:
+            if_range = f.read().strip()
+    have = os.path.getsize(part) if if_range else 0
     request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
     if have:
         request.add_header("Range", f"bytes={have}-")
+        request.add_header("If-Range", if_range)
     desc = desc or os.path.basename(dest)
     try:
         response = urllib.request.urlopen(request, timeout=60)
@@ -1710,8 +1837,11 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
             return download(url, dest, desc, quiet)
         raise
     with response:
-        if have and response.status != 206:  # the server ignored the Range header: start from zero
+        if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            with open(if_range_path, "w", encoding="utf-8") as f:
+                f.write(_if_range_value(response))
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
@@ -1738,9 +1868,11 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
                 sha.update(block)
         if sha.hexdigest() != etag:
             os.remove(part)
+            os.remove(if_range_path)
             raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {etag}; "
                                   "run again to download it afresh")
     os.replace(part, dest)
+    os.remove(if_range_path)
     return dest
 
 
@@ -1848,6 +1980,20 @@ def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> D
     return {k: v for k, v in renamed.items() if k in expected}
 
 
+def check_finite(state_dict: Dict[str, torch.Tensor], where) -> Dict[str, torch.Tensor]:
+    """Refuse weights holding NaN or inf (a corrupt file, or a run that diverged before it was saved): every
+    such tensor is named, with how many of its values are not finite. Returns state_dict unchanged."""
+    bad = []
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            count = int((~torch.isfinite(tensor)).sum())
+            bad.append(f"{name} ({count} of {tensor.numel()} values)")
+    if bad:
+        raise CheckpointError(f"{where}: weights hold NaN or inf, in {len(bad)} tensor(s): {', '.join(bad)}. "
+                              "The checkpoint is corrupt or its training diverged; use an earlier one")
+    return state_dict
+
+
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -1871,6 +2017,7 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     config = GPT2Config.from_json_file(config_path)
     model = cls(config)
     model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
+    check_finite(model.state_dict(), directory)
     model.to(dtype=dtype or torch.float32, device=device)
     return model.eval()
 
@@ -1886,11 +2033,8 @@ def save_pretrained(model: nn.Module, directory):
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    tmp = os.path.join(directory, f"config.json.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(directory, "config.json"))
+    _write_atomically(os.path.join(directory, "config.json"),
+                      (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 # Every model class loads and saves the same way: one function each, attached to all six classes.
@@ -1933,6 +2077,10 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) 
     """Several prompts -> (input_ids (B, T), attention_mask (B, T)), left-padded so that every prompt
     ends at the last column, where generation continues. An empty prompt starts from pad_id
     (<|endoftext|> for GPT-2). encode_fn: text -> ids (GPT-2's BPE unless a model has its own)."""
+    if isinstance(prompts, str):  # a string is a sequence too: each character would become a prompt
+        raise TypeError(f"prompts must be a list of strings, got the string {prompts[:40]!r}; wrap it: [prompt]")
+    if len(prompts) == 0:
+        raise ValueError("prompts is an empty list; give at least one prompt ([\"\"] starts from <|endoftext|>)")
     encoded = [encode_fn(p) or [pad_id] for p in prompts]
     T = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
@@ -2366,9 +2514,23 @@ def validation_loss(model, batches, autocast, device, rank: int = 0, world_size:
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device NAME as a torch.device (default: cuda when there is one, else cpu), refused before any work
+    when torch has no such device type, or this machine has none of it (an mps on Linux, a tpu anywhere)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # a type torch does not know, e.g. "tpu"
+        raise ValueError(f"--device {name}: not a device type torch knows; use cpu, cuda, cuda:N or mps") from None
+    backends = {"cpu": None, "cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}
+    if device.type not in backends:  # meta, xla, ...: torch knows the name, but this file does not run there
+        raise ValueError(f"--device {name}: {device.type} devices are not supported here; use cpu, cuda or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type in ("mps", "xpu") and not (backends[device.type] and backends[device.type].is_available()):
+        raise ValueError(f"--device {name}: this machine (or this build of torch) has no {device.type} device; "
+                         "use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -2990,9 +3152,7 @@ def sample_command(args):
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     prompts = read_prompts(args)
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
@@ -3003,11 +3163,16 @@ def sample_command(args):
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     room = model.config.n_positions - input_ids.size(1)
+    if room < 0:
+        raise ValueError(f"the prompt is {input_ids.size(1)} tokens, longer than the model's "
+                         f"{model.config.n_positions} positions; shorten it to at most {model.config.n_positions} "
+                         "tokens (fewer, to leave room for new ones)")
     if args.max_new_tokens is None:
-        args.max_new_tokens = max(0, min(100, room))
+        args.max_new_tokens = min(100, room)
     if args.max_new_tokens > room:
         raise ValueError(f"the prompt is {input_ids.size(1)} tokens; with --max-new-tokens {args.max_new_tokens} "
-                         f"that exceeds the model's {model.config.n_positions} positions")
+                         f"that exceeds the model's {model.config.n_positions} positions; ask for at most {room} "
+                         "new tokens or shorten the prompt")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k or None, top_p=args.top_p,
                    attention_mask=attention_mask, generator=generator)

@@ -8,6 +8,7 @@
 """
 
 import gzip
+import hashlib
 import http.server
 import json
 import os
@@ -416,7 +417,7 @@ def test_failure_while_writing_leaves_no_out_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(CheckpointReader, "read", broken_read)
     with pytest.raises(CheckpointError, match="simulated"):
         convert_tf.convert(FIXTURES / "gpt2", tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []  # neither out nor its temporary .out.*.partial
+    assert list(tmp_path.iterdir()) == []  # neither out nor its temporary .out.tmp<PID>
 
 
 def test_existing_out_dir_is_refused_and_left_alone(tmp_path):
@@ -457,7 +458,7 @@ def test_cli_help_teaches_the_options_and_list_prints_every_variable():
 
 
 class RangeServer(http.server.ThreadingHTTPServer):
-    """A local stand-in for OpenAI's blob store: serves a folder, honours Range, logs requests."""
+    """A local stand-in for OpenAI's blob store: serves a folder, honours Range and If-Range, logs requests."""
 
     def __init__(self, root):
         self.root, self.requests, self.cut_after, self.ignore_range = Path(root), [], None, False
@@ -477,7 +478,10 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
+        etag = f'"{hashlib.md5(data).hexdigest()}"'  # as Azure blob storage gives one
         match = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
+        if self.headers.get("If-Range") not in (None, etag):  # the file changed: send all of the new one
+            match = None
         start = int(match.group(1)) if match and not server.ignore_range else 0
         if start >= len(data) and start:
             self.send_response(416)
@@ -488,6 +492,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", etag)
         self.end_headers()
         body = data[start:]
         self.wfile.write(body if server.cut_after is None else body[:server.cut_after])  # cut: a dropped link
@@ -565,3 +570,42 @@ def test_download_restarts_when_the_server_ignores_range_and_finishes_a_whole_pa
     assert (tmp_path / "b").read_bytes() == original
     with pytest.raises(CheckpointError, match="HTTP 404"):
         convert_tf.fetch(f"{server.url}/no/such/file", tmp_path / "c")
+
+
+def test_a_file_changed_between_tries_is_fetched_afresh_not_spliced(tmp_path, server):
+    served = server.root / "gpt-2" / "models" / "124M" / "model.ckpt.data-00000-of-00001"
+    old = served.read_bytes()
+    new = bytes(255 - b for b in old)  # the same length: only If-Range can tell the versions apart
+    target = tmp_path / "dl" / "shard"
+    server.cut_after = 20000
+    with pytest.raises(CheckpointError, match="run again to resume"):
+        convert_tf.fetch(f"{server.url}/gpt-2/models/124M/{served.name}", target)
+    server.cut_after = None
+    served.write_bytes(new)  # a new version is uploaded before the retry
+    convert_tf.fetch(f"{server.url}/gpt-2/models/124M/{served.name}", target)
+    assert server.requests[-1][1] == "bytes=20000-"  # it asked to resume, and was sent the whole new file
+    assert target.read_bytes() == new  # not 20 kB of the old version followed by the rest of the new
+    assert sorted(p.name for p in target.parent.iterdir()) == ["shard"]  # no .part, no .part.if-range
+
+
+def test_a_404_download_leaves_no_empty_folder(tmp_path, server):
+    result = run_cli("--download", "gpt2-124M", tmp_path / "out", "--download-dir", tmp_path / "cache" / "dl",
+                     "--base-url", server.url + "/nothing-here")
+    assert result.returncode == 2 and "HTTP 404" in result.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_download_deletes_a_cached_shard_that_fails_its_checksum_so_a_rerun_fetches_it(tmp_path, server, clean):
+    downloads, shard = tmp_path / "dl", tmp_path / "dl" / "model.ckpt.data-00000-of-00001"
+    args = ("--download", "gpt2-124M", tmp_path / "out", "--download-dir", downloads, "--base-url", server.url)
+    assert run_cli(*args).returncode == 0
+    shutil.rmtree(tmp_path / "out")
+    flip(shard, 100, 0x10)  # the cached copy rots on disk
+    result = run_cli(*args)
+    assert result.returncode == 2 and "CRC mismatch in tensor" in result.stderr, result.stderr
+    assert "run again to fetch it afresh" in result.stderr and not shard.exists()
+    server.requests.clear()
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert [path for path, _ in server.requests] == ["/gpt-2/models/124M/model.ckpt.data-00000-of-00001"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == clean["gpt2"]

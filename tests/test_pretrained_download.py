@@ -3,7 +3,7 @@
 The server plays the Hugging Face hub: files under /<repo_id>/resolve/main/<file>, Range requests answered
 with 206 and Content-Range, the file's SHA-256 as its ETag (as the hub gives for large files). Switches
 make it misbehave: cut the connection part way through a file, send a wrong SHA-256, serve a truncated
-file with a matching Content-Length, answer 404 for model.safetensors (so the client falls back to the
+file with a matching Content-Length, change a file between two tries (If-Range is honoured, as RFC 9110 says), answer 404 for model.safetensors (so the client falls back to the
 sharded index). Every request is recorded, so the tests can see a resume use a Range header and a cache
 hit make no request at all. NANOGPT2_HUB_URL points at the server and NANOGPT2_CACHE at a temporary
 folder, and proxies are switched off, so nothing but 127.0.0.1 is ever contacted.
@@ -15,10 +15,12 @@ import json
 import os
 import re
 import threading
+import urllib.error
 
 import pytest
 import torch
 
+import imagegpt
 import nanogpt2
 
 SMALL = dict(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=50257)  # the real vocabulary
@@ -35,6 +37,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), FakeHubHandler)
         self.files = {}
         self.requests = []  # (path, Range header or None), in order
+        self.if_ranges = []  # the If-Range header of each request, or None
         self.cut_after = {}  # name -> bytes: send the full Content-Length, write only this many, close (once)
         self.wrong_sha = set()  # names whose ETag is a SHA-256 of something else
         self.missing = set()  # names answered with 404
@@ -63,6 +66,7 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         name = self.path.rsplit("/", 1)[1]
         with hub.lock:
             hub.requests.append((self.path, self.headers.get("Range")))
+            hub.if_ranges.append(self.headers.get("If-Range"))
             cut = hub.cut_after.pop(name, None)
         body = hub.files.get(self.path)
         if body is None or name in hub.missing:
@@ -71,6 +75,8 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         sha = hashlib.sha256(b"not the file" if name in hub.wrong_sha else body).hexdigest()
         start = 0
         match = None if hub.ignore_range else re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if self.headers.get("If-Range") not in (None, f'"{sha}"'):  # the file changed: send all of the new one
+            match = None
         if match:
             start = int(match.group(1))
             if start >= len(body):
@@ -187,6 +193,9 @@ def test_a_server_that_ignores_range_gets_the_whole_file_again(hub, checkpoint, 
     os.makedirs(cached())
     with open(cached("model.safetensors.part"), "wb") as f:
         f.write(b"junk that a 200 reply must overwrite")
+    sha = hashlib.sha256(hub.files[f"/{REPO}/resolve/main/model.safetensors"]).hexdigest()
+    with open(cached("model.safetensors.part.if-range"), "w") as f:  # the version the .part was started under
+        f.write(f'"{sha}"')
     hub.ignore_range = True
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
     assert hub.requests[-1][1] == "bytes=36-"  # it asked to resume, got a 200 with the whole file
@@ -249,6 +258,7 @@ def test_repository_missing_on_the_hub_gives_a_checkpoint_error(hub):
     with pytest.raises(nanogpt2.CheckpointError, match="could not download test-owner/absent"):
         nanogpt2.resolve_checkpoint("test-owner/absent")
     assert hub.names_requested() == ["config.json"]
+    assert not os.path.exists(os.environ["NANOGPT2_CACHE"])  # no empty folders left by the 404
 
 
 def test_a_name_that_is_neither_a_directory_nor_a_repo_id_is_never_requested(hub):
@@ -262,3 +272,40 @@ def test_a_missing_relative_path_is_never_sent_to_the_hub(hub, path):
     with pytest.raises(nanogpt2.CheckpointError, match="neither a directory"):
         nanogpt2.resolve_checkpoint(path)
     assert hub.requests == []
+
+
+# --- Resuming never splices two versions of a file ---------------------------------------------------------
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["nanogpt2", "imagegpt"])
+def test_a_file_changed_between_tries_is_fetched_afresh_not_spliced(hub, module, tmp_path):
+    path = f"/{REPO}/resolve/main/weights.bin"
+    old, new = bytes(range(256)) * 400, bytes(reversed(range(256))) * 400
+    hub.files[path] = old
+    hub.cut_after["weights.bin"] = 30_000
+    dest = str(tmp_path / "dl" / "weights.bin")
+    with pytest.raises(module.CheckpointError, match="stopped at 30000 of 102400 bytes"):
+        module.download(hub.url + path, dest, quiet=True)
+    hub.files[path] = new  # a new version is uploaded before the retry
+    module.download(hub.url + path, dest, quiet=True)
+    old_etag = f'"{hashlib.sha256(old).hexdigest()}"'
+    assert hub.requests[-1] == (path, "bytes=30000-") and hub.if_ranges[-1] == old_etag
+    with open(dest, "rb") as f:
+        assert f.read() == new  # all of the new version, not 30 kB of the old one and the rest of the new
+    assert os.listdir(tmp_path / "dl") == ["weights.bin"]  # no .part, no .part.if-range
+
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["nanogpt2", "imagegpt"])
+def test_an_unchanged_file_resumes_with_if_range_and_a_404_makes_no_folder(hub, module, tmp_path):
+    path = f"/{REPO}/resolve/main/weights.bin"
+    hub.files[path] = body = bytes(range(256)) * 400
+    hub.cut_after["weights.bin"] = 30_000
+    dest = str(tmp_path / "dl" / "weights.bin")
+    with pytest.raises(module.CheckpointError, match="run again to resume"):
+        module.download(hub.url + path, dest, quiet=True)
+    module.download(hub.url + path, dest, quiet=True)
+    assert hub.if_ranges[-1] == f'"{hashlib.sha256(body).hexdigest()}"'
+    with open(dest, "rb") as f:
+        assert f.read() == body
+    with pytest.raises(urllib.error.HTTPError):
+        module.download(hub.url + "/no/such/file", str(tmp_path / "absent" / "deeper" / "file"), quiet=True)
+    assert not os.path.exists(tmp_path / "absent")

@@ -1,0 +1,206 @@
+"""Inputs that once crashed deep inside torch, numpy or struct now get a clear error, raised before any work,
+naming the argument (or file), what it got and what was expected. Both model files where they apply."""
+
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import imagegpt
+import nanogpt2
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {"nanogpt2": nanogpt2, "imagegpt": imagegpt}
+
+
+def tiny(module, head=None):
+    torch.manual_seed(0)
+    if module is nanogpt2:
+        config = nanogpt2.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=8, vocab_size=16)
+        return (head or nanogpt2.GPT2LMHeadModel)(config).eval()
+    config = imagegpt.ImageGPTConfig(n_layer=1, n_head=2, n_embd=8, n_positions=4, vocab_size=5)
+    return (head or imagegpt.ImageGPTForCausalImageModeling)(config).eval()
+
+
+# --- 5. Weights that are not finite -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_tensors(tmp_path, name, bad):
+    model = tiny(MODULES[name])
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, :3] = bad
+        model.transformer.ln_f.weight[1] = -bad
+    model.save_pretrained(tmp_path)
+    with pytest.raises(MODULES[name].CheckpointError,
+                       match=r"NaN or inf, in 2 tensor\(s\): transformer.h.0.mlp.c_fc.weight \(3 of 256 values\), "
+                             r"transformer.ln_f.weight \(1 of 8 values\)"):
+        type(model).from_pretrained(tmp_path)
+
+
+# --- 4. Inputs that crashed --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("text, message", [('{"n_layer": 1,,}', "is not valid JSON"),
+                                           ("[1, 2]", "holds a JSON list, expected an object of config fields")])
+def test_a_bad_config_json_is_named_with_what_is_wrong(tmp_path, name, text, message):
+    module = MODULES[name]
+    tiny(module).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(module.CheckpointError, match=f"{tmp_path / 'config.json'} {message}"):
+        type(tiny(module)).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("device, message", [("tpu", "not a device type torch knows"), ("mps", "has no mps device")])
+def test_a_device_this_machine_lacks_is_refused_by_the_command_line(tmp_path, capsys, name, device, message):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an mps device")
+    module = MODULES[name]
+    with pytest.raises(ValueError, match=f"--device {device}: .*{message}"):
+        module.resolve_device(device)
+    tiny(module).save_pretrained(tmp_path)
+    assert module.main(["sample", "--model", str(tmp_path), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: " in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0)])
+def test_an_empty_batch_is_refused_by_forward_and_generate(name, shape):
+    module = MODULES[name]
+    model = tiny(module)
+    ids = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"input_ids has shape \({shape[0]}, {shape[1]}\), expected"):
+        model(ids)
+    with pytest.raises(ValueError, match="empty"):
+        module.generate(model, ids, max_new_tokens=1)
+    if shape[0] == 0:
+        with pytest.raises(ValueError, match=r"input_ids has shape \(0, 3\), expected \(B, T\) with B >= 1"):
+            module.generate(model, ids, max_new_tokens=1)
+
+
+def test_encode_batch_refuses_no_prompts_and_a_bare_string():
+    with pytest.raises(ValueError, match="prompts is an empty list"):
+        nanogpt2.encode_batch([])
+    with pytest.raises(TypeError, match="prompts must be a list of strings, got the string 'Hello'"):
+        nanogpt2.encode_batch("Hello")
+
+
+def test_labels_of_the_wrong_shape_are_named_before_any_work():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    config = tiny(nanogpt2).config
+    cases = [
+        (nanogpt2.GPT2LMHeadModel, dict(labels=torch.zeros(2, 4, dtype=torch.long)), r"labels has shape \(2, 4\)"),
+        (nanogpt2.GPT2LMHeadModel, dict(labels=torch.zeros(6, dtype=torch.long)), r"labels has shape \(6,\)"),
+        (nanogpt2.GPT2ForTokenClassification, dict(labels=torch.zeros(3, dtype=torch.long)),
+         r"labels has shape \(3,\)"),
+        (nanogpt2.GPT2ForSequenceClassification, dict(labels=torch.zeros(3, dtype=torch.long)),
+         r"labels has shape \(3,\), expected \(2,\) or \(2, 1\)"),
+        (nanogpt2.GPT2ForSequenceClassification, dict(labels=torch.zeros(2, 5)), r"labels has shape \(2, 5\)"),
+        (nanogpt2.GPT2ForQuestionAnswering, dict(start_positions=torch.zeros(2, 2, dtype=torch.long),
+                                                 end_positions=torch.zeros(2, dtype=torch.long)),
+         r"start_positions has shape \(2, 2\), expected \(2,\)"),
+    ]
+    for head, kwargs, message in cases:
+        config.pad_token_id = 0
+        with pytest.raises(ValueError, match=message):
+            head(config).eval()(ids, **kwargs)
+    double = nanogpt2.GPT2DoubleHeadsModel(config).eval()
+    choices = torch.zeros(2, 2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 3\), expected \(2, 2, 3\)"):
+        double(choices, labels=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"mc_labels has shape \(2, 2\), expected \(2,\)"):
+        double(choices, mc_labels=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="mc_labels holds choice 5, but the number of choices is 2"):
+        double(choices, mc_labels=torch.tensor([0, 5]))
+    classifier = imagegpt.ImageGPTForImageClassification(tiny(imagegpt).config).eval()
+    for labels in (torch.zeros(3, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)):
+        with pytest.raises(ValueError, match=rf"labels has shape \({', '.join(map(str, labels.shape))},?\)"):
+            classifier(ids, labels=labels)
+
+
+def test_imagegpt_refuses_position_ids_of_another_batch_size_as_nanogpt2_does():
+    for module in MODULES.values():
+        with pytest.raises(ValueError, match=r"position_ids has shape \(3, 3\), expected \(T,\), \(1, T\) or \(B, T\)"):
+            tiny(module)(torch.zeros(2, 3, dtype=torch.long), position_ids=torch.zeros(3, 3, dtype=torch.long))
+
+
+def test_a_prompt_longer_than_the_model_says_so_and_the_fix(tmp_path, capsys):
+    torch.manual_seed(0)  # n_positions=8, and GPT-2's vocabulary, so the command line uses GPT-2's BPE
+    config = nanogpt2.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=8)
+    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    prompt = "one two three four five six seven eight nine ten"  # 10 tokens
+    assert nanogpt2.main(["sample", "--model", str(tmp_path), "--device", "cpu", "--prompt", prompt]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt is 10 tokens, longer than the model's 8 positions; shorten it to at most 8 tokens" in err
+    assert "--max-new-tokens" not in err  # the user never gave one
+    assert nanogpt2.main(["sample", "--model", str(tmp_path), "--device", "cpu", "--prompt", "one two three",
+                          "--max-new-tokens", "7"]) == 2
+    assert "ask for at most 5 new tokens or shorten the prompt" in capsys.readouterr().err
+
+
+def png_bytes(ihdr, idat=b""):
+    return (imagegpt.PNG_SIGNATURE + imagegpt._png_chunk(b"IHDR", ihdr) + imagegpt._png_chunk(b"IDAT", idat)
+            + imagegpt._png_chunk(b"IEND", b""))
+
+
+def test_read_png_refuses_a_short_header_and_an_empty_image(tmp_path):
+    (tmp_path / "short.png").write_bytes(png_bytes(b"\0\0\0\2\0\0"))
+    with pytest.raises(ValueError, match="its IHDR chunk holds 6 bytes, but a PNG header is 13 bytes"):
+        imagegpt.read_png(tmp_path / "short.png")
+    (tmp_path / "empty.png").write_bytes(png_bytes(struct.pack(">IIBBBBB", 0, 5, 8, 2, 0, 0, 0), zlib.compress(b"")))
+    with pytest.raises(ValueError, match="declares a 0 x 5 image"):
+        imagegpt.read_png(tmp_path / "empty.png")
+
+
+def zeros_inflating_to(size):
+    """A zlib stream of `size` zero bytes (a multiple of 1 MiB), built from one compressed MiB repeated: after a
+    full flush a deflate block refers to nothing before it, so copies of it chain. Fast, unlike compressing."""
+    mib = b"\0" * (1 << 20)
+    packer = zlib.compressobj(9)
+    block = packer.compress(mib) + packer.flush(zlib.Z_FULL_FLUSH)
+    checksum = 1
+    for _ in range(size >> 20):
+        checksum = zlib.adler32(mib, checksum)
+    return block[:2] + block[2:] * (size >> 20) + b"\x03\x00" + checksum.to_bytes(4, "big")  # + an empty last block
+
+
+def test_read_png_refuses_a_huge_declared_size_and_a_zip_bomb_without_inflating_it(tmp_path):
+    (tmp_path / "huge.png").write_bytes(png_bytes(struct.pack(">IIBBBBB", 32768, 32768, 8, 2, 0, 0, 0),
+                                                  zlib.compress(b"\0" * 100)))
+    with pytest.raises(ValueError, match=r"declares a 32768 x 32768 image of 3 channels \(3,221,225,472 bytes\)"):
+        imagegpt.read_png(tmp_path / "huge.png")
+    # 2 x 2 RGB declared (14 bytes with the filter bytes), 1 GiB inside
+    (tmp_path / "bomb.png").write_bytes(png_bytes(struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0),
+                                                  zeros_inflating_to(1 << 30)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="the image data holds more bytes than that, but a 2 x 2 image"):
+            imagegpt.read_png(tmp_path / "bomb.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20  # the 1 MB file is read; the 1 GiB it inflates to never exists
+
+
+def test_quantise_refuses_an_empty_batch():
+    palette = torch.rand(4, 3) * 2 - 1
+    with pytest.raises(ValueError, match=r"images has shape \(0, 2, 2, 3\), expected \(B, H, W, 3\) with B >= 1"):
+        imagegpt.quantise(torch.zeros(0, 2, 2, 3, dtype=torch.uint8), palette)
+    with pytest.raises(ValueError, match="images is an empty list"):
+        imagegpt.quantise([], palette)
+
+
+def test_convert_list_into_a_closed_pipe_exits_quietly():
+    fixture = ROOT / "tests" / "fixtures" / "tf" / "gpt2"
+    child = subprocess.Popen([sys.executable, str(ROOT / "convert_tf.py"), "--list", str(fixture)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # as `| head` does once it has its lines
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 0 and err == ""
