@@ -38,6 +38,7 @@ Run:
 """
 
 import argparse
+import hashlib
 import json
 import math
 import mmap
@@ -51,6 +52,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -648,19 +650,27 @@ def make_plan(reader, verify=True):
 
 # --- 7. Writing ------------------------------------------------------------------------------------------
 
-def write_safetensors(path, plan):
-    """safetensors, by hand: an 8-byte little-endian header length, a JSON header naming each tensor's
-    dtype, shape and byte range, then the bytes back to back. Tensors are made and written one at a time."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, _ in plan.items:
-        size = 4 * math.prod(shape)  # float32
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+def safetensors_header(entries, metadata: Optional[dict] = None) -> bytes:
+    """The start of a .safetensors file whose tensors follow back to back in the order given: entries are
+    (name, dtype code such as "F32", shape, size in bytes). Returns the header's length (8 bytes, unsigned
+    little-endian) and the JSON header, padded with spaces so that the data starts 8-byte aligned."""
+    header, offset = {}, 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data then starts 8-byte aligned
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_safetensors(path, plan):
+    """model.safetensors from the plan: safetensors_header (the same as nanogpt2.py's), then each tensor's
+    float32 bytes, made and written one at a time so that a 6 GB model never sits in memory whole."""
+    entries = [(name, "F32", shape, 4 * math.prod(shape)) for name, shape, _ in plan.items]
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(safetensors_header(entries, metadata={"format": "pt"}))
         for name, shape, make in plan.items:
             array = np.ascontiguousarray(make(), dtype="<f4")
             if array.shape != shape:  # the plan promised this shape in the header
@@ -668,7 +678,7 @@ def write_safetensors(path, plan):
             f.write(array)  # its buffer, without a copy
 
 
-def _process_alive(pid):
+def _process_alive(pid: int) -> bool:
     if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its folder
         return True
     try:
@@ -680,7 +690,7 @@ def _process_alive(pid):
     return True
 
 
-def remove_stale_temporaries(out_dir):
+def remove_stale_folders(out_dir):
     """Delete the `.OUT_DIR.tmp<PID>` folders that killed runs (kill -9, a power cut) left beside out_dir:
     those whose process no longer exists. A live process's folder is left alone: it may still be writing."""
     out_dir = Path(out_dir)
@@ -696,7 +706,7 @@ def write_atomically(out_dir, fill):
     and its files are made like any others, so the umask sets their modes (0755 and 0644 under umask 022)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
+    remove_stale_folders(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier call that was cut short
     tmp.mkdir()
@@ -766,58 +776,113 @@ RELEASES = {  # name -> (folder under the base URL, checkpoint prefix, other fil
 }
 
 
-def if_range_value(response):
+def _progress(desc: str, done: int, total: Optional[int], start: float):
+    rate = done / max(time.time() - start, 1e-6) / 1e6
+    of = f" / {total / 1e6:.1f} MB ({100 * done / total:.0f}%)" if total else " MB"
+    sys.stderr.write(f"\r{desc}: {done / 1e6:.1f}{of}, {rate:.1f} MB/s   ")
+    sys.stderr.flush()
+
+
+def _if_range_value(response) -> str:
     """What identifies this version of the file for an If-Range header: its ETag if strong (If-Range
     accepts no weak W/ ETag), else its Last-Modified date; "" when the server gives neither."""
     etag = response.headers.get("ETag") or ""
     return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
 
 
-def fetch(url, path):
-    """Download url to path. Bytes go to path.part first and a rerun resumes it with an HTTP Range request;
-    path itself appears, by rename, only once complete, so a partial download never looks complete. A
-    resume also sends If-Range with the ETag (or Last-Modified) the .part was started under, kept in
-    path.part.if-range: a file changed on the server since comes back whole (200) and the .part starts again,
-    so two versions are never spliced together. The folder is made only once the server answers with the
-    file, so a missing file (404) leaves no empty folder behind."""
-    if path.exists():
-        return
-    part, if_range_path = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.if-range")
-    if_range = if_range_path.read_text().strip() if part.exists() and if_range_path.exists() else ""
-    have = part.stat().st_size if if_range else 0  # a .part with no record of its version starts again
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-", "If-Range": if_range} if have else {})
+def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
+    """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
+    Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
+    download never looks like a cached one. A resume also sends If-Range with the ETag (or Last-Modified)
+    the .part was started under, kept in dest + ".part.if-range": if the file has changed on the server
+    since, the server sends the whole new file (200) and the .part starts again from zero, so two versions
+    are never spliced together (a .part with no such record starts again too). When the server gives the
+    file's SHA-256 (the hub's ETag for large files) it is checked, and a corrupted file is deleted. The
+    folder is made only once the server answers with the file, so a missing file (404) leaves none behind.
+    HTTP errors are raised as urllib.error.HTTPError: a caller may expect some (a 404 for an optional file)."""
+    if os.path.exists(dest):
+        return dest
+    part, if_range_path = dest + ".part", dest + ".part.if-range"
+    if_range = ""
+    if os.path.exists(part) and os.path.exists(if_range_path):
+        with open(if_range_path, encoding="utf-8") as f:
+            if_range = f.read().strip()
+    have = os.path.getsize(part) if if_range else 0  # a .part with no record of its version starts again
+    request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+        request.add_header("If-Range", if_range)
+    desc = desc or os.path.basename(dest)
     try:
         response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as error:
-        total = re.search(r"/(\d+)$", error.headers.get("Content-Range", "") if error.headers else "")
-        if error.code == 416 and total and int(total.group(1)) == have:  # nothing after `have`: it is whole
-            os.replace(part, path)
-            if_range_path.unlink()
-            return
-        raise CheckpointError(f"{url}: HTTP {error.code} {error.reason}") from None
-    except urllib.error.URLError as error:
-        raise CheckpointError(f"{url}: {error.reason}") from None
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:
+            raise
+        # 416: nothing at or after byte `have`. If the server's size (Content-Range: bytes */N) is `have`, the
+        # .part is whole (a run killed just before the rename); if not, it is longer than the file: start over.
+        size = re.search(r"/(\d+)$", e.headers.get("Content-Range", "") if e.headers else "")
+        if size and int(size.group(1)) == have:
+            return _finish_download(url, dest, sha256="")
+        os.remove(part)
+        return download(url, dest, desc, quiet)
     with response:
         if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if_range_path.write_text(if_range_value(response))
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            with open(if_range_path, "w", encoding="utf-8") as f:
+                f.write(_if_range_value(response))
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        done, shown = have, 0.0
+        etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
+        start, done, last_report = time.time(), have, 0.0
         with open(part, "ab" if have else "wb") as f:
-            while chunk := response.read(1 << 20):
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
                 f.write(chunk)
                 done += len(chunk)
-                if time.monotonic() - shown > 0.5 or done == total:
-                    shown = time.monotonic()
-                    of = f" / {total / 1e6:.1f} MB ({100 * done // max(total, 1)}%)" if total else " MB"
-                    print(f"\r  {path.name}: {done / 1e6:.1f}{of}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+                if not quiet and time.time() - last_report > 0.2:
+                    _progress(f"downloading {desc}", done, total, start)
+                    last_report = time.time()
+    if not quiet:
+        _progress(f"downloading {desc}", done, total, start)
+        sys.stderr.write("\n")
     if total is not None and done != total:
-        raise CheckpointError(f"{url}: connection closed after {done} of {total} bytes; run again to resume")
-    os.replace(part, path)
-    if_range_path.unlink()
+        raise CheckpointError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
+    is_sha256 = len(etag) == 64 and all(c in "0123456789abcdef" for c in etag)
+    return _finish_download(url, dest, sha256=etag if is_sha256 else "")
+
+
+def _finish_download(url: str, dest: str, sha256: str) -> str:
+    """Check dest + ".part" against the SHA-256 the server gave (if it gave one), then rename it to dest."""
+    part, if_range_path = dest + ".part", dest + ".part.if-range"
+    if sha256:
+        sha = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                sha.update(block)
+        if sha.hexdigest() != sha256:
+            os.remove(part)
+            os.remove(if_range_path)
+            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {sha256}; "
+                                  "run again to download it afresh")
+    os.replace(part, dest)
+    os.remove(if_range_path)
+    return dest
+
+# The downloader above is the one nanogpt2.py and imagegpt.py have, copied here unchanged so that this file
+# stands alone (tests/test_copies.py checks that the copies agree). fetch() adapts it to this file's errors.
+
+
+def fetch(url, path):
+    """download(url, path), with the server's and the network's errors as one-line CheckpointErrors."""
+    try:
+        download(url, str(path))
+    except urllib.error.HTTPError as error:
+        raise CheckpointError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except urllib.error.URLError as error:
+        raise CheckpointError(f"{url}: {error.reason}") from None
 
 
 def download_release(name, folder, base_url=OPENAI_BASE_URL):

@@ -1347,29 +1347,36 @@ def load_safetensors(path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None):
-    """Write tensors as .safetensors (atomically: a temporary file renamed at the end)."""
-    header, chunks, offset = {}, [], 0
+def safetensors_header(entries, metadata: Optional[dict] = None) -> bytes:
+    """The start of a .safetensors file whose tensors follow back to back in the order given: entries are
+    (name, dtype code such as "F32", shape, size in bytes). Returns the header's length (8 bytes, unsigned
+    little-endian) and the JSON header, padded with spaces so that the data starts 8-byte aligned."""
+    header, offset = {}, 0
     if metadata is not None:
         header["__metadata__"] = metadata
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
+    for name, dtype, shape, size in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path, metadata: Optional[dict] = None):
+    """Write tensors as .safetensors, one tensor's bytes at a time (atomically: a temporary file renamed at
+    the end)."""
+    tensors = {name: tensors[name].detach().to("cpu").contiguous() for name in sorted(tensors)}
+    for name, t in tensors.items():
         if t.dtype not in TORCH_TO_SAFETENSORS:
             raise TypeError(f"cannot save tensor {name!r} of dtype {t.dtype} as safetensors")
-        raw = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t.to(torch.uint8) if t.dtype == torch.bool
-               else t).numpy().tobytes()
-        header[name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)  # pad so the data starts 8-byte aligned
+    entries = [(name, TORCH_TO_SAFETENSORS[t.dtype], t.shape, t.numel() * t.element_size())
+               for name, t in tensors.items()]
     with _atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for raw in chunks:
-                f.write(raw)
+            f.write(safetensors_header(entries, metadata))
+            for t in tensors.values():  # numpy has no bfloat16 or torch.bool bytes: same-sized ints instead
+                f.write((t.view(torch.uint16) if t.dtype == torch.bfloat16 else
+                         t.to(torch.uint8) if t.dtype == torch.bool else t).numpy().tobytes())
 
 
 # Short names of the released checkpoints -> their Hugging Face hub repositories.
@@ -1411,7 +1418,8 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
     since, the server sends the whole new file (200) and the .part starts again from zero, so two versions
     are never spliced together (a .part with no such record starts again too). When the server gives the
     file's SHA-256 (the hub's ETag for large files) it is checked, and a corrupted file is deleted. The
-    folder is made only once the server answers with the file, so a missing file (404) leaves none behind."""
+    folder is made only once the server answers with the file, so a missing file (404) leaves none behind.
+    HTTP errors are raised as urllib.error.HTTPError: a caller may expect some (a 404 for an optional file)."""
     if os.path.exists(dest):
         return dest
     part, if_range_path = dest + ".part", dest + ".part.if-range"
@@ -1419,7 +1427,7 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
     if os.path.exists(part) and os.path.exists(if_range_path):
         with open(if_range_path, encoding="utf-8") as f:
             if_range = f.read().strip()
-    have = os.path.getsize(part) if if_range else 0
+    have = os.path.getsize(part) if if_range else 0  # a .part with no record of its version starts again
     request = urllib.request.Request(url, headers={"User-Agent": "nanogpt2"})
     if have:
         request.add_header("Range", f"bytes={have}-")
@@ -1428,10 +1436,15 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
     try:
         response = urllib.request.urlopen(request, timeout=60)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # the .part is already complete (or longer than the file): start over
-            os.remove(part)
-            return download(url, dest, desc, quiet)
-        raise
+        if e.code != 416 or not have:
+            raise
+        # 416: nothing at or after byte `have`. If the server's size (Content-Range: bytes */N) is `have`, the
+        # .part is whole (a run killed just before the rename); if not, it is longer than the file: start over.
+        size = re.search(r"/(\d+)$", e.headers.get("Content-Range", "") if e.headers else "")
+        if size and int(size.group(1)) == have:
+            return _finish_download(url, dest, sha256="")
+        os.remove(part)
+        return download(url, dest, desc, quiet)
     with response:
         if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
@@ -1457,15 +1470,22 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
         sys.stderr.write("\n")
     if total is not None and done != total:
         raise CheckpointError(f"download of {url} stopped at {done} of {total} bytes; run again to resume")
-    if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag):
+    is_sha256 = len(etag) == 64 and all(c in "0123456789abcdef" for c in etag)
+    return _finish_download(url, dest, sha256=etag if is_sha256 else "")
+
+
+def _finish_download(url: str, dest: str, sha256: str) -> str:
+    """Check dest + ".part" against the SHA-256 the server gave (if it gave one), then rename it to dest."""
+    part, if_range_path = dest + ".part", dest + ".part.if-range"
+    if sha256:
         sha = hashlib.sha256()
         with open(part, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 sha.update(block)
-        if sha.hexdigest() != etag:
+        if sha.hexdigest() != sha256:
             os.remove(part)
             os.remove(if_range_path)
-            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {etag}; "
+            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {sha256}; "
                                   "run again to download it afresh")
     os.replace(part, dest)
     os.remove(if_range_path)
