@@ -43,6 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
@@ -3071,6 +3072,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights' precision (default: bfloat16 on a GPU that supports it, else float32)")
     add_train_parser(commands)
     add_eval_parser(commands)
+    inspect = commands.add_parser(
+        "inspect", help="draw a model's attention over a prompt as one PNG, and its next-token guesses",
+        description="Run the prompt through the model once and draw every layer's and head's attention weights "
+                    "as one PNG (layers down, heads across; in each square, row t is what position t attends "
+                    "to, white 0 to dark blue 1). Also prints each position's most likely next tokens.",
+        epilog="example:\n  python nanogpt2.py inspect --model out/addition-2digit --prompt '57+68=521' --out attn.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("--model", default="gpt2", help="a directory, a released name or a hub repo id (default: gpt2)")
+    inspect.add_argument("--prompt", required=True, help="the text to look at")
+    inspect.add_argument("--out", default="attention.png", help="where to write the PNG (default: attention.png)")
+    inspect.add_argument("--top", type=int, default=5, help="next-token guesses to print per position (default 5)")
+    inspect.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     return parser
 
 
@@ -3220,6 +3234,121 @@ def sample_command(args):
     out.flush()
 
 
+# --- Look inside: the attention weights as one picture ----------------------------------------------------
+# `python nanogpt2.py inspect --model M --prompt TEXT --out attn.png` runs the prompt once with
+# output_attentions=True and draws every (layer, head)'s (T, T) weights as one PNG, written by hand below
+# (no matplotlib): rows are layers, columns heads; in each square, row t is what position t looks at.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(chunk_type: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + chunk_type + data + struct.pack(">I", zlib.crc32(chunk_type + data))
+
+
+def write_png(path, image):
+    """Write (H, W, 3) RGB, (H, W, 4) RGBA, or (H, W) / (H, W, 1) grey uint8 pixels as a PNG, atomically.
+    Every row uses filter type 0 (no prediction): simplest, and small images compress well enough."""
+    image = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"write_png needs uint8 pixels, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]  # (H, W) -> (H, W, 1)
+    colour_types = {1: 0, 2: 4, 3: 2, 4: 6}  # samples per pixel -> PNG colour type
+    if image.ndim != 3 or image.shape[2] not in colour_types or image.shape[0] < 1 or image.shape[1] < 1:
+        raise _shape_error("image", image.shape, "(H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4), H, W >= 1")
+    H, W, channels = image.shape
+    header = struct.pack(">IIBBBBB", W, H, 8, colour_types[channels], 0, 0, 0)  # 8-bit, deflate, no interlace
+    rows = np.concatenate([np.zeros((H, 1), np.uint8), image.reshape(H, W * channels)], axis=1)  # filter byte 0
+    png = PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + \
+        _png_chunk(b"IEND", b"")
+    _write_atomically(path, png)
+
+
+# A 3 x 5 pixel font for the labels: five octal digits per character, one per row from the top, each
+# digit's three bits the row's pixels from the left (7 = ###, 5 = #.#, 2 = .#.). Lower case is drawn as
+# upper case; a character not listed is drawn as "?".
+FONT_3X5 = dict(zip(
+    "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ+-=.,!?'\":;()/_* <>",
+    "75557 26227 71747 71717 55711 74717 74757 71111 75757 75717 25755 65656 34443 65556 74647 74644 34553 "
+    "55755 72227 11152 55655 44447 57755 65555 25552 65644 25563 65655 34216 72222 55557 55552 55775 55255 "
+    "55222 71247 02720 00700 07070 00002 00024 22202 61202 22000 55000 02020 02024 12221 42224 11244 00007 "
+    "05250 00000 12421 42124".split()))
+
+
+def draw_text(image: np.ndarray, text: str, y: int, x: int, vertical: bool = False):
+    """Draw text in FONT_3X5, black, with its top-left corner at (y, x); characters 4 px apart (6 down when
+    vertical). Pixels outside the image are skipped."""
+    for i, char in enumerate(text):
+        rows = FONT_3X5.get(char.upper(), FONT_3X5["?"])
+        top, left = (y + 6 * i, x) if vertical else (y, x + 4 * i)
+        for r, digit in enumerate(rows):
+            for c in range(3):
+                if int(digit) >> (2 - c) & 1 and 0 <= top + r < image.shape[0] and 0 <= left + c < image.shape[1]:
+                    image[top + r, left + c] = 0
+
+
+def token_label(text: str) -> str:
+    """One visible character for a token in the picture: its first non-space one ("_" for a space, "/"
+    for a newline)."""
+    shown = text.strip() or text
+    return {"": "?", " ": "_", "\n": "/"}.get(shown[:1], shown[:1])
+
+
+def attention_picture(attentions, labels: List[str]) -> np.ndarray:
+    """attentions: one (nh, T, T) tensor per layer -> an RGB picture (H, W, 3) uint8: layers down, heads
+    across, each square a (T, T) map from white (weight 0) to dark blue (weight 1). With 64 tokens or
+    fewer, each square gets its tokens written along its left side (queries) and top (keys)."""
+    L, (nh, T, _) = len(attentions), attentions[0].shape
+    s = max(6, min(16, 160 // T)) if T <= 64 else max(1, 384 // T)  # pixels per token
+    label = 6 if T <= 64 else 0  # room for one character left of and above each square
+    cell, gap, margin = T * s + label, 6, 12  # margin: "L3" left of each row, "H2" above each column
+    image = np.full((margin + L * (cell + gap), margin + nh * (cell + gap), 3), 255, dtype=np.uint8)
+    dark = np.array([8, 48, 107], dtype=np.float32)
+    for layer, weights in enumerate(attentions):
+        top = margin + layer * (cell + gap)
+        draw_text(image, f"L{layer}", top + label + 1, 0)
+        for head in range(nh):
+            left = margin + head * (cell + gap)
+            if layer == 0:
+                draw_text(image, f"H{head}", 2, left + label)
+            w = weights[head].float().clamp(0, 1).cpu().numpy()  # (T, T)
+            block = np.kron(w, np.ones((s, s), dtype=np.float32))[:, :, None]  # (T, T) -> (T*s, T*s, 1)
+            image[top + label: top + cell, left + label: left + cell] = (255 - block * (255 - dark)).astype(np.uint8)
+            for t, text in enumerate(labels if label else []):
+                draw_text(image, text, top + label + t * s + (s - 5) // 2, left)  # the query row t
+                draw_text(image, text, top, left + label + t * s + (s - 3) // 2)  # the key column t
+    return image
+
+
+def inspect_command(args):
+    """python nanogpt2.py inspect: the attention picture, and each position's most likely next tokens."""
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    device = resolve_device(args.device)
+    model = GPT2LMHeadModel.from_pretrained(args.model, device=device)
+    tokenizer = tokenizer_for(model.config)
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty: give at least one character to look at")
+    if len(ids) > model.config.n_positions:
+        raise ValueError(f"--prompt is {len(ids)} tokens, longer than the model's {model.config.n_positions} "
+                         "positions; shorten it")
+    with torch.no_grad():
+        out = model(torch.tensor([ids], device=device), output_attentions=True)
+    texts = [tokenizer.decode([i]) for i in ids]
+    write_png(args.out, attention_picture([a[0] for a in out.attentions], [token_label(t) for t in texts]))
+    print(f"{len(out.attentions)} layers x {out.attentions[0].size(1)} heads of attention over {len(ids)} tokens "
+          f"written to {args.out}")
+    probs = F.softmax(out.logits[0].float(), dim=-1)  # (T, V)
+    top = probs.topk(min(args.top, probs.size(-1)), dim=-1)
+    print(f"{'pos':>4}  {'token':<12} most likely next tokens")
+    for t, text in enumerate(texts):
+        guesses = "  ".join(f"{tokenizer.decode([int(i)])!r} {float(p):.3f}" for p, i in zip(top.values[t], top.indices[t]))
+        print(f"{t:>4}  {text!r:<12} {guesses}")
+
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -3233,6 +3362,8 @@ def main(argv=None):
             train_command(args)
         elif args.command == "eval":
             eval_command(args)
+        elif args.command == "inspect":
+            inspect_command(args)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed
         sys.stdout.write("\n")
         return 130
