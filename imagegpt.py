@@ -2417,13 +2417,13 @@ def load_checkpoint(args) -> dict:
 RUN_FILES = ("training_state.pt", "log.csv", "model.safetensors", "config.json")
 
 
-def check_run_folder(out: str, overwrite: bool, resume_hint: str):
+def check_run_folder(out: str, overwrite: bool):
     """Refuse to train into a folder that holds an earlier run, unless --overwrite; then the old run's log
     and training state go first, so that nothing of it passes for the new run's."""
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if found and not overwrite:
-        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); {resume_hint}, choose another "
-                         "--out, or pass --overwrite to replace it")
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+                         "choose another --out, or pass --overwrite to replace it")
     for name in found:
         if name in ("training_state.pt", "log.csv"):
             os.remove(os.path.join(out, name))
@@ -2620,7 +2620,7 @@ def train_command(args) -> dict:
         if args.data is None and n_px < 6:
             raise ValueError(f"--init {args.init} draws {n_px} x {n_px} images, too small for the shapes (n_px >= 6)")
     task = prepare_task(args, n_px)
-    with RunFolder(args.out, args.overwrite or state is not None):
+    with RunFolder(args.out, args.overwrite, state is not None):
         return train(args, task, init, device, state)
 
 
@@ -2629,17 +2629,16 @@ class RunFolder:
     --overwrite or --resume), locked against a second process, and removed again if this run made it and
     fails before it has anything to keep (a checkpoint or a line of log)."""
 
-    def __init__(self, out: str, reuse: bool):
-        self.out, self.reuse, self.made, self.lock = out, reuse, not os.path.isdir(out), None
+    def __init__(self, out: str, overwrite: bool, resuming: bool):
+        self.out, self.overwrite, self.resuming, self.made, self.lock = out, overwrite, resuming, \
+            not os.path.isdir(out), None
 
     def __enter__(self):
         os.makedirs(self.out, exist_ok=True)
         try:
             self.lock = RunLock(self.out)
-            if not self.reuse:
-                check_run_folder(self.out, False, f"continue it with --resume {self.out}")
-            elif not os.path.exists(os.path.join(self.out, "training_state.pt")):
-                check_run_folder(self.out, True, "")  # --overwrite: the old log and state go
+            if not self.resuming:
+                check_run_folder(self.out, self.overwrite)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -2927,6 +2926,7 @@ Every image costs one model step per pixel (1024 for 32 x 32): minutes on a CPU,
 TRAIN_EXAMPLES = """examples:
   python imagegpt.py train                    # a small ImageGPT learns to draw shapes: ~5 min on a CPU
   python imagegpt.py train --probe linear     # ... then a linear probe tells the shapes apart from its features
+  python imagegpt.py train --resume out/imagegpt-shapes --time-budget 600   # train it further
   python imagegpt.py train --init out/imagegpt-shapes --max-steps 0 --probe finetune   # classify with a saved model
   python imagegpt.py train --data photos/ --n-px 16 --out out/photos   # a folder of PNGs, resized to 16 x 16
   python imagegpt.py train --data images.npy --labels labels.npy --probe linear   # (N, H, W, 3) uint8, N class ids
