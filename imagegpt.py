@@ -2658,7 +2658,8 @@ class RunFolder:
 def train(args, task, init, device: torch.device, state=None) -> dict:
     """The training loop, then the probe if asked for."""
     say = functools.partial(print, flush=True)
-    palette, palette_how = choose_palette(args, task, init) if state is None else (state["palette"], "resumed")
+    palette, palette_how = choose_palette(args, task, init) if state is None else \
+        (state["palette"], "the resumed run's")
     task.set_palette(palette)
     torch.manual_seed(args.seed)
     model = build_model(args, palette, task.n_px, init, state).to(device)
@@ -2675,7 +2676,7 @@ def train(args, task, init, device: torch.device, state=None) -> dict:
     scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
     write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
                                                              scale=scale))
-    say(describe_run(args, task, model, palette_how, device) + (f"\nresumed at step {step}" if state else ""))
+    say(describe_run(args, task, model, palette_how, device, step))
 
     log = TrainingLog(args.out, step)
     pixels = args.batch_size * task.n_px ** 2  # targets per step
@@ -2757,10 +2758,10 @@ def sample_grid(args, model, palette, step: int, scale: int, say) -> str:
     return path
 
 
-def describe_run(args, task, model, palette_how: str, device) -> str:
+def describe_run(args, task, model, palette_how: str, device, resumed_at: int = 0) -> str:
     """What is about to happen, in five lines."""
     cfg = model.config
-    start = f"from {args.init}" if args.init else "from scratch"
+    start = f"resumed at step {resumed_at}" if resumed_at else f"from {args.init}" if args.init else "from scratch"
     budget = f"{args.max_steps} steps" + (f" or {args.time_budget:g} s, whichever ends first" if args.time_budget else "")
     return "\n".join([
         f"task: {task.describe() if args.data is None else args.data + ': ' + task.describe()}",

@@ -3,6 +3,7 @@
 errors a user meets. Models are tiny (1-2 layers, width 16-32) so the whole file runs in well under a
 minute on 2 cores; the full default run is marked slow."""
 
+import argparse
 import csv
 import math
 import os
@@ -489,3 +490,20 @@ def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, caps
                                                  n_head=2, extra={"char_vocab": chars})).save_pretrained(str(tmp_path / "m"))
     run_error(capsys, ["train", "--init", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_a_small_model_on_a_cpu_trains_on_one_thread_unless_told_otherwise(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    small = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=13, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    cpu = torch.device("cpu")
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=None), small, cpu)
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=3), small, cpu)  # --threads wins
+    assert calls == [1, 3]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting is left to torch
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=None), small, cpu)
+    monkeypatch.setattr(nanogpt2, "ONE_THREAD_BELOW", 100)  # a model "too big" for one thread: torch decides
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=None), small, cpu)
+    assert calls == [1, 3]
