@@ -2445,7 +2445,8 @@ class RunLock:
                 pid = self.holder()
                 if pid is not None and pid != os.getpid() and process_alive(pid):
                     raise ValueError(f"--out {out} is in use: process {pid} is training there ({self.path}); "
-                                     f"wait for it to end or stop it (kill {pid})") from None
+                                     f"wait for it to end, or stop it; if process {pid} is no training run, "
+                                     f"delete {self.path}") from None
                 os.remove(self.path)  # stale: left by a process that died; take it over
                 continue
             with os.fdopen(fd, "w") as f:
