@@ -857,22 +857,26 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
 def _finish_download(url: str, dest: str, sha256: str) -> str:
     """Check dest + ".part" against the SHA-256 the server gave (if it gave one), then rename it to dest."""
     part, if_range_path = dest + ".part", dest + ".part.if-range"
-    if sha256:
-        sha = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                sha.update(block)
-        if sha.hexdigest() != sha256:
-            os.remove(part)
-            os.remove(if_range_path)
-            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {sha256}; "
-                                  "run again to download it afresh")
+    actual = file_sha256(part) if sha256 else ""
+    if actual != sha256:
+        os.remove(part)
+        os.remove(if_range_path)
+        raise CheckpointError(f"download of {url} is corrupt: sha256 {actual}, expected {sha256}; "
+                              "run again to download it afresh")
     os.replace(part, dest)
     os.remove(if_range_path)
     return dest
 
 # The downloader above is the one nanogpt2.py and imagegpt.py have, copied here unchanged so that this file
 # stands alone (tests/test_copies.py checks that the copies agree). fetch() adapts it to this file's errors.
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def fetch(url, path):

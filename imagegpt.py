@@ -46,8 +46,12 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
+import signal
 import struct
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1477,19 +1481,23 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
 def _finish_download(url: str, dest: str, sha256: str) -> str:
     """Check dest + ".part" against the SHA-256 the server gave (if it gave one), then rename it to dest."""
     part, if_range_path = dest + ".part", dest + ".part.if-range"
-    if sha256:
-        sha = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                sha.update(block)
-        if sha.hexdigest() != sha256:
-            os.remove(part)
-            os.remove(if_range_path)
-            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {sha256}; "
-                                  "run again to download it afresh")
+    actual = file_sha256(part) if sha256 else ""
+    if actual != sha256:
+        os.remove(part)
+        os.remove(if_range_path)
+        raise CheckpointError(f"download of {url} is corrupt: sha256 {actual}, expected {sha256}; "
+                              "run again to download it afresh")
     os.replace(part, dest)
     os.remove(if_range_path)
     return dest
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def _download_if_present(repo_id: str, filename: str, local: str) -> bool:
@@ -2311,9 +2319,13 @@ def lm_examples(tokens: torch.Tensor, sos: int) -> Tuple[torch.Tensor, torch.Ten
 # --- The model, the optimiser, the learning-rate schedule ----------------------------------------------
 
 
-def build_model(args, palette: torch.Tensor, n_px: int, init=None) -> ImageGPTForCausalImageModeling:
-    """An ImageGPT with its next-pixel head: --init's (already loaded), or a new one of palette's colours."""
-    if init is not None:
+def build_model(args, palette: torch.Tensor, n_px: int, init=None, state=None) -> ImageGPTForCausalImageModeling:
+    """An ImageGPT with its next-pixel head: rebuilt from a training checkpoint, --init's (already loaded), or a
+    new one of palette's colours."""
+    if state is not None:  # resuming: the checkpoint's own config and weights
+        model = ImageGPTForCausalImageModeling(ImageGPTConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"])
+    elif init is not None:
         model = init
         if args.dropout is not None:  # the dropout layers were built from the config: change both
             for module in model.modules():
@@ -2443,24 +2455,171 @@ def write_samples(model, palette: torch.Tensor, path: str, count: int, seed: int
 
 class TrainingLog:
     """Every step to out/log.csv: step, loss, lr, gradient norm before clipping, pixels/s, elapsed, and the
-    validation loss where measured."""
+    validation loss where measured. A resumed run keeps the rows up to its checkpoint and appends."""
 
     COLUMNS = ["step", "loss", "lr", "grad_norm", "pixels_per_s", "elapsed_s", "val_loss"]
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, resume_step: int):
         self.path = os.path.join(out, "log.csv")
-        self.file = open(self.path, "w", newline="")
+        rows = []
+        if resume_step and os.path.exists(self.path):  # keep the rows up to the checkpoint; later ones are redone
+            with open(self.path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
+                        and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
+        with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole
+            writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(f"{self.path}.tmp{os.getpid()}", self.path)
+        self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
-        self.writer.writeheader()
 
     def write(self, step, loss, lr, grad_norm, pixels_per_s, elapsed, val_loss=None):
         self.writer.writerow(dict(step=step, loss=f"{loss:.6f}", lr=f"{lr:.6g}", grad_norm=f"{grad_norm:.6g}",
                                   pixels_per_s=f"{pixels_per_s:.0f}", elapsed_s=f"{elapsed:.2f}",
                                   val_loss="" if val_loss is None else f"{val_loss:.6f}"))
-        self.file.flush()
+        self.file.flush()  # each line reaches the file at once: a run killed outright keeps its log
 
     def close(self):
         self.file.close()
+
+
+# --- Checkpoints: what --resume needs ---------------------------------------------------------------------
+
+# Options a resumed run may change; every other option comes from the checkpoint, so the run goes on
+# exactly as it would have. Those of RESUME_MAY_EXTEND keep the checkpoint's value unless given: a larger
+# --max-steps or --time-budget extends a finished or cut run, the cosine schedule then laid over the new
+# budget (the learning rate rises back to where that longer schedule is).
+RESUME_MAY_CHANGE = ("resume", "out", "device", "log_every", "save_every", "sample_every", "overwrite")
+RESUME_MAY_EXTEND = ("max_steps", "time_budget", "threads")
+
+
+def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float):
+    """out/config.json + model.safetensors + the palette (save_pretrained: what from_pretrained loads) and
+    out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
+    weights, palette, optimiser moments, step, time spent, the data generator and the RNG state. Its
+    SHA-256 goes to training_state.pt.sha256, checked by --resume."""
+    model.save_pretrained(args.out)
+    state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), palette=model.palette,
+                 model=model.state_dict(), optimizer=optimizer.state_dict(), data_rng=data_rng.get_state(),
+                 rng=torch.get_rng_state())
+    path = os.path.join(args.out, "training_state.pt")
+    with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
+        torch.save(state, tmp)
+        digest = file_sha256(tmp)
+    _write_atomically(f"{path}.sha256", f"{digest}  training_state.pt\n".encode())  # the format of sha256sum
+
+
+def read_training_state(path: str) -> dict:
+    """training_state.pt, checked against its SHA-256 before torch.load reads it (weights only: tensors and
+    plain values, never code). A damaged file, truncated by a crash or altered, is a ValueError naming it.
+    Without the .sha256 (a checkpoint older than it), torch.load's own failures still say so."""
+    damaged = f"{path} is damaged (truncated by a crash, or altered)"
+    if os.path.exists(f"{path}.sha256"):
+        with open(f"{path}.sha256", encoding="utf-8") as f:
+            expected = f.read().split(" ")[0].strip()
+        if file_sha256(path) != expected:
+            raise ValueError(f"{damaged}: its SHA-256 differs from the one in {path}.sha256; it cannot be resumed")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a zip archive cut short or a pickle out of shape: the many ways a file can break
+        raise ValueError(f"{damaged}: torch.load fails with {type(e).__name__}; it cannot be resumed") from None
+    missing = {"step", "elapsed", "args", "config", "model", "optimizer", "data_rng", "rng"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not a training state written by `train`: it lacks {', '.join(sorted(missing))}")
+    return state
+
+
+def load_checkpoint(args) -> dict:
+    """The training state in --resume DIR; its options replace those given, but for RESUME_MAY_CHANGE."""
+    path = os.path.join(args.resume, "training_state.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume {args.resume}: no training_state.pt there (it is written by `train`)")
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise ValueError(f"--resume {args.resume} continues in that directory; drop --out {args.out}")
+    state = read_training_state(path)
+    for name, saved in state["args"].items():
+        given = getattr(args, name, None)
+        if name in RESUME_MAY_CHANGE or (name in RESUME_MAY_EXTEND and given is not None):
+            continue
+        if given is not None and given != saved:
+            print(f"note: --{name.replace('_', '-')} {given} ignored: the resumed run keeps {saved}", file=sys.stderr)
+        setattr(args, name, saved)
+    args.out = args.resume
+    return state
+
+
+# Files that show a folder holds a run; training into it again needs --resume or --overwrite.
+RUN_FILES = ("training_state.pt", "log.csv", "model.safetensors", "config.json")
+
+
+def check_run_folder(out: str, overwrite: bool):
+    """Refuse to train into a folder that holds an earlier run, unless --overwrite; then the old run's log
+    and training state go first, so that nothing of it passes for the new run's."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if found and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+                         "choose another --out, or pass --overwrite to replace it")
+    for name in found:
+        if name in ("training_state.pt", "log.csv"):
+            os.remove(os.path.join(out, name))
+            if os.path.exists(os.path.join(out, name + ".sha256")):
+                os.remove(os.path.join(out, name + ".sha256"))
+
+
+class RunLock:
+    """out/.lock, holding the PID of the process training there, so that a second run into the same folder
+    is refused instead of mixing its files with the first's. The file is created only if absent
+    (O_CREAT | O_EXCL: one process wins), and taken over when the process that made it is gone."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, ".lock")
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self.holder()
+                if pid is not None and pid != os.getpid() and _process_alive(pid):
+                    raise ValueError(f"--out {out} is in use: process {pid} is training there ({self.path}); "
+                                     f"wait for it to end, or stop it; if process {pid} is no training run, "
+                                     f"delete {self.path}") from None
+                os.remove(self.path)  # stale: left by a process that died; take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return
+
+    def holder(self) -> Optional[int]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):  # gone meanwhile, or half written
+            return None
+
+    def release(self):
+        if self.holder() == os.getpid():
+            os.remove(self.path)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: the step under way finishes, then the run saves a checkpoint and
+    stops, so an interrupt never lands in the middle of an optimiser update. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def format_time(seconds: float) -> str:
@@ -2501,6 +2660,10 @@ def fill_defaults(args):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.save_every is None:
+        args.save_every = args.eval_every
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.out is None:
         stem = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0] if args.data else "shapes"
         args.out = os.path.join("out", f"imagegpt-{stem}")
@@ -2516,7 +2679,7 @@ def fill_defaults(args):
         raise ValueError(f"--palette {args.palette}: no such file")
     for name, low in (("batch_size", 1), ("max_steps", 0), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
                       ("n_px", 1), ("n_colours", 2), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
-                      ("sample_every", 0), ("log_every", 1), ("num_samples", 1), ("probe_steps", 1)):
+                      ("sample_every", 0), ("save_every", 0), ("log_every", 1), ("num_samples", 1), ("probe_steps", 1)):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
@@ -2570,10 +2733,12 @@ def choose_palette(args, task, init) -> Tuple[torch.Tensor, str]:
 
 def train_command(args) -> dict:
     """`python imagegpt.py train ...`. Returns a summary (for tests and scripts)."""
+    state = load_checkpoint(args) if args.resume else None
     fill_defaults(args)
     device = resolve_device(args.device)
-    init = ImageGPTForCausalImageModeling.from_pretrained(args.init) if args.init is not None else None
-    n_px = args.n_px
+    init = ImageGPTForCausalImageModeling.from_pretrained(args.init) if args.init is not None and state is None \
+        else None
+    n_px = args.n_px if state is None else ImageGPTConfig.from_dict(state["config"]).n_px
     if init is not None:
         if n_px is not None and n_px != init.config.n_px:
             raise ValueError(f"--n-px {n_px}: --init {args.init} draws {init.config.n_px} x {init.config.n_px} images; "
@@ -2582,64 +2747,132 @@ def train_command(args) -> dict:
         if args.data is None and n_px < 6:
             raise ValueError(f"--init {args.init} draws {n_px} x {n_px} images, too small for the shapes (n_px >= 6)")
     task = prepare_task(args, n_px)
-    os.makedirs(args.out, exist_ok=True)
-    return train(args, task, init, device)
+    with RunFolder(args.out, args.overwrite, state is not None):
+        return train(args, task, init, device, state)
 
 
-def train(args, task, init, device: torch.device) -> dict:
+class RunFolder:
+    """The --out folder for the length of a run: made if need be, refused if it holds another run (unless
+    --overwrite or --resume), locked against a second process, and removed again if this run made it and
+    fails before it has anything to keep (a checkpoint or a line of log)."""
+
+    def __init__(self, out: str, overwrite: bool, resuming: bool):
+        self.out, self.overwrite, self.resuming, self.made, self.lock = out, overwrite, resuming, \
+            not os.path.isdir(out), None
+
+    def __enter__(self):
+        os.makedirs(self.out, exist_ok=True)
+        try:
+            self.lock = RunLock(self.out)
+            if not self.resuming:
+                check_run_folder(self.out, self.overwrite)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if self.lock is not None:
+            self.lock.release()
+        log = os.path.join(self.out, "log.csv")
+        has_work = os.path.exists(os.path.join(self.out, "training_state.pt")) or (
+            os.path.exists(log) and os.path.getsize(log) > len(",".join(TrainingLog.COLUMNS)) + 2)
+        if kind is not None and self.made and not has_work:
+            shutil.rmtree(self.out, ignore_errors=True)
+        return False
+
+
+def train(args, task, init, device: torch.device, state=None) -> dict:
     """The training loop, then the probe if asked for."""
     say = functools.partial(print, flush=True)
-    palette, palette_how = choose_palette(args, task, init)
+    palette, palette_how = choose_palette(args, task, init) if state is None else \
+        (state["palette"], "the resumed run's")
     task.set_palette(palette)
     torch.manual_seed(args.seed)
-    model = build_model(args, palette, task.n_px, init).to(device)
+    model = build_model(args, palette, task.n_px, init, state).to(device)
+    set_cpu_threads(args, model, device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
     data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch
+    step, elapsed_before = 0, 0.0
+    if state is not None:  # put back what the weights alone do not hold
+        optimizer.load_state_dict(state["optimizer"])
+        data_rng.set_state(state["data_rng"])
+        torch.set_rng_state(state["rng"])
+        step, elapsed_before = state["step"], state["elapsed"]
     val_batches = task.validation_batches(args.batch_size, args.eval_batches)
     scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
     write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
                                                              scale=scale))
-    say(describe_run(args, task, model, palette_how, device))
+    say(describe_run(args, task, model, palette_how, device, step))
 
-    log = TrainingLog(args.out)
+    log = TrainingLog(args.out, step)
     pixels = args.batch_size * task.n_px ** 2  # targets per step
-    start, step, last_line = time.time(), 0, (time.time(), 0)
-    loss, val, grids = float("nan"), None, []
-    while True:
-        elapsed = time.time() - start
-        # How far through its budget the run is: in steps, or in time, whichever is further.
-        progress = max(step / max(args.max_steps, 1), elapsed / args.time_budget if args.time_budget else 0.0)
-        if progress >= 1 or args.max_steps == 0:
-            break
-        lr = learning_rate(step, progress, args.lr, args.warmup)
-        step_start = time.time()
-        loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
-        step += 1
-        pixels_per_s = pixels / (time.time() - step_start)
-        val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
-        log.write(step, loss, lr, grad_norm, pixels_per_s, time.time() - start, val)
-        if step % args.log_every == 0 or val is not None or step == 1:
-            say(progress_line(args, step, loss, lr, val, time.time() - start, last_line, pixels))
-            last_line = (time.time(), step)
-        if args.sample_every and step % args.sample_every == 0:
-            grids.append(sample_grid(args, model, palette, step, scale, say))
+    start, first_step, last_line = time.time(), step, (time.time(), step)
+    loss, val, grids, stopped = float("nan"), None, [], None
+    stop = StopRequest()
+    try:
+        while True:
+            elapsed = elapsed_before + time.time() - start
+            # How far through its budget the run is: in steps, or in time, whichever is further.
+            progress = max(step / max(args.max_steps, 1), elapsed / args.time_budget if args.time_budget else 0.0)
+            if stopped is not None or progress >= 1 or args.max_steps == 0:
+                break
+            lr = learning_rate(step, progress, args.lr, args.warmup)
+            step_start = time.time()
+            loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
+            step += 1
+            pixels_per_s = pixels / (time.time() - step_start)
+            val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
+            stopped = "interrupted" if stop.requested else None
+            elapsed = elapsed_before + time.time() - start
+            log.write(step, loss, lr, grad_norm, pixels_per_s, elapsed, val)
+            if step % args.log_every == 0 or val is not None or step == first_step + 1:
+                say(progress_line(args, step, loss, lr, val, elapsed, last_line, pixels))
+                last_line = (time.time(), step)
+            if args.sample_every and step % args.sample_every == 0 and stopped is None:
+                grids.append(sample_grid(args, model, palette, step, scale, say))
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+    finally:
+        stop.restore()
 
-    elapsed = time.time() - start
-    if step > 0:
+    elapsed = elapsed_before + time.time() - start
+    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids, stopped=stopped,
+                   pixels_per_s=(step - first_step) * pixels / max(time.time() - start, 1e-9))
+    if stopped == "interrupted":
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+        log.close()
+        say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
+            f"  python imagegpt.py train --resume {shlex.quote(args.out)}")
+        return summary
+    if step > first_step:
         if val is None:  # the last step measured none
-            val = validation_loss(model, val_batches)
+            summary["val_loss"] = validation_loss(model, val_batches)
         if not grids or not grids[-1].endswith(f"_{step}.png"):
             grids.append(sample_grid(args, model, palette, step, scale, say))
     log.close()
     model.eval()
     if step > 0:  # --max-steps 0 (a probe of --init as it is) has nothing new to save
-        model.save_pretrained(args.out)
-    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids,
-                   pixels_per_s=step * pixels / max(elapsed, 1e-9))
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
     report_run(args, summary, say)
     if args.probe is not None:
         summary.update(train_classifier(args, model, task, device, say))
     return summary
+
+
+# Below this many parameters, a model on a CPU trains on one thread unless told otherwise: its matrix
+# products are so small that handing the work between threads costs more than it saves, badly so on a
+# machine busy with other programs (the default adder: 3x faster on one thread on 2 loaded cores).
+ONE_THREAD_BELOW = 5_000_000
+
+
+def set_cpu_threads(args, model, device):
+    """--threads; else OMP_NUM_THREADS when set; else one thread for a small model on a CPU."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and \
+            sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
 
 
 def sample_grid(args, model, palette, step: int, scale: int, say) -> str:
@@ -2652,10 +2885,10 @@ def sample_grid(args, model, palette, step: int, scale: int, say) -> str:
     return path
 
 
-def describe_run(args, task, model, palette_how: str, device) -> str:
+def describe_run(args, task, model, palette_how: str, device, resumed_at: int = 0) -> str:
     """What is about to happen, in five lines."""
     cfg = model.config
-    start = f"from {args.init}" if args.init else "from scratch"
+    start = f"resumed at step {resumed_at}" if resumed_at else f"from {args.init}" if args.init else "from scratch"
     budget = f"{args.max_steps} steps" + (f" or {args.time_budget:g} s, whichever ends first" if args.time_budget else "")
     return "\n".join([
         f"task: {task.describe() if args.data is None else args.data + ': ' + task.describe()}",
@@ -2687,11 +2920,13 @@ def report_run(args, summary, say):
     if step == 0:
         say(f"no generative training (--max-steps 0): the probe reads {args.init or 'a new model'} as it is")
         return
-    why = "all steps done" if step >= args.max_steps else "the time budget ran out"
+    why = "all steps done" if step >= args.max_steps else \
+        f"the time budget ran out; --resume {args.out} --time-budget {2 * args.time_budget:g} trains on"
     say(f"done: step {step} of {args.max_steps} in {format_time(summary['elapsed'])} ({why}), "
         f"{summary['pixels_per_s']:,.0f} pixels/s; loss {summary['loss']:.4f} nats/pixel"
         + (f", validation loss {val:.4f} ({val / math.log(2):.3f} bits/pixel)" if val is not None else ""))
-    say(f"samples: {summary['samples'][-1]} (the last grid; every grid: {args.out}/samples_step_*.png)")
+    if summary["samples"]:
+        say(f"samples: {summary['samples'][-1]} (the last grid; every grid: {args.out}/samples_step_*.png)")
     say(f"saved to {args.out}: config.json + model.safetensors + the palette (preprocessor_config.json, "
         f"kmeans_centers.npy); draw more with: python imagegpt.py sample --model {args.out}")
 
@@ -2819,6 +3054,7 @@ Every image costs one model step per pixel (1024 for 32 x 32): minutes on a CPU,
 TRAIN_EXAMPLES = """examples:
   python imagegpt.py train                    # a small ImageGPT learns to draw shapes: ~5 min on a CPU
   python imagegpt.py train --probe linear     # ... then a linear probe tells the shapes apart from its features
+  python imagegpt.py train --resume out/imagegpt-shapes --time-budget 600   # train it further
   python imagegpt.py train --init out/imagegpt-shapes --max-steps 0 --probe finetune   # classify with a saved model
   python imagegpt.py train --data photos/ --n-px 16 --out out/photos   # a folder of PNGs, resized to 16 x 16
   python imagegpt.py train --data images.npy --labels labels.npy --probe linear   # (N, H, W, 3) uint8, N class ids
@@ -2938,8 +3174,20 @@ def add_train_parser(commands):
                           "budget runs out first; 0: none (shapes 300, --data 0)")
     opt.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the batches and the samples (default 0)")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    opt.add_argument("--threads", type=int, metavar="N",
+                     help="CPU threads (default: 1 for a model under 5M parameters, whose small matrix products "
+                          "lose more to handing work between threads than they gain; else OMP_NUM_THREADS or all "
+                          "cores)")
     run = train.add_argument_group("the run")
     run.add_argument("--out", metavar="DIR", help="where to save (default out/imagegpt-shapes, or out/imagegpt-<name>)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run saved in DIR exactly, with its own options; a larger --max-steps or "
+                          "--time-budget trains a finished run further")
+    run.add_argument("--overwrite", action="store_true",
+                     help="train into an --out that holds an earlier run, replacing it (without it: refused)")
+    run.add_argument("--save-every", type=int, metavar="STEPS",
+                     help="steps between checkpoints (model and training_state.pt); 0: at the end only "
+                          "(default: --eval-every)")
     run.add_argument("--eval-every", type=int, metavar="STEPS",
                      help="steps between validation losses; 0: at the end only (default 200)")
     run.add_argument("--eval-batches", type=int, metavar="N", help="batches in a validation loss (default 8)")
@@ -3057,11 +3305,11 @@ def main(argv=None):
             sample_command(args)
         elif args.command == "complete":
             complete_command(args)
-        else:
-            train_command(args)
+        elif train_command(args)["stopped"] == "interrupted":  # saved; it said how to resume
+            return 130
     except KeyboardInterrupt:  # Ctrl-C: stop quietly; a PNG or checkpoint is written only when complete
-        if args.command == "train":
-            sys.stderr.write(f"\ninterrupted: no checkpoint saved; the sample grids so far are in {args.out}\n")
+        if args.command == "train":  # the first Ctrl-C of the training loop saves; this one came elsewhere
+            sys.stderr.write(f"\ninterrupted: nothing saved since the last checkpoint in {args.out}, if any\n")
         else:
             sys.stderr.write("\ninterrupted: nothing written\n")
         return 130

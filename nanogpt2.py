@@ -37,9 +37,13 @@ import json
 import math
 import os
 import re
+import shlex
+import shutil
+import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -1882,19 +1886,23 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
 def _finish_download(url: str, dest: str, sha256: str) -> str:
     """Check dest + ".part" against the SHA-256 the server gave (if it gave one), then rename it to dest."""
     part, if_range_path = dest + ".part", dest + ".part.if-range"
-    if sha256:
-        sha = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                sha.update(block)
-        if sha.hexdigest() != sha256:
-            os.remove(part)
-            os.remove(if_range_path)
-            raise CheckpointError(f"download of {url} is corrupt: sha256 {sha.hexdigest()}, expected {sha256}; "
-                                  "run again to download it afresh")
+    actual = file_sha256(part) if sha256 else ""
+    if actual != sha256:
+        os.remove(part)
+        os.remove(if_range_path)
+        raise CheckpointError(f"download of {url} is corrupt: sha256 {actual}, expected {sha256}; "
+                              "run again to download it afresh")
     os.replace(part, dest)
     os.remove(if_range_path)
     return dest
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def resolve_checkpoint(name_or_dir: str) -> str:
@@ -2595,8 +2603,11 @@ def rng_states(device, world_size: int) -> list:
 # --- Checkpoints, the log ---------------------------------------------------------------------------------
 
 # Options a resumed run may change; every other option comes from the checkpoint, so the run goes on
-# exactly as it would have.
-RESUME_MAY_CHANGE = ("resume", "out", "stop_at", "device", "compile", "log_every", "save_every")
+# exactly as it would have. Those of RESUME_MAY_EXTEND keep the checkpoint's value unless given: a larger
+# --max-steps or --time-budget extends a finished or cut run, the cosine schedule then laid over the new
+# budget (the learning rate rises back to where that longer schedule is).
+RESUME_MAY_CHANGE = ("resume", "out", "stop_at", "device", "compile", "log_every", "save_every", "overwrite")
+RESUME_MAY_EXTEND = ("max_steps", "time_budget", "target_accuracy", "threads")
 
 
 def save_checkpoint(out, model, optimizer, scaler, step: int, elapsed: float, data_rng, args, device,
@@ -2604,16 +2615,38 @@ def save_checkpoint(out, model, optimizer, scaler, step: int, elapsed: float, da
     """out/config.json + model.safetensors (save_pretrained: what from_pretrained loads) and
     out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
     weights, optimiser moments, step, time spent, the data generator (the data position) and every
-    process's RNG states."""
+    process's RNG states. Its SHA-256 goes to training_state.pt.sha256, checked by --resume."""
     rngs = rng_states(device, world_size)  # every process takes part, only the first writes
     if not is_main:
         return
     model.save_pretrained(out)
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), model=model.state_dict(),
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), data_rng=data_rng.get_state(), rng=rngs)
-    tmp = os.path.join(out, f"training_state.pt.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(out, "training_state.pt"))
+    path = os.path.join(out, "training_state.pt")
+    with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
+        torch.save(state, tmp)
+        digest = file_sha256(tmp)
+    _write_atomically(f"{path}.sha256", f"{digest}  training_state.pt\n".encode())  # the format of sha256sum
+
+
+def read_training_state(path: str) -> dict:
+    """training_state.pt, checked against its SHA-256 before torch.load reads it (weights only: tensors and
+    plain values, never code). A damaged file, truncated by a crash or altered, is a ValueError naming it.
+    Without the .sha256 (a checkpoint older than it), torch.load's own failures still say so."""
+    damaged = f"{path} is damaged (truncated by a crash, or altered)"
+    if os.path.exists(f"{path}.sha256"):
+        with open(f"{path}.sha256", encoding="utf-8") as f:
+            expected = f.read().split(" ")[0].strip()
+        if file_sha256(path) != expected:
+            raise ValueError(f"{damaged}: its SHA-256 differs from the one in {path}.sha256; it cannot be resumed")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a zip archive cut short or a pickle out of shape: the many ways a file can break
+        raise ValueError(f"{damaged}: torch.load fails with {type(e).__name__}; it cannot be resumed") from None
+    missing = {"step", "elapsed", "args", "config", "model", "optimizer", "data_rng", "rng"} - set(state)
+    if missing:
+        raise ValueError(f"{path} is not a training state written by `train`: it lacks {', '.join(sorted(missing))}")
+    return state
 
 
 def load_checkpoint(args, is_main: bool = True) -> dict:
@@ -2623,10 +2656,10 @@ def load_checkpoint(args, is_main: bool = True) -> dict:
         raise ValueError(f"--resume {args.resume}: no training_state.pt there (it is written by `train`)")
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise ValueError(f"--resume {args.resume} continues in that directory; drop --out {args.out}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_training_state(path)
     for name, saved in state["args"].items():
         given = getattr(args, name, None)
-        if name in RESUME_MAY_CHANGE:
+        if name in RESUME_MAY_CHANGE or (name in RESUME_MAY_EXTEND and given is not None):
             continue
         if given is not None and given != saved and is_main:
             print(f"note: --{name.replace('_', '-')} {given} ignored: the resumed run keeps {saved}", file=sys.stderr)
@@ -2646,16 +2679,21 @@ class TrainingLog:
         rows = []
         if resume_step and os.path.exists(self.path):  # keep the rows up to the checkpoint; later ones are redone
             with open(self.path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= resume_step]
-        self.file = open(self.path, "w", newline="")
+                rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
+                        and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
+        with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole
+            writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(f"{self.path}.tmp{os.getpid()}", self.path)
+        self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
 
     def write(self, step, loss, lr, grad_norm, tokens_per_s, elapsed, val_loss=None):
         self.writer.writerow(dict(step=step, loss=f"{loss:.6g}", lr=f"{lr:.6g}", grad_norm=f"{grad_norm:.6g}",
                                   tokens_per_s=f"{tokens_per_s:.0f}", elapsed_s=f"{elapsed:.2f}",
                                   val_loss="" if val_loss is None else f"{val_loss:.6g}"))
+        self.file.flush()  # each line reaches the file at once: a run killed outright keeps its log
 
     def close(self):
         self.file.close()
@@ -2683,6 +2721,79 @@ class TrainingLog:
         return png
 
 
+# Files that show a folder holds a run; training into it again needs --resume or --overwrite.
+RUN_FILES = ("training_state.pt", "log.csv", "model.safetensors", "config.json")
+
+
+def check_run_folder(out: str, overwrite: bool):
+    """Refuse to train into a folder that holds an earlier run, unless --overwrite; then the old run's log
+    and training state go first, so that nothing of it passes for the new run's."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if found and not overwrite:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}); continue it with --resume {out}, "
+                         "choose another --out, or pass --overwrite to replace it")
+    for name in found:
+        if name in ("training_state.pt", "log.csv"):
+            os.remove(os.path.join(out, name))
+            if os.path.exists(os.path.join(out, name + ".sha256")):
+                os.remove(os.path.join(out, name + ".sha256"))
+
+
+class RunLock:
+    """out/.lock, holding the PID of the process training there, so that a second run into the same folder
+    is refused instead of mixing its files with the first's. The file is created only if absent
+    (O_CREAT | O_EXCL: one process wins), and taken over when the process that made it is gone."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, ".lock")
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pid = self.holder()
+                if pid is not None and pid != os.getpid() and _process_alive(pid):
+                    raise ValueError(f"--out {out} is in use: process {pid} is training there ({self.path}); "
+                                     f"wait for it to end, or stop it; if process {pid} is no training run, "
+                                     f"delete {self.path}") from None
+                os.remove(self.path)  # stale: left by a process that died; take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            return
+
+    def holder(self) -> Optional[int]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):  # gone meanwhile, or half written
+            return None
+
+    def release(self):
+        if self.holder() == os.getpid():
+            os.remove(self.path)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: the step under way finishes, then the run saves a checkpoint and
+    stops, so an interrupt never lands in the middle of an optimiser update. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
 def format_time(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -2692,8 +2803,10 @@ def format_time(seconds: float) -> str:
 # --- The training command ---------------------------------------------------------------------------------
 
 # Defaults that depend on what is trained: the addition task, a text file from scratch, or --init.
-ADDITION_DEFAULTS = dict(digits=2, n_layer=4, n_head=4, n_embd=128, dropout=0.0, batch_size=256, lr=1e-3,
-                         warmup=50, max_steps=1000, time_budget=240.0, eval_every=100, log_every=50)
+# The adder is small and takes many small steps: on a CPU, steps per second matter more than examples per step.
+ADDITION_DEFAULTS = dict(digits=2, n_layer=2, n_head=4, n_embd=64, dropout=0.0, batch_size=32, lr=3e-3,
+                         warmup=30, max_steps=2000, time_budget=240.0, eval_every=50, log_every=100,
+                         target_accuracy=0.99)
 TEXT_DEFAULTS = dict(tokenizer="gpt2", block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=16,
                      lr=6e-4, warmup=100, max_steps=2000, time_budget=0.0, eval_every=200, log_every=20)
 FINE_TUNE_DEFAULTS = dict(lr=1e-4, dropout=None)  # --init: a gentler learning rate; the checkpoint's dropout
@@ -2736,6 +2849,14 @@ def fill_defaults(args):
         raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.target_accuracy is not None and not 0 <= args.target_accuracy <= 1:
+        raise ValueError(f"--target-accuracy is a fraction of problems in [0, 1] (0: train the whole budget), "
+                         f"got {args.target_accuracy}")
+    if args.target_accuracy and args.data is not None:
+        raise ValueError("--target-accuracy is an option of the addition task (its held-out exact match); "
+                         "it cannot go with --data")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.stop_at is not None and args.stop_at < 1:
         raise ValueError(f"--stop-at must be a step >= 1, got {args.stop_at}")
 
@@ -2771,27 +2892,58 @@ def train_command(args) -> dict:
     """`python nanogpt2.py train ...`, under torchrun or not. Returns a summary (for tests and scripts)."""
     rank, world_size, device = init_distributed(args.device)
     try:
-        return train(args, rank, world_size, device)
+        state = load_checkpoint(args, rank == 0) if args.resume else None
+        fill_defaults(args)
+        with RunFolder(args.out, args.overwrite, state is not None) if rank == 0 else contextlib.nullcontext():
+            return train(args, state, rank, world_size, device)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
 
 
-def train(args, rank: int, world_size: int, device: torch.device) -> dict:
+class RunFolder:
+    """The --out folder for the length of a run: made if need be, refused if it holds another run (unless
+    --overwrite or --resume), locked against a second process, and removed again if this run made it and
+    fails before it has anything to keep (a checkpoint or a line of log)."""
+
+    def __init__(self, out: str, overwrite: bool, resuming: bool):
+        self.out, self.overwrite, self.resuming, self.made, self.lock = out, overwrite, resuming, \
+            not os.path.isdir(out), None
+
+    def __enter__(self):
+        os.makedirs(self.out, exist_ok=True)
+        try:
+            self.lock = RunLock(self.out)
+            if not self.resuming:
+                check_run_folder(self.out, self.overwrite)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if self.lock is not None:
+            self.lock.release()
+        log = os.path.join(self.out, "log.csv")
+        has_work = os.path.exists(os.path.join(self.out, "training_state.pt")) or (
+            os.path.exists(log) and os.path.getsize(log) > len(",".join(TrainingLog.COLUMNS)) + 2)
+        if kind is not None and self.made and not has_work:
+            shutil.rmtree(self.out, ignore_errors=True)
+        return False
+
+
+def train(args, state, rank: int, world_size: int, device: torch.device) -> dict:
     """The training loop. Every process runs it on its own slice of each batch; only the first (rank 0)
     prints, logs and writes files."""
     is_main = rank == 0
     say = functools.partial(print, flush=True) if is_main else (lambda *lines: None)
-    state = load_checkpoint(args, is_main) if args.resume else None
-    fill_defaults(args)
     dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else
                                         torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if is_main:
-        os.makedirs(args.out, exist_ok=True)
     data, tokenizer, n_positions, extra = prepare_task(args, state, is_main, world_size)
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(args, tokenizer, n_positions, extra, state).to(device)
+    set_cpu_threads(args, model, device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
     data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch: it is the data position
@@ -2811,51 +2963,87 @@ def train(args, rank: int, world_size: int, device: torch.device) -> dict:
 
     log = TrainingLog(args.out, step) if is_main else None
     start, first_step, last_line = time.time(), step, (time.time(), step)
-    loss, val, tokens = float("nan"), None, 0
-    while True:
-        elapsed = elapsed_before + time.time() - start
-        if args.time_budget and world_size > 1:  # every process must stop at the same step: the first decides
-            elapsed = torch.tensor(elapsed, dtype=torch.float64, device=device)
-            dist.broadcast(elapsed, 0)
-            elapsed = elapsed.item()
-        # How far through its budget the run is: in steps, or in time, whichever is further.
-        progress = max(step / args.max_steps, elapsed / args.time_budget if args.time_budget else 0.0)
-        if progress >= 1 or (args.stop_at is not None and step >= args.stop_at):
-            break
-        lr = learning_rate(step, progress, args.lr, args.warmup)
-        step_start = time.time()
-        # Every process draws the same batch, then takes its own micro-batches from it.
-        indices = data.sample(batch, data_rng).view(args.accum, world_size, args.batch_size)[:, rank]
-        micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
-        loss, grad_norm = train_step(trained, optimizer, scaler, micro_batches, lr, args.grad_clip, autocast, device,
-                                     world_size)
-        step += 1
-        tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
-        tokens_per_s = tokens / (time.time() - step_start)
+    loss, val, tokens, stopped = float("nan"), None, 0, None
+    stop = StopRequest()
+    try:
+        while True:
+            elapsed = elapsed_before + time.time() - start
+            if world_size > 1:  # every process must stop at the same step: the first decides
+                elapsed, stopped = agree_with_first_process(elapsed, stopped, device)
+            # How far through its budget the run is: in steps, or in time, whichever is further.
+            progress = max(step / args.max_steps, elapsed / args.time_budget if args.time_budget else 0.0)
+            if stopped is not None or progress >= 1 or (args.stop_at is not None and step >= args.stop_at):
+                break
+            lr = learning_rate(step, progress, args.lr, args.warmup)
+            step_start = time.time()
+            # Every process draws the same batch, then takes its own micro-batches from it.
+            indices = data.sample(batch, data_rng).view(args.accum, world_size, args.batch_size)[:, rank]
+            micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
+            loss, grad_norm = train_step(trained, optimizer, scaler, micro_batches, lr, args.grad_clip, autocast,
+                                         device, world_size)
+            step += 1
+            tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
+            tokens_per_s = tokens / (time.time() - step_start)
 
-        val = None
-        if args.eval_every and step % args.eval_every == 0:
-            val = validation_loss(model, val_batches, autocast, device, rank, world_size)
-        elapsed = elapsed_before + time.time() - start
-        if is_main:
-            log.write(step, loss, lr, grad_norm, tokens_per_s, elapsed, val)
-        if step % args.log_every == 0 or val is not None or step == first_step + 1:
-            say(progress_line(args, step, loss, lr, val, elapsed, last_line, tokens))
-            last_line = (time.time(), step)
-        if args.save_every and step % args.save_every == 0:
-            save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size,
-                            is_main)
+            val, accuracy = None, None
+            if args.eval_every and step % args.eval_every == 0:
+                val = validation_loss(model, val_batches, autocast, device, rank, world_size)
+                if args.data is None and args.target_accuracy:  # the adder: stop once it adds well enough
+                    accuracy = data.accuracy(model)[0]
+                    if accuracy >= args.target_accuracy:
+                        stopped = f"reached --target-accuracy {args.target_accuracy:g}"
+            if stop.requested:
+                stopped = "interrupted"
+            elapsed = elapsed_before + time.time() - start
+            if is_main:
+                log.write(step, loss, lr, grad_norm, tokens_per_s, elapsed, val)
+            if step % args.log_every == 0 or val is not None or step == first_step + 1:
+                say(progress_line(args, step, loss, lr, val, elapsed, last_line, tokens)
+                    + (f" | held-out exact match {100 * accuracy:.1f}%" if accuracy is not None else ""))
+                last_line = (time.time(), step)
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size,
+                                is_main)
+    finally:
+        stop.restore()
 
     elapsed = elapsed_before + time.time() - start
-    if val is None and args.eval_every:
+    if val is None and args.eval_every and stopped != "interrupted":
         val = validation_loss(model, val_batches, autocast, device, rank, world_size)
     save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size, is_main)
     tokens_per_s = (step - first_step) * tokens / (time.time() - start)  # this run's average
-    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out)
+    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out,
+                   stopped=stopped)
     if is_main:
         log.close()
-        report_run(args, summary, model, data, tokenizer, log.plot(), say)
+        if stopped == "interrupted":
+            say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
+                f"  python nanogpt2.py train --resume {shlex.quote(args.out)}")
+        else:
+            report_run(args, summary, model, data, tokenizer, log.plot(), say)
     return summary
+
+
+def agree_with_first_process(elapsed: float, stopped: Optional[str], device) -> Tuple[float, Optional[str]]:
+    """Under torchrun: the first process's clock and its reason to stop (Ctrl-C, the target reached), for all."""
+    mine = [elapsed, stopped]
+    dist.broadcast_object_list(mine, 0, device=device if device.type == "cuda" else None)
+    return mine[0], mine[1]
+
+
+# Below this many parameters, a model on a CPU trains on one thread unless told otherwise: its matrix
+# products are so small that handing the work between threads costs more than it saves, badly so on a
+# machine busy with other programs (the default adder: 3x faster on one thread on 2 loaded cores).
+ONE_THREAD_BELOW = 5_000_000
+
+
+def set_cpu_threads(args, model, device):
+    """--threads; else OMP_NUM_THREADS when set; else one thread for a small model on a CPU."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and \
+            sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
 
 
 def restore_training_state(state, optimizer, scaler, data_rng, rank, world_size, device) -> Tuple[int, float]:
@@ -2884,7 +3072,11 @@ def describe_run(args, data, model, state, step, world_size, dtype, device) -> s
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {start}",
         f"training: {budget}; batch {batch} (micro-batch {args.batch_size}, accumulation {args.accum}, processes "
         f"{world_size}); AdamW lr {args.lr:g}, warmup {args.warmup} steps, cosine to {args.lr / 10:g}; "
-        f"{str(dtype)[6:]} on {device.type}" + (", compiled" if args.compile else ""),
+        f"{str(dtype)[6:]} on {device.type}" + (", compiled" if args.compile else "")
+        + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''} (--threads)"
+           if device.type == "cpu" else "")
+        + (f"; stops early at {100 * args.target_accuracy:g}% held-out exact match (--target-accuracy)"
+           if args.data is None and args.target_accuracy else ""),
         f"saving to {args.out} (log.csv: every step)",
     ])
 
@@ -2904,12 +3096,14 @@ def progress_line(args, step, loss, lr, val, elapsed, last_line, tokens_per_step
 def report_run(args, summary, model, data, tokenizer, png, say):
     """The end of a run: why it stopped, its losses, what the model can do, and where it was saved."""
     step, val = summary["step"], summary["val_loss"]
-    if step >= args.max_steps:
+    if summary["stopped"] is not None:
+        why = summary["stopped"]
+    elif step >= args.max_steps:
         why = "all steps done"
     elif args.stop_at is not None and step >= args.stop_at:
         why = f"stopped at --stop-at; continue with --resume {args.out}"
     else:
-        why = "the time budget ran out"
+        why = f"the time budget ran out; --resume {args.out} --time-budget {2 * args.time_budget:g} trains on"
     say(f"done: step {step} of {args.max_steps} in {format_time(summary['elapsed'])} ({why}), "
         f"{summary['tokens_per_s']:,.0f} tokens/s; loss {summary['loss']:.4f}"
         + (f", validation loss {val:.4f} (perplexity {math.exp(min(val, 50)):.2f})" if val is not None else ""))
@@ -3026,7 +3220,8 @@ CLI_EXAMPLES = """examples:
 """
 TRAIN_EXAMPLES = """examples:
   python nanogpt2.py train                              # a small GPT-2 learns 2-digit addition, on a CPU
-  python nanogpt2.py train --digits 3 --max-steps 1500 --time-budget 300   # 3-digit: ~99% in 4-5 min
+  python nanogpt2.py train --digits 3 --max-steps 1500 --time-budget 300   # 3-digit: ~98% in 2 min
+  python nanogpt2.py train --resume out/addition-3digit --max-steps 2500   # train it further: 99.6%
   python nanogpt2.py train --data input.txt --tokenizer char --out out/shakespeare
   python nanogpt2.py train --data notes.txt --init gpt2 --block-size 512 --batch-size 4 --accum 8
   python nanogpt2.py train --resume out/shakespeare     # continue exactly where it stopped
@@ -3093,7 +3288,7 @@ def add_train_parser(commands):
     train = commands.add_parser(
         "train", help="train a GPT-2 (no options: a small one learns to add, in minutes on a CPU)",
         description="Train a GPT-2 and save it with save_pretrained.\n\n"
-                    "With no options, a GPT-2 of 4 layers x 128 learns 2-digit addition from problems made on the\n"
+                    "With no options, a GPT-2 of 2 layers x 64 learns 2-digit addition from problems made on the\n"
                     "fly, on a CPU, within 5 minutes, then reports its exact-match accuracy on problems it never saw.\n"
                     "--data trains on a text file instead; --init fine-tunes pretrained weights. Under torchrun,\n"
                     "every process trains on its slice of each batch (DistributedDataParallel: nccl on GPUs, gloo\n"
@@ -3112,18 +3307,18 @@ def add_train_parser(commands):
     model = train.add_argument_group("the model")
     model.add_argument("--init", metavar="NAME_OR_DIR",
                        help="fine-tune these weights (a directory, gpt2, gpt2-medium, ...) instead of new ones")
-    model.add_argument("--n-layer", type=int, metavar="N", help="blocks of a new model (default 4)")
+    model.add_argument("--n-layer", type=int, metavar="N", help="blocks of a new model (addition 2, text 4)")
     model.add_argument("--n-head", type=int, metavar="N", help="attention heads of a new model (default 4)")
-    model.add_argument("--n-embd", type=int, metavar="N", help="width of a new model (default 128)")
+    model.add_argument("--n-embd", type=int, metavar="N", help="width of a new model (addition 64, text 128)")
     model.add_argument("--dropout", type=float, metavar="P", help="dropout probability (addition 0, text 0.1, --init the model's)")
     opt = train.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch and process (addition 256, text 16)")
+    opt.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch and process (addition 32, text 16)")
     opt.add_argument("--accum", type=int, metavar="K", help="micro-batches per step: gradient accumulation (default 1)")
-    opt.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (addition 1e-3, text 6e-4, --init 1e-4)")
-    opt.add_argument("--warmup", type=int, metavar="STEPS", help="steps of linear warmup (addition 50, text 100)")
+    opt.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (addition 3e-3, text 6e-4, --init 1e-4)")
+    opt.add_argument("--warmup", type=int, metavar="STEPS", help="steps of linear warmup (addition 30, text 100)")
     opt.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay, on matrices only (default 0.1)")
     opt.add_argument("--grad-clip", type=float, metavar="NORM", help="largest gradient norm; 0 turns clipping off (default 1.0)")
-    opt.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (addition 1000, text 2000)")
+    opt.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (addition 2000, text 2000)")
     opt.add_argument("--time-budget", type=float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           "budget runs out first; 0: none (addition 240, text 0)")
@@ -3131,19 +3326,30 @@ def add_train_parser(commands):
                      help="autocast precision (default: float32 on a CPU; bfloat16 on a GPU that has it, else "
                           "float16 with a GradScaler)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    opt.add_argument("--threads", type=int, metavar="N",
+                     help="CPU threads (default: 1 for a model under 5M parameters, whose small matrix products "
+                          "lose more to handing work between threads than they gain; else OMP_NUM_THREADS or all "
+                          "cores)")
     opt.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the batches and dropout (default 0)")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present; under torchrun cuda:LOCAL_RANK)")
     run = train.add_argument_group("the run")
     run.add_argument("--out", metavar="DIR", help="where to save (default out/addition-2digit, or out/<file name>)")
-    run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR exactly, with its own options")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run saved in DIR exactly, with its own options; a larger --max-steps or "
+                          "--time-budget trains a finished run further")
+    run.add_argument("--overwrite", action="store_true",
+                     help="train into an --out that holds an earlier run, replacing it (without it: refused)")
+    run.add_argument("--target-accuracy", type=float, metavar="F",
+                     help="addition: stop once this fraction of the held-out problems is right, checked at each "
+                          "--eval-every; 0: train the whole budget (default 0.99)")
     run.add_argument("--stop-at", type=int, metavar="STEP",
                      help="stop (and save) after this step, leaving the schedule as it is; continue with --resume")
     run.add_argument("--eval-every", type=int, metavar="STEPS", help="steps between validation losses; 0: at the end only "
-                                                    "(addition 100, text 200)")
+                                                    "(addition 50, text 200)")
     run.add_argument("--eval-batches", type=int, metavar="N", help="batches in a validation loss (default 20)")
     run.add_argument("--save-every", type=int, metavar="STEPS", help="steps between checkpoints; 0: at the end only "
                                                     "(default: --eval-every)")
-    run.add_argument("--log-every", type=int, metavar="STEPS", help="steps between progress lines (addition 50, text 20)")
+    run.add_argument("--log-every", type=int, metavar="STEPS", help="steps between progress lines (addition 100, text 20)")
 
 
 def add_eval_parser(commands):
@@ -3359,13 +3565,16 @@ def main(argv=None):
         if args.command == "sample":
             sample_command(args)
         elif args.command == "train":
-            train_command(args)
+            if train_command(args)["stopped"] == "interrupted":  # saved; it said how to resume
+                return 130
         elif args.command == "eval":
             eval_command(args)
         elif args.command == "inspect":
             inspect_command(args)
-    except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed (train saves on the first Ctrl-C)
         sys.stdout.write("\n")
+        if args.command == "train" and args.out is not None:
+            print(f"interrupted: nothing saved since the last checkpoint in {args.out}, if any", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
         print(f"nanogpt2.py: error: {e}", file=sys.stderr)

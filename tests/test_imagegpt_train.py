@@ -7,6 +7,7 @@ import csv
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -371,14 +372,107 @@ def test_bad_inputs_end_with_one_line_and_status_2(tmp_path, capsys, options, me
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_ctrl_c_stops_with_status_130_and_says_what_is_left(tmp_path, capsys, monkeypatch):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
+def test_ctrl_c_saves_a_checkpoint_at_the_last_step_and_prints_how_to_resume(tmp_path, capsys, monkeypatch):
+    real_step, calls = imagegpt.train_step, []
 
-    monkeypatch.setattr(imagegpt, "train_step", interrupt)
-    assert imagegpt.main(["train", *TINY, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 130
-    assert "interrupted: no checkpoint saved" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    def step_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        result = real_step(*args, **kwargs)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as a user's Ctrl-C, at the end of step 3
+        return result
+
+    monkeypatch.setattr(imagegpt, "train_step", step_then_ctrl_c)
+    out = tmp_path / "out"
+    options = [*TINY, "--max-steps", "6", "--time-budget", "0", "--sample-every", "0", "--device", "cpu"]
+    assert imagegpt.main(["train", *options, "--out", str(out)]) == 130
+    printed = capsys.readouterr().out
+    assert "interrupted: saved a checkpoint at step 3" in printed
+    assert f"python imagegpt.py train --resume {out}" in printed
+    assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 3 and len(log_rows(out)) == 3
+    monkeypatch.undo()
+    assert imagegpt.main(["train", "--resume", str(out)]) == 0
+    assert imagegpt.main(["train", *options, "--out", str(tmp_path / "whole")]) == 0
+    # The interrupted and resumed run is the uninterrupted one, bit for bit.
+    assert [r["loss"] for r in log_rows(out)] == [r["loss"] for r in log_rows(tmp_path / "whole")]
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_resume_with_a_larger_budget_trains_a_finished_run_further(tmp_path):
+    _, out = train(tmp_path, "--max-steps", 3, "--sample-every", 0)
+    resume = imagegpt.build_parser().parse_args(["train", "--resume", str(out), "--max-steps", "6"])
+    assert imagegpt.train_command(resume)["step"] == 6
+    assert [int(r["step"]) for r in log_rows(out)] == list(range(1, 7))
+
+
+def test_a_run_killed_outright_keeps_its_log_and_resume_continues_it_without_a_gap(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.join(ROOT, "imagegpt.py"), "train", *TINY, "--max-steps", "100000",
+               "--time-budget", "0", "--eval-every", "0", "--sample-every", "0", "--save-every", "5", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 60
+    while not ((out / "log.csv").exists() and len(log_rows(out)) >= 13) and time.time() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed on the way out
+    process.wait()
+    assert [int(r["step"]) for r in log_rows(out)][:13] == list(range(1, 14))
+    saved = torch.load(out / "training_state.pt", weights_only=True)["step"]
+    assert saved >= 10 and saved % 5 == 0
+    assert imagegpt.main(["train", "--resume", str(out), "--max-steps", str(saved + 4)]) == 0
+    assert [int(r["step"]) for r in log_rows(out)] == list(range(1, saved + 5)) and not (out / ".lock").exists()
+
+
+def test_training_again_into_a_run_folder_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
+    _, out = train(tmp_path, "--max-steps", 3, "--sample-every", 0)
+    before = (out / "model.safetensors").read_bytes()
+    argv = ["train", *TINY, "--max-steps", "2", "--out", str(out), "--device", "cpu"]
+    assert imagegpt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a run" in err and f"--resume {out}" in err and "--overwrite" in err
+    assert (out / "model.safetensors").read_bytes() == before and len(log_rows(out)) == 3
+    assert imagegpt.main(argv + ["--overwrite", "--seed", "1"]) == 0
+    assert len(log_rows(out)) == 2 and (out / "model.safetensors").read_bytes() != before
+
+
+def test_a_folder_in_use_by_a_live_process_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{live.pid}\n")
+        assert imagegpt.main(["train", *TINY, "--max-steps", "2", "--out", str(out), "--device", "cpu"]) == 2
+        assert f"process {live.pid} is training there" in capsys.readouterr().err
+    finally:
+        live.kill()
+        live.wait()
+    assert imagegpt.main(["train", *TINY, "--max-steps", "2", "--out", str(out), "--device", "cpu"]) == 0  # stale
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte"])
+def test_a_damaged_training_state_gives_one_clear_line(tmp_path, capsys, damage):
+    _, out = train(tmp_path, "--max-steps", 2, "--sample-every", 0)
+    path = out / "training_state.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "flip a byte":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    assert imagegpt.main(["train", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imagegpt.py: error: ") and err.count("\n") == 1 and f"{path} is damaged" in err
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, capsys):
+    palette = tmp_path / "palette.npy"
+    np.save(palette, np.zeros((4, 3), dtype=np.float32))
+    ImageGPTForCausalImageModeling(imagegpt.ImageGPTConfig(vocab_size=9, n_positions=36, n_embd=16, n_layer=1,
+                                                           n_head=2)).save_pretrained(str(tmp_path / "m"))
+    argv = ["train", "--init", str(tmp_path / "m"), "--palette", str(palette), "--out", str(tmp_path / "o")]
+    assert imagegpt.main(argv) == 2
+    assert "colours" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_unknown_option_exits_2_with_usage(capsys):

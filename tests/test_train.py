@@ -3,10 +3,12 @@
 errors a user meets. Models are tiny (1-2 layers, width 16-32) so the whole file runs in well under a
 minute on 2 cores; the full default run is marked slow."""
 
+import argparse
 import csv
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -360,3 +362,148 @@ def test_default_run_learns_two_digit_addition_within_five_minutes(tmp_path):
     summary = nanogpt2.train_command(args)
     assert summary["accuracy"] >= 0.99
     assert time.time() - start < 300
+
+
+# --- never losing work: the run folder, the log, Ctrl-C, damaged checkpoints ----------------------------
+
+
+def start_training(out, *options):
+    """`nanogpt2.py train` of a tiny adder as its own process, with steps enough to outlast the test."""
+    command = [sys.executable, os.path.join(ROOT, "nanogpt2.py"), "train", *TINY, "--digits", "1", "--batch-size",
+               "8", "--max-steps", "100000", "--time-budget", "0", "--eval-every", "0", "--save-every", "5",
+               "--out", str(out), *options]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def wait_for_log_rows(out, process, count, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (out / "log.csv").exists() and len(log_rows(out)) >= count:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"no {count} log rows in {timeout} s")
+
+
+def test_a_run_killed_outright_keeps_its_log_and_resume_continues_it_without_a_gap(tmp_path):
+    out = tmp_path / "run"
+    process = start_training(out)
+    wait_for_log_rows(out, process, 13)
+    process.kill()  # SIGKILL: no handler runs, nothing is flushed on the way out
+    process.wait()
+    steps = [int(r["step"]) for r in log_rows(out)]
+    assert steps[:13] == list(range(1, 14))  # every line reached the file as it was written
+    saved = torch.load(out / "training_state.pt", weights_only=True)["step"]
+    assert saved >= 10 and saved % 5 == 0
+    # The stale lock of the killed process is taken over; the rows after the checkpoint are dropped and redone.
+    assert nanogpt2.main(["train", "--resume", str(out), "--max-steps", str(saved + 6)]) == 0
+    assert [int(r["step"]) for r in log_rows(out)] == list(range(1, saved + 7))
+    assert not (out / ".lock").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_last_step_and_prints_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    process = start_training(out, "--save-every", "0")  # no checkpoint but the one Ctrl-C writes
+    wait_for_log_rows(out, process, 3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    step = torch.load(out / "training_state.pt", weights_only=True)["step"]
+    assert int(log_rows(out)[-1]["step"]) == step >= 3  # the step under way finished, then it was saved
+    assert f"saved a checkpoint at step {step}" in stdout
+    assert f"python nanogpt2.py train --resume {out}" in stdout
+    assert nanogpt2.main(["train", "--resume", str(out), "--max-steps", str(step + 2)]) == 0
+    assert [int(r["step"]) for r in log_rows(out)] == list(range(1, step + 3))
+
+
+def test_training_again_into_a_run_folder_is_refused_and_overwrite_replaces_it(tmp_path, capsys):
+    out = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "3")
+    before = (out / "model.safetensors").read_bytes()
+    err = run_error(capsys, ["train", *TINY, "--digits", "1", "--max-steps", "2", "--out", str(out)])
+    assert f"--out {out} already holds a run" in err and f"--resume {out}" in err and "--overwrite" in err
+    assert (out / "model.safetensors").read_bytes() == before and len(log_rows(out)) == 3  # untouched
+    train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "2", "--seed", "1", "--overwrite")
+    assert len(log_rows(out)) == 2 and (out / "model.safetensors").read_bytes() != before
+    assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 2
+
+
+def test_a_folder_in_use_by_a_live_process_is_refused_and_a_dead_ones_lock_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{live.pid}\n")
+        err = run_error(capsys, ["train", *TINY, "--digits", "1", "--max-steps", "2", "--out", str(out)])
+        assert f"process {live.pid} is training there" in err
+        assert not (out / "log.csv").exists() and (out / ".lock").read_text() == f"{live.pid}\n"
+    finally:
+        live.kill()
+        live.wait()  # now a dead process's lock: taken over
+    train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "2")
+    assert len(log_rows(out)) == 2 and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "truncate, no checksum"])
+def test_a_damaged_training_state_gives_one_clear_line(tmp_path, capsys, damage):
+    out = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "2")
+    path = out / "training_state.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "flip a byte":  # inside a tensor's bytes: torch.load alone would not notice
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    if damage.endswith("no checksum"):
+        (out / "training_state.pt.sha256").unlink()
+    err = run_error(capsys, ["train", "--resume", str(out)])
+    assert f"{path} is damaged" in err
+
+
+def test_resume_with_a_larger_budget_trains_a_finished_run_further(tmp_path):
+    out = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "4")
+    assert nanogpt2.main(["train", "--resume", str(out)]) == 0  # nothing left to do: the same 4 steps
+    assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 4
+    assert nanogpt2.main(["train", "--resume", str(out), "--max-steps", "7"]) == 0
+    assert torch.load(out / "training_state.pt", weights_only=True)["step"] == 7
+    assert [int(r["step"]) for r in log_rows(out)] == list(range(1, 8))
+    cut = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "100000", "--time-budget", "0.5",
+                name="cut")  # cut by its time budget
+    steps = torch.load(cut / "training_state.pt", weights_only=True)["step"]
+    assert nanogpt2.main(["train", "--resume", str(cut), "--time-budget", "1.5"]) == 0
+    assert torch.load(cut / "training_state.pt", weights_only=True)["step"] > steps
+
+
+def test_the_adder_stops_once_it_reaches_the_target_accuracy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(nanogpt2.AdditionTask, "accuracy", lambda self, model: (0.995, None, None))
+    monkeypatch.setattr(nanogpt2.AdditionTask, "report", lambda self, model, say: 0.995)
+    train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "50", "--eval-every", "5")
+    printed = capsys.readouterr().out
+    assert "held-out exact match 99.5%" in printed and "step 5 of 50" in printed
+    assert "reached --target-accuracy 0.99" in printed
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, capsys):
+    chars = "".join(sorted(set(TEXT)))
+    nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=16, n_embd=16, n_layer=1,
+                                                 n_head=2, extra={"char_vocab": chars})).save_pretrained(str(tmp_path / "m"))
+    run_error(capsys, ["train", "--init", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_small_model_on_a_cpu_trains_on_one_thread_unless_told_otherwise(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    small = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(vocab_size=13, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    cpu = torch.device("cpu")
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=None), small, cpu)
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=3), small, cpu)  # --threads wins
+    assert calls == [1, 3]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting is left to torch
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=None), small, cpu)
+    monkeypatch.setattr(nanogpt2, "ONE_THREAD_BELOW", 100)  # a model "too big" for one thread: torch decides
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    nanogpt2.set_cpu_threads(argparse.Namespace(threads=None), small, cpu)
+    assert calls == [1, 3]
