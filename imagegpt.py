@@ -479,8 +479,17 @@ class ImageGPTAttention(nn.Module):
         return scale
 
     def split_heads(self, x):
+        """(B, T, nh * hs) -> (B, nh, T, hs): the channels of each token cut into nh heads of hs = head_dim
+        channels (head h owns channels h * hs .. (h + 1) * hs - 1), with the head axis moved before the token
+        axis so that every head attends independently. nh is whatever width / hs gives (fewer after pruning)."""
         B, T, _ = x.size()
         return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
+
+    def merge_heads(self, y):
+        """The inverse of split_heads: (B, nh, T, hs) -> (B, T, nh * hs), head h's channels back at
+        h * hs .. (h + 1) * hs - 1 of each token. The result must be contiguous (c_proj reshapes it)."""
+        B, _, T, _ = y.size()
+        return y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
 
     def forward(
         self,
@@ -520,7 +529,7 @@ class ImageGPTAttention(nn.Module):
         else:
             y, weights = self.sdpa_attention(q, k, v, attention_mask), None
 
-        y = y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        y = self.merge_heads(y)  # (B, nh, T, hs) -> (B, T, nh*hs)
         y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return y, present, weights
 
@@ -1711,17 +1720,30 @@ def fit_palette(images, n_colours: int = 512, n_iter: int = 20, seed: int = 0, n
         pixels = pixels[torch.randperm(pixels.size(0), generator=generator)[:max_pixels]]
     centres = _kmeans_plus_plus(pixels, n_colours, generator)  # (K, 3)
     for _ in range(n_iter):
-        assign = nearest_colour(pixels, centres)  # (N,)
-        counts = torch.bincount(assign, minlength=n_colours)  # (K,)
-        sums = torch.zeros_like(centres).index_add_(0, assign, pixels)  # (K, 3)
-        new_centres = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty) > 0:
-            error = ((pixels - centres[assign]) ** 2).sum(dim=1)  # (N,): how badly each pixel is served
-            farthest = error.topk(min(len(empty), len(error))).indices
-            new_centres[empty[: len(farthest)]] = pixels[farthest]
-        centres = new_centres
+        centres = kmeans_step(pixels, centres)
     return centres.float()
+
+
+def kmeans_step(pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """One round of k-means (Lloyd's algorithm): pixels (N, 3) and centres (K, 3), both float64 -> the new
+    centres (K, 3), float64.
+
+    Assign every pixel to its nearest centre (nearest_colour: squared distance, ties to the lower index),
+    then move each centre to the mean of the pixels assigned to it. A centre that got no pixel would stay
+    wasted: instead, the empty centres (in index order) move to the pixels worst served by the old centres,
+    those with the largest squared distance to their assigned centre, the worst pixel to the first empty
+    centre (torch.topk's order). If there are more empty centres than pixels, the extra ones keep their
+    mean of nothing, 0."""
+    assign = nearest_colour(pixels, centres)  # (N,)
+    counts = torch.bincount(assign, minlength=centres.size(0))  # (K,)
+    sums = torch.zeros_like(centres).index_add_(0, assign, pixels)  # (K, 3)
+    new_centres = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
+    empty = (counts == 0).nonzero().flatten()
+    if len(empty) > 0:
+        error = ((pixels - centres[assign]) ** 2).sum(dim=1)  # (N,): how badly each pixel is served
+        farthest = error.topk(min(len(empty), len(error))).indices
+        new_centres[empty[: len(farthest)]] = pixels[farthest]
+    return new_centres
 
 
 def load_palette(path) -> torch.Tensor:

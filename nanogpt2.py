@@ -472,8 +472,17 @@ class GPT2Attention(nn.Module):
         return scale
 
     def split_heads(self, x):
+        """(B, T, nh * hs) -> (B, nh, T, hs): the channels of each token cut into nh heads of hs = head_dim
+        channels (head h owns channels h * hs .. (h + 1) * hs - 1), with the head axis moved before the token
+        axis so that every head attends independently. nh is whatever width / hs gives (fewer after pruning)."""
         B, T, _ = x.size()
         return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
+
+    def merge_heads(self, y):
+        """The inverse of split_heads: (B, nh, T, hs) -> (B, T, nh * hs), head h's channels back at
+        h * hs .. (h + 1) * hs - 1 of each token. The result must be contiguous (c_proj reshapes it)."""
+        B, _, T, _ = y.size()
+        return y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
 
     def forward(
         self,
@@ -513,7 +522,7 @@ class GPT2Attention(nn.Module):
         else:
             y, weights = self.sdpa_attention(q, k, v, attention_mask), None
 
-        y = y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        y = self.merge_heads(y)  # (B, nh, T, hs) -> (B, T, nh*hs)
         y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return y, present, weights
 
