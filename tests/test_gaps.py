@@ -237,7 +237,7 @@ def test_sliding_windows_score_every_token_once(n_tokens, context, data):
     assert [b for b, _, _ in windows] == list(range(0, stride * len(windows), stride))
 
 
-# --- nanogpt2.py: streaming text ------------------------------------------------------------------------------
+# --- nanogpt2.py: streaming text ---------------------------------------------------------------------------
 
 PIECES = list("ab ,.\n") + ["é", "ß", "€", "中", "文", "😀", "👍🏽", "ﬁ", "\u0301", " 😀😀", "ünïcödé"]
 TEXTS = st.lists(st.sampled_from(PIECES), max_size=25).map("".join)
