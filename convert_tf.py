@@ -102,7 +102,9 @@ CRC_TABLE16 = _make_crc_table16()
 
 
 def _crc_bytes(data, register=0xFFFFFFFF):
-    """Feed bytes through the CRC register one at a time (the textbook loop; ~5 MB/s in Python)."""
+    """Feed bytes through the CRC register one at a time, the textbook loop (~5 MB/s in Python): for each
+    byte, the register becomes CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8). Returns the register
+    (crc32c() starts it at 0xFFFFFFFF and XORs the result with 0xFFFFFFFF)."""
     for byte in data:
         register = CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8)
     return register
@@ -174,6 +176,8 @@ def crc32c(data, max_lanes=65536):
 
 
 def mask_crc(crc):
+    """LevelDB's masked CRC, as TensorFlow stores it: rotate the 32-bit crc right by 15 bits, then add
+    0xA282EAD8, all mod 2^32. Returns an int in [0, 2^32)."""
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -182,7 +186,9 @@ def mask_crc(crc):
 # wire type 0 a varint, 1 eight bytes, 2 a varint length and that many bytes, 5 four bytes.
 
 def read_varint(buf, pos, where):
-    """Decode a base-128 varint (7 bits per byte, low bits first, high bit = "more follows")."""
+    """Decode the base-128 varint at buf[pos]: 7 bits per byte, low bits first, high bit = "more follows".
+    Returns (value, position after it). Running out of bytes, or more than 10 bytes, is a CheckpointError
+    naming `where`."""
     result = 0
     for shift in range(0, 70, 7):
         if pos >= len(buf):
@@ -196,7 +202,10 @@ def read_varint(buf, pos, where):
 
 
 def proto_fields(buf, where):
-    """Yield (field number, value) for every field; value is an int, or bytes for wire type 2."""
+    """Yield (field number, value) for every field of the protobuf message in buf, in order. Each field is a
+    varint key (field number = key >> 3, wire type = key & 7) and a value: wire type 0 a varint (an int);
+    1 eight bytes and 5 four bytes (little-endian ints); 2 a varint length and that many bytes (bytes). Any
+    other wire type, or a value running past the end, is a CheckpointError naming `where`."""
     pos = 0
     while pos < len(buf):
         key, pos = read_varint(buf, pos, where)
@@ -295,7 +304,15 @@ def read_block(data, handle_bytes, path, what):
 
 
 def block_entries(block, path, what):
-    """Yield (key, value) from a block, undoing the prefix compression of keys."""
+    """Yield (key, value), both bytes, from an SSTable block, undoing the prefix compression of keys.
+
+    The block ends with num_restarts little-endian uint32 restart offsets and then num_restarts itself
+    (uint32). Before them, entries follow one another: varints shared, unshared and value_length, then the
+    unshared key bytes and the value. An entry's key is the previous key's first `shared` bytes plus its own
+    unshared bytes; at a restart point shared is 0. A block too short for its restart count, more restarts
+    than fit, an entry running past the entries, sharing more than the previous key has, or a restart point
+    that shares, is a CheckpointError naming path and what.
+    """
     if len(block) < 4:
         raise CheckpointError(f"{path}: {what} is {len(block)} bytes, too short for its restart count")
     num_restarts = int.from_bytes(block[-4:], "little")

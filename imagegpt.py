@@ -292,6 +292,8 @@ class ImageGPTLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x):
+        """x (..., C) -> (..., C): x / sqrt(mean(x^2 over the last axis) + eps) * weight. No mean is subtracted
+        and there is no bias (an RMS norm)."""
         rms = torch.sqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + self.eps)  # (B, T, C) -> (B, T, 1)
         return x / rms * self.weight
 
@@ -306,8 +308,9 @@ def gelu_fast(x):
 
 
 def quick_gelu(x):
-    """x * sigmoid(1.702 x): the cheaper GELU approximation ImageGPT was trained with (CLIP uses it too).
-    It differs from the exact GELU by up to ~0.02, so a pretrained model needs exactly this one."""
+    """x * sigmoid(1.702 x), elementwise on a tensor of any shape: the cheaper GELU approximation ImageGPT was
+    trained with (CLIP uses it too). It differs from the exact GELU by up to ~0.02, so a pretrained model
+    needs exactly this one."""
     return x * torch.sigmoid(1.702 * x)
 
 
@@ -490,8 +493,17 @@ class ImageGPTAttention(nn.Module):
         return scale
 
     def split_heads(self, x):
+        """(B, T, nh * hs) -> (B, nh, T, hs): the channels of each token cut into nh heads of hs = head_dim
+        channels (head h owns channels h * hs .. (h + 1) * hs - 1), with the head axis moved before the token
+        axis so that every head attends independently. nh is whatever width / hs gives (fewer after pruning)."""
         B, T, _ = x.size()
         return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
+
+    def merge_heads(self, y):
+        """The inverse of split_heads: (B, nh, T, hs) -> (B, T, nh * hs), head h's channels back at
+        h * hs .. (h + 1) * hs - 1 of each token. The result must be contiguous (c_proj reshapes it)."""
+        B, _, T, _ = y.size()
+        return y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
 
     def forward(
         self,
@@ -531,7 +543,7 @@ class ImageGPTAttention(nn.Module):
         else:
             y, weights = self.sdpa_attention(q, k, v, attention_mask), None
 
-        y = y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        y = self.merge_heads(y)  # (B, nh, T, hs) -> (B, T, nh*hs)
         y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return y, present, weights
 
@@ -1734,11 +1746,12 @@ def normalise(image: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_colour(pixels: torch.Tensor, palette: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """(N, 3) pixels in [-1, 1], (K, 3) palette -> (N,) index of the nearest colour (squared distance).
+    """(N, 3) pixels in [-1, 1], (K, 3) palette -> (N,) LongTensor: the index of the nearest colour (squared
+    distance), on the palette's device; N = 0 gives an empty LongTensor.
 
     Computed in float64 as |x|^2 - 2 x.c + |c|^2, the reference's formula, so that a pixel halfway between
-    two colours goes the same way; ties go to the lower index (argmin's first). In chunks of pixels, so
-    that a large image needs (chunk, K) of memory, not (N, K).
+    two colours goes the same way; ties go to the lower index (argmin's first). In chunks of `chunk` pixels,
+    so that a large image needs (chunk, K) of memory, not (N, K).
     """
     palette = palette.to(torch.float64)
     c2 = (palette ** 2).sum(dim=1)  # (K,)
@@ -1766,11 +1779,13 @@ def _check_palette(palette) -> torch.Tensor:
 
 
 def quantise(images, palette, n_px: Optional[int] = None) -> torch.Tensor:
-    """Images -> colour tokens: resize to n_px x n_px (if given), normalise, replace each pixel by the index
-    of the nearest palette colour, read the pixels in raster order (row by row, left to right).
+    """Images -> colour tokens: resize to n_px x n_px (if given), normalise to [-1, 1], replace each pixel by
+    the index of the nearest palette colour (nearest_colour), read the pixels in raster order (row by row,
+    left to right).
 
     images: (H, W, 3) uint8 -> (H*W,) tokens; (B, H, W, 3) or a list of B images -> (B, H*W). Images of
-    different sizes need n_px. Prepend SOS (config.sos_token_id) before giving the tokens to a model.
+    different sizes need n_px (else ValueError); n_px must be a positive int. The palette is checked with
+    _check_palette. Prepend SOS (config.sos_token_id) before giving the tokens to a model.
     """
     palette = _check_palette(palette)
     single = not isinstance(images, (list, tuple)) and np.ndim(images) == 3
@@ -1790,7 +1805,10 @@ def quantise(images, palette, n_px: Optional[int] = None) -> torch.Tensor:
 
 def dequantise(tokens, palette) -> torch.Tensor:
     """Colour tokens -> uint8 RGB: (..., n_px * n_px) -> (..., n_px, n_px, 3), each token replaced by its
-    palette colour, rint(127.5 * (colour + 1)). Drop SOS (the first column of generate()'s output) first."""
+    palette colour, rint(127.5 * (colour + 1)) clamped to [0, 255]. The palette is checked with
+    _check_palette; tokens whose last axis is not a non-zero square number are a ValueError (_shape_error),
+    and a token outside [0, K) is refused by _check_indices. Drop SOS (the first column of generate()'s
+    output) first."""
     palette = _check_palette(palette)
     tokens = torch.as_tensor(tokens)
     n = tokens.size(-1) if tokens.dim() > 0 else 0
@@ -1843,17 +1861,30 @@ def fit_palette(images, n_colours: int = 512, n_iter: int = 20, seed: int = 0, n
         pixels = pixels[torch.randperm(pixels.size(0), generator=generator)[:max_pixels]]
     centres = _kmeans_plus_plus(pixels, n_colours, generator)  # (K, 3)
     for _ in range(n_iter):
-        assign = nearest_colour(pixels, centres)  # (N,)
-        counts = torch.bincount(assign, minlength=n_colours)  # (K,)
-        sums = torch.zeros_like(centres).index_add_(0, assign, pixels)  # (K, 3)
-        new_centres = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty) > 0:
-            error = ((pixels - centres[assign]) ** 2).sum(dim=1)  # (N,): how badly each pixel is served
-            farthest = error.topk(min(len(empty), len(error))).indices
-            new_centres[empty[: len(farthest)]] = pixels[farthest]
-        centres = new_centres
+        centres = kmeans_step(pixels, centres)
     return centres.float()
+
+
+def kmeans_step(pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """One round of k-means (Lloyd's algorithm): pixels (N, 3) and centres (K, 3), both float64 -> the new
+    centres (K, 3), float64.
+
+    Assign every pixel to its nearest centre (nearest_colour: squared distance, ties to the lower index),
+    then move each centre to the mean of the pixels assigned to it. A centre that got no pixel would stay
+    wasted: instead, the empty centres (in index order) move to the pixels worst served by the old centres,
+    those with the largest squared distance to their assigned centre, the worst pixel to the first empty
+    centre (torch.topk's order). If there are more empty centres than pixels, the extra ones keep their
+    mean of nothing, 0."""
+    assign = nearest_colour(pixels, centres)  # (N,)
+    counts = torch.bincount(assign, minlength=centres.size(0))  # (K,)
+    sums = torch.zeros_like(centres).index_add_(0, assign, pixels)  # (K, 3)
+    new_centres = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
+    empty = (counts == 0).nonzero().flatten()
+    if len(empty) > 0:
+        error = ((pixels - centres[assign]) ** 2).sum(dim=1)  # (N,): how badly each pixel is served
+        farthest = error.topk(min(len(empty), len(error))).indices
+        new_centres[empty[: len(farthest)]] = pixels[farthest]
+    return new_centres
 
 
 def load_palette(path) -> torch.Tensor:
@@ -1936,7 +1967,8 @@ def write_png(path, image):
 
 
 def _paeth(a: int, b: int, c: int) -> int:
-    """PNG's Paeth predictor: of left (a), above (b) and upper-left (c), the one nearest a + b - c."""
+    """PNG's Paeth predictor, on ints: of left (a), above (b) and upper-left (c), the one nearest p = a + b - c
+    (by absolute difference). Ties go to a first, then b, then c."""
     p = a + b - c
     pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
     if pa <= pb and pa <= pc:

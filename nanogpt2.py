@@ -258,14 +258,21 @@ class Conv1D(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
+        """x (..., nx) with any number of leading dimensions -> x @ weight + bias, (..., nf).
+
+        weight is stored (nx, nf), the transpose of nn.Linear's, so there is no transpose here. The leading
+        dimensions are flattened into one for the matrix product and restored afterwards.
+        """
         out_shape = x.shape[:-1] + (self.nf,)
         x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (N, in) @ (in, out) + b
         return x.view(out_shape)
 
 
 def gelu_new(x):
-    """GPT-2's GELU: the tanh approximation OpenAI trained with. Using exact erf GELU instead changes
-    logits of a pretrained model by ~1e-3, far more than the 1e-5 we match the reference to."""
+    """GPT-2's GELU: the tanh approximation OpenAI trained with, elementwise on a tensor of any shape:
+    0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))). Returns a tensor of x's shape and dtype.
+    Using exact erf GELU instead changes logits of a pretrained model by ~1e-3, far more than the 1e-5 we
+    match the reference to."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
@@ -299,9 +306,11 @@ ACTIVATIONS = {
 def find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, already_pruned: set):
     """Which heads still need pruning, and the channel indices to keep in the remaining width.
 
-    Head numbers are those of the original model; after earlier pruning, a head's channels sit further
-    left, by one head size for every smaller head already removed.
-    Returns (heads to prune now, LongTensor of kept channel indices within one of q, k or v).
+    heads: head numbers of the original model; n_heads, head_size: the heads still present now and their size;
+    already_pruned: the original numbers of heads removed before. Heads already pruned are ignored. After
+    earlier pruning, a head's channels sit further left, by one head size for every smaller-numbered head
+    already removed. Returns (set of heads to prune now, LongTensor of the kept channel indices within the
+    current n_heads * head_size width of one of q, k or v, in increasing order).
     """
     heads = set(heads) - already_pruned
     keep = torch.ones(n_heads, head_size)  # (nh_now, hs): 1 = keep this channel
@@ -313,7 +322,9 @@ def find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, alread
 
 
 def prune_conv1d_layer(layer: Conv1D, index: torch.Tensor, dim: int = 1) -> Conv1D:
-    """A new, smaller Conv1D keeping only `index` along `dim` (0: inputs, 1: outputs) of the weight."""
+    """A new, smaller Conv1D keeping only `index` along `dim` of the weight (0: input rows; 1: output columns,
+    and then the same entries of the bias; with dim 0 the bias is kept whole). The new layer is on the old
+    one's device and dtype, its parameters are copies (not views) and keep their requires_grad."""
     index = index.to(layer.weight.device)
     weight = layer.weight.index_select(dim, index).detach().clone()
     bias = layer.bias.detach().clone() if dim == 0 else layer.bias[index].detach().clone()
@@ -327,10 +338,12 @@ def prune_conv1d_layer(layer: Conv1D, index: torch.Tensor, dim: int = 1) -> Conv
 
 
 def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) to add to attention scores.
+    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) of `dtype`, to add to attention scores (B, nh, T, S):
+    0.0 where the key is attended, the dtype's most negative number (torch.finfo(dtype).min) where it is
+    padding. The mask is broadcast over heads and queries: it masks keys, never queries.
 
-    Masked keys get the dtype's most negative number, not -inf, so that a row with every key masked
-    (a padding query) gives a uniform softmax instead of NaN.
+    Masked keys get the dtype's minimum, not -inf, so that a row with every key masked (a padding query)
+    gives a uniform softmax instead of NaN.
     """
     mask = mask[:, None, None, :].to(dtype)  # (B, S) -> (B, 1, 1, S), broadcasts over heads and queries
     return (1.0 - mask) * torch.finfo(dtype).min
@@ -462,7 +475,10 @@ class GPT2Attention(nn.Module):
         self.register_buffer("bias", causal.view(1, 1, config.n_positions, config.n_positions), persistent=False)
 
     def prune_heads(self, heads):
-        """Remove whole heads: their columns of c_attn (in q, k and v) and their rows of c_proj."""
+        """Remove whole heads (original head numbers; ones already pruned are ignored; nothing left to prune
+        changes nothing): their columns of c_attn in each of q, k and v (each split_size wide; only k and v for
+        cross-attention, whose q_attn loses the same columns), and their rows of c_proj (whose bias stays).
+        Afterwards num_heads, split_size and pruned_heads describe what is left."""
         heads, index = find_pruneable_heads_and_indices(heads, self.num_heads, self.head_dim, self.pruned_heads)
         if len(heads) == 0:
             return
@@ -476,16 +492,27 @@ class GPT2Attention(nn.Module):
         self.pruned_heads = self.pruned_heads.union(heads)
 
     def score_scale(self) -> float:
-        """What q @ k^T is multiplied by. 1/sqrt(hs) keeps the scores' variance near 1 whatever the head
-        size, so the softmax does not saturate; the per-layer factor steadies deep models in mixed precision."""
+        """What q @ k^T is multiplied by, a Python float. 1 / sqrt(head_dim) when config.scale_attn_weights (else
+        1), and that further divided by (layer_idx + 1) when config.scale_attn_by_inverse_layer_idx (layers
+        count from 0, so the first layer divides by 1). 1/sqrt(hs) keeps the scores' variance near 1 whatever the
+        head size, so the softmax does not saturate; the per-layer factor steadies deep models in mixed precision."""
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
         if self.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
         return scale
 
     def split_heads(self, x):
+        """(B, T, nh * hs) -> (B, nh, T, hs): the channels of each token cut into nh heads of hs = head_dim
+        channels (head h owns channels h * hs .. (h + 1) * hs - 1), with the head axis moved before the token
+        axis so that every head attends independently. nh is whatever width / hs gives (fewer after pruning)."""
         B, T, _ = x.size()
         return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
+
+    def merge_heads(self, y):
+        """The inverse of split_heads: (B, nh, T, hs) -> (B, T, nh * hs), head h's channels back at
+        h * hs .. (h + 1) * hs - 1 of each token. The result must be contiguous (c_proj reshapes it)."""
+        B, _, T, _ = y.size()
+        return y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
 
     def forward(
         self,
@@ -498,9 +525,19 @@ class GPT2Attention(nn.Module):
         use_cache=False,
         output_attentions=False,
     ):
-        """hidden_states (B, T, C); layer_past (k, v) each (B, nh, P, hs); attention_mask (B, 1, 1, P + T)
-        additive; head_mask (B or 1, nh, 1, 1) of 0/1. Returns (output (B, T, C), present or None,
-        attention weights (B, nh, T, P + T) or None)."""
+        """One attention layer, with the key/value cache.
+
+        hidden_states (B, T, C): the new tokens. layer_past: None, or (past_key, past_value) each (B, nh, P, hs)
+        for the P tokens already seen. attention_mask: None or additive (B, 1, 1, P + T). head_mask: None or
+        (B or 1, nh, 1, 1) of 0/1. encoder_hidden_states (B, S, C): for cross-attention only (a self-attention
+        layer given them raises ValueError); then queries come from q_attn(hidden_states), keys and values from
+        c_attn(encoder_hidden_states), and encoder_attention_mask replaces attention_mask.
+        Self-attention: c_attn(hidden_states) holds q, k, v side by side, each split_size wide. Split into heads;
+        the cached keys and values go before the new ones (position order). present is the full (k, v) when
+        use_cache, else None. The explicit core runs when output_attentions, head_mask or reorder_and_upcast_attn
+        ask for it, the SDPA core otherwise (weights None). Merge the heads, then c_proj and resid_dropout.
+        Returns (output (B, T, C), present or None, attention weights (B, nh, T, P + T) or None).
+        """
         B, T, C = hidden_states.size()
         if encoder_hidden_states is not None:
             if not self.is_cross_attention:
@@ -525,12 +562,23 @@ class GPT2Attention(nn.Module):
         else:
             y, weights = self.sdpa_attention(q, k, v, attention_mask), None
 
-        y = y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        y = self.merge_heads(y)  # (B, nh, T, hs) -> (B, T, nh*hs)
         y = self.resid_dropout(self.c_proj(y))  # (B, T, C)
         return y, present, weights
 
     def explicit_attention(self, q, k, v, attention_mask=None, head_mask=None):
-        """softmax(q k^T * scale + mask) v, every step written out. q (B, nh, T, hs), k and v (B, nh, K, hs)."""
+        """softmax(q k^T * scale + mask) v, every step written out. Returns (output (B, nh, T, hs), weights
+        (B, nh, T, K)).
+
+        q (B, nh, T, hs) holds the T new queries; k and v (B, nh, K, hs) every key and value, the K - T cached
+        ones first. Scores are q @ k^T times score_scale(). Self-attention is causal: query i is the token at
+        position K - T + i and sees keys 0 .. K - T + i only (self.bias[0, 0, row, col] says whether row may see
+        col); masked scores become the scores dtype's minimum (not -inf). Cross-attention has no causal mask.
+        attention_mask, if given, is additive (B, 1, 1, K) and is added to the scores after the causal mask.
+        softmax over the keys; the weights go back to v's dtype, then attn_dropout, then head_mask ((..., nh, 1,
+        1) of 0/1 factors, if given) multiplies them. With reorder_and_upcast_attn the scores and softmax are
+        computed in float32 with autocast disabled, q multiplied by the scale before the matmul.
+        """
         if self.reorder_and_upcast_attn:
             # Scores and softmax in fp32 even under autocast: in fp16, q @ k^T of a deep model overflows.
             # The scale goes in before the matmul ("reorder"), which keeps the products smaller too.
@@ -594,6 +642,8 @@ class GPT2MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
+        """x (B, T, C) -> (B, T, C): c_fc widens each position to intermediate_size, the config's activation
+        (self.act) applies elementwise, c_proj projects back to C, and dropout (resid_pdrop) applies last."""
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
 
 
@@ -626,8 +676,12 @@ class GPT2Block(nn.Module):
         use_cache=False,
         output_attentions=False,
     ):
-        """Returns (hidden_states (B, T, C), present (k, v) or None, self-attention weights or None,
-        cross-attention weights or None)."""
+        """One pre-norm transformer block on hidden_states (B, T, C):
+            x = x + attn(ln_1(x))                          with layer_past, attention_mask, head_mask, use_cache
+            x = x + crossattention(ln_cross_attn(x))       only when encoder_hidden_states is given (no cache)
+            x = x + mlp(ln_2(x))
+        output_attentions asks both attentions for their weights. Returns (hidden_states (B, T, C), present
+        (k, v) or None, self-attention weights or None, cross-attention weights or None)."""
         attn_out, present, self_weights = self.attn(
             self.ln_1(hidden_states),
             layer_past=layer_past,
@@ -856,6 +910,22 @@ class GPT2Model(nn.Module):
         output_hidden_states=None,
         return_dict=True,
     ):
+        """The body: token ids (or inputs_embeds) -> the last hidden states, (..., T, C).
+
+        check_inputs validates everything first and gives (input_shape, past_length P). Options left None take
+        the config's value (use_cache, output_attentions, output_hidden_states); gradient checkpointing while
+        training turns the cache off. Leading dimensions are flattened to a batch B. Embeddings: wte(input_ids)
+        (or inputs_embeds) + wpe(position_ids), position_ids defaulting to P .. P + T - 1 (the new tokens come
+        after the cached ones); token_type_ids, if given, add wte(token_type_ids); then dropout (self.drop).
+        attention_mask (..., P + T) of 0/1 becomes additive (B, 1, 1, P + T) in self.dtype; an encoder mask
+        defaults to all ones and becomes additive too; head_mask (nh,) or (n_layer, nh) becomes (n_layer, 1, nh,
+        1, 1). Each block gets its layer_past (past_key_values[i]) and its row of head_mask, and follows the device
+        map if there is one (inputs moved to its device); with checkpointing, blocks run through
+        torch.utils.checkpoint without a cache. Collect presents (use_cache), the hidden states entering each
+        block plus the final one (output_hidden_states), and the attention weights (output_attentions; cross
+        ones only when the config adds cross-attention). ln_f normalises the end; view it back to input_shape + (C,).
+        Returns BaseModelOutputWithPastAndCrossAttentions, or its to_tuple() when return_dict is False.
+        """
         cfg = self.config
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
@@ -962,8 +1032,9 @@ def check_labels(name, labels, shape, limit: int, limit_name: str, what: str, pe
 
 
 def shifted_lm_loss(logits, labels):
-    """Next-token cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
-    (padding, or a prompt the loss should not count)."""
+    """Next-token cross-entropy, a scalar: logits (..., T, V), labels (..., T) (on any device). Position t's
+    logits predict labels[t + 1], so the last position's logits and the first label are not used. Labels
+    of -100 are ignored (padding, or a prompt the loss should not count); the mean is over the rest."""
     shift_logits = logits[..., :-1, :].contiguous()  # (..., T - 1, V): every position but the last...
     shift_labels = labels[..., 1:].contiguous().to(logits.device)  # (..., T - 1): ...predicts the next label
     return F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=-100)
@@ -1375,16 +1446,18 @@ HEAD_CLASSES = (
 
 
 def top_k_filter(logits, k: int):
-    """Keep the k largest logits of each row; the rest become -inf (probability 0). Ties at the k-th
-    value are all kept."""
+    """logits (B, V) -> (B, V): keep the k largest logits of each row; the rest become -inf (probability 0).
+    Ties at the k-th value are all kept. k larger than V keeps everything. The input is not modified."""
     k = min(k, logits.size(-1))
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
 def top_p_filter(logits, p: float):
-    """Nucleus sampling: keep the smallest set of most likely tokens whose probabilities sum to at least
-    p; the rest become -inf. The most likely token is always kept."""
+    """Nucleus sampling: logits (B, V) -> (B, V). In each row, keep the smallest set of most likely tokens
+    whose probabilities (softmax of the row) sum to at least p; the rest become -inf. Put differently,
+    remove the least likely tokens whose probabilities together sum to at most 1 - p. The most likely token
+    is always kept, whatever p. The input is not modified."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)  # least likely first
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     remove_sorted = cumulative <= (1 - p)  # the unlikely tail whose total mass is at most 1 - p
@@ -1426,8 +1499,10 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
 
 
 def _positions_from_mask(attention_mask):
-    """Left-padded prompts: each row's first real token is position 0. Padding slots get position 1 (as
-    the reference does); no real token ever attends to them, so any valid index would do."""
+    """attention_mask (B, T) of 0/1 (left-padded prompts) -> position_ids (B, T), long: each row's real tokens
+    are numbered 0, 1, 2, ... in order, counting real tokens only (a 0 in the middle does not advance the
+    count). Padding slots get position 1 (as the reference does); no real token ever attends to them, so any
+    valid index would do."""
     position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
     return position_ids.masked_fill(attention_mask == 0, 1)
 
@@ -1485,7 +1560,18 @@ def generate(
 
 def _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
             generator, on_token):
-    """Greedy decoding or sampling, one token per step with the cache."""
+    """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
+
+    input_ids and attention_mask (B, T): the prompts, left-padded, with 0 on padding. Positions come from
+    _positions_from_mask. The first step runs the model on the whole prompt, later steps on the one new token
+    per row, with past_key_values, the full attention_mask and the new tokens' position ids, use_cache=True.
+    The next token comes from the last position's logits (as float32): the argmax when not do_sample; else
+    logits / temperature, then top_k_filter (if top_k), then top_p_filter (if top_p), softmax, and one
+    torch.multinomial draw per row using `generator`. Rows already finished get `pad` instead. After each step
+    call on_token(next_tokens (B,)) if given; with eos not None, a row that emits eos is finished from then on,
+    and the loop stops once every row is finished. The mask grows by a column of ones and the positions by
+    last + 1 each step. Returns (B, T + number of steps run).
+    """
     B = input_ids.size(0)
     tokens = input_ids  # (B, T), grows by one column per step
     position_ids = _positions_from_mask(attention_mask)
@@ -1542,8 +1628,21 @@ class _BeamHypotheses:
 
 
 def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad):
-    """Beam search as the reference does it: keep the num_beams most likely partial sequences per prompt;
-    finished ones (ending in eos) go to a list of hypotheses; the best hypothesis wins."""
+    """Beam search as the reference does it; returns (B, length) token ids, length <= T + max_new_tokens.
+
+    Each prompt keeps num_beams partial sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch,
+    with the cache, mask and positions as in _sample). All beams start from the same prompt, so at the first
+    step only beam 0 may expand (the others start at -1e9). Each step scores every continuation (beam, token)
+    as the beam's summed log-probability plus log_softmax of its next-token logits, and takes the 2 * nb best
+    per prompt, best first. Going down that list: a continuation ending in eos is added to the prompt's
+    _BeamHypotheses (without the eos token, with generated length cur_len - T) only if it ranks among the first
+    nb; any other becomes a live beam, until nb are live. A prompt is done once its hypotheses say so (is_done
+    with its best score); a done prompt's beams carry pad. The cache is reordered to follow the surviving beams
+    (model._reorder_cache), as are the mask and positions. The loop ends when all prompts are done or after
+    max_new_tokens steps; then live beams of unfinished prompts are added as hypotheses too. Each prompt's best
+    hypothesis is written left-aligned into a pad-filled result of length min(longest + 1, T + max_new_tokens),
+    followed by eos where it is shorter than that and eos is not None.
+    """
     B, T = input_ids.shape
     V = model.config.vocab_size
     device = input_ids.device
@@ -1687,8 +1786,17 @@ def _write_atomically(path, data: bytes):
 
 
 def read_safetensors_header(path) -> Tuple[dict, int]:
-    """(header dict, offset of the data section). Every claim the header makes is checked against the
-    file before any tensor is read, so a lying header gives an error, never an out-of-bounds read."""
+    """(header dict, offset of the data section) of a .safetensors file, reading no tensor data.
+
+    The file is 8 bytes of little-endian unsigned header length n, n bytes of UTF-8 JSON (an object: tensor
+    name -> {"dtype", "shape", "data_offsets": [begin, end]} relative to the data section, plus an optional
+    "__metadata__" entry), then the data. Every claim the header makes is checked against the file before
+    any tensor is read, so a lying header gives a CheckpointError naming the file, never an out-of-bounds read
+    or another exception: too short for the length; n beyond MAX_HEADER_BYTES or the file; JSON that does not
+    parse or is not an object; a dtype not in SAFETENSORS_DTYPES; a shape that is not a list of non-negative
+    ints numpy can hold; offsets outside the data section or spanning other than shape x itemsize bytes; two
+    tensors whose spans overlap (whatever order the header lists them in).
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -2130,12 +2238,18 @@ class StreamDecoder:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, token: int) -> str:
+        """The text a new token adds, as soon as it is complete: "" while a multi-byte UTF-8 character is still
+        unfinished (its remaining bytes come with the next tokens). GPT-2's BPE tokens are bytes
+        (get_tokenizer().decode_single_token_bytes), and a token can end in the middle of a character, so bytes
+        go through the incremental decoder self.utf8. With chars (a character-level model) a token is simply
+        chars[token]. Everything returned, joined, plus flush(), equals decode() of all the tokens."""
         if self.chars is not None:
             return self.chars[int(token)]
         return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))
 
     def flush(self) -> str:
-        """What is left at the end: an unfinished character becomes U+FFFD, as decode() gives it."""
+        """What is left at the end, as decode() gives it: an unfinished character becomes U+FFFD; "" when nothing
+        is pending."""
         return self.utf8.decode(b"", final=True)
 
 # ----------------------------------------------------------------------------------------------------
@@ -2459,9 +2573,11 @@ def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> G
 
 
 def configure_optimizer(model, lr: float, weight_decay: float, device_type: str):
-    """AdamW with weight decay on the matrices only (linear layers, embeddings). Decay pulls weights toward
-    zero, which keeps matrices small and the model smooth; on biases and layer-norm gains it would only
-    fight the offsets and scales they exist to set."""
+    """AdamW with two parameter groups: weight decay on the matrices only (parameters with 2 or more
+    dimensions: linear layers, embeddings), none (0.0) on the rest (biases, layer-norm gains). Only
+    parameters that require gradients, each once (a tied matrix too). betas (0.9, 0.95); fused on CUDA.
+    Decay pulls weights toward zero, which keeps matrices small and the model smooth; on biases and
+    layer-norm gains it would only fight the offsets and scales they exist to set."""
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied matrix once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -2469,9 +2585,11 @@ def configure_optimizer(model, lr: float, weight_decay: float, device_type: str)
 
 
 def learning_rate(step: int, progress: float, peak: float, warmup_steps: int) -> float:
-    """A linear warmup over the first warmup_steps (Adam's first moment estimates are noisy, and full-size
-    steps on them can wreck the initialisation), times a cosine from peak down to peak / 10 as progress,
-    the fraction of the run's budget spent, goes from 0 to 1."""
+    """The learning rate at `step` (counting from 0): peak x warmup x cosine. The warmup factor rises linearly,
+    (step + 1) / warmup_steps, capped at 1 (and 1 when warmup_steps is 0): Adam's first moment estimates are
+    noisy, and full-size steps on them can wreck the initialisation. The cosine factor goes from 1 down to 0.1
+    as progress, the fraction of the run's budget spent, goes from 0 to 1 (progress beyond 1 counts as 1):
+    0.1 + 0.9 * (1 + cos(pi * progress)) / 2."""
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     cosine = 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
     return peak * warmup * cosine
@@ -2492,12 +2610,17 @@ def all_reduce_sum(value, device) -> float:
 def train_step(model, optimizer, scaler, micro_batches, lr: float, grad_clip: float, autocast, device,
                world_size: int = 1) -> Tuple[float, float]:
     """One optimiser step over this process's micro-batches [(inputs (b, T), targets (b, T)), ...]. Returns
-    the mean loss per target over the whole batch (the micro-batches of every process) and the gradient's
-    norm before clipping.
+    (the mean loss per target over the whole batch (the micro-batches of every process), the gradient's
+    norm before clipping).
 
-    Each micro-batch's loss is summed over its targets and divided by the number of targets in the whole
-    batch, so that k micro-batches of b examples give the gradient of one batch of k * b: a mean taken per
-    micro-batch would weigh one with few targets as much as one with many."""
+    Sets every param group's lr. Each micro-batch's cross-entropy is summed over its targets (ignoring -100)
+    and divided by the number of targets in the whole batch, so that k micro-batches of b examples give the
+    gradient of one batch of k * b: a mean taken per micro-batch would weigh one with few targets as much
+    as one with many. The forward runs under autocast(); backward through scaler.scale(...) (times
+    world_size: DDP averages over processes); all but the last micro-batch skip DDP's gradient sync
+    (model.no_sync()) when world_size > 1. Then unscale, clip the gradient norm to grad_clip (0: no
+    clipping), scaler.step, scaler.update, and zero the gradients for the next step.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     n_targets = all_reduce_sum(sum(int((y != -100).sum()) for _, y in micro_batches), device)
@@ -3147,7 +3270,10 @@ def sliding_windows(n_tokens: int, context: int, stride: int) -> List[Tuple[int,
 @torch.no_grad()
 def sliding_window_loss(model, tokens, context: int, stride: int, batch_size: int = 4) -> Tuple[float, int]:
     """The summed negative log-likelihood (nats) of the tokens of `tokens` (a 1-D array) the sliding windows
-    score, and how many they score. Windows of the same shape go through the model together."""
+    score, and how many they score: (float, int). The model goes to eval mode. For a window (begin, end,
+    first), token t of the window is predicted by the logits at t - 1, so its scored tokens first .. end - 1
+    are predicted at positions first - 1 .. end - 2. Windows of the same shape go through the model together,
+    batch_size at a time; only the scored positions' logits need computing (they are most of the memory)."""
     model.eval()
     device = next(model.parameters()).device
     windows = sliding_windows(len(tokens), context, stride)

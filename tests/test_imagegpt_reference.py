@@ -73,13 +73,14 @@ def on(device, tensors: dict):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
-def assert_close(actual, expected, tol=RTOL):
-    assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+def assert_close(actual, expected, tol=RTOL, name="output"):
+    assert actual.shape == expected.shape, f"{name}: shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
-    assert err <= tol * scale, f"max difference {err:.3g} > {tol:g} x scale {scale:.3g}"
+    assert err <= tol * scale, \
+        f"{name} differs from the reference: max difference {err:.3g} > {tol:g} x scale {scale:.3g}"
 
 
 def assert_outputs_match(hf_out, our_out, real=None):
@@ -92,7 +93,7 @@ def assert_outputs_match(hf_out, our_out, real=None):
             for (hk, hv), (ok, ov) in zip(expected, actual):
                 for h, o in ((hk, ok), (hv, ov)):  # (B, nh, T, hs): padding positions on dim 2
                     mask = real[:, None, :, None].expand_as(h) if real is not None else slice(None)
-                    assert_close(o[mask], h[mask])
+                    assert_close(o[mask], h[mask], name=f"output {name}")
         elif isinstance(expected, tuple):
             assert len(expected) == len(actual), name
             for e, a in zip(expected, actual):
@@ -100,11 +101,11 @@ def assert_outputs_match(hf_out, our_out, real=None):
                     e, a = e[real], a[real]
                 elif real is not None:  # attentions (B, nh, T, K): real query rows only
                     e, a = e.transpose(1, 2)[real], a.transpose(1, 2)[real]
-                assert_close(a, e)
+                assert_close(a, e, name=f"output {name}")
         elif real is not None and expected.dim() >= 2 and expected.shape[:2] == real.shape:
-            assert_close(actual[real], expected[real])
+            assert_close(actual[real], expected[real], name=f"output {name}")
         else:
-            assert_close(actual, expected)
+            assert_close(actual, expected, name=f"output {name}")
         compared += 1
     assert compared >= 2
 

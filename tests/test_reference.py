@@ -61,6 +61,11 @@ def on(device, tensors: dict):
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
 
 
+def differs(name):
+    """assert_close's message, naming the output that differs (the exercises' check prints it)."""
+    return lambda message: f"output {name} differs from the reference: {message}"
+
+
 def assert_outputs_match(hf_out, our_out, real=None, tol=TOL):
     """Every field of the reference output equals ours. `real` (B, T) bool selects the positions that
     are real tokens: outputs at padding positions are arbitrary in both (nothing reads them)."""
@@ -68,22 +73,22 @@ def assert_outputs_match(hf_out, our_out, real=None, tol=TOL):
     for name, expected in hf_out.items():
         actual = getattr(our_out, name)
         if name == "past_key_values":
-            for (hk, hv), (ok, ov) in zip(expected, actual):
-                for h, o in ((hk, ok), (hv, ov)):  # (B, nh, T, hs): padding positions on dim 2
+            for layer, ((hk, hv), (ok, ov)) in enumerate(zip(expected, actual)):
+                for h, o, kv in ((hk, ok, "keys"), (hv, ov, "values")):  # (B, nh, T, hs): padding on dim 2
                     mask = real[:, None, :, None].expand_as(h) if real is not None else slice(None)
-                    torch.testing.assert_close(o[mask], h[mask], **tol)
+                    torch.testing.assert_close(o[mask], h[mask], **tol, msg=differs(f"{name}[{layer}] {kv}"))
         elif isinstance(expected, tuple):
             assert len(expected) == len(actual), name
-            for e, a in zip(expected, actual):
+            for i, (e, a) in enumerate(zip(expected, actual)):
                 if real is not None and name == "hidden_states":
                     e, a = e[real], a[real]
                 elif real is not None:  # attentions (B, nh, T, K): real query rows only
                     e, a = e.transpose(1, 2)[real], a.transpose(1, 2)[real]
-                torch.testing.assert_close(a, e, **tol)
+                torch.testing.assert_close(a, e, **tol, msg=differs(f"{name}[{i}]"))
         elif real is not None and expected.dim() >= 2 and expected.shape[:2] == real.shape:
-            torch.testing.assert_close(actual[real], expected[real], **tol)
+            torch.testing.assert_close(actual[real], expected[real], **tol, msg=differs(name))
         else:
-            torch.testing.assert_close(actual, expected, **tol)
+            torch.testing.assert_close(actual, expected, **tol, msg=differs(name))
         compared += 1
     assert compared >= 2
 
