@@ -2196,10 +2196,10 @@ class TextDefaults:
 
 @dataclass
 class FineTuneDefaults:
-    """--init NAME_OR_DIR: pretrained weights trained further, on either task; these replace the task's."""
+    """--init NAME_OR_DIR: a checkpoint trained further, on either task; these replace the task's. What the
+    checkpoint fixes itself (its vocabulary, its positions) stays its own."""
     lr: float = 1e-4  # gentler: the weights already know a lot
     dropout: Optional[float] = None  # None: the checkpoint's own
-    tokenizer: Optional[str] = None  # None: the checkpoint's own
 
 
 @dataclass
@@ -2636,6 +2636,8 @@ def fill_defaults(args):
     if args.init is not None:
         tasks.append(FineTuneDefaults)  # last: its values replace the task's
     defaults = {option.name: option.default for task in tasks for option in fields(task)}
+    if args.init is not None:
+        defaults["tokenizer"] = None  # the checkpoint's own
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -3373,8 +3375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_help(name: str) -> str:
     """An option's default as --help states it, read from the dataclasses that fill_defaults (section 10) reads,
-    so that the two never disagree: "(default 4)" when every task has the same, else each task's value,
-    "(addition 2, text 4, --init the model's)"."""
+    so that the two never disagree: "(default 4)" when all that set it agree, else each one's value, named as
+    TRAIN_DEFAULTS names it; None reads "the model's" (--init keeps the checkpoint's own)."""
     shown = [(label, "the model's" if option.default is None else f"{option.default:g}"
               if isinstance(option.default, float) else str(option.default))
              for label, task in TRAIN_DEFAULTS for option in fields(task) if option.name == name]
@@ -3400,7 +3402,8 @@ def add_train_parser(commands):
     data.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: the addition task)")
     data.add_argument("--digits", type=int, metavar="N", help=f"addition: digits per operand {default_help('digits')}")
     data.add_argument("--tokenizer", choices=["gpt2", "char"],
-                      help=f"--data: GPT-2's BPE or one token per character {default_help('tokenizer')}")
+                      help=f"--data: GPT-2's BPE or one token per character {default_help('tokenizer')}; --init: "
+                           "the model's own")
     data.add_argument("--block-size", type=int, metavar="N",
                       help=f"--data: tokens per training window {default_help('block_size')}")
     data.add_argument("--val-fraction", type=float, metavar="F",
