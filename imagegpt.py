@@ -2085,8 +2085,9 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
 # samples a PNG grid of images every --sample-every steps. After it, --probe trains a classifier on the
 # model's features (ImageGPTForImageClassification) and reports its accuracy on held-out images: a linear
 # probe (the body frozen, only the score layer learnt) or fine-tuning (every weight).
-# This is nanogpt2.py's section 10 with only what the images need: no gradient accumulation, mixed precision,
-# DDP or resume (nanogpt2.py shows those, and a 12 x 12 model does not need them).
+# This is nanogpt2.py's section 10 with only what the images need: no gradient accumulation, mixed precision
+# or DDP (nanogpt2.py shows those, and a 12 x 12 model does not need them).
+# In this order: the defaults, the Run, the tasks, the loop (train), then what the loop calls.
 
 # --- What to train, unless told otherwise -----------------------------------------------------------------
 # Every option left unset takes its value from the dataclass of the task (fill_defaults); `train --help`

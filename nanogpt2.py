@@ -2151,6 +2151,7 @@ class StreamDecoder:
 # and saves checkpoints that resume exactly. Under torchrun every process runs this same loop on its own
 # slice of each batch, and DistributedDataParallel sums their gradients.
 # `python nanogpt2.py eval` measures loss and perplexity on a text file with a sliding window.
+# In this order: the defaults, the Run, the tasks, the loop (train), then what the loop calls.
 
 # --- What to train, unless told otherwise -----------------------------------------------------------------
 # Every option left unset takes its value from the dataclass of the task (fill_defaults); `train --help`
@@ -2224,7 +2225,8 @@ TRAIN_DEFAULTS = (("addition", AdditionDefaults), ("text", TextDefaults), ("--in
 @dataclass
 class Run:
     """What a training process knows about itself, made once by train_command and passed along: its place
-    among the processes torchrun started (rank 0 of 1 without torchrun), its device, and its precision."""
+    among the processes torchrun started (rank 0 of 1 without torchrun), its device, its precision (with
+    the GradScaler fp16 needs), and say(), which prints from the first process only."""
     rank: int = 0  # this process's number, 0 .. world_size - 1; the first (0) alone prints, logs and saves
     world_size: int = 1  # processes training together, each on its slice of every batch
     device: torch.device = torch.device("cpu")
