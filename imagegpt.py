@@ -2117,8 +2117,105 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
 # samples a PNG grid of images every --sample-every steps. After it, --probe trains a classifier on the
 # model's features (ImageGPTForImageClassification) and reports its accuracy on held-out images: a linear
 # probe (the body frozen, only the score layer learnt) or fine-tuning (every weight).
-# This is nanogpt2.py's section 10 with only what the images need: no gradient accumulation, mixed precision,
-# DDP or resume (nanogpt2.py shows those, and a 12 x 12 model does not need them).
+# This is nanogpt2.py's section 10 with only what the images need: no gradient accumulation, mixed precision
+# or DDP (nanogpt2.py shows those, and a 12 x 12 model does not need them).
+# In this order: the defaults, the Run, the tasks, the loop (train), then what the loop calls.
+
+# --- What to train, unless told otherwise -----------------------------------------------------------------
+# Every option left unset takes its value from the dataclass of the task (fill_defaults); `train --help`
+# states the same values (default_help, section 11).
+
+
+@dataclass
+class ShapesDefaults:
+    """No --data: a new ImageGPT learns to draw the shapes (ShapesTask)."""
+    n_px: int = 12  # images are n_px x n_px pixels, n_px * n_px tokens
+    n_colours: int = 16  # colours of the palette k-means fits
+    n_layer: int = 4  # blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 64  # width
+    dropout: float = 0.0  # dropout probability
+    batch_size: int = 32  # images per step
+    lr: float = 3e-3  # peak learning rate
+    warmup: int = 50  # steps of linear warmup
+    max_steps: int = 3000  # optimiser steps
+    time_budget: float = 300.0  # seconds of training; 0: none
+    eval_every: int = 200  # steps between validation losses
+    sample_every: int = 250  # steps between sample grids
+    log_every: int = 25  # steps between progress lines
+
+
+@dataclass
+class DataDefaults:
+    """--data PATH: a new ImageGPT learns your images."""
+    n_px: int = 16
+    n_colours: int = 16
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.1
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    max_steps: int = 2000
+    time_budget: float = 0.0
+    eval_every: int = 200
+    sample_every: int = 500
+    log_every: int = 25
+
+
+@dataclass
+class FineTuneDefaults:
+    """--init NAME_OR_DIR: a checkpoint trained further, on either task; these replace the task's. What the
+    checkpoint fixes itself (its vocabulary, its positions) stays its own."""
+    lr: float = 1e-4  # gentler: the weights already know a lot
+    dropout: Optional[float] = None  # None: the checkpoint's own
+
+
+@dataclass
+class CommonDefaults:
+    """Every task."""
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    grad_clip: float = 1.0  # largest gradient norm; 0: no clipping
+    seed: int = 0  # of the weights, the batches and the samples
+    val_fraction: float = 0.1  # --data: the share of images kept for validation and for testing a probe
+    eval_batches: int = 8  # batches in a validation loss
+    num_samples: int = 16  # images in a sample grid
+    position_init: str = "grid"  # a new model's position embeddings: "grid" (rows and columns) or "random"
+
+
+@dataclass
+class LinearProbeDefaults:
+    """--probe linear: the score layer alone, fitted by L-BFGS."""
+    probe_steps: int = 100  # L-BFGS iterations
+
+
+@dataclass
+class FineTuneProbeDefaults:
+    """--probe finetune: every weight of the classifier."""
+    probe_steps: int = 300  # AdamW steps
+    probe_lr: float = 1e-3  # peak learning rate (for a large pretrained model, try 1e-5)
+
+
+# How `train --help` names each dataclass when it states an option's default.
+TRAIN_DEFAULTS = (("shapes", ShapesDefaults), ("--data", DataDefaults), ("--init", FineTuneDefaults),
+                  ("linear", LinearProbeDefaults), ("finetune", FineTuneProbeDefaults), ("every task", CommonDefaults))
+
+
+# --- The run: which device, and how it speaks --------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What the training process knows about itself, made once by train_command and passed along: its device,
+    and how it prints. (nanogpt2.py's Run also holds the process's rank among torchrun's processes and a
+    precision; this file trains in one process, in float32.)"""
+    device: torch.device = torch.device("cpu")
+
+    def say(self, *lines):
+        """print, at once."""
+        print(*lines, flush=True)
+
 
 # --- The default task: coloured shapes, drawn on the fly ------------------------------------------------
 
@@ -2348,6 +2445,201 @@ def lm_examples(tokens: torch.Tensor, sos: int) -> Tuple[torch.Tensor, torch.Ten
     return torch.cat([sos_column, tokens[:, :-1]], dim=1), tokens  # (B, 1 + N - 1), (B, N)
 
 
+# --- The training loop ----------------------------------------------------------------------------------
+
+
+def train(args, task, init, run: Run, state=None) -> dict:
+    """The training loop, then the probe if asked for."""
+    palette, palette_how = choose_palette(args, task, init) if state is None else \
+        (state["palette"], "the resumed run's")
+    task.set_palette(palette)
+    torch.manual_seed(args.seed)
+    model = build_model(args, palette, task.n_px, init, state).to(run.device)
+    set_cpu_threads(args, model, run.device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, run.device.type)
+    data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch
+    step, elapsed_before = 0, 0.0
+    if state is not None:  # put back what the weights alone do not hold
+        optimizer.load_state_dict(state["optimizer"])
+        data_rng.set_state(state["data_rng"])
+        torch.set_rng_state(state["rng"])
+        step, elapsed_before = state["step"], state["elapsed"]
+    val_batches = task.validation_batches(args.batch_size, args.eval_batches)
+    scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
+    write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
+                                                             scale=scale))
+    run.say(describe_run(args, task, model, palette_how, run, step))
+
+    log = TrainingLog(args.out, step)
+    progress_lines = TrainingProgress(args, step)
+    pixels = args.batch_size * task.n_px ** 2  # targets per step
+    start, first_step = time.time(), step
+    loss, val, grids, stopped = float("nan"), None, [], None
+    stop = StopRequest()
+    try:
+        while True:
+            elapsed = elapsed_before + time.time() - start
+            # How far through its budget the run is: in steps, or in time, whichever is further.
+            progress = max(step / max(args.max_steps, 1), elapsed / args.time_budget if args.time_budget else 0.0)
+            if stopped is not None or progress >= 1 or args.max_steps == 0:
+                break
+            lr = learning_rate(step, progress, args.lr, args.warmup)
+            step_start = time.time()
+            loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
+            step += 1
+            pixels_per_s = pixels / (time.time() - step_start)
+            val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
+            stopped = "interrupted" if stop.requested else None
+            elapsed = elapsed_before + time.time() - start
+            log.write(step, loss, lr, grad_norm, pixels_per_s, elapsed, val)
+            if step % args.log_every == 0 or val is not None or step == first_step + 1:
+                run.say(progress_lines.line(step, loss, lr, val, elapsed, pixels))
+            if args.sample_every and step % args.sample_every == 0 and stopped is None:
+                grids.append(sample_grid(args, model, palette, step, scale, run))
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+    finally:
+        stop.restore()
+
+    elapsed = elapsed_before + time.time() - start
+    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids, stopped=stopped,
+                   pixels_per_s=(step - first_step) * pixels / max(time.time() - start, 1e-9))
+    if stopped == "interrupted":
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+        log.close()
+        run.say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
+            f"  python imagegpt.py train --resume {shlex.quote(args.out)}")
+        return summary
+    if step > first_step:
+        if val is None:  # the last step measured none
+            summary["val_loss"] = validation_loss(model, val_batches)
+        if not grids or not grids[-1].endswith(f"_{step}.png"):
+            grids.append(sample_grid(args, model, palette, step, scale, run))
+    log.close()
+    model.eval()
+    if step > 0:  # --max-steps 0 (a probe of --init as it is) has nothing new to save
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+    report_run(args, summary, run.say)
+    if args.probe is not None:
+        summary.update(train_classifier(args, model, task, run))
+    return summary
+
+
+# --- Before the loop: the options, the task, the palette, the folder ------------------------------------
+
+
+def train_command(args) -> dict:
+    """`python imagegpt.py train ...`. Returns a summary (for tests and scripts)."""
+    state = load_checkpoint(args) if args.resume else None
+    fill_defaults(args)
+    device = resolve_device(args.device)
+    init = ImageGPTForCausalImageModeling.from_pretrained(args.init) if args.init is not None and state is None \
+        else None
+    n_px = args.n_px if state is None else ImageGPTConfig.from_dict(state["config"]).n_px
+    if init is not None:
+        if n_px is not None and n_px != init.config.n_px:
+            raise ValueError(f"--n-px {n_px}: --init {args.init} draws {init.config.n_px} x {init.config.n_px} images; "
+                             "drop --n-px")
+        n_px = init.config.n_px
+        if args.data is None and n_px < 6:
+            raise ValueError(f"--init {args.init} draws {n_px} x {n_px} images, too small for the shapes (n_px >= 6)")
+    task = prepare_task(args, n_px)
+    with RunFolder(args.out, args.overwrite, state is not None):
+        return train(args, task, init, Run(device), state)
+
+
+def fill_defaults(args):
+    """Options left unset get the defaults of the task (the dataclasses above); then every option is checked,
+    before any work."""
+    given = {name for name, value in vars(args).items() if value is not None}
+    if args.labels is not None and args.probe is None:
+        args.probe = "linear"  # --labels alone: the cheaper probe
+    tasks = [CommonDefaults, ShapesDefaults if args.data is None else DataDefaults]
+    if args.init is not None:
+        tasks.append(FineTuneDefaults)  # after the task: its values replace the task's
+        new_model_only = sorted(given & {"n_layer", "n_head", "n_embd", "n_colours", "position_init"})
+        if new_model_only:
+            raise ValueError(f"--{new_model_only[0].replace('_', '-')} shapes a new model; --init {args.init} brings "
+                             "its own (drop one of them)")
+    if args.probe is not None:
+        tasks.append(LinearProbeDefaults if args.probe == "linear" else FineTuneProbeDefaults)
+    defaults = {option.name: option.default for task in tasks for option in fields(task)}
+    if args.init is not None:
+        defaults.update(n_px=None, n_colours=None)  # the checkpoint's own
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.save_every is None:
+        args.save_every = args.eval_every
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.out is None:
+        stem = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0] if args.data else "shapes"
+        args.out = os.path.join("out", f"imagegpt-{stem}")
+    if args.labels is not None and args.data is None:
+        raise ValueError("--labels labels the images of --data; the shapes bring their own labels (their kind), so "
+                         "use --probe alone")
+    if args.probe is not None and args.data is not None and args.labels is None:
+        raise ValueError("--probe needs --labels with --data: a .npy of class ids or a CSV, one per image (only the "
+                         "shapes bring their own labels)")
+    if args.palette is not None and "n_colours" in given:
+        raise ValueError("--palette brings its own colours; drop --n-colours")
+    if args.palette is not None and not os.path.exists(args.palette):
+        raise ValueError(f"--palette {args.palette}: no such file")
+    for name, low in (("batch_size", 1), ("max_steps", 0), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
+                      ("n_px", 1), ("n_colours", 2), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
+                      ("sample_every", 0), ("save_every", 0), ("log_every", 1), ("num_samples", 1), ("probe_steps", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if args.data is None and args.n_px is not None and args.n_px < 6:
+        raise ValueError(f"--n-px must be at least 6 for the shapes (a smaller image cannot hold a disc), "
+                         f"got {args.n_px}")
+    for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
+                             f"got {getattr(args, name)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.probe_lr is not None and args.probe != "finetune":
+        raise ValueError("--probe-lr is the learning rate of --probe finetune (a linear probe is fitted by L-BFGS)")
+    if args.probe == "finetune" and not args.probe_lr > 0:
+        raise ValueError(f"--probe-lr must be > 0, got {args.probe_lr}")
+    if args.max_steps == 0 and args.probe is None:
+        raise ValueError("--max-steps 0 trains nothing; with it, --probe (to probe an --init model) is the only work")
+
+
+def prepare_task(args, n_px: int):
+    """The shapes, or --data (with --labels) read and resized to n_px: a task with palette_images(),
+    set_palette(), batch(), validation_batches(), labelled() and show()."""
+    if args.data is None:
+        return ShapesTask(n_px)
+    images, names = read_images(args.data, n_px)
+    labels, label_names = read_labels(args.labels, names, len(images)) if args.labels is not None else (None, None)
+    return ImageData(images, labels, label_names, args.val_fraction, args.seed, args.data)
+
+
+def choose_palette(args, task, init) -> Tuple[torch.Tensor, str]:
+    """--palette, else --init's own, else k-means on the task's training images. Returns (palette, how)."""
+    if args.palette is not None:
+        palette, how = load_palette(args.palette), f"from {args.palette}"
+    elif init is not None:
+        if init.palette is None:
+            raise ValueError(f"--init {args.init} comes without a palette (preprocessor_config.json or "
+                             "kmeans_centers.npy); pass --palette PATH, the palette it was trained with")
+        palette, how = init.palette, f"from {args.init}"
+    else:
+        images = task.palette_images()
+        palette = fit_palette(images, n_colours=args.n_colours, seed=args.seed)
+        how = f"fitted by k-means to {len(images):,} training images"
+    if init is not None and palette.size(0) != init.config.n_colours:
+        raise ValueError(f"--palette {args.palette} has {palette.size(0)} colours, but --init {args.init} predicts "
+                         f"{init.config.n_colours}; use the palette it was trained with")
+    return palette, how
+
+
 # --- The model, the optimiser, the learning-rate schedule ----------------------------------------------
 
 
@@ -2451,6 +2743,9 @@ def validation_loss(model, batches: List[torch.Tensor]) -> float:
     return total / count
 
 
+# --- The device, its threads ----------------------------------------------------------------------------
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     """--device NAME as a torch.device (default: cuda when there is one, else cpu), refused before any work
     when torch has no such device type, or this machine has none of it (an mps on Linux, a tpu anywhere)."""
@@ -2472,6 +2767,21 @@ def resolve_device(name: Optional[str]) -> torch.device:
     return device
 
 
+# Below this many parameters, a model on a CPU trains on one thread unless told otherwise: its matrix
+# products are so small that handing the work between threads costs more than it saves, badly so on a
+# machine busy with other programs (the default adder: 3x faster on one thread on 2 loaded cores).
+ONE_THREAD_BELOW = 5_000_000
+
+
+def set_cpu_threads(args, model, device):
+    """--threads; else OMP_NUM_THREADS when set; else one thread for a small model on a CPU."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and \
+            sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
+
+
 # --- Samples, the log ---------------------------------------------------------------------------------------
 
 
@@ -2483,6 +2793,16 @@ def write_samples(model, palette: torch.Tensor, path: str, count: int, seed: int
     tokens = generate(model, None, do_sample=True, num_samples=count, generator=generator)  # (count, 1 + N)
     images = dequantise(tokens[:, 1:].cpu(), palette)  # drop SOS: (count, n, n, 3)
     write_png(path, image_grid(images, columns=min(count, 8), scale=scale))
+
+
+def sample_grid(args, model, palette, step: int, scale: int, run: Run) -> str:
+    """out/samples_step_STEP.png, and the same grid as out/samples.png (the latest: keep it open in a viewer)."""
+    path = os.path.join(args.out, f"samples_step_{step}.png")
+    write_samples(model, palette, path, args.num_samples, args.seed, scale)
+    with open(path, "rb") as f:
+        _write_atomically(os.path.join(args.out, "samples.png"), f.read())
+    run.say(f"  wrote {path}")
+    return path
 
 
 class TrainingLog:
@@ -2633,156 +2953,6 @@ class RunLock:
             os.remove(self.path)
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) while training: the step under way finishes, then the run saves a checkpoint and
-    stops, so an interrupt never lands in the middle of an optimiser update. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def format_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
-# --- The training command ---------------------------------------------------------------------------------
-
-# Defaults that depend on what is trained: the shapes, your images (--data), or --init.
-SHAPES_DEFAULTS = dict(n_px=12, n_colours=16, n_layer=4, n_head=4, n_embd=64, dropout=0.0, batch_size=32,
-                       lr=3e-3, warmup=50, max_steps=3000, time_budget=300.0, eval_every=200, sample_every=250,
-                       log_every=25)
-DATA_DEFAULTS = dict(n_px=16, n_colours=16, n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=32, lr=1e-3,
-                     warmup=100, max_steps=2000, time_budget=0.0, eval_every=200, sample_every=500, log_every=25)
-FINE_TUNE_DEFAULTS = dict(lr=1e-4, dropout=None)  # --init: a gentler learning rate; the checkpoint's dropout
-COMMON_DEFAULTS = dict(weight_decay=0.1, grad_clip=1.0, seed=0, val_fraction=0.1, eval_batches=8, num_samples=16,
-                       position_init="grid")
-PROBE_DEFAULTS = {"linear": dict(probe_steps=100), "finetune": dict(probe_steps=300, probe_lr=1e-3)}
-
-
-def fill_defaults(args):
-    """Options left unset get the defaults of the task; then every option is checked, before any work."""
-    given = {name for name, value in vars(args).items() if value is not None}
-    if args.labels is not None and args.probe is None:
-        args.probe = "linear"  # --labels alone: the cheaper probe
-    defaults = dict(COMMON_DEFAULTS, **(SHAPES_DEFAULTS if args.data is None else DATA_DEFAULTS))
-    if args.init is not None:
-        defaults.update(FINE_TUNE_DEFAULTS)
-        defaults.update(n_px=None, n_colours=None)  # the checkpoint's own
-        new_model_only = sorted(given & {"n_layer", "n_head", "n_embd", "n_colours", "position_init"})
-        if new_model_only:
-            raise ValueError(f"--{new_model_only[0].replace('_', '-')} shapes a new model; --init {args.init} brings "
-                             "its own (drop one of them)")
-    if args.probe is not None:
-        defaults.update(PROBE_DEFAULTS[args.probe])
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.save_every is None:
-        args.save_every = args.eval_every
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.out is None:
-        stem = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0] if args.data else "shapes"
-        args.out = os.path.join("out", f"imagegpt-{stem}")
-    if args.labels is not None and args.data is None:
-        raise ValueError("--labels labels the images of --data; the shapes bring their own labels (their kind), so "
-                         "use --probe alone")
-    if args.probe is not None and args.data is not None and args.labels is None:
-        raise ValueError("--probe needs --labels with --data: a .npy of class ids or a CSV, one per image (only the "
-                         "shapes bring their own labels)")
-    if args.palette is not None and "n_colours" in given:
-        raise ValueError("--palette brings its own colours; drop --n-colours")
-    if args.palette is not None and not os.path.exists(args.palette):
-        raise ValueError(f"--palette {args.palette}: no such file")
-    for name, low in (("batch_size", 1), ("max_steps", 0), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
-                      ("n_px", 1), ("n_colours", 2), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
-                      ("sample_every", 0), ("save_every", 0), ("log_every", 1), ("num_samples", 1), ("probe_steps", 1)):
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if args.data is None and args.n_px is not None and args.n_px < 6:
-        raise ValueError(f"--n-px must be at least 6 for the shapes (a smaller image cannot hold a disc), "
-                         f"got {args.n_px}")
-    for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
-        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
-                             f"got {getattr(args, name)}")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.probe_lr is not None and args.probe != "finetune":
-        raise ValueError("--probe-lr is the learning rate of --probe finetune (a linear probe is fitted by L-BFGS)")
-    if args.probe == "finetune" and not args.probe_lr > 0:
-        raise ValueError(f"--probe-lr must be > 0, got {args.probe_lr}")
-    if args.max_steps == 0 and args.probe is None:
-        raise ValueError("--max-steps 0 trains nothing; with it, --probe (to probe an --init model) is the only work")
-
-
-def prepare_task(args, n_px: int):
-    """The shapes, or --data (with --labels) read and resized to n_px: a task with palette_images(),
-    set_palette(), batch(), validation_batches(), labelled() and show()."""
-    if args.data is None:
-        return ShapesTask(n_px)
-    images, names = read_images(args.data, n_px)
-    labels, label_names = read_labels(args.labels, names, len(images)) if args.labels is not None else (None, None)
-    return ImageData(images, labels, label_names, args.val_fraction, args.seed, args.data)
-
-
-def choose_palette(args, task, init) -> Tuple[torch.Tensor, str]:
-    """--palette, else --init's own, else k-means on the task's training images. Returns (palette, how)."""
-    if args.palette is not None:
-        palette, how = load_palette(args.palette), f"from {args.palette}"
-    elif init is not None:
-        if init.palette is None:
-            raise ValueError(f"--init {args.init} comes without a palette (preprocessor_config.json or "
-                             "kmeans_centers.npy); pass --palette PATH, the palette it was trained with")
-        palette, how = init.palette, f"from {args.init}"
-    else:
-        images = task.palette_images()
-        palette = fit_palette(images, n_colours=args.n_colours, seed=args.seed)
-        how = f"fitted by k-means to {len(images):,} training images"
-    if init is not None and palette.size(0) != init.config.n_colours:
-        raise ValueError(f"--palette {args.palette} has {palette.size(0)} colours, but --init {args.init} predicts "
-                         f"{init.config.n_colours}; use the palette it was trained with")
-    return palette, how
-
-
-def train_command(args) -> dict:
-    """`python imagegpt.py train ...`. Returns a summary (for tests and scripts)."""
-    state = load_checkpoint(args) if args.resume else None
-    fill_defaults(args)
-    device = resolve_device(args.device)
-    init = ImageGPTForCausalImageModeling.from_pretrained(args.init) if args.init is not None and state is None \
-        else None
-    n_px = args.n_px if state is None else ImageGPTConfig.from_dict(state["config"]).n_px
-    if init is not None:
-        if n_px is not None and n_px != init.config.n_px:
-            raise ValueError(f"--n-px {n_px}: --init {args.init} draws {init.config.n_px} x {init.config.n_px} images; "
-                             "drop --n-px")
-        n_px = init.config.n_px
-        if args.data is None and n_px < 6:
-            raise ValueError(f"--init {args.init} draws {n_px} x {n_px} images, too small for the shapes (n_px >= 6)")
-    task = prepare_task(args, n_px)
-    with RunFolder(args.out, args.overwrite, state is not None):
-        return train(args, task, init, device, state)
-
-
 class RunFolder:
     """The --out folder for the length of a run: made if need be, refused if it holds another run (unless
     --overwrite or --resume), locked against a second process, and removed again if this run made it and
@@ -2814,110 +2984,37 @@ class RunFolder:
         return False
 
 
-def train(args, task, init, device: torch.device, state=None) -> dict:
-    """The training loop, then the probe if asked for."""
-    say = functools.partial(print, flush=True)
-    palette, palette_how = choose_palette(args, task, init) if state is None else \
-        (state["palette"], "the resumed run's")
-    task.set_palette(palette)
-    torch.manual_seed(args.seed)
-    model = build_model(args, palette, task.n_px, init, state).to(device)
-    set_cpu_threads(args, model, device)
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
-    data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch
-    step, elapsed_before = 0, 0.0
-    if state is not None:  # put back what the weights alone do not hold
-        optimizer.load_state_dict(state["optimizer"])
-        data_rng.set_state(state["data_rng"])
-        torch.set_rng_state(state["rng"])
-        step, elapsed_before = state["step"], state["elapsed"]
-    val_batches = task.validation_batches(args.batch_size, args.eval_batches)
-    scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
-    write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
-                                                             scale=scale))
-    say(describe_run(args, task, model, palette_how, device, step))
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: the step under way finishes, then the run saves a checkpoint and
+    stops, so an interrupt never lands in the middle of an optimiser update. A second Ctrl-C stops at once."""
 
-    log = TrainingLog(args.out, step)
-    pixels = args.batch_size * task.n_px ** 2  # targets per step
-    start, first_step, last_line = time.time(), step, (time.time(), step)
-    loss, val, grids, stopped = float("nan"), None, [], None
-    stop = StopRequest()
-    try:
-        while True:
-            elapsed = elapsed_before + time.time() - start
-            # How far through its budget the run is: in steps, or in time, whichever is further.
-            progress = max(step / max(args.max_steps, 1), elapsed / args.time_budget if args.time_budget else 0.0)
-            if stopped is not None or progress >= 1 or args.max_steps == 0:
-                break
-            lr = learning_rate(step, progress, args.lr, args.warmup)
-            step_start = time.time()
-            loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
-            step += 1
-            pixels_per_s = pixels / (time.time() - step_start)
-            val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
-            stopped = "interrupted" if stop.requested else None
-            elapsed = elapsed_before + time.time() - start
-            log.write(step, loss, lr, grad_norm, pixels_per_s, elapsed, val)
-            if step % args.log_every == 0 or val is not None or step == first_step + 1:
-                say(progress_line(args, step, loss, lr, val, elapsed, last_line, pixels))
-                last_line = (time.time(), step)
-            if args.sample_every and step % args.sample_every == 0 and stopped is None:
-                grids.append(sample_grid(args, model, palette, step, scale, say))
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
-    finally:
-        stop.restore()
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self.handle)
 
-    elapsed = elapsed_before + time.time() - start
-    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids, stopped=stopped,
-                   pixels_per_s=(step - first_step) * pixels / max(time.time() - start, 1e-9))
-    if stopped == "interrupted":
-        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
-        log.close()
-        say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
-            f"  python imagegpt.py train --resume {shlex.quote(args.out)}")
-        return summary
-    if step > first_step:
-        if val is None:  # the last step measured none
-            summary["val_loss"] = validation_loss(model, val_batches)
-        if not grids or not grids[-1].endswith(f"_{step}.png"):
-            grids.append(sample_grid(args, model, palette, step, scale, say))
-    log.close()
-    model.eval()
-    if step > 0:  # --max-steps 0 (a probe of --init as it is) has nothing new to save
-        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
-    report_run(args, summary, say)
-    if args.probe is not None:
-        summary.update(train_classifier(args, model, task, device, say))
-    return summary
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
-# Below this many parameters, a model on a CPU trains on one thread unless told otherwise: its matrix
-# products are so small that handing the work between threads costs more than it saves, badly so on a
-# machine busy with other programs (the default adder: 3x faster on one thread on 2 loaded cores).
-ONE_THREAD_BELOW = 5_000_000
+def format_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def set_cpu_threads(args, model, device):
-    """--threads; else OMP_NUM_THREADS when set; else one thread for a small model on a CPU."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and \
-            sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW:
-        torch.set_num_threads(1)
+# --- What the run prints --------------------------------------------------------------------------------
 
 
-def sample_grid(args, model, palette, step: int, scale: int, say) -> str:
-    """out/samples_step_STEP.png, and the same grid as out/samples.png (the latest: keep it open in a viewer)."""
-    path = os.path.join(args.out, f"samples_step_{step}.png")
-    write_samples(model, palette, path, args.num_samples, args.seed, scale)
-    with open(path, "rb") as f:
-        _write_atomically(os.path.join(args.out, "samples.png"), f.read())
-    say(f"  wrote {path}")
-    return path
-
-
-def describe_run(args, task, model, palette_how: str, device, resumed_at: int = 0) -> str:
+def describe_run(args, task, model, palette_how: str, run: Run, resumed_at: int = 0) -> str:
     """What is about to happen, in five lines."""
     cfg = model.config
     start = f"resumed at step {resumed_at}" if resumed_at else f"from {args.init}" if args.init else "from scratch"
@@ -2928,22 +3025,30 @@ def describe_run(args, task, model, palette_how: str, device, resumed_at: int = 
         f"model: ImageGPT, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads: "
         f"{sum(p.numel() for p in model.parameters()):,} parameters, {start}",
         f"training: {budget}; batch {args.batch_size} images; AdamW lr {args.lr:g}, warmup {args.warmup} steps, "
-        f"cosine to {args.lr / 10:g}; float32 on {device.type}",
+        f"cosine to {args.lr / 10:g}; float32 on {run.device.type}",
         f"saving to {args.out} (data.png: what the model sees; samples_step_N.png "
         + (f"every {args.sample_every} steps" if args.sample_every else "at the end") + "; log.csv: every step)",
     ])
 
 
-def progress_line(args, step, loss, lr, val, elapsed, last_line, pixels_per_step) -> str:
-    """step, loss, learning rate, speed since the previous line, time spent and time left."""
-    since, since_step = last_line
-    seconds_per_step = (time.time() - since) / max(step - since_step, 1)
-    left = (args.max_steps - step) * seconds_per_step
-    if args.time_budget:
-        left = min(left, args.time_budget - elapsed)
-    return (f"step {step:>{len(str(args.max_steps))}}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{pixels_per_step / seconds_per_step:,.0f} px/s | {format_time(elapsed)} elapsed, "
-            f"{format_time(max(left, 0))} left" + (f" | val loss {val:.4f}" if val is not None else ""))
+class TrainingProgress:
+    """The loop's progress lines: step, loss, learning rate, speed since the previous line, time spent and
+    time left. It keeps the time and step of its last line, to measure the speed in between."""
+
+    def __init__(self, args, step: int):
+        self.args, self.last_line = args, (time.time(), step)
+
+    def line(self, step: int, loss: float, lr: float, val: Optional[float], elapsed: float,
+             pixels_per_step: int) -> str:
+        args, (since, since_step) = self.args, self.last_line
+        self.last_line = (time.time(), step)
+        seconds_per_step = (time.time() - since) / max(step - since_step, 1)
+        left = (args.max_steps - step) * seconds_per_step
+        if args.time_budget:
+            left = min(left, args.time_budget - elapsed)
+        return (f"step {step:>{len(str(args.max_steps))}}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{pixels_per_step / seconds_per_step:,.0f} px/s | {format_time(elapsed)} elapsed, "
+                f"{format_time(max(left, 0))} left" + (f" | val loss {val:.4f}" if val is not None else ""))
 
 
 def report_run(args, summary, say):
@@ -3003,25 +3108,27 @@ def fit_linear_probe(classifier, tokens, labels, steps: int, weight_decay: float
         classifier.score.weight.copy_(weight / std)  # (L, C): logits = features @ (weight / std)^T
 
 
-def fine_tune_classifier(classifier, tokens, labels, steps: int, lr: float, batch_size: int, weight_decay: float,
-                         grad_clip: float, seed: int, say, log_every: int):
-    """Train every weight of the classifier on the labels: AdamW, warmup then cosine, random batches."""
-    device = classifier.score.weight.device
+def fine_tune_classifier(classifier, tokens, labels, args, run: Run):
+    """Train every weight of the classifier on the labels: AdamW, warmup then cosine, random batches of
+    --batch-size, for --probe-steps at a peak of --probe-lr, with the run's --weight-decay, --grad-clip and
+    --seed; a line every 4 x --log-every steps."""
+    steps, lr, batch_size, log_every = args.probe_steps, args.probe_lr, args.batch_size, args.log_every * 4
     classifier.train()
-    optimizer = configure_optimizer(classifier, lr, weight_decay, device.type)
-    generator = torch.Generator().manual_seed(seed)
+    optimizer = configure_optimizer(classifier, lr, args.weight_decay, run.device.type)
+    generator = torch.Generator().manual_seed(args.seed)
     start = time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, step / steps, lr, min(50, steps // 10))
         pick = torch.randint(len(tokens), (batch_size,), generator=generator)
-        loss = classifier(tokens[pick].to(device), labels=labels[pick].to(device)).loss
+        loss = classifier(tokens[pick].to(run.device), labels=labels[pick].to(run.device)).loss
         loss.backward()
-        nn.utils.clip_grad_norm_(classifier.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        nn.utils.clip_grad_norm_(classifier.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            say(f"  fine-tune step {step + 1}/{steps} | loss {loss.item():.4f} | {format_time(time.time() - start)}")
+            run.say(f"  fine-tune step {step + 1}/{steps} | loss {loss.item():.4f} | "
+                    f"{format_time(time.time() - start)}")
     classifier.eval()
 
 
@@ -3035,7 +3142,7 @@ def classifier_accuracy(classifier, tokens, labels, batch_size: int = 64) -> flo
     return right / len(labels)
 
 
-def train_classifier(args, model, task, device, say) -> dict:
+def train_classifier(args, model, task, run: Run) -> dict:
     """--probe: an ImageGPTForImageClassification with the trained body, its score layer learnt on the
     training images' labels (linear) or every weight (finetune); its accuracy on the held-out images; saved
     to out/classifier."""
@@ -3046,25 +3153,24 @@ def train_classifier(args, model, task, device, say) -> dict:
     config.problem_type = "single_label_classification"
     classifier = ImageGPTForImageClassification(config)
     classifier.transformer.load_state_dict(model.transformer.state_dict())
-    classifier.to(device)
+    classifier.to(run.device)
     classifier.palette = model.palette
-    say(f"{args.probe} probe: {len(names)} classes ({', '.join(map(str, names[:8]))}{' ...' * (len(names) > 8)}), "
+    run.say(f"{args.probe} probe: {len(names)} classes ({', '.join(map(str, names[:8]))}{' ...' * (len(names) > 8)}), "
         f"{len(train_labels):,} training images, {len(test_labels):,} held out")
     start = time.time()
     if args.probe == "linear":
         fit_linear_probe(classifier, train_tokens, train_labels, args.probe_steps)
     else:
-        fine_tune_classifier(classifier, train_tokens, train_labels, args.probe_steps, args.probe_lr,
-                             args.batch_size, args.weight_decay, args.grad_clip, args.seed, say, args.log_every * 4)
+        fine_tune_classifier(classifier, train_tokens, train_labels, args, run)
     train_accuracy = classifier_accuracy(classifier, train_tokens, train_labels)
     accuracy = classifier_accuracy(classifier, test_tokens, test_labels)
     chance = torch.bincount(test_labels, minlength=len(names)).max().item() / len(test_labels)
     out = os.path.join(args.out, "classifier")
     classifier.save_pretrained(out)
-    say(f"{args.probe} probe accuracy: {100 * accuracy:.1f}% on {len(test_labels):,} held-out images (training "
+    run.say(f"{args.probe} probe accuracy: {100 * accuracy:.1f}% on {len(test_labels):,} held-out images (training "
         f"images: {100 * train_accuracy:.1f}%; always guessing the commonest class: {100 * chance:.1f}%), in "
         f"{format_time(time.time() - start)}")
-    say(f"classifier saved to {out} (load with ImageGPTForImageClassification.from_pretrained({out!r}); its "
+    run.say(f"classifier saved to {out} (load with ImageGPTForImageClassification.from_pretrained({out!r}); its "
         "inputs are the pixels' tokens, no SOS)")
     return dict(probe_accuracy=accuracy, probe_train_accuracy=train_accuracy, chance=chance, classifier=out)
 
@@ -3143,8 +3249,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_help(name: str) -> str:
+    """An option's default as --help states it, read from the dataclasses that fill_defaults (section 10) reads,
+    so that the two never disagree: "(default 4)" when all that set it agree, else each one's value, named as
+    TRAIN_DEFAULTS names it; None reads "the model's" (--init keeps the checkpoint's own)."""
+    shown = [(label, "the model's" if option.default is None else f"{option.default:g}"
+              if isinstance(option.default, float) else str(option.default))
+             for label, task in TRAIN_DEFAULTS for option in fields(task) if option.name == name]
+    if len({value for _, value in shown}) == 1:
+        return f"(default {shown[0][1]})"
+    return "(" + ", ".join(f"{label} {value}" for label, value in shown) + ")"
+
+
 def add_train_parser(commands):
-    # Defaults shown as "shapes X, --data Y" depend on the task; fill_defaults (section 10) sets them.
+    # Defaults shown as "shapes X, --data Y" depend on the task: see default_help.
     train = commands.add_parser(
         "train", help="train an ImageGPT (no options: a small one learns to draw shapes, in minutes on a CPU)",
         description="Train an ImageGPT and save it, with its palette, by save_pretrained.\n\n"
@@ -3161,13 +3279,14 @@ def add_train_parser(commands):
     data.add_argument("--data", metavar="PATH",
                       help="a folder of .png files, or an .npy array (N, H, W, 3) of uint8 (default: the shapes)")
     data.add_argument("--n-px", type=int, metavar="N",
-                      help="images are resized to N x N pixels, N * N tokens (shapes 12, --data 16; --init: its own)")
+                      help=f"images are resized to N x N pixels, N * N tokens {default_help('n_px')}; --init: its own")
     data.add_argument("--n-colours", type=int, metavar="K",
-                      help="colours of the palette k-means fits to the training images (default 16)")
+                      help=f"colours of the palette k-means fits to the training images {default_help('n_colours')}")
     data.add_argument("--palette", metavar="PATH",
                       help="use this palette (kmeans_centers.npy or preprocessor_config.json) instead of fitting one")
     data.add_argument("--val-fraction", type=float, metavar="F",
-                      help="--data: the share of images set aside for validation and for testing a probe (default 0.1)")
+                      help=f"--data: the share of images set aside for validation and for testing a probe "
+                           f"{default_help('val_fraction')}")
     probe = train.add_argument_group("classification")
     probe.add_argument("--labels", metavar="PATH",
                        help="--data's labels: a .npy of N class ids, or a CSV, one row per image (the last column "
@@ -3177,34 +3296,38 @@ def add_train_parser(commands):
                             "(linear) or every weight (finetune), and report its held-out accuracy; the shapes' "
                             "label is their kind (default with --labels: linear)")
     probe.add_argument("--probe-steps", type=int, metavar="N",
-                       help="L-BFGS iterations of a linear probe (100), or fine-tuning steps (300)")
+                       help=f"L-BFGS iterations of a linear probe, or fine-tuning steps {default_help('probe_steps')}")
     probe.add_argument("--probe-lr", type=float, metavar="LR",
-                       help="fine-tuning's peak learning rate (default 1e-3; for a large pretrained model, try 1e-5)")
+                       help=f"fine-tuning's peak learning rate {default_help('probe_lr')}; for a large pretrained "
+                            "model, try 1e-5")
     model = train.add_argument_group("the model")
     model.add_argument("--init", metavar="NAME_OR_DIR",
                        help="start from these weights and their palette (a directory, imagegpt-small, ...)")
-    model.add_argument("--n-layer", type=int, metavar="N", help="blocks of a new model (default 4)")
-    model.add_argument("--n-head", type=int, metavar="N", help="attention heads of a new model (default 4)")
-    model.add_argument("--n-embd", type=int, metavar="N", help="width of a new model (shapes 64, --data 128)")
+    model.add_argument("--n-layer", type=int, metavar="N", help=f"blocks of a new model {default_help('n_layer')}")
+    model.add_argument("--n-head", type=int, metavar="N",
+                       help=f"attention heads of a new model {default_help('n_head')}")
+    model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
     model.add_argument("--position-init", choices=["grid", "random"],
                        help="how a new model's position embeddings start: sines and cosines of each pixel's row and "
                             "column (grid), or at random as in ImageGPT (random; learns the image's shape far more "
-                            "slowly) (default grid)")
+                            f"slowly) {default_help('position_init')}")
     model.add_argument("--dropout", type=float, metavar="P",
-                       help="dropout probability (shapes 0, --data 0.1, --init the model's)")
+                       help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, metavar="N", help="images per step (default 32)")
-    opt.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (shapes 3e-3, --data 1e-3, --init 1e-4)")
-    opt.add_argument("--warmup", type=int, metavar="STEPS", help="steps of linear warmup (shapes 50, --data 100)")
-    opt.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay, on matrices only (default 0.1)")
-    opt.add_argument("--grad-clip", type=float, metavar="NORM", help="largest gradient norm; 0 turns clipping off "
-                                                                      "(default 1.0)")
+    opt.add_argument("--batch-size", type=int, metavar="N", help=f"images per step {default_help('batch_size')}")
+    opt.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
+    opt.add_argument("--weight-decay", type=float, metavar="WD",
+                     help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
+    opt.add_argument("--grad-clip", type=float, metavar="NORM",
+                     help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
     opt.add_argument("--max-steps", type=int, metavar="N",
-                     help="optimiser steps (shapes 3000, --data 2000); 0 with --probe: probe --init as it is")
+                     help=f"optimiser steps {default_help('max_steps')}; 0 with --probe: probe --init as it is")
     opt.add_argument("--time-budget", type=float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
-                          "budget runs out first; 0: none (shapes 300, --data 0)")
-    opt.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the batches and the samples (default 0)")
+                          f"budget runs out first; 0: none {default_help('time_budget')}")
+    opt.add_argument("--seed", type=int, metavar="N",
+                     help=f"seed of the weights, the batches and the samples {default_help('seed')}")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     opt.add_argument("--threads", type=int, metavar="N",
                      help="CPU threads (default: 1 for a model under 5M parameters, whose small matrix products "
@@ -3221,12 +3344,15 @@ def add_train_parser(commands):
                      help="steps between checkpoints (model and training_state.pt); 0: at the end only "
                           "(default: --eval-every)")
     run.add_argument("--eval-every", type=int, metavar="STEPS",
-                     help="steps between validation losses; 0: at the end only (default 200)")
-    run.add_argument("--eval-batches", type=int, metavar="N", help="batches in a validation loss (default 8)")
+                     help=f"steps between validation losses; 0: at the end only {default_help('eval_every')}")
+    run.add_argument("--eval-batches", type=int, metavar="N",
+                     help=f"batches in a validation loss {default_help('eval_batches')}")
     run.add_argument("--sample-every", type=int, metavar="STEPS",
-                     help="steps between sample grids; 0: at the end only (shapes 250, --data 500)")
-    run.add_argument("--num-samples", type=int, metavar="N", help="images in a sample grid (default 16)")
-    run.add_argument("--log-every", type=int, metavar="STEPS", help="steps between progress lines (default 25)")
+                     help=f"steps between sample grids; 0: at the end only {default_help('sample_every')}")
+    run.add_argument("--num-samples", type=int, metavar="N",
+                     help=f"images in a sample grid {default_help('num_samples')}")
+    run.add_argument("--log-every", type=int, metavar="STEPS",
+                     help=f"steps between progress lines {default_help('log_every')}")
 
 
 def _check_args(args):

@@ -2265,6 +2265,104 @@ class StreamDecoder:
 # and saves checkpoints that resume exactly. Under torchrun every process runs this same loop on its own
 # slice of each batch, and DistributedDataParallel sums their gradients.
 # `python nanogpt2.py eval` measures loss and perplexity on a text file with a sliding window.
+# In this order: the defaults, the Run, the tasks, the loop (train), then what the loop calls.
+
+# --- What to train, unless told otherwise -----------------------------------------------------------------
+# Every option left unset takes its value from the dataclass of the task (fill_defaults); `train --help`
+# states the same values (default_help, section 11). The adder is small and takes many small steps: on a
+# CPU, steps per second matter more than examples per step.
+
+
+@dataclass
+class AdditionDefaults:
+    """No --data: a new GPT-2 learns to add (AdditionTask)."""
+    digits: int = 2  # digits per operand
+    n_layer: int = 2  # blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 64  # width
+    dropout: float = 0.0  # dropout probability
+    batch_size: int = 32  # examples per micro-batch and process
+    lr: float = 3e-3  # peak learning rate
+    warmup: int = 30  # steps of linear warmup
+    max_steps: int = 2000  # optimiser steps
+    time_budget: float = 240.0  # seconds of training; 0: none
+    eval_every: int = 50  # steps between validation losses (and exact-match checks)
+    log_every: int = 100  # steps between progress lines
+    target_accuracy: float = 0.99  # stop once this share of the held-out problems is right
+
+
+@dataclass
+class TextDefaults:
+    """--data FILE: a new GPT-2 learns a text file."""
+    tokenizer: str = "gpt2"  # GPT-2's BPE; "char": one token per character of the file
+    block_size: int = 256  # tokens per training window
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.1
+    batch_size: int = 16
+    lr: float = 6e-4
+    warmup: int = 100
+    max_steps: int = 2000
+    time_budget: float = 0.0
+    eval_every: int = 200
+    log_every: int = 20
+
+
+@dataclass
+class FineTuneDefaults:
+    """--init NAME_OR_DIR: a checkpoint trained further, on either task; these replace the task's. What the
+    checkpoint fixes itself (its vocabulary, its positions) stays its own."""
+    lr: float = 1e-4  # gentler: the weights already know a lot
+    dropout: Optional[float] = None  # None: the checkpoint's own
+
+
+@dataclass
+class CommonDefaults:
+    """Every task."""
+    accum: int = 1  # micro-batches per step (gradient accumulation)
+    weight_decay: float = 0.1  # AdamW's, on matrices only
+    grad_clip: float = 1.0  # largest gradient norm; 0: no clipping
+    seed: int = 0  # of the weights, the batches and dropout
+    val_fraction: float = 0.1  # --data: the share of tokens, at the end of the file, kept for validation
+    eval_batches: int = 20  # batches in a validation loss
+
+
+# How `train --help` names each dataclass when it states an option's default.
+TRAIN_DEFAULTS = (("addition", AdditionDefaults), ("text", TextDefaults), ("--init", FineTuneDefaults),
+                  ("every task", CommonDefaults))
+
+
+# --- The run: which process, on which device, in what precision -----------------------------------------
+
+
+@dataclass
+class Run:
+    """What a training process knows about itself, made once by train_command and passed along: its place
+    among the processes torchrun started (rank 0 of 1 without torchrun), its device, its precision (with
+    the GradScaler fp16 needs), and say(), which prints from the first process only."""
+    rank: int = 0  # this process's number, 0 .. world_size - 1; the first (0) alone prints, logs and saves
+    world_size: int = 1  # processes training together, each on its slice of every batch
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # autocast's precision: float32 (none), bfloat16 or float16
+
+    def __post_init__(self):
+        self.is_main = self.rank == 0
+        # fp16 needs loss scaling (its gradients underflow); the scaler's state goes into the checkpoint.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        """Mixed precision: under autocast, matrix products run in bf16 or fp16 while the weights, the
+        optimiser and the loss stay fp32. A fresh context each time (float32: none)."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def say(self, *lines):
+        """print, at once, from the first process only (the others would repeat it)."""
+        if self.is_main:
+            print(*lines, flush=True)
+
 
 # --- Tokenizers: characters, or GPT-2's BPE -----------------------------------------------------------
 
@@ -2508,7 +2606,7 @@ class TextData:
         return [self.examples(s) for s in starts[: batch_size * max_batches].split(batch_size)]
 
 
-def prepare_text_data(args, vocab, is_main: bool, world_size: int):
+def prepare_text_data(args, vocab, run: Run):
     """Tokenise --data into out/tokens.bin (once: kept while the file, its size and date are unchanged) and
     open it. vocab: "gpt2" for GPT-2's BPE, "char" for the file's own characters, or a string of characters
     (a model that already has them). Returns (TextData, tokenizer)."""
@@ -2516,7 +2614,7 @@ def prepare_text_data(args, vocab, is_main: bool, world_size: int):
     dest, meta_path = os.path.join(args.out, "tokens.bin"), os.path.join(args.out, "tokens.json")
     source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
                   mtime_ns=os.stat(args.data).st_mtime_ns)
-    if is_main:  # one process tokenises; the others wait at the barrier, then read its files
+    if run.is_main:  # one process tokenises; the others wait at the barrier, then read its files
         meta = None
         if os.path.exists(meta_path) and os.path.exists(dest):
             with open(meta_path, encoding="utf-8") as f:
@@ -2533,13 +2631,196 @@ def prepare_text_data(args, vocab, is_main: bool, world_size: int):
             dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
             with open(meta_path, "w", encoding="utf-8") as f:
                 json.dump(dict(source=source, char_vocab=chars, dtype=dtype, tokens=count), f, indent=1)
-    if world_size > 1:
+    if run.world_size > 1:
         dist.barrier()
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     tokenizer = CharTokenizer(meta["char_vocab"]) if meta["char_vocab"] is not None else BPETokenizer()
     data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
     return data, tokenizer
+
+
+# --- The training loop ----------------------------------------------------------------------------------
+
+
+def train(args, state, run: Run) -> dict:
+    """The training loop. Every process runs it on its own slice of each batch; only the first (rank 0)
+    prints, logs and writes files."""
+    data, tokenizer, n_positions, extra = prepare_task(args, state, run)
+
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(args, tokenizer, n_positions, extra, state).to(run.device)
+    set_cpu_threads(args, model, run.device)
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, run.device.type)
+    data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch: it is the data position
+    torch.manual_seed(args.seed + run.rank)  # each process its own dropout masks
+    step, elapsed_before = 0, 0.0
+    if state is not None:
+        step, elapsed_before = restore_training_state(state, optimizer, data_rng, run)
+    # What the loop calls: compiled and/or wrapped for DDP. `model` stays the plain module, to save and evaluate.
+    trained = torch.compile(model) if args.compile else model
+    if run.world_size > 1:
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[run.device.index]
+                                                      if run.device.type == "cuda" else None)
+    val_batches = data.validation_batches(args.batch_size, args.eval_batches)
+    batch = args.batch_size * args.accum * run.world_size  # examples per optimiser step, over every process
+    run.say(describe_run(args, data, model, state, step, run))
+
+    log = TrainingLog(args.out, step) if run.is_main else None
+    progress_lines = TrainingProgress(args, step)
+    start, first_step = time.time(), step
+    loss, val, tokens, stopped = float("nan"), None, 0, None
+    stop = StopRequest()
+    try:
+        while True:
+            elapsed = elapsed_before + time.time() - start
+            if run.world_size > 1:  # every process must stop at the same step: the first decides
+                elapsed, stopped = agree_with_first_process(elapsed, stopped, run.device)
+            # How far through its budget the run is: in steps, or in time, whichever is further.
+            progress = max(step / args.max_steps, elapsed / args.time_budget if args.time_budget else 0.0)
+            if stopped is not None or progress >= 1 or (args.stop_at is not None and step >= args.stop_at):
+                break
+            lr = learning_rate(step, progress, args.lr, args.warmup)
+            step_start = time.time()
+            # Every process draws the same batch, then takes its own micro-batches from it.
+            indices = data.sample(batch, data_rng).view(args.accum, run.world_size, args.batch_size)[:, run.rank]
+            micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
+            loss, grad_norm = train_step(trained, optimizer, micro_batches, lr, args.grad_clip, run)
+            step += 1
+            tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
+            tokens_per_s = tokens / (time.time() - step_start)
+
+            val, accuracy = None, None
+            if args.eval_every and step % args.eval_every == 0:
+                val = validation_loss(model, val_batches, run)
+                if args.data is None and args.target_accuracy:  # the adder: stop once it adds well enough
+                    accuracy = data.accuracy(model)[0]
+                    if accuracy >= args.target_accuracy:
+                        stopped = f"reached --target-accuracy {args.target_accuracy:g}"
+            if stop.requested:
+                stopped = "interrupted"
+            elapsed = elapsed_before + time.time() - start
+            if run.is_main:
+                log.write(step, loss, lr, grad_norm, tokens_per_s, elapsed, val)
+            if step % args.log_every == 0 or val is not None or step == first_step + 1:
+                run.say(progress_lines.line(step, loss, lr, val, elapsed, tokens)
+                        + (f" | held-out exact match {100 * accuracy:.1f}%" if accuracy is not None else ""))
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
+    finally:
+        stop.restore()
+
+    elapsed = elapsed_before + time.time() - start
+    if val is None and args.eval_every and stopped != "interrupted":
+        val = validation_loss(model, val_batches, run)
+    save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
+    tokens_per_s = (step - first_step) * tokens / (time.time() - start)  # this run's average
+    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out,
+                   stopped=stopped)
+    if run.is_main:
+        log.close()
+        if stopped == "interrupted":
+            run.say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
+                f"  python nanogpt2.py train --resume {shlex.quote(args.out)}")
+        else:
+            report_run(args, summary, model, data, tokenizer, log.plot(), run.say)
+    return summary
+
+
+# --- Before the loop: the options, the task, the folder -------------------------------------------------
+
+
+def train_command(args) -> dict:
+    """`python nanogpt2.py train ...`, under torchrun or not. Returns a summary (for tests and scripts)."""
+    rank, world_size, device = init_distributed(args.device)
+    try:
+        state = load_checkpoint(args, rank == 0) if args.resume else None
+        fill_defaults(args)
+        dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else
+                                            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        run = Run(rank, world_size, device, dtype)
+        with RunFolder(args.out, args.overwrite, state is not None) if run.is_main else contextlib.nullcontext():
+            return train(args, state, run)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def fill_defaults(args):
+    """Options left unset get the defaults of the task (the dataclasses above); then every option is checked."""
+    tasks = [CommonDefaults, AdditionDefaults if args.data is None else TextDefaults]
+    if args.init is not None:
+        tasks.append(FineTuneDefaults)  # last: its values replace the task's
+    defaults = {option.name: option.default for task in tasks for option in fields(task)}
+    if args.init is not None:
+        defaults["tokenizer"] = None  # the checkpoint's own
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.save_every is None:
+        args.save_every = args.eval_every
+    if args.out is None:
+        stem = os.path.splitext(os.path.basename(args.data))[0] if args.data else f"addition-{args.digits}digit"
+        args.out = os.path.join("out", stem)
+    if args.data is None and args.digits is not None and not 1 <= args.digits <= 9:
+        raise ValueError(f"--digits must be in 1..9, got {args.digits}")
+    if args.data is not None:
+        check_text_file(args.data)  # before any directory is made
+        if args.digits is not None:
+            raise ValueError("--digits is an option of the addition task; it cannot go with --data")
+    if args.data is None and args.tokenizer is not None:
+        raise ValueError("--tokenizer is an option of --data; the addition task has its own characters")
+    for name, low in (("batch_size", 1), ("accum", 1), ("max_steps", 1), ("n_layer", 1), ("n_head", 1),
+                      ("n_embd", 1), ("block_size", 1), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
+                      ("save_every", 0), ("log_every", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
+        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
+                             f"got {getattr(args, name)}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if args.target_accuracy is not None and not 0 <= args.target_accuracy <= 1:
+        raise ValueError(f"--target-accuracy is a fraction of problems in [0, 1] (0: train the whole budget), "
+                         f"got {args.target_accuracy}")
+    if args.target_accuracy and args.data is not None:
+        raise ValueError("--target-accuracy is an option of the addition task (its held-out exact match); "
+                         "it cannot go with --data")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ValueError(f"--stop-at must be a step >= 1, got {args.stop_at}")
+
+
+def prepare_task(args, state, run: Run):
+    """(data, tokenizer, n_positions of a new model, config extras to save) for the addition task or --data."""
+    if args.data is None:
+        task = AdditionTask(args.digits)
+        if args.init is not None and state is None:  # go on training an adder, perhaps on more digits
+            init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
+            if init_config.extra.get("char_vocab") != ADDITION_VOCAB or init_config.n_positions < task.seq_len:
+                raise ValueError(f"--init {args.init} is not an addition model of {task.seq_len} positions or more; "
+                                 "to fine-tune it, give a text file with --data")
+        return task, task.tokenizer, task.seq_len, {"addition_digits": args.digits}
+    if state is not None:
+        vocab = tokenizer_for(GPT2Config.from_dict(state["config"])).chars or "gpt2"
+    elif args.init is not None:
+        init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
+        vocab = tokenizer_for(init_config).chars or "gpt2"
+        if args.tokenizer is not None and args.tokenizer != ("gpt2" if vocab == "gpt2" else "char"):
+            raise ValueError(f"--tokenizer {args.tokenizer} does not match --init {args.init}, which reads "
+                             f"{'GPT-2 BPE' if vocab == 'gpt2' else 'characters'}; drop --tokenizer")
+        if args.block_size > init_config.n_positions:
+            raise ValueError(f"--block-size {args.block_size} is longer than --init {args.init}'s "
+                             f"{init_config.n_positions} positions")
+    else:
+        vocab = args.tokenizer
+    data, tokenizer = prepare_text_data(args, vocab, run)
+    return data, tokenizer, args.block_size, {}
 
 
 # --- The model, the optimiser, the learning-rate schedule ----------------------------------------------
@@ -2607,59 +2888,59 @@ def all_reduce_sum(value, device) -> float:
     return total.item()
 
 
-def train_step(model, optimizer, scaler, micro_batches, lr: float, grad_clip: float, autocast, device,
-               world_size: int = 1) -> Tuple[float, float]:
-    """One optimiser step over this process's micro-batches [(inputs (b, T), targets (b, T)), ...]. Returns
-    (the mean loss per target over the whole batch (the micro-batches of every process), the gradient's
-    norm before clipping).
+def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, run: Run) -> Tuple[float, float]:
+    """One optimiser step over this process's micro-batches [(inputs (b, T), targets (b, T)), ...], on run's
+    device, under its autocast and GradScaler, its gradients summed with the other processes'. Returns
+    the mean loss per target over the whole batch (the micro-batches of every process) and the gradient's
+    norm before clipping.
 
     Sets every param group's lr. Each micro-batch's cross-entropy is summed over its targets (ignoring -100)
     and divided by the number of targets in the whole batch, so that k micro-batches of b examples give the
     gradient of one batch of k * b: a mean taken per micro-batch would weigh one with few targets as much
-    as one with many. The forward runs under autocast(); backward through scaler.scale(...) (times
-    world_size: DDP averages over processes); all but the last micro-batch skip DDP's gradient sync
-    (model.no_sync()) when world_size > 1. Then unscale, clip the gradient norm to grad_clip (0: no
-    clipping), scaler.step, scaler.update, and zero the gradients for the next step.
+    as one with many. The forward runs under run.autocast(); backward through run.scaler.scale(...) (times
+    run.world_size: DDP averages over processes); all but the last micro-batch skip DDP's gradient sync
+    (model.no_sync()) when run.world_size > 1. Then unscale, clip the gradient norm to grad_clip (0: no
+    clipping), run.scaler.step, run.scaler.update, and zero the gradients for the next step.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    n_targets = all_reduce_sum(sum(int((y != -100).sum()) for _, y in micro_batches), device)
+    n_targets = all_reduce_sum(sum(int((y != -100).sum()) for _, y in micro_batches), run.device)
     total = 0.0
     for i, (x, y) in enumerate(micro_batches):
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(run.device), y.to(run.device)
         # DDP sums gradients across processes after each backward; between the micro-batches of one step
         # that would be wasted traffic, so all but the last skip it (no_sync).
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or world_size == 1 else model.no_sync():
-            with autocast():
+        with contextlib.nullcontext() if last or run.world_size == 1 else model.no_sync():
+            with run.autocast():
                 logits = model(x).logits  # (b, T, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
                                    reduction="sum") / n_targets
             # DDP divides the summed gradient by the number of processes; the factor undoes that, so the
             # step follows the batch's mean loss exactly as one process with the whole batch would.
-            scaler.scale(loss * world_size).backward()
+            run.scaler.scale(loss * run.world_size).backward()
         total += loss.item()
-    scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled-up ones
+    run.scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled-up ones
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scaler then lowers its scale)
-    scaler.update()
+    run.scaler.step(optimizer)  # with fp16, skipped when a gradient overflowed (the scaler then lowers its scale)
+    run.scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return all_reduce_sum(total, device), grad_norm.item()
+    return all_reduce_sum(total, run.device), grad_norm.item()
 
 
 @torch.no_grad()
-def validation_loss(model, batches, autocast, device, rank: int = 0, world_size: int = 1) -> float:
+def validation_loss(model, batches, run: Run) -> float:
     """Mean loss per target over fixed validation batches, each process scoring every world_size-th one."""
     model.eval()  # no dropout
     total, count = 0.0, 0
-    for x, y in batches[rank::world_size]:
-        with autocast():
-            logits = model(x.to(device)).logits  # (b, T, V)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+    for x, y in batches[run.rank::run.world_size]:
+        with run.autocast():
+            logits = model(x.to(run.device)).logits  # (b, T, V)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.to(run.device).flatten(), ignore_index=-100,
                                  reduction="sum").item()
         count += int((y != -100).sum())
     model.train()
-    return all_reduce_sum(total, device) / all_reduce_sum(count, device)
+    return all_reduce_sum(total, run.device) / all_reduce_sum(count, run.device)
 
 
 # --- Processes, devices, precision ------------------------------------------------------------------------
@@ -2703,24 +2984,38 @@ def init_distributed(device_name: Optional[str]):
     return rank, world_size, device
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """Mixed precision: under autocast, matrix products run in bf16 or fp16 while the weights, the optimiser
-    and the loss stay fp32. Returns a function giving a fresh context each time (float32: none)."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext
-    return functools.partial(torch.autocast, device.type, dtype=dtype)
+def agree_with_first_process(elapsed: float, stopped: Optional[str], device) -> Tuple[float, Optional[str]]:
+    """Under torchrun: the first process's clock and its reason to stop (Ctrl-C, the target reached), for all."""
+    mine = [elapsed, stopped]
+    dist.broadcast_object_list(mine, 0, device=device if device.type == "cuda" else None)
+    return mine[0], mine[1]
 
 
-def rng_states(device, world_size: int) -> list:
+def rng_states(run: Run) -> list:
     """Every process's random-number state (each draws its own dropout masks), for the checkpoint."""
     mine = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    if world_size == 1:
+    if run.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(run.device)
+    if run.world_size == 1:
         return [mine]
-    everyone = [None] * world_size
+    everyone = [None] * run.world_size
     dist.all_gather_object(everyone, mine)
     return everyone
+
+
+# Below this many parameters, a model on a CPU trains on one thread unless told otherwise: its matrix
+# products are so small that handing the work between threads costs more than it saves, badly so on a
+# machine busy with other programs (the default adder: 3x faster on one thread on 2 loaded cores).
+ONE_THREAD_BELOW = 5_000_000
+
+
+def set_cpu_threads(args, model, device):
+    """--threads; else OMP_NUM_THREADS when set; else one thread for a small model on a CPU."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and \
+            sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW:
+        torch.set_num_threads(1)
 
 
 # --- Checkpoints, the log ---------------------------------------------------------------------------------
@@ -2733,19 +3028,19 @@ RESUME_MAY_CHANGE = ("resume", "out", "stop_at", "device", "compile", "log_every
 RESUME_MAY_EXTEND = ("max_steps", "time_budget", "target_accuracy", "threads")
 
 
-def save_checkpoint(out, model, optimizer, scaler, step: int, elapsed: float, data_rng, args, device,
-                    world_size: int, is_main: bool):
+def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, run: Run):
     """out/config.json + model.safetensors (save_pretrained: what from_pretrained loads) and
     out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
     weights, optimiser moments, step, time spent, the data generator (the data position) and every
     process's RNG states. Its SHA-256 goes to training_state.pt.sha256, checked by --resume."""
-    rngs = rng_states(device, world_size)  # every process takes part, only the first writes
-    if not is_main:
+    rngs = rng_states(run)  # every process takes part, only the first writes
+    if not run.is_main:
         return
-    model.save_pretrained(out)
+    model.save_pretrained(args.out)
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), model=model.state_dict(),
-                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), data_rng=data_rng.get_state(), rng=rngs)
-    path = os.path.join(out, "training_state.pt")
+                 optimizer=optimizer.state_dict(), scaler=run.scaler.state_dict(), data_rng=data_rng.get_state(),
+                 rng=rngs)
+    path = os.path.join(args.out, "training_state.pt")
     with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
         torch.save(state, tmp)
         digest = file_sha256(tmp)
@@ -2789,6 +3084,22 @@ def load_checkpoint(args, is_main: bool = True) -> dict:
         setattr(args, name, saved)
     args.out = args.resume
     return state
+
+
+def restore_training_state(state, optimizer, data_rng, run: Run) -> Tuple[int, float]:
+    """Put back what the weights alone do not hold. Returns (step, seconds of training so far)."""
+    optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    data_rng.set_state(state["data_rng"])
+    mine = state["rng"][run.rank] if len(state["rng"]) == run.world_size else None
+    if mine is not None:
+        torch.set_rng_state(mine["torch"])
+        if run.device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], run.device)
+    elif run.is_main:
+        print(f"note: the checkpoint was saved by {len(state['rng'])} processes and this run has {run.world_size}: "
+              "dropout masks will differ from those of an uninterrupted run", file=sys.stderr)
+    return state["step"], state["elapsed"]
 
 
 class TrainingLog:
@@ -2896,134 +3207,6 @@ class RunLock:
             os.remove(self.path)
 
 
-class StopRequest:
-    """Ctrl-C (SIGINT) while training: the step under way finishes, then the run saves a checkpoint and
-    stops, so an interrupt never lands in the middle of an optimiser update. A second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
-
-    def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def format_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60}:{seconds % 60:02d}"
-
-
-# --- The training command ---------------------------------------------------------------------------------
-
-# Defaults that depend on what is trained: the addition task, a text file from scratch, or --init.
-# The adder is small and takes many small steps: on a CPU, steps per second matter more than examples per step.
-ADDITION_DEFAULTS = dict(digits=2, n_layer=2, n_head=4, n_embd=64, dropout=0.0, batch_size=32, lr=3e-3,
-                         warmup=30, max_steps=2000, time_budget=240.0, eval_every=50, log_every=100,
-                         target_accuracy=0.99)
-TEXT_DEFAULTS = dict(tokenizer="gpt2", block_size=256, n_layer=4, n_head=4, n_embd=128, dropout=0.1, batch_size=16,
-                     lr=6e-4, warmup=100, max_steps=2000, time_budget=0.0, eval_every=200, log_every=20)
-FINE_TUNE_DEFAULTS = dict(lr=1e-4, dropout=None)  # --init: a gentler learning rate; the checkpoint's dropout
-COMMON_DEFAULTS = dict(accum=1, weight_decay=0.1, grad_clip=1.0, seed=0, val_fraction=0.1, eval_batches=20)
-
-
-def fill_defaults(args):
-    """Options left unset get the defaults of the task; then every option is checked."""
-    defaults = dict(COMMON_DEFAULTS, **(ADDITION_DEFAULTS if args.data is None else TEXT_DEFAULTS))
-    if args.init is not None:
-        defaults.update(FINE_TUNE_DEFAULTS)
-        defaults["tokenizer"] = None  # the checkpoint's own
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.save_every is None:
-        args.save_every = args.eval_every
-    if args.out is None:
-        stem = os.path.splitext(os.path.basename(args.data))[0] if args.data else f"addition-{args.digits}digit"
-        args.out = os.path.join("out", stem)
-    if args.data is None and args.digits is not None and not 1 <= args.digits <= 9:
-        raise ValueError(f"--digits must be in 1..9, got {args.digits}")
-    if args.data is not None:
-        check_text_file(args.data)  # before any directory is made
-        if args.digits is not None:
-            raise ValueError("--digits is an option of the addition task; it cannot go with --data")
-    if args.data is None and args.tokenizer is not None:
-        raise ValueError("--tokenizer is an option of --data; the addition task has its own characters")
-    for name, low in (("batch_size", 1), ("accum", 1), ("max_steps", 1), ("n_layer", 1), ("n_head", 1),
-                      ("n_embd", 1), ("block_size", 1), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
-                      ("save_every", 0), ("log_every", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
-        if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
-                             f"got {getattr(args, name)}")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout is a probability in [0, 1), got {args.dropout}")
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    if args.target_accuracy is not None and not 0 <= args.target_accuracy <= 1:
-        raise ValueError(f"--target-accuracy is a fraction of problems in [0, 1] (0: train the whole budget), "
-                         f"got {args.target_accuracy}")
-    if args.target_accuracy and args.data is not None:
-        raise ValueError("--target-accuracy is an option of the addition task (its held-out exact match); "
-                         "it cannot go with --data")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.stop_at is not None and args.stop_at < 1:
-        raise ValueError(f"--stop-at must be a step >= 1, got {args.stop_at}")
-
-
-def prepare_task(args, state, is_main: bool, world_size: int):
-    """(data, tokenizer, n_positions of a new model, config extras to save) for the addition task or --data."""
-    if args.data is None:
-        task = AdditionTask(args.digits)
-        if args.init is not None and state is None:  # go on training an adder, perhaps on more digits
-            init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
-            if init_config.extra.get("char_vocab") != ADDITION_VOCAB or init_config.n_positions < task.seq_len:
-                raise ValueError(f"--init {args.init} is not an addition model of {task.seq_len} positions or more; "
-                                 "to fine-tune it, give a text file with --data")
-        return task, task.tokenizer, task.seq_len, {"addition_digits": args.digits}
-    if state is not None:
-        vocab = tokenizer_for(GPT2Config.from_dict(state["config"])).chars or "gpt2"
-    elif args.init is not None:
-        init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
-        vocab = tokenizer_for(init_config).chars or "gpt2"
-        if args.tokenizer is not None and args.tokenizer != ("gpt2" if vocab == "gpt2" else "char"):
-            raise ValueError(f"--tokenizer {args.tokenizer} does not match --init {args.init}, which reads "
-                             f"{'GPT-2 BPE' if vocab == 'gpt2' else 'characters'}; drop --tokenizer")
-        if args.block_size > init_config.n_positions:
-            raise ValueError(f"--block-size {args.block_size} is longer than --init {args.init}'s "
-                             f"{init_config.n_positions} positions")
-    else:
-        vocab = args.tokenizer
-    data, tokenizer = prepare_text_data(args, vocab, is_main, world_size)
-    return data, tokenizer, args.block_size, {}
-
-
-def train_command(args) -> dict:
-    """`python nanogpt2.py train ...`, under torchrun or not. Returns a summary (for tests and scripts)."""
-    rank, world_size, device = init_distributed(args.device)
-    try:
-        state = load_checkpoint(args, rank == 0) if args.resume else None
-        fill_defaults(args)
-        with RunFolder(args.out, args.overwrite, state is not None) if rank == 0 else contextlib.nullcontext():
-            return train(args, state, rank, world_size, device)
-    finally:
-        if world_size > 1:
-            dist.destroy_process_group()
-
-
 class RunFolder:
     """The --out folder for the length of a run: made if need be, refused if it holds another run (unless
     --overwrite or --resume), locked against a second process, and removed again if this run made it and
@@ -3055,138 +3238,39 @@ class RunFolder:
         return False
 
 
-def train(args, state, rank: int, world_size: int, device: torch.device) -> dict:
-    """The training loop. Every process runs it on its own slice of each batch; only the first (rank 0)
-    prints, logs and writes files."""
-    is_main = rank == 0
-    say = functools.partial(print, flush=True) if is_main else (lambda *lines: None)
-    dtype = parse_dtype(args.dtype) or (torch.float32 if device.type == "cpu" else
-                                        torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    data, tokenizer, n_positions, extra = prepare_task(args, state, is_main, world_size)
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: the step under way finishes, then the run saves a checkpoint and
+    stops, so an interrupt never lands in the middle of an optimiser update. A second Ctrl-C stops at once."""
 
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = build_model(args, tokenizer, n_positions, extra, state).to(device)
-    set_cpu_threads(args, model, device)
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
-    data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch: it is the data position
-    torch.manual_seed(args.seed + rank)  # each process its own dropout masks
-    step, elapsed_before = 0, 0.0
-    if state is not None:
-        step, elapsed_before = restore_training_state(state, optimizer, scaler, data_rng, rank, world_size, device)
-    # What the loop calls: compiled and/or wrapped for DDP. `model` stays the plain module, to save and evaluate.
-    trained = torch.compile(model) if args.compile else model
-    if world_size > 1:
-        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda"
-                                                      else None)
-    autocast = autocast_for(device, dtype)
-    val_batches = data.validation_batches(args.batch_size, args.eval_batches)
-    batch = args.batch_size * args.accum * world_size  # examples per optimiser step, over every process
-    say(describe_run(args, data, model, state, step, world_size, dtype, device))
+    def __init__(self):
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = signal.signal(signal.SIGINT, self.handle)
 
-    log = TrainingLog(args.out, step) if is_main else None
-    start, first_step, last_line = time.time(), step, (time.time(), step)
-    loss, val, tokens, stopped = float("nan"), None, 0, None
-    stop = StopRequest()
-    try:
-        while True:
-            elapsed = elapsed_before + time.time() - start
-            if world_size > 1:  # every process must stop at the same step: the first decides
-                elapsed, stopped = agree_with_first_process(elapsed, stopped, device)
-            # How far through its budget the run is: in steps, or in time, whichever is further.
-            progress = max(step / args.max_steps, elapsed / args.time_budget if args.time_budget else 0.0)
-            if stopped is not None or progress >= 1 or (args.stop_at is not None and step >= args.stop_at):
-                break
-            lr = learning_rate(step, progress, args.lr, args.warmup)
-            step_start = time.time()
-            # Every process draws the same batch, then takes its own micro-batches from it.
-            indices = data.sample(batch, data_rng).view(args.accum, world_size, args.batch_size)[:, rank]
-            micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
-            loss, grad_norm = train_step(trained, optimizer, scaler, micro_batches, lr, args.grad_clip, autocast,
-                                         device, world_size)
-            step += 1
-            tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
-            tokens_per_s = tokens / (time.time() - step_start)
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
 
-            val, accuracy = None, None
-            if args.eval_every and step % args.eval_every == 0:
-                val = validation_loss(model, val_batches, autocast, device, rank, world_size)
-                if args.data is None and args.target_accuracy:  # the adder: stop once it adds well enough
-                    accuracy = data.accuracy(model)[0]
-                    if accuracy >= args.target_accuracy:
-                        stopped = f"reached --target-accuracy {args.target_accuracy:g}"
-            if stop.requested:
-                stopped = "interrupted"
-            elapsed = elapsed_before + time.time() - start
-            if is_main:
-                log.write(step, loss, lr, grad_norm, tokens_per_s, elapsed, val)
-            if step % args.log_every == 0 or val is not None or step == first_step + 1:
-                say(progress_line(args, step, loss, lr, val, elapsed, last_line, tokens)
-                    + (f" | held-out exact match {100 * accuracy:.1f}%" if accuracy is not None else ""))
-                last_line = (time.time(), step)
-            if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size,
-                                is_main)
-    finally:
-        stop.restore()
-
-    elapsed = elapsed_before + time.time() - start
-    if val is None and args.eval_every and stopped != "interrupted":
-        val = validation_loss(model, val_batches, autocast, device, rank, world_size)
-    save_checkpoint(args.out, model, optimizer, scaler, step, elapsed, data_rng, args, device, world_size, is_main)
-    tokens_per_s = (step - first_step) * tokens / (time.time() - start)  # this run's average
-    summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out,
-                   stopped=stopped)
-    if is_main:
-        log.close()
-        if stopped == "interrupted":
-            say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
-                f"  python nanogpt2.py train --resume {shlex.quote(args.out)}")
-        else:
-            report_run(args, summary, model, data, tokenizer, log.plot(), say)
-    return summary
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
-def agree_with_first_process(elapsed: float, stopped: Optional[str], device) -> Tuple[float, Optional[str]]:
-    """Under torchrun: the first process's clock and its reason to stop (Ctrl-C, the target reached), for all."""
-    mine = [elapsed, stopped]
-    dist.broadcast_object_list(mine, 0, device=device if device.type == "cuda" else None)
-    return mine[0], mine[1]
+def format_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
 
 
-# Below this many parameters, a model on a CPU trains on one thread unless told otherwise: its matrix
-# products are so small that handing the work between threads costs more than it saves, badly so on a
-# machine busy with other programs (the default adder: 3x faster on one thread on 2 loaded cores).
-ONE_THREAD_BELOW = 5_000_000
+# --- What the run prints --------------------------------------------------------------------------------
 
 
-def set_cpu_threads(args, model, device):
-    """--threads; else OMP_NUM_THREADS when set; else one thread for a small model on a CPU."""
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and \
-            sum(p.numel() for p in model.parameters()) < ONE_THREAD_BELOW:
-        torch.set_num_threads(1)
-
-
-def restore_training_state(state, optimizer, scaler, data_rng, rank, world_size, device) -> Tuple[int, float]:
-    """Put back what the weights alone do not hold. Returns (step, seconds of training so far)."""
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    data_rng.set_state(state["data_rng"])
-    if len(state["rng"]) == world_size:
-        torch.set_rng_state(state["rng"][rank]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"][rank]:
-            torch.cuda.set_rng_state(state["rng"][rank]["cuda"], device)
-    elif rank == 0:
-        print(f"note: the checkpoint was saved by {len(state['rng'])} processes and this run has {world_size}: "
-              "dropout masks will differ from those of an uninterrupted run", file=sys.stderr)
-    return state["step"], state["elapsed"]
-
-
-def describe_run(args, data, model, state, step, world_size, dtype, device) -> str:
+def describe_run(args, data, model, state, step: int, run: Run) -> str:
     """What is about to happen, in four lines."""
-    cfg, batch = model.config, args.batch_size * args.accum * world_size
+    cfg, batch = model.config, args.batch_size * args.accum * run.world_size
     start = f"resumed at step {step}" if state else f"from {args.init}" if args.init else "from scratch"
     budget = f"{args.max_steps} steps" + (f" or {args.time_budget:g} s, whichever ends first" if args.time_budget else "")
     return "\n".join([
@@ -3194,26 +3278,34 @@ def describe_run(args, data, model, state, step, world_size, dtype, device) -> s
         f"model: GPT-2, {cfg.n_layer} layers x {cfg.n_embd} wide, {cfg.n_head} heads, a vocabulary of {cfg.vocab_size:,}: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {start}",
         f"training: {budget}; batch {batch} (micro-batch {args.batch_size}, accumulation {args.accum}, processes "
-        f"{world_size}); AdamW lr {args.lr:g}, warmup {args.warmup} steps, cosine to {args.lr / 10:g}; "
-        f"{str(dtype)[6:]} on {device.type}" + (", compiled" if args.compile else "")
+        f"{run.world_size}); AdamW lr {args.lr:g}, warmup {args.warmup} steps, cosine to {args.lr / 10:g}; "
+        f"{str(run.dtype)[6:]} on {run.device.type}" + (", compiled" if args.compile else "")
         + (f", {torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''} (--threads)"
-           if device.type == "cpu" else "")
+           if run.device.type == "cpu" else "")
         + (f"; stops early at {100 * args.target_accuracy:g}% held-out exact match (--target-accuracy)"
            if args.data is None and args.target_accuracy else ""),
         f"saving to {args.out} (log.csv: every step)",
     ])
 
 
-def progress_line(args, step, loss, lr, val, elapsed, last_line, tokens_per_step) -> str:
-    """step, loss, learning rate, speed since the previous line, time spent and time left."""
-    since, since_step = last_line
-    seconds_per_step = (time.time() - since) / max(step - since_step, 1)
-    left = (args.max_steps - step) * seconds_per_step
-    if args.time_budget:
-        left = min(left, args.time_budget - elapsed)
-    return (f"step {step:>{len(str(args.max_steps))}}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-            f"{tokens_per_step / seconds_per_step:,.0f} tok/s | {format_time(elapsed)} elapsed, "
-            f"{format_time(max(left, 0))} left" + (f" | val loss {val:.4f}" if val is not None else ""))
+class TrainingProgress:
+    """The loop's progress lines: step, loss, learning rate, speed since the previous line, time spent and
+    time left. It keeps the time and step of its last line, to measure the speed in between."""
+
+    def __init__(self, args, step: int):
+        self.args, self.last_line = args, (time.time(), step)
+
+    def line(self, step: int, loss: float, lr: float, val: Optional[float], elapsed: float,
+             tokens_per_step: int) -> str:
+        args, (since, since_step) = self.args, self.last_line
+        self.last_line = (time.time(), step)
+        seconds_per_step = (time.time() - since) / max(step - since_step, 1)
+        left = (args.max_steps - step) * seconds_per_step
+        if args.time_budget:
+            left = min(left, args.time_budget - elapsed)
+        return (f"step {step:>{len(str(args.max_steps))}}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_step / seconds_per_step:,.0f} tok/s | {format_time(elapsed)} elapsed, "
+                f"{format_time(max(left, 0))} left" + (f" | val loss {val:.4f}" if val is not None else ""))
 
 
 def report_run(args, summary, model, data, tokenizer, png, say):
@@ -3409,8 +3501,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_help(name: str) -> str:
+    """An option's default as --help states it, read from the dataclasses that fill_defaults (section 10) reads,
+    so that the two never disagree: "(default 4)" when all that set it agree, else each one's value, named as
+    TRAIN_DEFAULTS names it; None reads "the model's" (--init keeps the checkpoint's own)."""
+    shown = [(label, "the model's" if option.default is None else f"{option.default:g}"
+              if isinstance(option.default, float) else str(option.default))
+             for label, task in TRAIN_DEFAULTS for option in fields(task) if option.name == name]
+    if len({value for _, value in shown}) == 1:
+        return f"(default {shown[0][1]})"
+    return "(" + ", ".join(f"{label} {value}" for label, value in shown) + ")"
+
+
 def add_train_parser(commands):
-    # Defaults shown as "addition X, text Y" depend on the task; fill_defaults (section 10) sets them.
+    # Defaults shown as "addition X, text Y" depend on the task: see default_help.
     train = commands.add_parser(
         "train", help="train a GPT-2 (no options: a small one learns to add, in minutes on a CPU)",
         description="Train a GPT-2 and save it with save_pretrained.\n\n"
@@ -3424,30 +3528,38 @@ def add_train_parser(commands):
     )
     data = train.add_argument_group("what to learn")
     data.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: the addition task)")
-    data.add_argument("--digits", type=int, metavar="N", help="addition: digits per operand (default 2)")
+    data.add_argument("--digits", type=int, metavar="N", help=f"addition: digits per operand {default_help('digits')}")
     data.add_argument("--tokenizer", choices=["gpt2", "char"],
-                      help="--data: GPT-2's BPE or one token per character (default gpt2; --init: the model's own)")
-    data.add_argument("--block-size", type=int, metavar="N", help="--data: tokens per training window (default 256)")
+                      help=f"--data: GPT-2's BPE or one token per character {default_help('tokenizer')}; --init: "
+                           "the model's own")
+    data.add_argument("--block-size", type=int, metavar="N",
+                      help=f"--data: tokens per training window {default_help('block_size')}")
     data.add_argument("--val-fraction", type=float, metavar="F",
-                      help="--data: the share of tokens, at the end of the file, kept for validation (default 0.1)")
+                      help=f"--data: the share of tokens, at the end of the file, kept for validation "
+                           f"{default_help('val_fraction')}")
     model = train.add_argument_group("the model")
     model.add_argument("--init", metavar="NAME_OR_DIR",
                        help="fine-tune these weights (a directory, gpt2, gpt2-medium, ...) instead of new ones")
-    model.add_argument("--n-layer", type=int, metavar="N", help="blocks of a new model (addition 2, text 4)")
-    model.add_argument("--n-head", type=int, metavar="N", help="attention heads of a new model (default 4)")
-    model.add_argument("--n-embd", type=int, metavar="N", help="width of a new model (addition 64, text 128)")
-    model.add_argument("--dropout", type=float, metavar="P", help="dropout probability (addition 0, text 0.1, --init the model's)")
+    model.add_argument("--n-layer", type=int, metavar="N", help=f"blocks of a new model {default_help('n_layer')}")
+    model.add_argument("--n-head", type=int, metavar="N",
+                       help=f"attention heads of a new model {default_help('n_head')}")
+    model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
+    model.add_argument("--dropout", type=float, metavar="P", help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, metavar="N", help="examples per micro-batch and process (addition 32, text 16)")
-    opt.add_argument("--accum", type=int, metavar="K", help="micro-batches per step: gradient accumulation (default 1)")
-    opt.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (addition 3e-3, text 6e-4, --init 1e-4)")
-    opt.add_argument("--warmup", type=int, metavar="STEPS", help="steps of linear warmup (addition 30, text 100)")
-    opt.add_argument("--weight-decay", type=float, metavar="WD", help="AdamW weight decay, on matrices only (default 0.1)")
-    opt.add_argument("--grad-clip", type=float, metavar="NORM", help="largest gradient norm; 0 turns clipping off (default 1.0)")
-    opt.add_argument("--max-steps", type=int, metavar="N", help="optimiser steps (addition 2000, text 2000)")
+    opt.add_argument("--batch-size", type=int, metavar="N",
+                     help=f"examples per micro-batch and process {default_help('batch_size')}")
+    opt.add_argument("--accum", type=int, metavar="K",
+                     help=f"micro-batches per step: gradient accumulation {default_help('accum')}")
+    opt.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
+    opt.add_argument("--weight-decay", type=float, metavar="WD",
+                     help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
+    opt.add_argument("--grad-clip", type=float, metavar="NORM",
+                     help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
+    opt.add_argument("--max-steps", type=int, metavar="N", help=f"optimiser steps {default_help('max_steps')}")
     opt.add_argument("--time-budget", type=float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
-                          "budget runs out first; 0: none (addition 240, text 0)")
+                          f"budget runs out first; 0: none {default_help('time_budget')}")
     opt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="autocast precision (default: float32 on a CPU; bfloat16 on a GPU that has it, else "
                           "float16 with a GradScaler)")
@@ -3456,7 +3568,8 @@ def add_train_parser(commands):
                      help="CPU threads (default: 1 for a model under 5M parameters, whose small matrix products "
                           "lose more to handing work between threads than they gain; else OMP_NUM_THREADS or all "
                           "cores)")
-    opt.add_argument("--seed", type=int, metavar="N", help="seed of the weights, the batches and dropout (default 0)")
+    opt.add_argument("--seed", type=int, metavar="N",
+                     help=f"seed of the weights, the batches and dropout {default_help('seed')}")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present; under torchrun cuda:LOCAL_RANK)")
     run = train.add_argument_group("the run")
     run.add_argument("--out", metavar="DIR", help="where to save (default out/addition-2digit, or out/<file name>)")
@@ -3467,15 +3580,17 @@ def add_train_parser(commands):
                      help="train into an --out that holds an earlier run, replacing it (without it: refused)")
     run.add_argument("--target-accuracy", type=float, metavar="F",
                      help="addition: stop once this fraction of the held-out problems is right, checked at each "
-                          "--eval-every; 0: train the whole budget (default 0.99)")
+                          f"--eval-every; 0: train the whole budget {default_help('target_accuracy')}")
     run.add_argument("--stop-at", type=int, metavar="STEP",
                      help="stop (and save) after this step, leaving the schedule as it is; continue with --resume")
-    run.add_argument("--eval-every", type=int, metavar="STEPS", help="steps between validation losses; 0: at the end only "
-                                                    "(addition 50, text 200)")
-    run.add_argument("--eval-batches", type=int, metavar="N", help="batches in a validation loss (default 20)")
+    run.add_argument("--eval-every", type=int, metavar="STEPS",
+                     help=f"steps between validation losses; 0: at the end only {default_help('eval_every')}")
+    run.add_argument("--eval-batches", type=int, metavar="N",
+                     help=f"batches in a validation loss {default_help('eval_batches')}")
     run.add_argument("--save-every", type=int, metavar="STEPS", help="steps between checkpoints; 0: at the end only "
                                                     "(default: --eval-every)")
-    run.add_argument("--log-every", type=int, metavar="STEPS", help="steps between progress lines (addition 100, text 20)")
+    run.add_argument("--log-every", type=int, metavar="STEPS",
+                     help=f"steps between progress lines {default_help('log_every')}")
 
 
 def add_eval_parser(commands):

@@ -184,9 +184,7 @@ def tiny_lm(seed=0):
 
 
 def one_step(model, optimizer, batch, grad_clip):
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return nanogpt2.train_step(model, optimizer, scaler, [batch], 1.0, grad_clip, nanogpt2.contextlib.nullcontext,
-                               "cpu")
+    return nanogpt2.train_step(model, optimizer, [batch], 1.0, grad_clip, nanogpt2.Run())  # one process, fp32, CPU
 
 
 def flat(model):

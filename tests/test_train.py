@@ -104,14 +104,12 @@ def test_micro_batches_with_accumulation_equal_one_bigger_batch():
     x = torch.randint(0, 20, (8, 8))
     y = torch.randint(0, 20, (8, 8))
     y[torch.rand(8, 8) < 0.5] = -100  # uneven: each micro-batch holds a different number of targets
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     updates = []
     for micro_batches in ([(x, y)], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
         copy = nanogpt2.GPT2LMHeadModel(config)
         copy.load_state_dict(model.state_dict())
         sgd = torch.optim.SGD(copy.parameters(), lr=1.0)  # the update is minus the gradient itself
-        loss, norm = nanogpt2.train_step(copy, sgd, scaler, micro_batches, 1.0, 0.0, nanogpt2.contextlib.nullcontext,
-                                         "cpu")
+        loss, norm = nanogpt2.train_step(copy, sgd, micro_batches, 1.0, 0.0, nanogpt2.Run())  # cpu, float32
         updates.append((loss, norm, torch.cat([(p - q).flatten() for p, q in zip(copy.parameters(), model.parameters())])))
     (loss_one, norm_one, one), (loss_four, norm_four, four) = updates
     assert loss_one == pytest.approx(loss_four, rel=1e-6) and norm_one == pytest.approx(norm_four, rel=1e-5)
