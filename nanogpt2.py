@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -328,18 +329,19 @@ def init_gpt2_weights(module: nn.Module, config: GPT2Config):
     """GPT-2's initialisation, for one module (use with `model.apply`): N(0, 0.02) weights, zero biases,
     unit layer norms, and each residual projection (c_proj) scaled by 1/sqrt(2 * n_layer), since every
     block adds two of them to the residual stream and their variance would otherwise grow with depth."""
+    # The random fills go through torch.nn.init, so that from_pretrained can skip them (without_random_init).
     if isinstance(module, (nn.Linear, Conv1D)):
-        module.weight.data.normal_(mean=0.0, std=config.initializer_range)
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
         if module.bias is not None:
-            module.bias.data.zero_()
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        module.weight.data.normal_(mean=0.0, std=config.initializer_range)
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
     elif isinstance(module, nn.LayerNorm):
-        module.weight.data.fill_(1.0)
-        module.bias.data.zero_()
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
     for name, p in module.named_parameters():
         if name == "c_proj.weight":  # GPT2Attention.c_proj and GPT2MLP.c_proj
-            p.data.normal_(mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+            nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
 
 
 class ModelOutput:
@@ -414,6 +416,12 @@ class QuestionAnsweringModelOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------
 
 
+def causal_mask(n_positions: int, device=None) -> torch.Tensor:
+    """(1, 1, n, n) of bool, True where query i may see key j (j <= i)."""
+    causal = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool, device=device))
+    return causal.view(1, 1, n_positions, n_positions)
+
+
 class GPT2Attention(nn.Module):
     """Multi-head attention: causal self-attention, or (is_cross_attention=True) attention from the
     decoder's tokens to an encoder's outputs.
@@ -446,8 +454,7 @@ class GPT2Attention(nn.Module):
         self.pruned_heads = set()
         # bias[0, 0, i, j] is True where query i may see key j (j <= i). Not saved in the state_dict:
         # it is the same for every model of this n_positions.
-        causal = torch.tril(torch.ones(config.n_positions, config.n_positions, dtype=torch.bool))
-        self.register_buffer("bias", causal.view(1, 1, config.n_positions, config.n_positions), persistent=False)
+        self.register_buffer("bias", causal_mask(config.n_positions), persistent=False)
 
     def prune_heads(self, heads):
         """Remove whole heads: their columns of c_attn (in q, k and v) and their rows of c_proj."""
@@ -1610,25 +1617,43 @@ def read_safetensors_header(path) -> Tuple[dict, int]:
     return header, 8 + n
 
 
-def load_safetensors(path) -> Dict[str, torch.Tensor]:
-    """Read a .safetensors file with numpy (memory-mapped) into CPU tensors."""
+def load_safetensors(path, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """Read a .safetensors file into CPU tensors without copying it: the file is memory-mapped, and each
+    tensor is a view of its own bytes in the mapping (torch.frombuffer). Loading then costs neither time
+    nor memory until a weight is used, and the pages are the operating system's file cache, shared with
+    any other process reading the same file.
+
+    The mapping is copy-on-write (mmap.ACCESS_COPY): writing to a tensor (an optimiser step) gives it
+    private copies of the pages it changes, and the file never changes. The mapping lives as long as a
+    tensor uses it; do not rewrite the file in place meanwhile (save_safetensors writes a new file and
+    renames it, which is safe). Bytes are copied only when they must be: floating-point tensors stored in
+    another dtype than `dtype` are read and converted one at a time (memory then peaks at the converted
+    model plus one tensor, not the whole file on top), and a tensor whose bytes are not aligned to its
+    element size is read into fresh memory. Byte order is the file's, little-endian, as on every machine
+    PyTorch supports but s390x.
+    """
     header, data_start = read_safetensors_header(path)
     tensors = {}
-    if os.path.getsize(path) == data_start:  # only empty tensors (np.memmap cannot map zero bytes)
-        data = np.zeros(0, dtype=np.uint8)
-    else:
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        np_dtype, torch_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        array = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(info["shape"])
-        tensor = torch.from_numpy(array.copy())  # copy: own the memory, let the file close
-        if torch_dtype in (torch.bfloat16, torch.bool):
-            tensor = tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor.bool()
-        tensors[name] = tensor
-    del data
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the whole file; outlives f
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            file_dtype = SAFETENSORS_DTYPES[info["dtype"]][1]
+            begin, end = info["data_offsets"]
+            start = data_start + begin  # offset in the file
+            convert = dtype is not None and file_dtype.is_floating_point and file_dtype != dtype
+            if end == begin:  # an empty tensor (frombuffer refuses zero bytes)
+                raw = torch.empty(0, dtype=torch.uint8)
+            elif convert or start % file_dtype.itemsize:
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start)
+                f.readinto(raw.numpy())
+            else:
+                raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=start)
+            tensor = raw.bool() if file_dtype == torch.bool else raw.view(file_dtype)  # bytes -> elements
+            tensor = tensor.view(info["shape"])
+            tensors[name] = tensor.to(dtype) if convert else tensor
     return tensors
 
 
@@ -1781,8 +1806,9 @@ def resolve_checkpoint(name_or_dir: str) -> str:
     return local
 
 
-def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
-    """The weights of a model directory, whichever of the four Hugging Face layouts it uses."""
+def load_state_dict_files(directory: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """The weights of a model directory, whichever of the four Hugging Face layouts it uses, memory-mapped
+    (see load_safetensors), shard after shard, with floating-point tensors in `dtype` when given."""
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         single, index = os.path.join(directory, single_name), os.path.join(directory, index_name)
@@ -1798,19 +1824,31 @@ def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
             if not os.path.exists(path):
                 raise CheckpointError(f"{path} is listed in {index_name} but missing")
             if path.endswith(".safetensors"):
-                state_dict.update(load_safetensors(path))
+                state_dict.update(load_safetensors(path, dtype))
             else:  # weights_only: a .bin is a pickle, and a pickle can run code; this refuses anything but tensors
                 try:
-                    loaded = torch.load(path, map_location="cpu", weights_only=True)
+                    loaded = load_bin(path)
                 except Exception as e:
                     raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
                                           f"({type(e).__name__}): truncated, corrupt or unsafe") from None
                 if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                     raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors")
-                state_dict.update(loaded)
+                state_dict.update({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                                   for k, v in loaded.items()})
         return state_dict
     raise CheckpointError(f"{directory} holds no weights: expected model.safetensors, pytorch_model.bin or a "
                           "sharded index of either")
+
+
+def load_bin(path) -> dict:
+    """A pytorch_model.bin (a zip of pickled tensors) memory-mapped like safetensors (torch.load(mmap=True),
+    copy-on-write too); files from before PyTorch 1.6's zip format cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "zipfile" not in str(e) and "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # Keys that heads other than the one being loaded may bring along, and buffers older checkpoints saved.
@@ -1863,16 +1901,64 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) or a hub repository id. Weights load in fp32
     unless dtype says otherwise ("float16", "bfloat16", or a torch.dtype), onto `device` (default CPU).
     A head the checkpoint has no weights for (say a classifier on top of gpt2) starts freshly initialised."""
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype) or torch.float32
     directory = resolve_checkpoint(str(name_or_dir))
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{directory} has no config.json")
     config = GPT2Config.from_json_file(config_path)
-    model = cls(config)
-    model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
-    model.to(dtype=dtype or torch.float32, device=device)
+    with without_random_init():
+        model = cls(config)
+    state_dict = match_state_dict(model, load_state_dict_files(directory, dtype))
+    # assign=True makes the loaded tensors (views of the mapped file) the parameters, instead of copying
+    # them into parameters allocated for the purpose: the file is the model's memory.
+    missing = model.load_state_dict(separate_shared(state_dict), strict=False, assign=True).missing_keys
+    finish_loading(model, config, missing)
+    model.to(dtype=dtype, device=device)  # a no-op for tensors already in this dtype, on this device
     return model.eval()
+
+
+@contextlib.contextmanager
+def without_random_init():
+    """Build a model whose weights a checkpoint will bring without first filling it with random numbers:
+    torch.nn.init's random fills are no-ops meanwhile, so parameters stay as torch.empty made them, memory
+    the operating system backs only once it is written, and load_state_dict(assign=True) replaces them
+    before it ever is. Hugging Face's from_pretrained skips the fills the same way (no_init_weights).
+    (PyTorch's meta device would skip even the allocation, but building on it runs Python decompositions
+    of tril, arange and normal_ that import torch._dynamo: seconds, for a model that loads in one.)"""
+    fills = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_")
+    saved = {name: getattr(nn.init, name) for name in fills}
+    try:
+        for name in fills:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
+
+
+def separate_shared(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Tensors that share memory in the file (a .bin saved with tied weights, loaded into an untied model)
+    are copied apart, or training one would silently change the other. Non-contiguous ones (a .bin may hold
+    views) are made contiguous."""
+    seen, separate = set(), {}
+    for key, tensor in state_dict.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        separate[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor.contiguous()
+        seen.add(ptr)
+    return separate
+
+
+def finish_loading(model: nn.Module, config: GPT2Config, missing_keys: List[str]):
+    """What load_state_dict(assign=True) leaves to do: tie the LM head to the token embeddings again (the
+    embeddings' parameter was replaced; the head still points at the old one), and give the model's
+    initialisation to the modules whose weights the checkpoint did not hold (a fresh head)."""
+    tied = config.tie_word_embeddings and hasattr(model, "lm_head")
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    for key in missing_keys:
+        if not (tied and key == "lm_head.weight"):
+            init_gpt2_weights(model.get_submodule(key.rpartition(".")[0]), config)
 
 
 def save_pretrained(model: nn.Module, directory):
