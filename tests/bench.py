@@ -307,6 +307,14 @@ def row(name, ours, theirs, best=None, best_of="", unit="s"):
             "fraction": (best / ours) if best is not None and ours else None, "best_of": best_of}
 
 
+def progress(rows):
+    """Each section's figures as soon as they are measured (the full run takes minutes); the table follows."""
+    for r in rows:
+        print(f"  {r['name']}: ours {r['ours']:.3f}, transformers {r['theirs'] if r['theirs'] is None else round(r['theirs'], 3)}",
+              flush=True)
+    return rows
+
+
 def print_table(rows, header):
     print(header)
     print(f"{'':46} {'ours':>10} {'transformers':>13} {'speed-up':>9}  {'of the limit':>16}")
@@ -328,7 +336,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller runs, fewer repetitions")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each (default 5, quick 3)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each (default 3, quick 2)")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
@@ -338,7 +346,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
-    reps = args.reps or (3 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 3)
     new_tokens = 16 if args.quick else 64
     shape = (1, 128) if args.quick else (4, 256)
     header = (f"nanogpt2 bench: {device}, {args.threads} thread(s), fp32, torch {torch.__version__}, transformers "
@@ -347,20 +355,21 @@ def main(argv=None):
 
     limits = None
     rows = []
+    print(header, flush=True)
     if "limits" in only or any(s in only for s in ("decode", "forward", "train", "imagegpt")):
         limits = measure_limits(device, args.quick)
         print(f"limits: memory read {limits['bandwidth_gbs']:.1f} GB/s, fp32 GEMM {limits['gflops']:.1f} GFLOP/s",
               flush=True)
     if "decode" in only:
-        rows += bench_decode(device, reps, new_tokens, limits)
+        rows += progress(bench_decode(device, reps, new_tokens, limits))
     if "forward" in only:
-        rows += bench_forward(device, reps, shape, limits)
+        rows += progress(bench_forward(device, reps, shape, limits))
     if "train" in only:
-        rows += bench_train(device, reps, shape, limits)
+        rows += progress(bench_train(device, reps, shape, limits))
     if "imagegpt" in only:
-        rows += bench_imagegpt(device, reps, 2 * new_tokens, limits)
+        rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits))
     if "load" in only:
-        rows += bench_load(device, reps)
+        rows += progress(bench_load(device, reps))
     print_table(rows, header + f", load average {os.getloadavg()[0]:.2f} at the end")
 
 
