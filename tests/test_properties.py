@@ -337,10 +337,11 @@ def test_generation_is_the_same_with_either_cache(device, data):
 HALF_TOL = {torch.float16: 5e-3, torch.bfloat16: 5e-2}
 
 
+@pytest.mark.parametrize("cache", ["tuple", "static"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @examples(10)
 @given(data=st.data())
-def test_one_forward_equals_prefill_plus_cached_steps_in_half_precision(device, dtype, data):
+def test_one_forward_equals_prefill_plus_cached_steps_in_half_precision(device, dtype, cache, data):
     if device.type != "cuda":
         pytest.skip("fp16/bf16 cache equivalence is checked on CUDA (CPU half-precision kernels differ)")
     config = data.draw(configs(), label="config")
@@ -348,7 +349,8 @@ def test_one_forward_equals_prefill_plus_cached_steps_in_half_precision(device, 
     x, bounds, common = draw_cache_case(data, config, device)
     if "encoder_hidden_states" in common:
         common["encoder_hidden_states"] = common["encoder_hidden_states"].to(dtype)
-    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], **common)
+    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], cache,
+                                                   **common)
     assert_close(incremental[x["real"]], full.logits[x["real"]], HALF_TOL[dtype], f"{dtype}, steps {bounds}")
     assert_same_cache(past, full.past_key_values, x["real"], HALF_TOL[dtype], f"{dtype} cache, steps {bounds}")
 
