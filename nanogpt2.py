@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import mmap
 import os
 import re
 import shlex
@@ -268,12 +269,19 @@ class Conv1D(nn.Module):
         return x.view(out_shape)
 
 
-def gelu_new(x):
+def gelu_new_formula(x):
     """GPT-2's GELU: the tanh approximation OpenAI trained with, elementwise on a tensor of any shape:
     0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))). Returns a tensor of x's shape and dtype.
     Using exact erf GELU instead changes logits of a pretrained model by ~1e-3, far more than the 1e-5 we
     match the reference to."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_new(x):
+    """gelu_new_formula through PyTorch's fused kernel: the same function (a test checks they agree to
+    fp32 rounding), computed in one pass over memory, forward and backward, where the formula takes about
+    eight elementwise passes, each reading and writing a (B, T, 4C) tensor and keeping it for the backward."""
+    return F.gelu(x, approximate="tanh")
 
 
 def gelu_fast(x):
@@ -353,18 +361,19 @@ def init_gpt2_weights(module: nn.Module, config: GPT2Config):
     """GPT-2's initialisation, for one module (use with `model.apply`): N(0, 0.02) weights, zero biases,
     unit layer norms, and each residual projection (c_proj) scaled by 1/sqrt(2 * n_layer), since every
     block adds two of them to the residual stream and their variance would otherwise grow with depth."""
+    # The random fills go through torch.nn.init, so that from_pretrained can skip them (without_random_init).
     if isinstance(module, (nn.Linear, Conv1D)):
-        module.weight.data.normal_(mean=0.0, std=config.initializer_range)
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
         if module.bias is not None:
-            module.bias.data.zero_()
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        module.weight.data.normal_(mean=0.0, std=config.initializer_range)
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
     elif isinstance(module, nn.LayerNorm):
-        module.weight.data.fill_(1.0)
-        module.bias.data.zero_()
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
     for name, p in module.named_parameters():
         if name == "c_proj.weight":  # GPT2Attention.c_proj and GPT2MLP.c_proj
-            p.data.normal_(mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+            nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
 
 
 class ModelOutput:
@@ -439,6 +448,57 @@ class QuestionAnsweringModelOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------
 
 
+class StaticCache:
+    """A key/value cache allocated once for a whole generation: per layer, keys and values of shape
+    (B, nh, max_length, hs), written in place as tokens arrive; attention reads the filled part.
+
+    The reference's cache, which forward also takes and returns, is a tuple of (k, v) per layer that grows
+    by concatenation: every step copies the whole cache to add one token to it, O(T^2) bytes over a
+    generation and fresh memory each step. Here a step writes only its own T keys and values. Pass a
+    StaticCache(max_length) as past_key_values, empty or filled by earlier calls; forward fills it further
+    and returns the same object as past_key_values. generate() uses one by default. It is for inference
+    (under torch.no_grad): writing in place into tensors autograd has saved would break a backward pass.
+    """
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0  # positions filled: the same in every layer between forward calls (GPT2Model advances it)
+        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
+        self.values: Dict[Optional[int], torch.Tensor] = {}
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return next(iter(self.keys.values())).size(0) if self.keys else None
+
+    def update(self, layer: Optional[int], k, v):
+        """Write layer's new keys and values k, v (B, nh, T, hs) after the P filled positions; return the keys
+        and values of all P + T positions, (B, nh, P + T, hs) each: views of the cache, not copies."""
+        if layer not in self.keys:  # made here, on the layer's device and dtype, with its number of heads
+            B, nh, _, hs = k.shape
+            self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
+            self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
+        P, T = self.length, k.size(-2)
+        self.keys[layer][:, :, P : P + T] = k
+        self.values[layer][:, :, P : P + T] = v
+        return self.keys[layer][:, :, : P + T], self.values[layer][:, :, : P + T]
+
+    def reorder(self, beam_idx):
+        """Beam search: keep the cache rows of the beams that survived (beam_idx (B,), row indices)."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, beam_idx.to(self.keys[layer].device))
+            self.values[layer] = self.values[layer].index_select(0, beam_idx.to(self.values[layer].device))
+
+    def to_tuple(self) -> tuple:
+        """The same keys and values in the reference's layout: per layer (k, v), each (B, nh, length, hs)."""
+        return tuple((self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]) for i in sorted(self.keys))
+
+
+def causal_mask(n_positions: int, device=None) -> torch.Tensor:
+    """(1, 1, n, n) of bool, True where query i may see key j (j <= i)."""
+    causal = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool, device=device))
+    return causal.view(1, 1, n_positions, n_positions)
+
+
 class GPT2Attention(nn.Module):
     """Multi-head attention: causal self-attention, or (is_cross_attention=True) attention from the
     decoder's tokens to an encoder's outputs.
@@ -471,8 +531,7 @@ class GPT2Attention(nn.Module):
         self.pruned_heads = set()
         # bias[0, 0, i, j] is True where query i may see key j (j <= i). Not saved in the state_dict:
         # it is the same for every model of this n_positions.
-        causal = torch.tril(torch.ones(config.n_positions, config.n_positions, dtype=torch.bool))
-        self.register_buffer("bias", causal.view(1, 1, config.n_positions, config.n_positions), persistent=False)
+        self.register_buffer("bias", causal_mask(config.n_positions), persistent=False)
 
     def prune_heads(self, heads):
         """Remove whole heads (original head numbers; ones already pruned are ignored; nothing left to prune
@@ -527,15 +586,17 @@ class GPT2Attention(nn.Module):
     ):
         """One attention layer, with the key/value cache.
 
-        hidden_states (B, T, C): the new tokens. layer_past: None, or (past_key, past_value) each (B, nh, P, hs)
-        for the P tokens already seen. attention_mask: None or additive (B, 1, 1, P + T). head_mask: None or
-        (B or 1, nh, 1, 1) of 0/1. encoder_hidden_states (B, S, C): for cross-attention only (a self-attention
-        layer given them raises ValueError); then queries come from q_attn(hidden_states), keys and values from
+        hidden_states (B, T, C): the new tokens. layer_past: None, (past_key, past_value) each (B, nh, P, hs)
+        for the P tokens already seen, or a StaticCache (preallocated, filled in place: see StaticCache).
+        attention_mask: None or additive (B, 1, 1, P + T). head_mask: None or (B or 1, nh, 1, 1) of 0/1.
+        encoder_hidden_states (B, S, C): for cross-attention only (a self-attention layer given them raises
+        ValueError); then queries come from q_attn(hidden_states), keys and values from
         c_attn(encoder_hidden_states), and encoder_attention_mask replaces attention_mask.
         Self-attention: c_attn(hidden_states) holds q, k, v side by side, each split_size wide. Split into heads;
         the cached keys and values go before the new ones (position order). present is the full (k, v) when
-        use_cache, else None. The explicit core runs when output_attentions, head_mask or reorder_and_upcast_attn
-        ask for it, the SDPA core otherwise (weights None). Merge the heads, then c_proj and resid_dropout.
+        use_cache (or the StaticCache, written in place), else None. The explicit core runs when
+        output_attentions, head_mask or reorder_and_upcast_attn ask for it, the SDPA core otherwise (weights
+        None). Merge the heads, then c_proj and resid_dropout.
         Returns (output (B, T, C), present or None, attention weights (B, nh, T, P + T) or None).
         """
         B, T, C = hidden_states.size()
@@ -549,11 +610,14 @@ class GPT2Attention(nn.Module):
             query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 x (B, T, C)
         q, k, v = self.split_heads(query), self.split_heads(key), self.split_heads(value)  # (B, nh, T, hs)
 
-        if layer_past is not None:  # prepend the cached keys and values of the P earlier tokens
+        static = isinstance(layer_past, StaticCache)
+        if static:  # write the new keys and values into the preallocated cache, read all P + T
+            k, v = layer_past.update(self.layer_idx, k, v)  # (B, nh, P + T, hs)
+        elif layer_past is not None:  # prepend the cached keys and values of the P earlier tokens
             past_key, past_value = layer_past
             k = torch.cat((past_key, k), dim=-2)  # (B, nh, P + T, hs)
             v = torch.cat((past_value, v), dim=-2)
-        present = (k, v) if use_cache else None
+        present = (layer_past if static else (k, v)) if use_cache else None
 
         # One visible `if`: the explicit core when a caller wants the weights or masks heads (or asks for
         # the fp32 upcast path); otherwise PyTorch's fused kernel, which never materialises (T, T) weights.
@@ -843,7 +907,15 @@ class GPT2Model(nn.Module):
         T = input_shape[-1]
         batch = math.prod(input_shape[:-1])
         past_length = 0
-        if past_key_values is not None:
+        if isinstance(past_key_values, StaticCache):
+            past_length = past_key_values.length
+            if past_length + T > past_key_values.max_length:
+                raise ValueError(f"the StaticCache holds {past_key_values.max_length} positions, {past_length} of them "
+                                 f"filled: no room for {T} more; make it with a larger max_length")
+            if past_key_values.batch_size not in (None, batch):
+                raise _shape_error("past_key_values (StaticCache)", (past_key_values.batch_size,), (batch,),
+                                   "one cache row per sequence")
+        elif past_key_values is not None:
             if len(past_key_values) != cfg.n_layer:
                 raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {cfg.n_layer}")
             past_length = past_key_values[0][0].size(-2)
@@ -963,6 +1035,7 @@ class GPT2Model(nn.Module):
         if head_mask is not None:  # (nh,) or (n_layer, nh) -> (n_layer, 1, nh, 1, 1) of 0/1 factors
             head_mask = head_mask.to(self.dtype).expand(cfg.n_layer, -1)[:, None, :, None, None]
 
+        static = isinstance(past_key_values, StaticCache)
         presents = () if use_cache else None
         all_hidden_states = () if output_hidden_states else None
         all_self_attentions = () if output_attentions else None
@@ -970,7 +1043,7 @@ class GPT2Model(nn.Module):
         for i, block in enumerate(self.h):
             if self.device_map is not None:  # follow the block to its device
                 hidden_states = hidden_states.to(block.ln_1.weight.device)
-            layer_past = past_key_values[i] if past_key_values is not None else None
+            layer_past = past_key_values if static else past_key_values[i] if past_key_values is not None else None
             layer_inputs = [
                 a.to(hidden_states.device) if isinstance(a, torch.Tensor) else a
                 for a in (attention_mask, head_mask[i] if head_mask is not None else None,
@@ -985,13 +1058,16 @@ class GPT2Model(nn.Module):
             else:
                 outputs = block(hidden_states, layer_past, *layer_inputs, use_cache, output_attentions)
             hidden_states, present, self_weights, cross_weights = outputs
-            if use_cache:
+            if use_cache and not static:
                 presents += (present,)
             if output_attentions:
                 all_self_attentions += (self_weights,)
                 if cfg.add_cross_attention:
                     all_cross_attentions += (cross_weights,)
 
+        if static:  # every layer has written its T new positions
+            past_key_values.length += T
+            presents = past_key_values if use_cache else None
         hidden_states = self.ln_f(hidden_states.to(self.ln_f.weight.device))
         hidden_states = hidden_states.view(input_shape + (hidden_states.size(-1),))  # (..., T, C)
         if output_hidden_states:
@@ -1034,10 +1110,13 @@ def check_labels(name, labels, shape, limit: int, limit_name: str, what: str, pe
 def shifted_lm_loss(logits, labels):
     """Next-token cross-entropy, a scalar: logits (..., T, V), labels (..., T) (on any device). Position t's
     logits predict labels[t + 1], so the last position's logits and the first label are not used. Labels
-    of -100 are ignored (padding, or a prompt the loss should not count); the mean is over the rest."""
-    shift_logits = logits[..., :-1, :].contiguous()  # (..., T - 1, V): every position but the last...
-    shift_labels = labels[..., 1:].contiguous().to(logits.device)  # (..., T - 1): ...predicts the next label
-    return F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=-100)
+    of -100 are ignored (padding, or a prompt the loss should not count); the mean is over the rest.
+
+    The labels are shifted, not the logits: labels[t + 1] moves to position t and the last position gets
+    -100, so the (..., T, V) logits are used in place instead of copied without their last row."""
+    labels = labels.to(logits.device)
+    shifted = F.pad(labels[..., 1:], (0, 1), value=-100)  # (..., T): the next label; nothing after the last
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100)
 
 
 def _body_kwargs(kwargs):
@@ -1114,6 +1193,9 @@ class GPT2LMHeadModel(nn.Module):
     @staticmethod
     def _reorder_cache(past_key_values, beam_idx):
         """Beam search keeps the best beams each step: pick the cache rows of the beams that survived."""
+        if isinstance(past_key_values, StaticCache):
+            past_key_values.reorder(beam_idx)
+            return past_key_values
         return tuple(
             tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer_past)
             for layer_past in past_key_values
@@ -1524,6 +1606,7 @@ def generate(
     stop_at_eos: bool = True,
     generator: Optional[torch.Generator] = None,
     on_token=None,
+    cache: str = "static",
 ):
     """Continue each prompt by up to max_new_tokens tokens, reusing the key/value cache so every step
     runs the model on one new token only.
@@ -1534,11 +1617,14 @@ def generate(
     nucleus, using `generator` for reproducible draws; num_beams > 1 runs beam search. A sequence that
     emits eos_token_id (default: the config's, <|endoftext|>) stops and is padded with pad_token_id;
     generation ends when every sequence has stopped (stop_at_eos=False never stops early).
-    on_token(tokens (B,)) is called after each step, for streaming.
+    on_token(tokens (B,)) is called after each step, for streaming. cache="static" (the default) keeps
+    keys and values in a StaticCache, written in place; cache="tuple" in the reference's growing tuples.
     Returns a LongTensor (B, T + number of new tokens).
     """
     _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                          attention_mask)
+    if cache not in ("static", "tuple"):
+        raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
     was_training = model.training
     model.eval()  # no dropout while generating
     eos = (model.config.eos_token_id if eos_token_id is None else eos_token_id) if stop_at_eos else None
@@ -1550,38 +1636,58 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
     try:
+        past = StaticCache(input_ids.size(1) + max_new_tokens) if cache == "static" else None
         if num_beams > 1:
-            return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad)
+            return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad,
+                                past)
         return _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                       eos, pad, generator, on_token)
+                       eos, pad, generator, on_token, past)
     finally:
         model.train(was_training)
 
 
+def next_token_logits(model, hidden):
+    """The LM head on the last hidden states only, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than
+    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the kernel streams it
+    once for every row of the batch (measured on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16).
+    Only the last position's logits are needed to choose the next token, so the prompt's others are skipped."""
+    weight = model.lm_head.weight  # (V, C)
+    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
+
+
 def _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
-            generator, on_token):
+            generator, on_token, past=None):
     """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
 
-    input_ids and attention_mask (B, T): the prompts, left-padded, with 0 on padding. Positions come from
-    _positions_from_mask. The first step runs the model on the whole prompt, later steps on the one new token
-    per row, with past_key_values, the full attention_mask and the new tokens' position ids, use_cache=True.
-    The next token comes from the last position's logits (as float32): the argmax when not do_sample; else
+    input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. past: a StaticCache
+    with room for T0 + max_new_tokens positions, or None for the reference's tuple cache. Tokens, mask and
+    positions are allocated once, (B, T0 + max_new_tokens), and filled in rather than concatenated a column
+    at a time: the mask's new columns are ones, and the new tokens' positions continue from each row's last
+    prompt position (positions come from _positions_from_mask). The first step runs the body on the whole
+    prompt, later steps on the one new token per row, with past_key_values, the mask up to the current length
+    (none at all when nothing is padded) and the position ids, use_cache=True. The next token comes from the
+    last position's logits (next_token_logits, as float32): the argmax when not do_sample; else
     logits / temperature, then top_k_filter (if top_k), then top_p_filter (if top_p), softmax, and one
     torch.multinomial draw per row using `generator`. Rows already finished get `pad` instead. After each step
     call on_token(next_tokens (B,)) if given; with eos not None, a row that emits eos is finished from then on,
-    and the loop stops once every row is finished. The mask grows by a column of ones and the positions by
-    last + 1 each step. Returns (B, T + number of steps run).
+    and the loop stops once every row is finished. Returns (B, T0 + number of steps run).
     """
-    B = input_ids.size(0)
-    tokens = input_ids  # (B, T), grows by one column per step
-    position_ids = _positions_from_mask(attention_mask)
+    B, T0 = input_ids.shape
+    tokens = input_ids.new_full((B, T0 + max_new_tokens), pad)  # (B, T0 + N): prompt, then the new tokens
+    tokens[:, :T0] = input_ids
+    mask = attention_mask.new_ones(B, T0 + max_new_tokens)
+    mask[:, :T0] = attention_mask
+    positions = torch.arange(T0 + max_new_tokens, device=input_ids.device).repeat(B, 1)  # (B, T0 + N)
+    positions[:, :T0] = _positions_from_mask(attention_mask)
+    positions[:, T0:] += positions[:, T0 - 1 : T0] - (T0 - 1)  # new tokens continue from each row's last
+    padded = not bool(attention_mask.all())  # without padding no mask is needed: a mask of ones masks nothing
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-    past, step_input = None, input_ids
+    start, length = 0, T0  # tokens[:, start:length] are not cached yet
     for _ in range(max_new_tokens):
-        out = model(step_input, past_key_values=past, attention_mask=attention_mask,
-                    position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
+        out = model.transformer(tokens[:, start:length], past_key_values=past, position_ids=positions[:, start:length],
+                                attention_mask=mask[:, :length] if padded else None, use_cache=True)
         past = out.past_key_values
-        logits = out.logits[:, -1, :].float()  # (B, V): the prediction for the next token
+        logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, V): the next token's
         if do_sample:
             logits = logits / temperature
             if top_k is not None:
@@ -1593,17 +1699,15 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, tempera
         else:
             next_tokens = logits.argmax(dim=-1)  # (B,)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        tokens[:, length] = next_tokens
+        start, length = length, length + 1
         if on_token is not None:
             on_token(next_tokens)
         if eos is not None:
             unfinished &= next_tokens != eos
             if not unfinished.any():
                 break
-        step_input = next_tokens[:, None]  # (B, 1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
-    return tokens
+    return tokens[:, :length]
 
 
 class _BeamHypotheses:
@@ -1627,21 +1731,22 @@ class _BeamHypotheses:
         return self.beams[-1][0] >= best_sum_logprobs / (generated_len ** self.length_penalty)
 
 
-def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad):
+def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, past=None):
     """Beam search as the reference does it; returns (B, length) token ids, length <= T + max_new_tokens.
 
     Each prompt keeps num_beams partial sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch,
-    with the cache, mask and positions as in _sample). All beams start from the same prompt, so at the first
-    step only beam 0 may expand (the others start at -1e9). Each step scores every continuation (beam, token)
-    as the beam's summed log-probability plus log_softmax of its next-token logits, and takes the 2 * nb best
-    per prompt, best first. Going down that list: a continuation ending in eos is added to the prompt's
-    _BeamHypotheses (without the eos token, with generated length cur_len - T) only if it ranks among the first
-    nb; any other becomes a live beam, until nb are live. A prompt is done once its hypotheses say so (is_done
-    with its best score); a done prompt's beams carry pad. The cache is reordered to follow the surviving beams
-    (model._reorder_cache), as are the mask and positions. The loop ends when all prompts are done or after
-    max_new_tokens steps; then live beams of unfinished prompts are added as hypotheses too. Each prompt's best
-    hypothesis is written left-aligned into a pad-filled result of length min(longest + 1, T + max_new_tokens),
-    followed by eos where it is shorter than that and eos is not None.
+    with the cache (past: a StaticCache, or None for tuples), mask and positions as in _sample). All beams
+    start from the same prompt, so at the first step only beam 0 may expand (the others start at -1e9). Each
+    step scores every continuation (beam, token) as the beam's summed log-probability plus log_softmax of its
+    next-token logits, and takes the 2 * nb best per prompt, best first. Going down that list: a continuation
+    ending in eos is added to the prompt's _BeamHypotheses (without the eos token, with generated length
+    cur_len - T) only if it ranks among the first nb; any other becomes a live beam, until nb are live. A
+    prompt is done once its hypotheses say so (is_done with its best score); a done prompt's beams carry pad.
+    The cache is reordered to follow the surviving beams (model._reorder_cache), as are the mask and
+    positions. The loop ends when all prompts are done or after max_new_tokens steps; then live beams of
+    unfinished prompts are added as hypotheses too. Each prompt's best hypothesis is written left-aligned into
+    a pad-filled result of length min(longest + 1, T + max_new_tokens), followed by eos where it is shorter
+    than that and eos is not None.
     """
     B, T = input_ids.shape
     V = model.config.vocab_size
@@ -1654,7 +1759,7 @@ def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, le
     beam_scores = beam_scores.view(-1)  # (B * nb,)
     hyps = [_BeamHypotheses(num_beams, length_penalty) for _ in range(B)]
     done = [False] * B
-    past, step_input = None, tokens
+    step_input = tokens
     for _ in range(max_new_tokens):
         out = model(step_input, past_key_values=past, attention_mask=attention_mask,
                     position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
@@ -1840,25 +1945,43 @@ def read_safetensors_header(path) -> Tuple[dict, int]:
     return header, 8 + n
 
 
-def load_safetensors(path) -> Dict[str, torch.Tensor]:
-    """Read a .safetensors file with numpy (memory-mapped) into CPU tensors."""
+def load_safetensors(path, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """Read a .safetensors file into CPU tensors without copying it: the file is memory-mapped, and each
+    tensor is a view of its own bytes in the mapping (torch.frombuffer). Loading then costs neither time
+    nor memory until a weight is used, and the pages are the operating system's file cache, shared with
+    any other process reading the same file.
+
+    The mapping is copy-on-write (mmap.ACCESS_COPY): writing to a tensor (an optimiser step) gives it
+    private copies of the pages it changes, and the file never changes. The mapping lives as long as a
+    tensor uses it; do not rewrite the file in place meanwhile (save_safetensors writes a new file and
+    renames it, which is safe). Bytes are copied only when they must be: floating-point tensors stored in
+    another dtype than `dtype` are read and converted one at a time (memory then peaks at the converted
+    model plus one tensor, not the whole file on top), and a tensor whose bytes are not aligned to its
+    element size is read into fresh memory. Byte order is the file's, little-endian, as on every machine
+    PyTorch supports but s390x.
+    """
     header, data_start = read_safetensors_header(path)
     tensors = {}
-    if os.path.getsize(path) == data_start:  # only empty tensors (np.memmap cannot map zero bytes)
-        data = np.zeros(0, dtype=np.uint8)
-    else:
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start)
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        np_dtype, torch_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
-        array = np.frombuffer(data[begin:end], dtype=np_dtype).reshape(info["shape"])
-        tensor = torch.from_numpy(array.copy())  # copy: own the memory, let the file close
-        if torch_dtype in (torch.bfloat16, torch.bool):
-            tensor = tensor.view(torch_dtype) if torch_dtype == torch.bfloat16 else tensor.bool()
-        tensors[name] = tensor
-    del data
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the whole file; outlives f
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            file_dtype = SAFETENSORS_DTYPES[info["dtype"]][1]
+            begin, end = info["data_offsets"]
+            start = data_start + begin  # offset in the file
+            convert = dtype is not None and file_dtype.is_floating_point and file_dtype != dtype
+            if end == begin:  # an empty tensor (frombuffer refuses zero bytes)
+                raw = torch.empty(0, dtype=torch.uint8)
+            elif convert or start % file_dtype.itemsize:
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(start)
+                f.readinto(raw.numpy())
+            else:
+                raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=start)
+            tensor = raw.bool() if file_dtype == torch.bool else raw.view(file_dtype)  # bytes -> elements
+            tensor = tensor.view(info["shape"])
+            tensors[name] = tensor.to(dtype) if convert else tensor
     return tensors
 
 
@@ -2050,8 +2173,9 @@ def resolve_checkpoint(name_or_dir: str) -> str:
     return local
 
 
-def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
-    """The weights of a model directory, whichever of the four Hugging Face layouts it uses."""
+def load_state_dict_files(directory: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """The weights of a model directory, whichever of the four Hugging Face layouts it uses, memory-mapped
+    (see load_safetensors), shard after shard, with floating-point tensors in `dtype` when given."""
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         single, index = os.path.join(directory, single_name), os.path.join(directory, index_name)
@@ -2067,19 +2191,31 @@ def load_state_dict_files(directory: str) -> Dict[str, torch.Tensor]:
             if not os.path.exists(path):
                 raise CheckpointError(f"{path} is listed in {index_name} but missing")
             if path.endswith(".safetensors"):
-                state_dict.update(load_safetensors(path))
+                state_dict.update(load_safetensors(path, dtype))
             else:  # weights_only: a .bin is a pickle, and a pickle can run code; this refuses anything but tensors
                 try:
-                    loaded = torch.load(path, map_location="cpu", weights_only=True)
+                    loaded = load_bin(path)
                 except Exception as e:
                     raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
                                           f"({type(e).__name__}): truncated, corrupt or unsafe") from None
                 if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
                     raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors")
-                state_dict.update(loaded)
+                state_dict.update({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                                   for k, v in loaded.items()})
         return state_dict
     raise CheckpointError(f"{directory} holds no weights: expected model.safetensors, pytorch_model.bin or a "
                           "sharded index of either")
+
+
+def load_bin(path) -> dict:
+    """A pytorch_model.bin (a zip of pickled tensors) memory-mapped like safetensors (torch.load(mmap=True),
+    copy-on-write too); files from before PyTorch 1.6's zip format cannot be mapped and are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "zipfile" not in str(e) and "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # Keys that heads other than the one being loaded may bring along, and buffers older checkpoints saved.
@@ -2146,17 +2282,65 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) or a hub repository id. Weights load in fp32
     unless dtype says otherwise ("float16", "bfloat16", or a torch.dtype), onto `device` (default CPU).
     A head the checkpoint has no weights for (say a classifier on top of gpt2) starts freshly initialised."""
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype) or torch.float32
     directory = resolve_checkpoint(str(name_or_dir))
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise CheckpointError(f"{directory} has no config.json")
     config = GPT2Config.from_json_file(config_path)
-    model = cls(config)
-    model.load_state_dict(match_state_dict(model, load_state_dict_files(directory)), strict=False)
-    check_finite(model.state_dict(), directory)
-    model.to(dtype=dtype or torch.float32, device=device)
+    with without_random_init():
+        model = cls(config)
+    state_dict = match_state_dict(model, load_state_dict_files(directory, dtype))
+    check_finite(state_dict, directory)
+    # assign=True makes the loaded tensors (views of the mapped file) the parameters, instead of copying
+    # them into parameters allocated for the purpose: the file is the model's memory.
+    missing = model.load_state_dict(separate_shared(state_dict), strict=False, assign=True).missing_keys
+    finish_loading(model, config, missing)
+    model.to(dtype=dtype, device=device)  # a no-op for tensors already in this dtype, on this device
     return model.eval()
+
+
+@contextlib.contextmanager
+def without_random_init():
+    """Build a model whose weights a checkpoint will bring without first filling it with random numbers:
+    torch.nn.init's random fills are no-ops meanwhile, so parameters stay as torch.empty made them, memory
+    the operating system backs only once it is written, and load_state_dict(assign=True) replaces them
+    before it ever is. Hugging Face's from_pretrained skips the fills the same way (no_init_weights).
+    (PyTorch's meta device would skip even the allocation, but building on it runs Python decompositions
+    of tril, arange and normal_ that import torch._dynamo: seconds, for a model that loads in one.)"""
+    fills = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_")
+    saved = {name: getattr(nn.init, name) for name in fills}
+    try:
+        for name in fills:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
+
+
+def separate_shared(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Tensors that share memory in the file (a .bin saved with tied weights, loaded into an untied model)
+    are copied apart, or training one would silently change the other. Non-contiguous ones (a .bin may hold
+    views) are made contiguous."""
+    seen, separate = set(), {}
+    for key, tensor in state_dict.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        separate[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor.contiguous()
+        seen.add(ptr)
+    return separate
+
+
+def finish_loading(model: nn.Module, config: GPT2Config, missing_keys: List[str]):
+    """What load_state_dict(assign=True) leaves to do: tie the LM head to the token embeddings again (the
+    embeddings' parameter was replaced; the head still points at the old one), and give the model's
+    initialisation to the modules whose weights the checkpoint did not hold (a fresh head)."""
+    tied = config.tie_word_embeddings and hasattr(model, "lm_head")
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    for key in missing_keys:
+        if not (tied and key == "lm_head.weight"):
+            init_gpt2_weights(model.get_submodule(key.rpartition(".")[0]), config)
 
 
 def save_pretrained(model: nn.Module, directory):
@@ -2862,7 +3046,8 @@ def configure_optimizer(model, lr: float, weight_decay: float, device_type: str)
     params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied matrix once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+    # fused: one kernel updates all parameters, on CPUs as on GPUs, instead of a dozen elementwise passes.
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True)
 
 
 def learning_rate(step: int, progress: float, peak: float, warmup_steps: int) -> float:

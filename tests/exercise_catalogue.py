@@ -57,7 +57,7 @@ NG, IG, TF = "nanogpt2.py", "imagegpt.py", "convert_tf.py"
 
 EXERCISES = [
     # --- nanogpt2.py: write --------------------------------------------------------------------------------
-    write("gelu", "GPT-2's GELU, the tanh approximation", NG, ["gelu_new"], "blocks", 1,
+    write("gelu", "GPT-2's GELU, the tanh approximation", NG, ["gelu_new_formula"], "blocks", 1,
           [G + "test_gelu_new_is_the_tanh_approximation", R + "test_activations_equal_reference"],
           ["GELU(x) = x * Phi(x), Phi the standard normal CDF; GPT-2 approximates Phi(x) with a tanh.",
            "0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), all elementwise with torch functions."]),
@@ -366,7 +366,8 @@ EXERCISES += [
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
         ["Sampled tokens are allowed ones, but their frequencies are wrong.", "logits are (B, V)."]),
     bug("bug-cache-mask-zero", "Generated tokens are masked out", NG, "_sample",
-        "attention_mask.new_ones(B, 1)", "attention_mask.new_zeros(B, 1)", "generation", 1,
+        "mask = attention_mask.new_ones(B, T0 + max_new_tokens)",
+        "mask = attention_mask.new_zeros(B, T0 + max_new_tokens)", "generation", 1,
         [H + "test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward"],
         ["Greedy generation differs from the argmax of a full forward from the second new token.",
          "What should the mask say about the tokens just generated?"]),

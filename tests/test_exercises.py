@@ -130,7 +130,7 @@ def test_a_bug_is_placed_by_section_and_its_solution_is_the_diff_that_fixes_it(t
     diff = run_cli("solution", "bug-top-k").stdout
     assert "-    return logits.masked_fill(logits <= kth_largest" in diff
     assert "+    return logits.masked_fill(logits < kth_largest" in diff
-    assert "def gelu_new(x):" in run_cli("solution", "gelu").stdout
+    assert "def gelu_new_formula(x):" in run_cli("solution", "gelu").stdout
 
 
 def test_a_chapter_starts_all_its_exercises_and_unknown_names_are_refused(tmp_path):

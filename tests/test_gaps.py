@@ -27,12 +27,14 @@ from helpers import examples
 # --- nanogpt2.py: building blocks and attention ------------------------------------------------------------
 
 
-def test_gelu_new_is_the_tanh_approximation():
+@pytest.mark.parametrize("name", ["gelu_new_formula", "gelu_new"])
+def test_gelu_new_is_the_tanh_approximation(name):
+    gelu = getattr(nanogpt2, name)  # the formula written out, and the fused kernel the model runs
     x = torch.linspace(-8, 8, 2001, dtype=torch.float64)
     expected = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
-    torch.testing.assert_close(nanogpt2.gelu_new(x), expected, rtol=1e-12, atol=1e-12)  # float64: same formula
+    torch.testing.assert_close(gelu(x), expected, rtol=1e-12, atol=1e-12)  # float64: the same formula
     exact = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-    assert (nanogpt2.gelu_new(x) - exact).abs().max() > 1e-4  # the approximation, not the exact erf GELU
+    assert (gelu(x) - exact).abs().max() > 1e-4  # the approximation, not the exact erf GELU
 
 
 @examples(15)

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import nanogpt2
@@ -250,6 +250,7 @@ def test_top_k_filter_keeps_exactly_the_k_largest(device, rows, k):
 
 @examples(25)
 @given(rows=logit_rows, p=st.floats(0.01, 1.0))
+@example(rows=[[0.0, 1.0]], p=0.5)  # the likelier token alone holds 0.73 >= p: the other must go
 def test_top_p_filter_keeps_the_smallest_nucleus(device, rows, p):
     """A token is kept exactly when the tokens more likely than it hold less than p of the probability: the
     smallest set of most likely tokens whose mass reaches p. (Checked with a 1e-6 margin on the masses:

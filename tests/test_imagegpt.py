@@ -36,6 +36,7 @@ from imagegpt import (
     ImageGPTForImageClassification,
     ImageGPTLayerNorm,
     ImageGPTModel,
+    StaticCache,
     generate,
 )
 from helpers import examples
@@ -185,11 +186,12 @@ def test_future_pixels_never_change_past_outputs(device, data):
 # --- cache equivalence -------------------------------------------------------------------------------
 
 
-def full_and_incremental(model, ids, bounds, mask, positions, **common):
+def full_and_incremental(model, ids, bounds, mask, positions, cache="tuple", **common):
     """Logits and cache of one forward over ids (B, T), and of a prefill ids[:, :bounds[1]] followed by cached
     steps ids[:, bounds[i]:bounds[i + 1]]."""
     full = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **common)
-    past, logits = None, []
+    past = StaticCache(ids.size(1)) if cache == "static" else None  # preallocated for the whole sequence
+    logits = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         step = model(
             ids[:, start:end], past_key_values=past, use_cache=True,
@@ -198,7 +200,7 @@ def full_and_incremental(model, ids, bounds, mask, positions, **common):
         )
         past = step.past_key_values
         logits.append(step.logits)
-    return full, torch.cat(logits, dim=1), past
+    return full, torch.cat(logits, dim=1), past.to_tuple() if cache == "static" else past
 
 
 def draw_cache_case(data, config, device):
@@ -226,13 +228,15 @@ def assert_same_cache(actual, expected, real, tol, why):
             assert_close(x.transpose(1, 2)[real], ref.transpose(1, 2)[real], tol, why)
 
 
+@pytest.mark.parametrize("cache", ["tuple", "static"])
 @examples(20)
 @given(data=st.data())
-def test_one_forward_equals_prefill_plus_cached_steps(device, data):
+def test_one_forward_equals_prefill_plus_cached_steps(device, cache, data):
     config = data.draw(configs(), label="config")
     model = build(ImageGPTForCausalImageModeling, config, device, data.draw(seeds, label="weights"))
     x, bounds, common = draw_cache_case(data, config, device)
-    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], **common)
+    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], cache,
+                                                   **common)
     # The same maths over the same keys; the cache only changes how the matmuls are split.
     assert_close(incremental[x["real"]], full.logits[x["real"]], FP32_TOL, f"steps {bounds}")
     assert_same_cache(past, full.past_key_values, x["real"], FP32_TOL, f"cache after steps {bounds}")

@@ -35,6 +35,7 @@ from nanogpt2 import (
     GPT2ForTokenClassification,
     GPT2LMHeadModel,
     GPT2Model,
+    StaticCache,
 )
 from helpers import examples
 
@@ -220,11 +221,12 @@ def test_future_tokens_never_change_past_outputs(device, data):
 # --- cache equivalence -------------------------------------------------------------------------------
 
 
-def full_and_incremental(model, ids, bounds, mask, positions, **common):
+def full_and_incremental(model, ids, bounds, mask, positions, cache="tuple", **common):
     """Logits and cache of one forward over ids (B, T), and of a prefill ids[:, :bounds[1]] followed by cached
     steps ids[:, bounds[i]:bounds[i + 1]]."""
     full = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, **common)
-    past, logits = None, []
+    past = StaticCache(ids.size(1)) if cache == "static" else None  # preallocated for the whole sequence
+    logits = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         step = model(
             ids[:, start:end], past_key_values=past, use_cache=True,
@@ -233,7 +235,7 @@ def full_and_incremental(model, ids, bounds, mask, positions, **common):
         )
         past = step.past_key_values
         logits.append(step.logits)
-    return full, torch.cat(logits, dim=1), past
+    return full, torch.cat(logits, dim=1), past.to_tuple() if cache == "static" else past
 
 
 def draw_cache_case(data, config, device):
@@ -262,18 +264,69 @@ def assert_same_cache(actual, expected, real, tol, why):
             assert_close(x.transpose(1, 2)[real], ref.transpose(1, 2)[real], tol, why)
 
 
+@pytest.mark.parametrize("cache", ["tuple", "static"])
 @examples(25)
 @given(data=st.data())
-def test_one_forward_equals_prefill_plus_cached_steps(device, data):
+def test_one_forward_equals_prefill_plus_cached_steps(device, cache, data):
     """Cutting a sequence into a prefill and any number of cached steps changes neither the logits nor the
     cache, with or without a padding mask, with cross-attention, through either core."""
     config = data.draw(configs(), label="config")
     model = build(GPT2LMHeadModel, config, device, data.draw(seeds, label="weights"))
     x, bounds, common = draw_cache_case(data, config, device)
-    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], **common)
+    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], cache,
+                                                   **common)
     # The same maths over the same keys; the cache only changes how the matmuls are split.
     assert_close(incremental[x["real"]], full.logits[x["real"]], FP32_TOL, f"steps {bounds}")
     assert_same_cache(past, full.past_key_values, x["real"], FP32_TOL, f"cache after steps {bounds}")
+
+
+@examples(25)
+@given(data=st.data())
+def test_static_cache_reorders_rows_as_the_tuple_cache_does(device, data):
+    """Beam search reorders the cache between steps (rows copied, dropped, repeated): after a prefill, a
+    reorder and further steps, the static cache and the tuple cache give the same logits and keys/values."""
+    config = data.draw(configs(), label="config")
+    model = build(GPT2LMHeadModel, config, device, data.draw(seeds, label="weights"))
+    x, bounds, common = draw_cache_case(data, config, device)
+    B, T = x["ids"].shape
+    prefill = min(bounds[1], T - 1)  # at least one token after the reorder
+    beam_idx = torch.tensor(data.draw(st.lists(st.integers(0, B - 1), min_size=B, max_size=B), label="beam_idx"))
+    mask = x["mask"] if x["mask"] is not None else torch.ones(B, T, dtype=torch.long, device=device)
+    results = {}
+    for cache in ("tuple", "static"):
+        past = StaticCache(T) if cache == "static" else None
+        first = model(x["ids"][:, :prefill], past_key_values=past, attention_mask=mask[:, :prefill], use_cache=True,
+                      **common)
+        past = model._reorder_cache(first.past_key_values, beam_idx.to(device))
+        rest = model(x["ids"][beam_idx, prefill:], past_key_values=past, attention_mask=mask[beam_idx], use_cache=True,
+                     **{k: v[beam_idx.to(v.device)] for k, v in common.items() if isinstance(v, torch.Tensor)},
+                     **{k: v for k, v in common.items() if not isinstance(v, torch.Tensor)})
+        cache_tuple = rest.past_key_values.to_tuple() if cache == "static" else rest.past_key_values
+        results[cache] = rest.logits, cache_tuple
+    real = mask[beam_idx].bool().cpu()
+    assert_close(results["static"][0][real[:, prefill:]], results["tuple"][0][real[:, prefill:]], FP32_TOL,
+                 f"logits after reorder {beam_idx.tolist()}")
+    assert_same_cache(results["static"][1], results["tuple"][1], real, FP32_TOL, "cache after reorder")
+
+
+@examples(15)
+@given(data=st.data())
+def test_generation_is_the_same_with_either_cache(device, data):
+    """generate() with the static cache (the default) and with the reference's tuples: the same tokens for
+    greedy decoding, seeded sampling and beam search, with left padding."""
+    config = data.draw(configs(add_cross_attention=False), label="config")
+    model = build(GPT2LMHeadModel, config, device, data.draw(seeds, label="weights"))
+    g = torch.Generator().manual_seed(data.draw(seeds, label="input seed"))
+    B, T = data.draw(st.integers(1, 3), label="B"), data.draw(st.integers(1, 6), label="T")
+    ids = random_ids(g, config.vocab_size, (B, T)).to(device)
+    mask = random_padding_mask(g, (B, T)).to(device) if data.draw(st.booleans(), label="padding") else None
+    options = data.draw(st.sampled_from([dict(), dict(do_sample=True, top_k=5), dict(num_beams=2)]), label="options")
+    outputs = {}
+    for cache in ("static", "tuple"):
+        seeded = torch.Generator(device=device).manual_seed(0) if options.get("do_sample") else None
+        outputs[cache] = model.generate(ids, attention_mask=mask, max_new_tokens=6, cache=cache, generator=seeded,
+                                        **options)
+    assert torch.equal(outputs["static"], outputs["tuple"])
 
 
 # Half precision keeps 11 (fp16) or 8 (bf16) significant bits, and the full and the cached computations
@@ -284,10 +337,11 @@ def test_one_forward_equals_prefill_plus_cached_steps(device, data):
 HALF_TOL = {torch.float16: 5e-3, torch.bfloat16: 5e-2}
 
 
+@pytest.mark.parametrize("cache", ["tuple", "static"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @examples(10)
 @given(data=st.data())
-def test_one_forward_equals_prefill_plus_cached_steps_in_half_precision(device, dtype, data):
+def test_one_forward_equals_prefill_plus_cached_steps_in_half_precision(device, dtype, cache, data):
     if device.type != "cuda":
         pytest.skip("fp16/bf16 cache equivalence is checked on CUDA (CPU half-precision kernels differ)")
     config = data.draw(configs(), label="config")
@@ -295,7 +349,8 @@ def test_one_forward_equals_prefill_plus_cached_steps_in_half_precision(device, 
     x, bounds, common = draw_cache_case(data, config, device)
     if "encoder_hidden_states" in common:
         common["encoder_hidden_states"] = common["encoder_hidden_states"].to(dtype)
-    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], **common)
+    full, incremental, past = full_and_incremental(model, x["ids"], bounds, x["mask"], x["positions"], cache,
+                                                   **common)
     assert_close(incremental[x["real"]], full.logits[x["real"]], HALF_TOL[dtype], f"{dtype}, steps {bounds}")
     assert_same_cache(past, full.past_key_values, x["real"], HALF_TOL[dtype], f"{dtype} cache, steps {bounds}")
 

@@ -1,0 +1,377 @@
+"""bench.py: how fast nanogpt2.py and imagegpt.py are, next to Hugging Face transformers, on this machine.
+
+    python tests/bench.py                      # everything, CPU, one thread (a few minutes)
+    python tests/bench.py --quick              # smaller runs, fewer repetitions (about a minute)
+    python tests/bench.py --only decode,load   # a subset: limits, decode, forward, train, load, imagegpt
+    python tests/bench.py --device cuda        # the same on a GPU
+
+Speed is measured here, never in a timed test: timings depend on the machine and on whatever else runs on
+it. To keep the comparison fair on a busy machine, ours and the reference run interleaved in one process
+(ours, theirs, ours, theirs, ...), with the same weights, and the table reports medians and their ratio
+(reference time / our time: above 1 means we are faster). Loading runs each try in a fresh subprocess, so
+that peak memory (RSS) is the load's own.
+
+Each speed is also put next to what the machine can do at best, measured first:
+  - memory read bandwidth (torch.sum over a tensor much larger than the caches), which bounds decoding:
+    every new token reads every weight once;
+  - matrix multiply throughput (fp32 GEMM, GFLOP/s), which bounds the forward pass and training.
+"""
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import imagegpt  # noqa: E402
+import nanogpt2  # noqa: E402
+
+try:
+    import transformers
+except ImportError:  # the table then shows our figures only
+    transformers = None
+
+SECTIONS = ("limits", "decode", "forward", "train", "load", "imagegpt")
+
+
+# --- Timing ---------------------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(ours, theirs, reps: int, device):
+    """Median seconds of ours() and theirs(), run alternately after one warm-up each, so that a slow spell
+    of the machine hits both alike. theirs may be None (transformers not installed)."""
+    ours()
+    if theirs is not None:
+        theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(reps):
+        t_ours.append(timed(ours, device))
+        if theirs is not None:
+            t_theirs.append(timed(theirs, device))
+    return statistics.median(t_ours), (statistics.median(t_theirs) if t_theirs else None)
+
+
+# --- The machine's limits -------------------------------------------------------------------------------
+
+
+def measure_limits(device, quick: bool) -> dict:
+    """Memory read bandwidth (GB/s) and fp32 matmul throughput (GFLOP/s) at the current thread count."""
+    n = (1 << 26) if quick else (1 << 28)  # 256 MB or 1 GB of fp32: far beyond any cache
+    x = torch.ones(n, device=device)
+    x.sum()
+    seconds = min(timed(lambda: x.sum(), device) for _ in range(5))
+    bandwidth = 4 * n / seconds / 1e9
+    del x
+    m = 1024 if quick or device.type == "cpu" else 8192
+    a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # true fp32, as the models run
+    a @ b
+    seconds = min(timed(lambda: a @ b, device) for _ in range(5))
+    return {"bandwidth_gbs": bandwidth, "gflops": 2 * m ** 3 / seconds / 1e9}
+
+
+# --- The models: the same random weights in ours and the reference --------------------------------------
+
+
+def gpt2_pair(device):
+    """(ours, reference) GPT2LMHeadModel of GPT-2 124M's shape, holding the same random weights."""
+    torch.manual_seed(0)
+    ours = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config())
+    theirs = None
+    if transformers is not None:
+        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa"))
+        theirs.load_state_dict(ours.state_dict(), strict=False)  # strict=False: the reference keeps attn.bias
+        theirs.generation_config.eos_token_id = None  # random weights: never stop early, in either model
+        theirs.generation_config.pad_token_id = 50256
+        theirs.to(device)
+    return ours.to(device), theirs
+
+
+def imagegpt_pair(device):
+    """(ours, reference) ImageGPTForCausalImageModeling of imagegpt-small's shape, same random weights."""
+    torch.manual_seed(0)
+    ours = imagegpt.ImageGPTForCausalImageModeling(imagegpt.ImageGPTConfig.from_preset("imagegpt-small"))
+    theirs = None
+    if transformers is not None:
+        cfg = ours.config
+        theirs = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(
+            vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head))
+        theirs.load_state_dict(ours.state_dict(), strict=False)
+        theirs.generation_config.eos_token_id = None
+        theirs.generation_config.pad_token_id = 0
+        theirs.to(device)
+    return ours.to(device), theirs
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix is listed once
+
+
+def best_decode_step(model, batch: int, limits) -> float:
+    """The fastest one decoding step can be: every weight read once from memory (which bounds batch 1), or
+    every token's matmuls at full GEMM speed (which bounds larger batches), whichever takes longer."""
+    read = weight_bytes(model) / (limits["bandwidth_gbs"] * 1e9)
+    compute = 2 * matmul_params(model) * batch / (limits["gflops"] * 1e9)
+    return max(read, compute)
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls for every token: all but the position embeddings and the
+    token embedding lookup (the tied LM head counts, as the logits' matmul)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "wpe" not in name)
+
+
+# --- The benchmarks -------------------------------------------------------------------------------------
+
+
+def bench_decode(device, reps, new_tokens, limits):
+    ours, theirs = gpt2_pair(device)
+    ours.eval()
+    rows = []
+    for batch in (1, 8):
+        prompt = torch.randint(0, 50257, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device)
+        mask = torch.ones_like(prompt)
+        run_ours = lambda: ours.generate(prompt, max_new_tokens=new_tokens, attention_mask=mask, stop_at_eos=False)
+        run_theirs = None if theirs is None else lambda: theirs.generate(
+            prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        with torch.no_grad():
+            t_ours, t_theirs = interleaved(run_ours, run_theirs, reps, device)
+        best = best_decode_step(ours, batch, limits) * new_tokens if limits else None
+        rows.append(row(f"decode greedy, batch {batch}, {new_tokens} tokens", t_ours, t_theirs, best, "of roofline"))
+    return rows
+
+
+def bench_forward(device, reps, shape, limits):
+    ours, theirs = gpt2_pair(device)
+    ours.eval()
+    B, T = shape
+    x = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    run_theirs = None if theirs is None else (lambda: theirs.eval()(x))
+    with torch.no_grad():
+        t_ours, t_theirs = interleaved(lambda: ours(x), run_theirs, reps, device)
+    flops = 2 * matmul_params(ours) * B * T  # the attention scores add a few per cent more; not counted
+    best = flops / (limits["gflops"] * 1e9) if limits else None
+    return [row(f"forward {B} x {T}", t_ours, t_theirs, best, "of GEMM")]
+
+
+def bench_train(device, reps, shape, limits):
+    """One AdamW step on a (B, T) batch, each model trained as its own code trains it: ours through
+    nanogpt2.configure_optimizer and the loss train_step computes; the reference with torch.optim.AdamW
+    (as its Trainer) and its own labels= loss."""
+    ours, theirs = gpt2_pair(device)
+    B, T = shape
+    x = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    ours.train()
+    opt_ours = nanogpt2.configure_optimizer(ours, 1e-4, 0.1, device.type)
+
+    def step_ours():
+        logits = ours(x[:, :-1]).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    step_theirs = None
+    if theirs is not None:
+        theirs.train()
+        opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=0.1)
+
+        def step_theirs():
+            theirs(x[:, :-1], labels=x[:, :-1]).loss.backward()
+            opt_theirs.step()
+            opt_theirs.zero_grad(set_to_none=True)
+
+    t_ours, t_theirs = interleaved(step_ours, step_theirs, reps, device)
+    best = 3 * 2 * matmul_params(ours) * B * T / (limits["gflops"] * 1e9) if limits else None  # fwd + 2x bwd
+    return [row(f"training step {B} x {T}, AdamW", t_ours, t_theirs, best, "of GEMM")]
+
+
+def bench_imagegpt(device, reps, new_tokens, limits):
+    ours, theirs = imagegpt_pair(device)
+    ours.eval()
+    batch = 8
+    sos = torch.full((batch, 1), ours.config.sos_token_id, dtype=torch.long, device=device)
+    run_ours = lambda: ours.generate(sos, max_new_tokens=new_tokens, do_sample=True, top_k=40)
+    run_theirs = None if theirs is None else lambda: theirs.generate(
+        sos, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, top_k=40)
+    with torch.no_grad():
+        t_ours, t_theirs = interleaved(run_ours, run_theirs, reps, device)
+    best = best_decode_step(ours, batch, limits) * new_tokens if limits else None
+    return [row(f"imagegpt-small sampling, batch {batch}, {new_tokens} px", t_ours, t_theirs, best, "of roofline")]
+
+
+# --- Loading, in fresh processes ------------------------------------------------------------------------
+
+# Run as `python -c LOAD_SCRIPT which directory device`: imports first (not timed, not counted), then one
+# from_pretrained, timed; prints the seconds, the RSS before the load and the peak RSS (both in MB).
+LOAD_SCRIPT = """
+import json, resource, sys, time  # Linux only: /proc
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads({threads})
+which, directory, device = sys.argv[1:4]
+if which == "ours":
+    import nanogpt2
+    load = lambda: nanogpt2.GPT2LMHeadModel.from_pretrained(directory, device=device)
+else:
+    import transformers
+    load = lambda: transformers.GPT2LMHeadModel.from_pretrained(directory).to(device)
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
+before = rss_mb()
+start = time.perf_counter()
+model = load()
+if device == "cuda":
+    torch.cuda.synchronize()
+seconds = time.perf_counter() - start
+def peak_mb():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's, from before exec)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e3  # kB -> MB
+peak = peak_mb()
+with torch.no_grad():  # a memory-mapped weight takes memory when first read: count it, with one forward
+    model(torch.zeros(1, 1, dtype=torch.long, device=device))
+print(json.dumps({{"seconds": seconds, "before_mb": before, "peak_mb": peak, "used_mb": peak_mb()}}))
+"""
+
+
+def load_once(which, directory, device) -> dict:
+    script = LOAD_SCRIPT.format(root=ROOT, threads=torch.get_num_threads())
+    out = subprocess.run([sys.executable, "-c", script, which, directory, device.type],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_load(device, reps):
+    """from_pretrained of a GPT-2 124M folder (model.safetensors as transformers writes it), each try in a
+    fresh process: the time of the call, and the peak RSS it adds above the process after its imports,
+    then again after one forward pass (a memory-mapped weight takes memory only once it is read)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        ours, theirs = gpt2_pair(torch.device("cpu"))
+        if theirs is not None:
+            theirs.save_pretrained(directory)  # the reference's own file layout
+        else:
+            nanogpt2.save_pretrained(ours, directory)
+        del ours, theirs
+        gc.collect()
+        results = {"ours": [], "theirs": []}
+        for _ in range(reps):
+            results["ours"].append(load_once("ours", directory, device))
+            if transformers is not None:
+                results["theirs"].append(load_once("theirs", directory, device))
+    keys = ("seconds", "before_mb", "peak_mb", "used_mb")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in keys} if v else None for k, v in results.items()}
+    o, t = med["ours"], med["theirs"]
+    rows.append(row("load 124M safetensors", o["seconds"], t and t["seconds"]))
+    added = lambda m, key: m[key] - m["before_mb"]
+    rows.append(row("load 124M: peak RSS added by the load", added(o, "peak_mb"), t and added(t, "peak_mb"), unit="MB"))
+    rows.append(row("load 124M: ... and by a first forward", added(o, "used_mb"), t and added(t, "used_mb"), unit="MB"))
+    rows.append(row("load 124M: peak RSS of the process", o["used_mb"], t and t["used_mb"], unit="MB"))
+    return rows
+
+
+# --- The table ------------------------------------------------------------------------------------------
+
+
+def row(name, ours, theirs, best=None, best_of="", unit="s"):
+    """One line of the table. For times, ratio = theirs / ours (above 1: we are faster); for memory the
+    same ratio reads "they use this many times our memory"."""
+    return {"name": name, "ours": ours, "theirs": theirs, "unit": unit,
+            "ratio": (theirs / ours) if theirs is not None and ours else None,
+            "fraction": (best / ours) if best is not None and ours else None, "best_of": best_of}
+
+
+def progress(rows):
+    """Each section's figures as soon as they are measured (the full run takes minutes); the table follows."""
+    for r in rows:
+        print(f"  {r['name']}: ours {r['ours']:.3f}, transformers {r['theirs'] if r['theirs'] is None else round(r['theirs'], 3)}",
+              flush=True)
+    return rows
+
+
+def print_table(rows, header):
+    print(header)
+    print(f"{'':46} {'ours':>10} {'transformers':>13} {'speed-up':>9}  {'of the limit':>16}")
+    for r in rows:
+        fmt = (lambda v: f"{v:9.3f} s") if r["unit"] == "s" else (lambda v: f"{v:7.0f} MB")
+        theirs = fmt(r["theirs"]) if r["theirs"] is not None else "-"
+        ratio = f"{r['ratio']:8.2f}x" if r["ratio"] is not None else "-"
+        frac = f"{100 * r['fraction']:5.1f}% {r['best_of']}" if r["fraction"] is not None else ""
+        print(f"{r['name']:46} {fmt(r['ours']):>10} {theirs:>13} {ratio:>9}  {frac}")
+    print("speed-up = transformers / ours (above 1: ours is faster, or for memory, uses less); "
+          "'of the limit' = the fastest the machine allows / our time\n"
+          "(roofline: every weight read once per step at full bandwidth, or the matmuls at full GEMM speed)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller runs, fewer repetitions")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each (default 3, quick 2)")
+    args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    torch.set_num_threads(args.threads)
+    reps = args.reps or (2 if args.quick else 3)
+    new_tokens = 16 if args.quick else 64
+    shape = (1, 128) if args.quick else (4, 256)
+    header = (f"nanogpt2 bench: {device}, {args.threads} thread(s), fp32, torch {torch.__version__}, transformers "
+              f"{transformers.__version__ if transformers else 'not installed'}, medians of {reps}, "
+              f"load average {os.getloadavg()[0]:.2f} at start")
+
+    limits = None
+    rows = []
+    print(header, flush=True)
+    if "limits" in only or any(s in only for s in ("decode", "forward", "train", "imagegpt")):
+        limits = measure_limits(device, args.quick)
+        print(f"limits: memory read {limits['bandwidth_gbs']:.1f} GB/s, fp32 GEMM {limits['gflops']:.1f} GFLOP/s",
+              flush=True)
+    if "decode" in only:
+        rows += progress(bench_decode(device, reps, new_tokens, limits))
+    if "forward" in only:
+        rows += progress(bench_forward(device, reps, shape, limits))
+    if "train" in only:
+        rows += progress(bench_train(device, reps, shape, limits))
+    if "imagegpt" in only:
+        rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits))
+    if "load" in only:
+        rows += progress(bench_load(device, reps))
+    print_table(rows, header + f", load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
