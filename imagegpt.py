@@ -16,62 +16,62 @@ It is nanogpt2.py with ImageGPT's differences: `diff nanogpt2.py imagegpt.py` sh
     - An image classification head that averages the hidden states over all positions.
     - Pixels and tokens: the colour palette, quantising images, PNG reading and writing.
 
-Map of the file (read it top to bottom; the data flows in this order):
-    1. Config            ImageGPTConfig (a dataclass), presets, config.json read/write
-    2. Building blocks   Conv1D, ImageGPTLayerNorm, activations, head pruning, masks, output dataclasses
-    3. Attention         ImageGPTAttention: self/cross, causal mask, KV cache, head mask, two attention cores
-    4. MLP and block     ImageGPTMLP, ImageGPTBlock
-    5. The model body    ImageGPTModel: embeddings, blocks, final layer norm, input checks
-    6. The heads         ImageGPTForCausalImageModeling, ImageGPTForImageClassification
-    7. Generation        greedy, sampling (temperature, top-k, top-p), with the cache, from SOS or a prompt
-    8. Loading, saving   safetensors read by hand, the hub download, from_pretrained, save_pretrained (+ palette)
-    9. Pixels and tokens the palette (OpenAI's, or k-means on your images), quantise, dequantise, PNG files
-   10. Training, eval    shapes drawn on the fly or your images, a k-means palette, AdamW, warmup + cosine,
-                         sample grids as it trains; a linear probe or fine-tuned classifier
-   11. Command line      python imagegpt.py sample | complete | train  (python imagegpt.py --help)
+Map of the file (read it top to bottom; Part I is the model a first reading needs, in the order the
+data flows through it):
+  Part I: the model
+    Config                                ImageGPTConfig, with Hugging Face's names and defaults
+    Conv1D, layer norm and activations    Conv1D, ImageGPTLayerNorm (no mean, no bias), quick_gelu
+    Attention                             ImageGPTAttention: causal mask, KV cache, two attention cores
+    MLP and block                         ImageGPTMLP, ImageGPTBlock (pre-norm)
+    The body                              ImageGPTModel: embeddings, blocks, final layer norm
+    The LM head                           ImageGPTForCausalImageModeling: next-colour logits, the loss
+    Sampling                              generate: from SOS or a prompt, greedy, temperature, top-k, top-p
+  Part II: what the reference also has
+    The other heads                       ImageGPTForImageClassification (average pooling)
+    Output dataclasses                    what each forward returns (out.logits, out[0], to_tuple())
+    Pruning heads                         prune_heads, as the reference does it
+    Head masks, gradient checkpointing    head_mask and checkpointing helpers
+    Input checks                          every shape and range checked before any work
+    Config validation and serialisation   validate, presets, config.json read/write
+  Part III: files and tools
+    Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained, the
+                                          palette
+    Pixels and tokens                     the palette (OpenAI's or k-means), quantise, dequantise, PNG files
+    Training and evaluation               shapes drawn on the fly or your images, a k-means palette, AdamW,
+                                          warmup + cosine, sample grids as it trains; a linear probe or
+                                          fine-tuned classifier
+    Command line                          python imagegpt.py sample | complete | train (--help)
 
-Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd,
-nh = number of heads, hs = head size (C // nh), V = vocab size (colours + SOS), K = number of colours.
+Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd, nh = number
+of heads, hs = head size (C // nh), V = vocab size (colours + SOS), K = keys a query sees (P + T, or S for
+cross-attention), n_colours = the palette's size (V - 1).
 
 Run the tests with `python -m pytest -q` (see README.md); sample with `python imagegpt.py sample --help`;
 train a small one that draws shapes with `python imagegpt.py train` (minutes on a CPU).
 """
 
-import argparse
-import contextlib
-import csv
-import functools
-import hashlib
+# What the model (Parts I and II) needs. Part III, files and tools, imports its own modules (urllib,
+# hashlib, argparse, numpy, ...) where it begins.
 import json
 import math
-import mmap
-import os
-import re
-import shlex
-import shutil
-import signal
-import struct
-import sys
-import threading
-import time
-import urllib.error
-import urllib.request
-import zlib
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Config
-# ----------------------------------------------------------------------------------------------------
 
-# The problem types a classification head can be asked to solve (as Hugging Face names them).
-PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+# ====================================================================================================
+# Part I: the model
+#
+# Config, Conv1D and activations, attention (with its cache and masks), MLP and block, the body, the
+# LM head, sampling: everything a forward pass and generation run through, in the order data flows.
+# ====================================================================================================
+
+
+# --- Config -----------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -105,7 +105,7 @@ class ImageGPTConfig:
     # Heads.
     num_labels: int = 2
     problem_type: Optional[str] = None
-    tie_word_embeddings: bool = False  # the head predicts K colours, the embedding holds K + 1 tokens
+    tie_word_embeddings: bool = False  # the head predicts n_colours colours, the embedding holds n_colours + 1 tokens
     # Heads removed by prune_heads, {layer: [head, ...]}, so that a saved pruned model rebuilds its shapes.
     pruned_heads: Dict[int, List[int]] = field(default_factory=dict)
     output_attentions: bool = False
@@ -151,111 +151,39 @@ class ImageGPTConfig:
         return side
 
     def validate(self):
-        """Raise a ValueError naming the field, its value and what it should be. Called on creation and by
-        every model, so a config edited after creation is checked too."""
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_labels" else 1):
-                raise ValueError(f"ImageGPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.vocab_size < 2:
-            raise ValueError(f"ImageGPTConfig.vocab_size is {self.vocab_size}, but it counts the colours + SOS, so "
-                             "it must be at least 2 (512 + 1 for OpenAI's palette)")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"ImageGPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): each head "
-                f"gets n_embd // n_head channels; try n_head in {[h for h in range(1, 33) if self.n_embd % h == 0]}"
-            )
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ValueError(f"ImageGPTConfig.n_inner must be None or a positive integer, got {self.n_inner!r}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"ImageGPTConfig.activation_function is {self.activation_function!r}, expected one of "
-                             f"{sorted(ACTIVATIONS)}")
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ImageGPTConfig.{name} is a dropout probability in [0, 1), got {value!r}")
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"ImageGPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
-        if self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"ImageGPTConfig.problem_type is {self.problem_type!r}, expected one of {PROBLEM_TYPES}")
-        if self.tie_word_embeddings:
-            raise ValueError(
-                "ImageGPTConfig.tie_word_embeddings must be False: the head scores the vocab_size - 1 colours and "
-                "the embedding also holds SOS, so the two matrices differ in shape"
-            )
-        for layer, heads in self.pruned_heads.items():
-            if not 0 <= int(layer) < self.n_layer or any(not 0 <= int(h) < self.n_head for h in heads):
-                raise ValueError(
-                    f"ImageGPTConfig.pruned_heads names layer {layer} heads {list(heads)}, but the model has "
-                    f"{self.n_layer} layers of {self.n_head} heads"
-                )
+        """Check every field, raising ValueError naming the first bad one.
+        Written out in Part II, in validate_config."""
+        return validate_config(self)  # in Part II
 
     # --- presets and config.json -------------------------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ImageGPTConfig":
-        """The config of one of OpenAI's released sizes, e.g. `ImageGPTConfig.from_preset("imagegpt-medium")`
-        (or just "medium")."""
-        key = name if name in PRESETS else f"imagegpt-{name}"
-        if key not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[key], **overrides})
+        """A config of one of the released sizes (see PRESETS), with overrides.
+        Written out in Part II, in config_from_preset."""
+        return config_from_preset(cls, name, **overrides)  # in Part II
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
-        """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
-        if not isinstance(config_dict, dict):
-            raise TypeError(f"config_dict must be a dict of config fields, got {type(config_dict).__name__}")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in config_dict.items() if k in known}
-        extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
-        if "id2label" in config_dict:  # Hugging Face stores the label names; num_labels is their count
-            kwargs["num_labels"] = len(config_dict["id2label"])
-        elif "num_labels" in config_dict:
-            kwargs["num_labels"] = config_dict["num_labels"]
-        if "pruned_heads" in kwargs:  # JSON object keys are strings
-            kwargs["pruned_heads"] = {int(k): [int(h) for h in v] for k, v in kwargs["pruned_heads"].items()}
-        return cls(**kwargs, extra=extra)
+        """Build from a Hugging Face config dict; unknown keys are kept in `extra`.
+        Written out in Part II, in config_from_dict."""
+        return config_from_dict(cls, config_dict)  # in Part II
 
     def to_dict(self) -> dict:
-        """The config as Hugging Face writes it (so transformers reads the same model back)."""
-        d = dict(self.extra)
-        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "num_labels")})
-        d["pruned_heads"] = {str(k): list(v) for k, v in self.pruned_heads.items()}
-        labels = d.pop("id2label", None)
-        if labels is None or len(labels) != self.num_labels:
-            labels = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["id2label"] = labels
-        d["label2id"] = {name: int(i) for i, name in labels.items()}
-        d["model_type"] = "imagegpt"
-        return d
+        """The Hugging Face config.json dict, `extra` included: written out in Part II, in config_to_dict."""
+        return config_to_dict(self)  # in Part II
 
     @classmethod
     def from_json_file(cls, path) -> "ImageGPTConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                config_dict = json.load(f)
-        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
-            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
-        if not isinstance(config_dict, dict):
-            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
-                                  "fields ({\"n_layer\": 12, ...})")
-        return cls.from_dict(config_dict)
+        """Read a Hugging Face config.json: written out in Part II, in config_from_json_file."""
+        return config_from_json_file(cls, path)  # in Part II
 
     def to_json_file(self, path):
-        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        """Write config.json (atomically): written out in Part II, in config_to_json_file."""
+        return config_to_json_file(self, path)  # in Part II
 
 
-# OpenAI's three released sizes (trained on 32 x 32 ImageNet with the same 512-colour palette).
-PRESETS = {
-    "imagegpt-small": dict(n_layer=24, n_head=8, n_embd=512),  # iGPT-S, 76M parameters
-    "imagegpt-medium": dict(n_layer=36, n_head=8, n_embd=1024),  # iGPT-M, 455M
-    "imagegpt-large": dict(n_layer=48, n_head=16, n_embd=1536),  # iGPT-L, 1.4B
-}
-
-# ----------------------------------------------------------------------------------------------------
-# 2. Building blocks
-# ----------------------------------------------------------------------------------------------------
+# --- Conv1D, layer norm and activations -------------------------------------------------------------
 
 
 class Conv1D(nn.Module):
@@ -342,152 +270,7 @@ ACTIVATIONS = {
 }
 
 
-def find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, already_pruned: set):
-    """Which heads still need pruning, and the channel indices to keep in the remaining width.
-
-    Head numbers are those of the original model; after earlier pruning, a head's channels sit further
-    left, by one head size for every smaller head already removed.
-    Returns (heads to prune now, LongTensor of kept channel indices within one of q, k or v).
-    """
-    heads = set(heads) - already_pruned
-    keep = torch.ones(n_heads, head_size)  # (nh_now, hs): 1 = keep this channel
-    for head in heads:
-        head = head - sum(1 for h in already_pruned if h < head)  # position among the heads still here
-        keep[head] = 0
-    index = torch.arange(len(keep.view(-1)))[keep.view(-1).eq(1)]
-    return heads, index
-
-
-def prune_conv1d_layer(layer: Conv1D, index: torch.Tensor, dim: int = 1) -> Conv1D:
-    """A new, smaller Conv1D keeping only `index` along `dim` (0: inputs, 1: outputs) of the weight."""
-    index = index.to(layer.weight.device)
-    weight = layer.weight.index_select(dim, index).detach().clone()
-    bias = layer.bias.detach().clone() if dim == 0 else layer.bias[index].detach().clone()
-    new_layer = Conv1D(weight.size(1), weight.size(0)).to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new_layer.weight.copy_(weight)
-        new_layer.bias.copy_(bias)
-    new_layer.weight.requires_grad = layer.weight.requires_grad
-    new_layer.bias.requires_grad = layer.bias.requires_grad
-    return new_layer
-
-
-def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) to add to attention scores.
-
-    Masked keys get the dtype's most negative number, not -inf, so that a row with every key masked
-    (a padding query) gives a uniform softmax instead of NaN.
-    """
-    mask = mask[:, None, None, :].to(dtype)  # (B, S) -> (B, 1, 1, S), broadcasts over heads and queries
-    return (1.0 - mask) * torch.finfo(dtype).min
-
-
-def init_imagegpt_weights(module: nn.Module, config: ImageGPTConfig):
-    """ImageGPT's initialisation (GPT-2's), for one module (use with `model.apply`): N(0, 0.02) weights,
-    zero biases, unit layer norms, and each residual projection (c_proj) scaled by 1/sqrt(2 * n_layer),
-    since every block adds two of them to the residual stream and their variance would otherwise grow
-    with depth."""
-    # The random fills go through torch.nn.init, so that from_pretrained can skip them (without_random_init).
-    if isinstance(module, (nn.Linear, Conv1D)):
-        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-    elif isinstance(module, ImageGPTLayerNorm):
-        nn.init.ones_(module.weight)
-    for name, p in module.named_parameters():
-        if name == "c_proj.weight":  # ImageGPTAttention.c_proj and ImageGPTMLP.c_proj
-            nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
-
-
-class ModelOutput:
-    """Base of the output dataclasses: attribute access (`out.logits`), and like Hugging Face, indexing
-    and `to_tuple()` over the fields that are set (what `return_dict=False` returns)."""
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, key):
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-
-@dataclass
-class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
-    last_hidden_state: torch.Tensor = None  # (B, T, C)
-    past_key_values: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]] = None  # per layer (k, v)
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer + 1 of (B, T, C)
-    attentions: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer of (B, nh, T, P + T)
-    cross_attentions: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer of (B, nh, T, S)
-
-
-@dataclass
-class CausalLMOutputWithCrossAttentions(ModelOutput):
-    loss: Optional[torch.Tensor] = None
-    logits: torch.Tensor = None  # (B, T, V - 1): scores of the colours, never of SOS
-    past_key_values: Optional[tuple] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-    cross_attentions: Optional[tuple] = None
-
-
-@dataclass
-class SequenceClassifierOutputWithPast(ModelOutput):
-    loss: Optional[torch.Tensor] = None
-    logits: torch.Tensor = None  # (B, num_labels)
-    past_key_values: Optional[tuple] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Attention
-# ----------------------------------------------------------------------------------------------------
-
-
-class StaticCache:
-    """A key/value cache allocated once for a whole generation: per layer, keys and values of shape
-    (B, nh, max_length, hs), written in place as tokens arrive; attention reads the filled part.
-
-    The reference's cache, which forward also takes and returns, is a tuple of (k, v) per layer that grows
-    by concatenation: every step copies the whole cache to add one token to it, O(T^2) bytes over a
-    generation and fresh memory each step. Here a step writes only its own T keys and values. Pass a
-    StaticCache(max_length) as past_key_values, empty or filled by earlier calls; forward fills it further
-    and returns the same object as past_key_values. generate() uses one by default. It is for inference
-    (under torch.no_grad): writing in place into tensors autograd has saved would break a backward pass.
-    """
-
-    def __init__(self, max_length: int):
-        self.max_length = max_length
-        self.length = 0  # positions filled: the same in every layer between forward calls (ImageGPTModel advances it)
-        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
-        self.values: Dict[Optional[int], torch.Tensor] = {}
-
-    @property
-    def batch_size(self) -> Optional[int]:
-        return next(iter(self.keys.values())).size(0) if self.keys else None
-
-    def update(self, layer: Optional[int], k, v):
-        """Write layer's new keys and values k, v (B, nh, T, hs) after the P filled positions; return the keys
-        and values of all P + T positions, (B, nh, P + T, hs) each: views of the cache, not copies."""
-        if layer not in self.keys:  # made here, on the layer's device and dtype, with its number of heads
-            B, nh, _, hs = k.shape
-            self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
-            self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
-        P, T = self.length, k.size(-2)
-        self.keys[layer][:, :, P : P + T] = k
-        self.values[layer][:, :, P : P + T] = v
-        return self.keys[layer][:, :, : P + T], self.values[layer][:, :, : P + T]
-
-    def reorder(self, beam_idx):
-        """Beam search: keep the cache rows of the beams that survived (beam_idx (B,), row indices)."""
-        for layer in self.keys:
-            self.keys[layer] = self.keys[layer].index_select(0, beam_idx.to(self.keys[layer].device))
-            self.values[layer] = self.values[layer].index_select(0, beam_idx.to(self.values[layer].device))
-
-    def to_tuple(self) -> tuple:
-        """The same keys and values in the reference's layout: per layer (k, v), each (B, nh, length, hs)."""
-        return tuple((self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]) for i in sorted(self.keys))
+# --- Attention --------------------------------------------------------------------------------------
 
 
 def causal_mask(n_positions: int, device=None) -> torch.Tensor:
@@ -531,19 +314,8 @@ class ImageGPTAttention(nn.Module):
         self.register_buffer("bias", causal_mask(config.n_positions), persistent=False)
 
     def prune_heads(self, heads):
-        """Remove whole heads: their columns of c_attn (in q, k and v) and their rows of c_proj.
-        (The reference prunes cross-attention as if it held q, k and v; here its k, v and q_attn are pruned.)"""
-        heads, index = find_pruneable_heads_and_indices(heads, self.num_heads, self.head_dim, self.pruned_heads)
-        if len(heads) == 0:
-            return
-        index_attn = torch.cat([index + i * self.split_size for i in range(3 if not self.is_cross_attention else 2)])
-        self.c_attn = prune_conv1d_layer(self.c_attn, index_attn, dim=1)
-        if self.is_cross_attention:
-            self.q_attn = prune_conv1d_layer(self.q_attn, index, dim=1)
-        self.c_proj = prune_conv1d_layer(self.c_proj, index, dim=0)
-        self.num_heads -= len(heads)
-        self.split_size = self.head_dim * self.num_heads
-        self.pruned_heads = self.pruned_heads.union(heads)
+        """Remove whole heads from this layer's weights: written out in Part II, in prune_attention_heads."""
+        return prune_attention_heads(self, heads)  # in Part II
 
     def score_scale(self) -> float:
         """What q @ k^T is multiplied by. 1/sqrt(hs) keeps the scores' variance near 1 whatever the head
@@ -660,9 +432,62 @@ class ImageGPTAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. MLP and block
-# ----------------------------------------------------------------------------------------------------
+class StaticCache:
+    """A key/value cache allocated once for a whole generation: per layer, keys and values of shape
+    (B, nh, max_length, hs), written in place as tokens arrive; attention reads the filled part.
+
+    The reference's cache, which forward also takes and returns, is a tuple of (k, v) per layer that grows
+    by concatenation: every step copies the whole cache to add one token to it, O(T^2) bytes over a
+    generation and fresh memory each step. Here a step writes only its own T keys and values. Pass a
+    StaticCache(max_length) as past_key_values, empty or filled by earlier calls; forward fills it further
+    and returns the same object as past_key_values. generate() uses one by default. It is for inference
+    (under torch.no_grad): writing in place into tensors autograd has saved would break a backward pass.
+    """
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0  # positions filled: the same in every layer between forward calls (ImageGPTModel advances it)
+        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
+        self.values: Dict[Optional[int], torch.Tensor] = {}
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return next(iter(self.keys.values())).size(0) if self.keys else None
+
+    def update(self, layer: Optional[int], k, v):
+        """Write layer's new keys and values k, v (B, nh, T, hs) after the P filled positions; return the keys
+        and values of all P + T positions, (B, nh, P + T, hs) each: views of the cache, not copies."""
+        if layer not in self.keys:  # made here, on the layer's device and dtype, with its number of heads
+            B, nh, _, hs = k.shape
+            self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
+            self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
+        P, T = self.length, k.size(-2)
+        self.keys[layer][:, :, P : P + T] = k
+        self.values[layer][:, :, P : P + T] = v
+        return self.keys[layer][:, :, : P + T], self.values[layer][:, :, : P + T]
+
+    def reorder(self, beam_idx):
+        """Beam search: keep the cache rows of the beams that survived (beam_idx (B,), row indices)."""
+        for layer in self.keys:
+            self.keys[layer] = self.keys[layer].index_select(0, beam_idx.to(self.keys[layer].device))
+            self.values[layer] = self.values[layer].index_select(0, beam_idx.to(self.values[layer].device))
+
+    def to_tuple(self) -> tuple:
+        """The same keys and values in the reference's layout: per layer (k, v), each (B, nh, length, hs)."""
+        return tuple((self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]) for i in sorted(self.keys))
+
+
+def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) to add to attention scores.
+
+    Masked keys get the dtype's most negative number, not -inf, so that a row with every key masked
+    (a padding query) gives a uniform softmax instead of NaN.
+    """
+    mask = mask[:, None, None, :].to(dtype)  # (B, S) -> (B, 1, 1, S), broadcasts over heads and queries
+    return (1.0 - mask) * torch.finfo(dtype).min
+
+
+# --- MLP and block ----------------------------------------------------------------------------------
 
 
 class ImageGPTMLP(nn.Module):
@@ -736,25 +561,26 @@ class ImageGPTBlock(nn.Module):
         return hidden_states, present, self_weights, cross_weights
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. The model body
-# ----------------------------------------------------------------------------------------------------
+# --- The body ---------------------------------------------------------------------------------------
 
 
-def _shape_error(name, got, expected, fix=""):
-    return ValueError(f"{name} has shape {tuple(got)}, expected {expected}" + (f" ({fix})" if fix else ""))
-
-
-def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
-    """Token ids (and other indices) must be integers in [0, limit): an embedding lookup outside it
-    crashes on the CPU and corrupts silently or asserts on a GPU."""
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if ids.numel() > 0:
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= limit:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds {what} {bad}, but {limit_name} is {limit} ({what}s must be in [0, {limit}))")
+def init_imagegpt_weights(module: nn.Module, config: ImageGPTConfig):
+    """ImageGPT's initialisation (GPT-2's), for one module (use with `model.apply`): N(0, 0.02) weights,
+    zero biases, unit layer norms, and each residual projection (c_proj) scaled by 1/sqrt(2 * n_layer),
+    since every block adds two of them to the residual stream and their variance would otherwise grow
+    with depth."""
+    # The random fills go through torch.nn.init, so that from_pretrained can skip them (without_random_init).
+    if isinstance(module, (nn.Linear, Conv1D)):
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
+    elif isinstance(module, ImageGPTLayerNorm):
+        nn.init.ones_(module.weight)
+    for name, p in module.named_parameters():
+        if name == "c_proj.weight":  # ImageGPTAttention.c_proj and ImageGPTMLP.c_proj
+            nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
 
 
 class ImageGPTModel(nn.Module):
@@ -772,7 +598,7 @@ class ImageGPTModel(nn.Module):
         self.h = nn.ModuleList([ImageGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
-        self.palette = None  # (K, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
+        self.palette = None  # (n_colours, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
         self.apply(lambda module: init_imagegpt_weights(module, config))
         if config.pruned_heads:  # a config saved from a pruned model rebuilds the pruned shapes
             self.prune_heads({layer: heads for layer, heads in config.pruned_heads.items()})
@@ -788,21 +614,8 @@ class ImageGPTModel(nn.Module):
         self.wte = new_embeddings
 
     def prune_heads(self, heads_to_prune: Dict[int, List[int]]):
-        """Remove attention heads, {layer: [heads]}, numbered as in the unpruned model. Pruning a head twice
-        is a no-op. The config records them, so a saved model rebuilds the same shapes."""
-        for layer, heads in heads_to_prune.items():
-            if not 0 <= layer < self.config.n_layer or any(not 0 <= h < self.config.n_head for h in heads):
-                raise ValueError(
-                    f"prune_heads got layer {layer} heads {list(heads)}; layers are 0..{self.config.n_layer - 1} "
-                    f"and heads 0..{self.config.n_head - 1}"
-                )
-            if len(set(heads) | self.h[layer].attn.pruned_heads) >= self.config.n_head:
-                raise ValueError(f"prune_heads would remove every head of layer {layer}; keep at least one")
-        for layer, heads in heads_to_prune.items():
-            self.h[layer].attn.prune_heads(heads)
-            pruned = sorted(self.h[layer].attn.pruned_heads)
-            if pruned:
-                self.config.pruned_heads[layer] = pruned
+        """Remove attention heads, {layer: [head, ...]}: written out in Part II, in prune_model_heads."""
+        return prune_model_heads(self, heads_to_prune)  # in Part II
 
     def gradient_checkpointing_enable(self):
         """Trade compute for memory when training: keep only each block's input, recompute its insides
@@ -818,84 +631,12 @@ class ImageGPTModel(nn.Module):
         self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
         encoder_hidden_states, encoder_attention_mask,
     ):
-        """Every shape and range the forward pass relies on, checked before any work, so a mistake gives a
-        clear message instead of a broadcast that silently does the wrong thing or an error deep in torch."""
-        cfg = self.config
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
-        if input_ids is not None:
-            if input_ids.dim() < 1:
-                raise _shape_error("input_ids", input_ids.shape, "(B, T)")
-            _check_indices("input_ids", input_ids, cfg.vocab_size)
-            input_shape = tuple(input_ids.shape)
-        else:
-            if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
-                raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
-            input_shape = tuple(inputs_embeds.shape[:-1])
-        if 0 in input_shape:  # nothing to compute: say so here, not in a reshape deep inside attention
-            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
-            raise _shape_error(name, given.shape, "at least one sequence of at least one token", "an empty batch")
-        T = input_shape[-1]
-        batch = math.prod(input_shape[:-1])
-        past_length = 0
-        if isinstance(past_key_values, StaticCache):
-            past_length = past_key_values.length
-            if past_length + T > past_key_values.max_length:
-                raise ValueError(f"the StaticCache holds {past_key_values.max_length} positions, {past_length} of them "
-                                 f"filled: no room for {T} more; make it with a larger max_length")
-            if past_key_values.batch_size not in (None, batch):
-                raise _shape_error("past_key_values (StaticCache)", (past_key_values.batch_size,), (batch,),
-                                   "one cache row per sequence")
-        elif past_key_values is not None:
-            if len(past_key_values) != cfg.n_layer:
-                raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {cfg.n_layer}")
-            past_length = past_key_values[0][0].size(-2)
-            for i, (k, v) in enumerate(past_key_values):
-                nh = self.h[i].attn.num_heads
-                expected = (batch, nh, past_length, cfg.n_embd // cfg.n_head)
-                if tuple(k.shape) != expected or tuple(v.shape) != expected:
-                    raise _shape_error(f"past_key_values[{i}]", k.shape, f"(B, nh, P, hs) = {expected}")
-        if past_length + T > cfg.n_positions:
-            raise ValueError(
-                f"the sequence is {past_length + T} tokens long ({past_length} cached + {T} new), but the model "
-                f"has n_positions={cfg.n_positions}; crop the input to its last {cfg.n_positions - past_length} tokens"
-            )
-        if attention_mask is not None:
-            expected = input_shape[:-1] + (past_length + T,)
-            if tuple(attention_mask.shape) != expected:
-                raise _shape_error("attention_mask", attention_mask.shape, expected, "1 per cached and new token")
-            if not torch.all((attention_mask == 0) | (attention_mask == 1)):
-                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-        if token_type_ids is not None:
-            if tuple(token_type_ids.shape) != input_shape:
-                raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
-            _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
-        if position_ids is not None:
-            if position_ids.size(-1) != T or position_ids.dim() > len(input_shape) or \
-                    math.prod(position_ids.shape[:-1]) not in (1, batch):
-                raise _shape_error("position_ids", position_ids.shape, f"(T,), (1, T) or (B, T) with T={T}")
-            _check_indices("position_ids", position_ids, cfg.n_positions, "n_positions", "position")
-        if head_mask is not None:
-            if tuple(head_mask.shape) not in ((cfg.n_head,), (cfg.n_layer, cfg.n_head)):
-                raise _shape_error("head_mask", head_mask.shape, f"({cfg.n_head},) or ({cfg.n_layer}, {cfg.n_head})")
-            if any(block.attn.pruned_heads for block in self.h):
-                raise ValueError("head_mask cannot be combined with pruned heads; mask or prune, not both")
-        if encoder_hidden_states is not None:
-            if not cfg.add_cross_attention:
-                raise ValueError(
-                    "encoder_hidden_states were given, but this model has no cross-attention; build it with "
-                    "ImageGPTConfig(add_cross_attention=True)"
-                )
-            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch or \
-                    encoder_hidden_states.shape[2] != cfg.n_embd:
-                raise _shape_error("encoder_hidden_states", encoder_hidden_states.shape, f"(B={batch}, S, {cfg.n_embd})")
-            if encoder_attention_mask is not None and \
-                    tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
-                raise _shape_error("encoder_attention_mask", encoder_attention_mask.shape,
-                                   tuple(encoder_hidden_states.shape[:2]))
-        elif encoder_attention_mask is not None:
-            raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
-        return input_shape, past_length
+        """Check every input before any work; returns (input_shape, past_length).
+        Written out in Part II, in check_model_inputs."""
+        return check_model_inputs(  # in Part II
+            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids,
+            head_mask, encoder_hidden_states, encoder_attention_mask,
+        )
 
     def forward(
         self,
@@ -947,8 +688,7 @@ class ImageGPTModel(nn.Module):
             if encoder_attention_mask is None:
                 encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
             encoder_attention_mask = padding_mask_to_additive(encoder_attention_mask, self.dtype)  # (B, 1, 1, S)
-        if head_mask is not None:  # (nh,) or (n_layer, nh) -> (n_layer, 1, nh, 1, 1) of 0/1 factors
-            head_mask = head_mask.to(self.dtype).expand(cfg.n_layer, -1)[:, None, :, None, None]
+        head_mask = expand_head_mask(head_mask, cfg.n_layer, self.dtype)  # (n_layer, 1, nh, 1, 1) of 0/1, or None
 
         static = isinstance(past_key_values, StaticCache)
         presents = () if use_cache else None
@@ -957,17 +697,13 @@ class ImageGPTModel(nn.Module):
         all_cross_attentions = () if output_attentions and cfg.add_cross_attention else None
         for i, block in enumerate(self.h):
             layer_past = past_key_values if static else past_key_values[i] if past_key_values is not None else None
-            layer_inputs = [
-                a.to(hidden_states.device) if isinstance(a, torch.Tensor) else a
-                for a in (attention_mask, head_mask[i] if head_mask is not None else None,
-                          encoder_hidden_states, encoder_attention_mask)
-            ]
+            layer_head_mask = head_mask[i] if head_mask is not None else None
+            layer_inputs = (attention_mask, layer_head_mask, encoder_hidden_states, encoder_attention_mask)
+            layer_inputs = to_device(layer_inputs, hidden_states.device)  # the masks follow the activations
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if self.gradient_checkpointing and self.training:
-                outputs = torch.utils.checkpoint.checkpoint(
-                    block, hidden_states, None, *layer_inputs, False, output_attentions, use_reentrant=False
-                )
+                outputs = checkpointed_block(block, hidden_states, layer_inputs, output_attentions)  # Part II
             else:
                 outputs = block(hidden_states, layer_past, *layer_inputs, use_cache, output_attentions)
             hidden_states, present, self_weights, cross_weights = outputs
@@ -995,16 +731,7 @@ class ImageGPTModel(nn.Module):
         return out if return_dict else out.to_tuple()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 6. The heads
-# ----------------------------------------------------------------------------------------------------
-
-
-def _input_shape(input_ids, inputs_embeds):
-    """(B, T), or (B, n_choices, T), of the inputs; None when neither is given (the body then says so)."""
-    if input_ids is not None:
-        return tuple(input_ids.shape)
-    return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
+# --- The LM head ------------------------------------------------------------------------------------
 
 
 def shifted_lm_loss(logits, labels):
@@ -1019,7 +746,7 @@ def shifted_lm_loss(logits, labels):
 
 
 class ImageGPTForCausalImageModeling(nn.Module):
-    """ImageGPT with its next-pixel head: logits over the K = vocab_size - 1 colours for the next pixel.
+    """ImageGPT with its next-pixel head: logits over the n_colours = vocab_size - 1 colours for the next pixel.
 
     Unlike GPT-2's, the head is not tied to the token embeddings, and it has no row for SOS: SOS only
     ever starts a sequence, so the model is never asked to predict it.
@@ -1031,7 +758,7 @@ class ImageGPTForCausalImageModeling(nn.Module):
         self.transformer = ImageGPTModel(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)  # colours only, no SOS
         init_imagegpt_weights(self.lm_head, config)
-        self.palette = None  # (K, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
+        self.palette = None  # (n_colours, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -1081,114 +808,11 @@ class ImageGPTForCausalImageModeling(nn.Module):
         return out if return_dict else out.to_tuple()
 
     def generate(self, input_ids=None, **kwargs):
-        """Sample or complete images; see generate() in section 7 for every option."""
+        """Sample or complete images; see generate() under Sampling for every option."""
         return generate(self, input_ids, **kwargs)
 
 
-def infer_problem_type(labels, num_labels: int, problem_type) -> str:
-    """config.problem_type, or when it is None the reference's rule: one label means regression (MSE),
-    integer labels mean one class per example (cross-entropy), float labels mean several classes at once
-    (binary cross-entropy per class)."""
-    if problem_type is not None:
-        return problem_type
-    if num_labels == 1:
-        return "regression"
-    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
-
-
-def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
-    """labels of the shape classification_loss reads, checked before any work (a wrong shape would be
-    broadcast or flattened into a loss over the wrong pairs): (B,) class ids; (B,) or (B, 1) targets for
-    one-value regression; (B, num_labels) for several values, or multi-label 0/1 floats."""
-    if labels is None or input_shape is None:
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
-    kind, batch = infer_problem_type(labels, num_labels, problem_type), input_shape[0]
-    if kind == "single_label_classification" or (kind == "regression" and num_labels == 1):
-        expected, per = ((batch,), (batch, 1)), "one label per example"
-    else:
-        expected, per = ((batch, num_labels),), f"num_labels={num_labels} values per example"
-    if tuple(labels.shape) not in expected:
-        raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
-    if kind == "single_label_classification":
-        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
-
-
-def classification_loss(logits, labels, num_labels, problem_type):
-    """The loss a classification head trains with (see infer_problem_type for which)."""
-    problem_type = infer_problem_type(labels, num_labels, problem_type)
-    labels = labels.to(logits.device)
-    if problem_type == "regression":
-        if num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels.to(logits.dtype))
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-class ImageGPTForImageClassification(nn.Module):
-    """A label (or a number) for a whole image, from the average of the hidden states over all its pixels.
-
-    (GPT-2's sequence classifier reads the last token instead; ImageGPT's paper found averaged features
-    classify better. The average includes padding positions, as in the reference: pad nothing, or pool
-    the hidden states yourself.)
-    """
-
-    def __init__(self, config: ImageGPTConfig):
-        super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.transformer = ImageGPTModel(config)
-        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
-        init_imagegpt_weights(self.score, config)
-        self.palette = None  # (K, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
-
-    def prune_heads(self, heads_to_prune):
-        self.transformer.prune_heads(heads_to_prune)
-
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        head_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=True,
-    ):
-        """labels (B,): class ids, or floats for regression; (B, num_labels) floats for multi-label."""
-        check_classification_labels(labels, _input_shape(input_ids, inputs_embeds), self.num_labels,
-                                    self.config.problem_type)
-        body = self.transformer(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
-            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
-            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        pooled = body.last_hidden_state.mean(dim=1)  # (B, T, C) -> (B, C): the average over all pixels
-        logits = self.score(pooled)  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = classification_loss(logits, labels, self.num_labels, self.config.problem_type)
-        out = SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, past_key_values=body.past_key_values,
-            hidden_states=body.hidden_states, attentions=body.attentions,
-        )
-        return out if return_dict else out.to_tuple()
-
-
-HEAD_CLASSES = (ImageGPTModel, ImageGPTForCausalImageModeling, ImageGPTForImageClassification)
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Generation
-# ----------------------------------------------------------------------------------------------------
+# --- Sampling ---------------------------------------------------------------------------------------
 
 
 def top_k_filter(logits, k: int):
@@ -1203,49 +827,11 @@ def top_p_filter(logits, p: float):
     """Nucleus sampling: keep the smallest set of most likely colours whose probabilities sum to at least
     p; the rest become -inf. The most likely colour is always kept."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)  # least likely first
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, K)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, n_colours)
     remove_sorted = cumulative <= (1 - p)  # the unlikely tail whose total mass is at most 1 - p
     remove_sorted[..., -1:] = False  # always keep the most likely colour
     remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to palette order
     return logits.masked_fill(remove, float("-inf"))
-
-
-def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_samples):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
-    if input_ids.size(0) == 0:
-        raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
-    if input_ids.size(1) == 0:
-        raise ValueError(f"input_ids is empty: start each row with the SOS token ({model.config.sos_token_id}), "
-                         "or pass input_ids=None to sample from SOS")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    # The last new token is sampled but never fed back, so it needs no position: SOS + n_positions pixels fit.
-    total = input_ids.size(1) + max_new_tokens
-    if total > model.config.n_positions + 1:
-        raise ValueError(
-            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-            f"n_positions + 1 = {model.config.n_positions + 1} (SOS + one token per pixel); ask for fewer tokens"
-        )
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    _check_indices("input_ids", input_ids, model.config.vocab_size)
-
-
-def next_token_logits(model, hidden):
-    """The LM head on the last hidden states only, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than
-    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the kernel streams it
-    once for every row of the batch (measured on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16).
-    Only the last position's logits are needed to choose the next token, so the prompt's others are skipped."""
-    weight = model.lm_head.weight  # (V, C)
-    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
 
 
 @torch.no_grad()
@@ -1296,7 +882,7 @@ def generate(
             start = 0 if length == T0 else length - 1  # the prompt first, then one new pixel a step
             out = model.transformer(tokens[:, start:length], past_key_values=past, use_cache=True)
             past = out.past_key_values
-            logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, K): the next pixel's
+            logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, n_colours): the next pixel's
             if do_sample:
                 logits = logits / temperature
                 if top_k is not None:
@@ -1315,9 +901,548 @@ def generate(
         model.train(was_training)
 
 
+def next_token_logits(model, hidden):
+    """The LM head on the last hidden states only, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than
+    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the kernel streams it
+    once for every row of the batch (measured on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16).
+    Only the last position's logits are needed to choose the next token, so the prompt's others are skipped."""
+    weight = model.lm_head.weight  # (V, C)
+    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
+
+
+# ====================================================================================================
+# Part II: what the reference also has
+#
+# The other heads, the output dataclasses, pruning, head masks, gradient checkpointing, input
+# checks, config validation and serialisation: written out in full, out of a first reading's way. A
+# method of a Part I class marked `# in Part II` is one line that calls its body here.
+# ====================================================================================================
+
+
+# --- The other heads --------------------------------------------------------------------------------
+
+
+def infer_problem_type(labels, num_labels: int, problem_type) -> str:
+    """config.problem_type, or when it is None the reference's rule: one label means regression (MSE),
+    integer labels mean one class per example (cross-entropy), float labels mean several classes at once
+    (binary cross-entropy per class)."""
+    if problem_type is not None:
+        return problem_type
+    if num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def classification_loss(logits, labels, num_labels, problem_type):
+    """The loss a classification head trains with (see infer_problem_type for which)."""
+    problem_type = infer_problem_type(labels, num_labels, problem_type)
+    labels = labels.to(logits.device)
+    if problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class ImageGPTForImageClassification(nn.Module):
+    """A label (or a number) for a whole image, from the average of the hidden states over all its pixels.
+
+    (GPT-2's sequence classifier reads the last token instead; ImageGPT's paper found averaged features
+    classify better. The average includes padding positions, as in the reference: pad nothing, or pool
+    the hidden states yourself.)
+    """
+
+    def __init__(self, config: ImageGPTConfig):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.transformer = ImageGPTModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        init_imagegpt_weights(self.score, config)
+        self.palette = None  # (n_colours, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
+
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=True,
+    ):
+        """labels (B,): class ids, or floats for regression; (B, num_labels) floats for multi-label."""
+        check_classification_labels(labels, _input_shape(input_ids, inputs_embeds), self.num_labels,
+                                    self.config.problem_type)
+        body = self.transformer(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
+            token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        pooled = body.last_hidden_state.mean(dim=1)  # (B, T, C) -> (B, C): the average over all pixels
+        logits = self.score(pooled)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = classification_loss(logits, labels, self.num_labels, self.config.problem_type)
+        out = SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, past_key_values=body.past_key_values,
+            hidden_states=body.hidden_states, attentions=body.attentions,
+        )
+        return out if return_dict else out.to_tuple()
+
+
+HEAD_CLASSES = (ImageGPTModel, ImageGPTForCausalImageModeling, ImageGPTForImageClassification)
+
+
+# --- Output dataclasses -----------------------------------------------------------------------------
+
+
+class ModelOutput:
+    """Base of the output dataclasses: attribute access (`out.logits`), and like Hugging Face, indexing
+    and `to_tuple()` over the fields that are set (what `return_dict=False` returns)."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+@dataclass
+class BaseModelOutputWithPastAndCrossAttentions(ModelOutput):
+    last_hidden_state: torch.Tensor = None  # (B, T, C)
+    past_key_values: Optional[Tuple[Tuple[torch.Tensor, torch.Tensor], ...]] = None  # per layer (k, v)
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer + 1 of (B, T, C)
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer of (B, nh, T, P + T)
+    cross_attentions: Optional[Tuple[torch.Tensor, ...]] = None  # n_layer of (B, nh, T, S)
+
+
+@dataclass
+class CausalLMOutputWithCrossAttentions(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None  # (B, T, V - 1): scores of the colours, never of SOS
+    past_key_values: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: torch.Tensor = None  # (B, num_labels)
+    past_key_values: Optional[tuple] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+
+# --- Pruning heads ----------------------------------------------------------------------------------
+
+
+def find_pruneable_heads_and_indices(heads, n_heads: int, head_size: int, already_pruned: set):
+    """Which heads still need pruning, and the channel indices to keep in the remaining width.
+
+    Head numbers are those of the original model; after earlier pruning, a head's channels sit further
+    left, by one head size for every smaller head already removed.
+    Returns (heads to prune now, LongTensor of kept channel indices within one of q, k or v).
+    """
+    heads = set(heads) - already_pruned
+    keep = torch.ones(n_heads, head_size)  # (nh_now, hs): 1 = keep this channel
+    for head in heads:
+        head = head - sum(1 for h in already_pruned if h < head)  # position among the heads still here
+        keep[head] = 0
+    index = torch.arange(len(keep.view(-1)))[keep.view(-1).eq(1)]
+    return heads, index
+
+
+def prune_conv1d_layer(layer: Conv1D, index: torch.Tensor, dim: int = 1) -> Conv1D:
+    """A new, smaller Conv1D keeping only `index` along `dim` (0: inputs, 1: outputs) of the weight."""
+    index = index.to(layer.weight.device)
+    weight = layer.weight.index_select(dim, index).detach().clone()
+    bias = layer.bias.detach().clone() if dim == 0 else layer.bias[index].detach().clone()
+    new_layer = Conv1D(weight.size(1), weight.size(0)).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new_layer.weight.copy_(weight)
+        new_layer.bias.copy_(bias)
+    new_layer.weight.requires_grad = layer.weight.requires_grad
+    new_layer.bias.requires_grad = layer.bias.requires_grad
+    return new_layer
+
+
+def prune_attention_heads(attn, heads):
+    """Remove whole heads: their columns of c_attn (in q, k and v) and their rows of c_proj.
+    (The reference prunes cross-attention as if it held q, k and v; here its k, v and q_attn are pruned.)"""
+    heads, index = find_pruneable_heads_and_indices(heads, attn.num_heads, attn.head_dim, attn.pruned_heads)
+    if len(heads) == 0:
+        return
+    index_attn = torch.cat([index + i * attn.split_size for i in range(3 if not attn.is_cross_attention else 2)])
+    attn.c_attn = prune_conv1d_layer(attn.c_attn, index_attn, dim=1)
+    if attn.is_cross_attention:
+        attn.q_attn = prune_conv1d_layer(attn.q_attn, index, dim=1)
+    attn.c_proj = prune_conv1d_layer(attn.c_proj, index, dim=0)
+    attn.num_heads -= len(heads)
+    attn.split_size = attn.head_dim * attn.num_heads
+    attn.pruned_heads = attn.pruned_heads.union(heads)
+
+
+def prune_model_heads(model, heads_to_prune: Dict[int, List[int]]):
+    """Remove attention heads, {layer: [heads]}, numbered as in the unpruned model. Pruning a head twice
+    is a no-op. The config records them, so a saved model rebuilds the same shapes."""
+    for layer, heads in heads_to_prune.items():
+        if not 0 <= layer < model.config.n_layer or any(not 0 <= h < model.config.n_head for h in heads):
+            raise ValueError(
+                f"prune_heads got layer {layer} heads {list(heads)}; layers are 0..{model.config.n_layer - 1} "
+                f"and heads 0..{model.config.n_head - 1}"
+            )
+        if len(set(heads) | model.h[layer].attn.pruned_heads) >= model.config.n_head:
+            raise ValueError(f"prune_heads would remove every head of layer {layer}; keep at least one")
+    for layer, heads in heads_to_prune.items():
+        model.h[layer].attn.prune_heads(heads)
+        pruned = sorted(model.h[layer].attn.pruned_heads)
+        if pruned:
+            model.config.pruned_heads[layer] = pruned
+
+
+# --- Head masks, gradient checkpointing -------------------------------------------------------------
+
+
+def expand_head_mask(head_mask, n_layer: int, dtype):
+    """head_mask (nh,) or (n_layer, nh) of 0/1 -> (n_layer, 1, nh, 1, 1): row i masks block i's heads and
+    broadcasts over the batch and the (T, K) attention weights. None stays None."""
+    if head_mask is None:
+        return None
+    return head_mask.to(dtype).expand(n_layer, -1)[:, None, :, None, None]
+
+
+def to_device(tensors, device) -> tuple:
+    """The tensors among `tensors` on `device` (a no-op where they are already); None stays None."""
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
+
+
+def checkpointed_block(block, hidden_states, layer_inputs, output_attentions):
+    """Run one block under gradient checkpointing: only its input is kept, and its insides are recomputed
+    during the backward pass. No cache (use_cache=False): it would hold the activations checkpointing drops."""
+    return torch.utils.checkpoint.checkpoint(
+        block, hidden_states, None, *layer_inputs, False, output_attentions, use_reentrant=False
+    )
+
+
+# --- Input checks -----------------------------------------------------------------------------------
+
+
+def _shape_error(name, got, expected, fix=""):
+    return ValueError(f"{name} has shape {tuple(got)}, expected {expected}" + (f" ({fix})" if fix else ""))
+
+
+def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
+    """Token ids (and other indices) must be integers in [0, limit): an embedding lookup outside it
+    crashes on the CPU and corrupts silently or asserts on a GPU."""
+    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
+    if ids.numel() > 0:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= limit:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds {what} {bad}, but {limit_name} is {limit} ({what}s must be in [0, {limit}))")
+
+
+def _input_shape(input_ids, inputs_embeds):
+    """(B, T), or (B, n_choices, T), of the inputs; None when neither is given (the body then says so)."""
+    if input_ids is not None:
+        return tuple(input_ids.shape)
+    return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
+
+
+def check_model_inputs(
+    model, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
+    encoder_hidden_states, encoder_attention_mask,
+):
+    """Every shape and range the forward pass relies on, checked before any work, so a mistake gives a
+    clear message instead of a broadcast that silently does the wrong thing or an error deep in torch."""
+    cfg = model.config
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids (B, T) or inputs_embeds (B, T, C)")
+    if input_ids is not None:
+        if input_ids.dim() < 1:
+            raise _shape_error("input_ids", input_ids.shape, "(B, T)")
+        _check_indices("input_ids", input_ids, cfg.vocab_size)
+        input_shape = tuple(input_ids.shape)
+    else:
+        if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
+            raise _shape_error("inputs_embeds", inputs_embeds.shape, f"(B, T, {cfg.n_embd})")
+        input_shape = tuple(inputs_embeds.shape[:-1])
+    if 0 in input_shape:  # nothing to compute: say so here, not in a reshape deep inside attention
+        name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        raise _shape_error(name, given.shape, "at least one sequence of at least one token", "an empty batch")
+    T = input_shape[-1]
+    batch = math.prod(input_shape[:-1])
+    past_length = 0
+    if isinstance(past_key_values, StaticCache):
+        past_length = past_key_values.length
+        if past_length + T > past_key_values.max_length:
+            raise ValueError(f"the StaticCache holds {past_key_values.max_length} positions, {past_length} of them "
+                             f"filled: no room for {T} more; make it with a larger max_length")
+        if past_key_values.batch_size not in (None, batch):
+            raise _shape_error("past_key_values (StaticCache)", (past_key_values.batch_size,), (batch,),
+                               "one cache row per sequence")
+    elif past_key_values is not None:
+        if len(past_key_values) != cfg.n_layer:
+            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {cfg.n_layer}")
+        past_length = past_key_values[0][0].size(-2)
+        for i, (k, v) in enumerate(past_key_values):
+            nh = model.h[i].attn.num_heads
+            expected = (batch, nh, past_length, cfg.n_embd // cfg.n_head)
+            if tuple(k.shape) != expected or tuple(v.shape) != expected:
+                raise _shape_error(f"past_key_values[{i}]", k.shape, f"(B, nh, P, hs) = {expected}")
+    if past_length + T > cfg.n_positions:
+        raise ValueError(
+            f"the sequence is {past_length + T} tokens long ({past_length} cached + {T} new), but the model "
+            f"has n_positions={cfg.n_positions}; crop the input to its last {cfg.n_positions - past_length} tokens"
+        )
+    if attention_mask is not None:
+        expected = input_shape[:-1] + (past_length + T,)
+        if tuple(attention_mask.shape) != expected:
+            raise _shape_error("attention_mask", attention_mask.shape, expected, "1 per cached and new token")
+        if not torch.all((attention_mask == 0) | (attention_mask == 1)):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    if token_type_ids is not None:
+        if tuple(token_type_ids.shape) != input_shape:
+            raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
+        _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
+    if position_ids is not None:
+        if position_ids.size(-1) != T or position_ids.dim() > len(input_shape) or \
+                math.prod(position_ids.shape[:-1]) not in (1, batch):
+            raise _shape_error("position_ids", position_ids.shape, f"(T,), (1, T) or (B, T) with T={T}")
+        _check_indices("position_ids", position_ids, cfg.n_positions, "n_positions", "position")
+    if head_mask is not None:
+        if tuple(head_mask.shape) not in ((cfg.n_head,), (cfg.n_layer, cfg.n_head)):
+            raise _shape_error("head_mask", head_mask.shape, f"({cfg.n_head},) or ({cfg.n_layer}, {cfg.n_head})")
+        if any(block.attn.pruned_heads for block in model.h):
+            raise ValueError("head_mask cannot be combined with pruned heads; mask or prune, not both")
+    if encoder_hidden_states is not None:
+        if not cfg.add_cross_attention:
+            raise ValueError(
+                "encoder_hidden_states were given, but this model has no cross-attention; build it with "
+                "ImageGPTConfig(add_cross_attention=True)"
+            )
+        if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch or \
+                encoder_hidden_states.shape[2] != cfg.n_embd:
+            raise _shape_error("encoder_hidden_states", encoder_hidden_states.shape, f"(B={batch}, S, {cfg.n_embd})")
+        if encoder_attention_mask is not None and \
+                tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
+            raise _shape_error("encoder_attention_mask", encoder_attention_mask.shape,
+                               tuple(encoder_hidden_states.shape[:2]))
+    elif encoder_attention_mask is not None:
+        raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
+    return input_shape, past_length
+
+
+def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
+    """labels of the shape classification_loss reads, checked before any work (a wrong shape would be
+    broadcast or flattened into a loss over the wrong pairs): (B,) class ids; (B,) or (B, 1) targets for
+    one-value regression; (B, num_labels) for several values, or multi-label 0/1 floats."""
+    if labels is None or input_shape is None:
+        return
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    kind, batch = infer_problem_type(labels, num_labels, problem_type), input_shape[0]
+    if kind == "single_label_classification" or (kind == "regression" and num_labels == 1):
+        expected, per = ((batch,), (batch, 1)), "one label per example"
+    else:
+        expected, per = ((batch, num_labels),), f"num_labels={num_labels} values per example"
+    if tuple(labels.shape) not in expected:
+        raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
+    if kind == "single_label_classification":
+        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+
+
+def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_samples):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
+    if input_ids.size(0) == 0:
+        raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
+    if input_ids.size(1) == 0:
+        raise ValueError(f"input_ids is empty: start each row with the SOS token ({model.config.sos_token_id}), "
+                         "or pass input_ids=None to sample from SOS")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    # The last new token is sampled but never fed back, so it needs no position: SOS + n_positions pixels fit.
+    total = input_ids.size(1) + max_new_tokens
+    if total > model.config.n_positions + 1:
+        raise ValueError(
+            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"n_positions + 1 = {model.config.n_positions + 1} (SOS + one token per pixel); ask for fewer tokens"
+        )
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    _check_indices("input_ids", input_ids, model.config.vocab_size)
+
+
+# --- Config validation and serialisation ------------------------------------------------------------
+
+
+# The problem types a classification head can be asked to solve (as Hugging Face names them).
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def validate_config(config):
+    """Raise a ValueError naming the field, its value and what it should be. Called on creation and by
+    every model, so a config edited after creation is checked too."""
+    for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_labels" else 1):
+            raise ValueError(f"ImageGPTConfig.{name} must be a positive integer, got {value!r}")
+    if config.vocab_size < 2:
+        raise ValueError(f"ImageGPTConfig.vocab_size is {config.vocab_size}, but it counts the colours + SOS, so "
+                         "it must be at least 2 (512 + 1 for OpenAI's palette)")
+    if config.n_embd % config.n_head != 0:
+        raise ValueError(
+            f"ImageGPTConfig.n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): each head "
+            f"gets n_embd // n_head channels; try n_head in {[h for h in range(1, 33) if config.n_embd % h == 0]}"
+        )
+    if config.n_inner is not None and (not isinstance(config.n_inner, int) or config.n_inner < 1):
+        raise ValueError(f"ImageGPTConfig.n_inner must be None or a positive integer, got {config.n_inner!r}")
+    if config.activation_function not in ACTIVATIONS:
+        raise ValueError(f"ImageGPTConfig.activation_function is {config.activation_function!r}, expected one of "
+                         f"{sorted(ACTIVATIONS)}")
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        value = getattr(config, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"ImageGPTConfig.{name} is a dropout probability in [0, 1), got {value!r}")
+    if not config.layer_norm_epsilon > 0:
+        raise ValueError(f"ImageGPTConfig.layer_norm_epsilon must be > 0, got {config.layer_norm_epsilon!r}")
+    if config.problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"ImageGPTConfig.problem_type is {config.problem_type!r}, expected one of {PROBLEM_TYPES}")
+    if config.tie_word_embeddings:
+        raise ValueError(
+            "ImageGPTConfig.tie_word_embeddings must be False: the head scores the vocab_size - 1 colours and "
+            "the embedding also holds SOS, so the two matrices differ in shape"
+        )
+    for layer, heads in config.pruned_heads.items():
+        if not 0 <= int(layer) < config.n_layer or any(not 0 <= int(h) < config.n_head for h in heads):
+            raise ValueError(
+                f"ImageGPTConfig.pruned_heads names layer {layer} heads {list(heads)}, but the model has "
+                f"{config.n_layer} layers of {config.n_head} heads"
+            )
+
+
+# OpenAI's three released sizes (trained on 32 x 32 ImageNet with the same 512-colour palette).
+PRESETS = {
+    "imagegpt-small": dict(n_layer=24, n_head=8, n_embd=512),  # iGPT-S, 76M parameters
+    "imagegpt-medium": dict(n_layer=36, n_head=8, n_embd=1024),  # iGPT-M, 455M
+    "imagegpt-large": dict(n_layer=48, n_head=16, n_embd=1536),  # iGPT-L, 1.4B
+}
+
+
+def config_from_preset(cls, name: str, **overrides) -> "ImageGPTConfig":
+    """The config of one of OpenAI's released sizes, e.g. `ImageGPTConfig.from_preset("imagegpt-medium")`
+    (or just "medium")."""
+    key = name if name in PRESETS else f"imagegpt-{name}"
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}, expected one of {sorted(PRESETS)}")
+    return cls(**{**PRESETS[key], **overrides})
+
+
+def config_from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
+    """Build from a Hugging Face config dict. Keys this class does not know are kept in `extra`."""
+    if not isinstance(config_dict, dict):
+        raise TypeError(f"config_dict must be a dict of config fields, got {type(config_dict).__name__}")
+    known = {f.name for f in fields(cls)} - {"extra"}
+    kwargs = {k: v for k, v in config_dict.items() if k in known}
+    extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
+    if "id2label" in config_dict:  # Hugging Face stores the label names; num_labels is their count
+        kwargs["num_labels"] = len(config_dict["id2label"])
+    elif "num_labels" in config_dict:
+        kwargs["num_labels"] = config_dict["num_labels"]
+    if "pruned_heads" in kwargs:  # JSON object keys are strings
+        kwargs["pruned_heads"] = {int(k): [int(h) for h in v] for k, v in kwargs["pruned_heads"].items()}
+    return cls(**kwargs, extra=extra)
+
+
+def config_to_dict(config) -> dict:
+    """The config as Hugging Face writes it (so transformers reads the same model back)."""
+    d = dict(config.extra)
+    d.update({f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("extra", "num_labels")})
+    d["pruned_heads"] = {str(k): list(v) for k, v in config.pruned_heads.items()}
+    labels = d.pop("id2label", None)
+    if labels is None or len(labels) != config.num_labels:
+        labels = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+    d["id2label"] = labels
+    d["label2id"] = {name: int(i) for i, name in labels.items()}
+    d["model_type"] = "imagegpt"
+    return d
+
+
+def config_from_json_file(cls, path) -> "ImageGPTConfig":
+    try:
+        with open(path, encoding="utf-8") as f:
+            config_dict = json.load(f)
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+        raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
+                              "fields ({\"n_layer\": 12, ...})")
+    return cls.from_dict(config_dict)
+
+
+def config_to_json_file(config, path):
+    _write_atomically(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# ====================================================================================================
+# Part III: files and tools
+#
+# Loading and saving, pixels and tokens (the palette, PNG files), training and evaluation, the
+# command line; main() at the bottom.
+# ====================================================================================================
+
+# Imported here rather than at the top, so that the model reads without them (Python allows an
+# import anywhere at module level; a linter's E402 is expected).
+import argparse
+import contextlib
+import csv
+import functools
+import hashlib
+import mmap
+import os
+import re
+import shlex
+import shutil
+import signal
+import struct
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+
+
 # ----------------------------------------------------------------------------------------------------
-# 8. Loading and saving
+# Loading and saving
 # ----------------------------------------------------------------------------------------------------
+
+
 # A Hugging Face model directory holds config.json and the weights: model.safetensors (or several
 # shards listed in model.safetensors.index.json), or the older pytorch_model.bin (what the openai/imagegpt-*
 # repositories hold). ImageGPT's directories also keep the palette: preprocessor_config.json ("clusters",
@@ -1325,7 +1450,6 @@ def generate(
 #     8 bytes      N, the header's length (unsigned little-endian)
 #     N bytes      JSON: {"name": {"dtype": "F32", "shape": [512, 1536], "data_offsets": [begin, end]}, ...}
 #     the rest     every tensor's raw little-endian bytes, at [begin, end) counted from the end of the header
-
 SAFETENSORS_DTYPES = {  # name in the header -> (numpy dtype to read the bytes as, torch dtype)
     "F64": ("<f8", torch.float64), "F32": ("<f4", torch.float32), "F16": ("<f2", torch.float16),
     "BF16": ("<u2", torch.bfloat16),  # numpy has no bfloat16: read the 16-bit patterns, reinterpret in torch
@@ -1783,7 +1907,7 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     Weights load in fp32 unless dtype says otherwise ("float16", "bfloat16", or a torch.dtype), onto
     `device` (default CPU). A head the checkpoint has no weights for (say a classifier on top of
     imagegpt-small) starts freshly initialised. The directory's palette, if it has one, becomes
-    `model.palette` ((K, 3) in [-1, 1], on the CPU)."""
+    `model.palette` ((n_colours, 3) in [-1, 1], on the CPU)."""
     dtype = parse_dtype(dtype) or torch.float32
     directory = resolve_checkpoint(str(name_or_dir))
     config_path = os.path.join(directory, "config.json")
@@ -1868,16 +1992,16 @@ for _cls in HEAD_CLASSES:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Pixels and tokens
+# Pixels and tokens
 # ----------------------------------------------------------------------------------------------------
+
+
 #
 # An image becomes tokens in three steps, as Hugging Face's ImageGPTImageProcessor does it:
 #   resize to n_px x n_px (bilinear)  ->  normalise to [-1, 1] (x / 127.5 - 1)  ->  nearest palette colour.
 # The palette is OpenAI's 512 k-means centres (kmeans_centers.npy, (512, 3) in [-1, 1]), or one fitted to
 # your own images with fit_palette(). Tokens go back to pixels by looking the colour up (dequantise).
 # PNG files are read and written here with zlib alone, so nothing beyond numpy and torch is needed.
-
-
 def _as_uint8_image(image, name="image") -> torch.Tensor:
     """One RGB image, (H, W, 3) uint8, as a CPU tensor (a numpy array or a tensor is accepted)."""
     image = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image).cpu()
@@ -1921,19 +2045,20 @@ def normalise(image: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_colour(pixels: torch.Tensor, palette: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """(N, 3) pixels in [-1, 1], (K, 3) palette -> (N,) LongTensor: the index of the nearest colour (squared
+    """(N, 3) pixels in [-1, 1], (n_colours, 3) palette -> (N,) LongTensor: the index of the nearest colour (squared
     distance), on the palette's device; N = 0 gives an empty LongTensor.
 
     Computed in float64 as |x|^2 - 2 x.c + |c|^2, the reference's formula, so that a pixel halfway between
     two colours goes the same way; ties go to the lower index (argmin's first). In chunks of `chunk` pixels,
-    so that a large image needs (chunk, K) of memory, not (N, K).
+    so that a large image needs (chunk, n_colours) of memory, not (N, n_colours).
     """
     palette = palette.to(torch.float64)
-    c2 = (palette ** 2).sum(dim=1)  # (K,)
+    c2 = (palette ** 2).sum(dim=1)  # (n_colours,)
     out = []
     for start in range(0, pixels.size(0), chunk):
         x = pixels[start : start + chunk].to(palette.device, torch.float64)  # (n, 3)
-        d = (x ** 2).sum(dim=1, keepdim=True) - 2 * x @ palette.T + c2  # (n, 1) - (n, K) + (K,) -> (n, K)
+        # (n, 1) - (n, n_colours) + (n_colours,) -> (n, n_colours)
+        d = (x ** 2).sum(dim=1, keepdim=True) - 2 * x @ palette.T + c2
         out.append(d.argmin(dim=1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=palette.device)
 
@@ -1982,7 +2107,7 @@ def dequantise(tokens, palette) -> torch.Tensor:
     """Colour tokens -> uint8 RGB: (..., n_px * n_px) -> (..., n_px, n_px, 3), each token replaced by its
     palette colour, rint(127.5 * (colour + 1)) clamped to [0, 255]. The palette is checked with
     _check_palette; tokens whose last axis is not a non-zero square number are a ValueError (_shape_error),
-    and a token outside [0, K) is refused by _check_indices. Drop SOS (the first column of generate()'s
+    and a token outside [0, n_colours) is refused by _check_indices. Drop SOS (the first column of generate()'s
     output) first."""
     palette = _check_palette(palette)
     tokens = torch.as_tensor(tokens)
@@ -1991,7 +2116,7 @@ def dequantise(tokens, palette) -> torch.Tensor:
     if tokens.dim() == 0 or n_px * n_px != n or n == 0:
         raise _shape_error("tokens", tokens.shape, "(..., n_px * n_px): one token per pixel of a square image")
     _check_indices("tokens", tokens, palette.size(0), "the number of palette colours", "colour")
-    colours = torch.round(127.5 * (palette.to(torch.float64) + 1.0)).clamp(0, 255).to(torch.uint8)  # (K, 3)
+    colours = torch.round(127.5 * (palette.to(torch.float64) + 1.0)).clamp(0, 255).to(torch.uint8)  # (n_colours, 3)
     return colours[tokens.cpu().long()].view(*tokens.shape[:-1], n_px, n_px, 3)  # (..., N, 3) -> (..., n, n, 3)
 
 
@@ -2034,15 +2159,15 @@ def fit_palette(images, n_colours: int = 512, n_iter: int = 20, seed: int = 0, n
     generator = torch.Generator().manual_seed(seed)
     if pixels.size(0) > max_pixels:
         pixels = pixels[torch.randperm(pixels.size(0), generator=generator)[:max_pixels]]
-    centres = _kmeans_plus_plus(pixels, n_colours, generator)  # (K, 3)
+    centres = _kmeans_plus_plus(pixels, n_colours, generator)  # (n_colours, 3)
     for _ in range(n_iter):
         centres = kmeans_step(pixels, centres)
     return centres.float()
 
 
 def kmeans_step(pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """One round of k-means (Lloyd's algorithm): pixels (N, 3) and centres (K, 3), both float64 -> the new
-    centres (K, 3), float64.
+    """One round of k-means (Lloyd's algorithm): pixels (N, 3) and centres (n_colours, 3), both float64 -> the new
+    centres (n_colours, 3), float64.
 
     Assign every pixel to its nearest centre (nearest_colour: squared distance, ties to the lower index),
     then move each centre to the mean of the pixels assigned to it. A centre that got no pixel would stay
@@ -2051,8 +2176,8 @@ def kmeans_step(pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     centre (torch.topk's order). If there are more empty centres than pixels, the extra ones keep their
     mean of nothing, 0."""
     assign = nearest_colour(pixels, centres)  # (N,)
-    counts = torch.bincount(assign, minlength=centres.size(0))  # (K,)
-    sums = torch.zeros_like(centres).index_add_(0, assign, pixels)  # (K, 3)
+    counts = torch.bincount(assign, minlength=centres.size(0))  # (n_colours,)
+    sums = torch.zeros_like(centres).index_add_(0, assign, pixels)  # (n_colours, 3)
     new_centres = sums / counts.clamp(min=1)[:, None].to(sums.dtype)
     empty = (counts == 0).nonzero().flatten()
     if len(empty) > 0:
@@ -2064,7 +2189,7 @@ def kmeans_step(pixels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 def load_palette(path) -> torch.Tensor:
     """A palette from kmeans_centers.npy (OpenAI's file), a preprocessor_config.json (Hugging Face keeps
-    it there as "clusters"), or a directory holding either. Returns (K, 3) float32 in [-1, 1]."""
+    it there as "clusters"), or a directory holding either. Returns (n_colours, 3) float32 in [-1, 1]."""
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in PALETTE_FILES:
@@ -2275,14 +2400,17 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
         grid[top : top + H, left : left + W] = image
     return grid
 
+
 # ----------------------------------------------------------------------------------------------------
-# 10. Training and evaluation
+# Training and evaluation
 # ----------------------------------------------------------------------------------------------------
+
+
 # `python imagegpt.py train` trains an ImageGPT, from scratch or from pretrained weights (--init), and saves it
 # with its palette (save_pretrained). With no options it learns to draw coloured shapes on plain backgrounds,
 # 12 x 12 pixels in 16 colours, on a CPU, in about five minutes, writing a grid of samples as it goes.
 # Before the loop: the images (drawn on the fly, or read from --data) and a palette fitted to them by k-means
-# (fit_palette, section 9), which turns each image into n_px * n_px colour tokens.
+# (fit_palette, Pixels and tokens), which turns each image into n_px * n_px colour tokens.
 # One optimiser step (train_step) does, in order:
 #     1. the step's batch of images as tokens; the inputs are SOS and every pixel but the last, the targets
 #        every pixel, so each input predicts the pixel after it (lm_examples)
@@ -2292,15 +2420,13 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
 # samples a PNG grid of images every --sample-every steps. After it, --probe trains a classifier on the
 # model's features (ImageGPTForImageClassification) and reports its accuracy on held-out images: a linear
 # probe (the body frozen, only the score layer learnt) or fine-tuning (every weight).
-# This is nanogpt2.py's section 10 with only what the images need: no gradient accumulation, mixed precision
-# or DDP (nanogpt2.py shows those, and a 12 x 12 model does not need them).
+# This is nanogpt2.py's Training and evaluation section with only what the images need: no gradient accumulation, mixed
+# precision or DDP (nanogpt2.py shows those, and a 12 x 12 model does not need them).
 # In this order: the defaults, the Run, the tasks, the loop (train), then what the loop calls.
 
 # --- What to train, unless told otherwise -----------------------------------------------------------------
 # Every option left unset takes its value from the dataclass of the task (fill_defaults); `train --help`
-# states the same values (default_help, section 11).
-
-
+# states the same values (default_help, Command line).
 @dataclass
 class ShapesDefaults:
     """No --data: a new ImageGPT learns to draw the shapes (ShapesTask)."""
@@ -2484,8 +2610,8 @@ DATA_HINT = "give a folder of .png files or an .npy array of shape (N, H, W, 3),
 
 def read_images(path: str, n_px: int) -> Tuple[torch.Tensor, List[str]]:
     """--data -> (images (N, n_px, n_px, 3) uint8, names). A folder: every .png in it (grey, RGB or RGBA,
-    section 9's reader), in sorted name order, the names being the file names. An .npy file: an (N, H, W, 3)
-    uint8 array, names None. Each image is resized to n_px x n_px as the processor does (resize_image)."""
+    the Pixels and tokens section's reader), in sorted name order, the names being the file names. An .npy file: an (N,
+    H, W, 3) uint8 array, names None. Each image is resized to n_px x n_px as the processor does (resize_image)."""
     if os.path.isdir(path):
         names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
         if not names:
@@ -2895,7 +3021,7 @@ def train_step(model, optimizer, tokens: torch.Tensor, lr: float, grad_clip: flo
         group["lr"] = lr
     device = model.lm_head.weight.device
     x, y = lm_examples(tokens.to(device), model.config.sos_token_id)  # (B, N) each
-    logits = model(x, use_cache=False).logits  # (B, N, K)
+    logits = model(x, use_cache=False).logits  # (B, N, n_colours)
     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -2912,7 +3038,7 @@ def validation_loss(model, batches: List[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for tokens in batches:
         x, y = lm_examples(tokens.to(device), model.config.sos_token_id)
-        logits = model(x, use_cache=False).logits  # (b, N, K)
+        logits = model(x, use_cache=False).logits  # (b, N, n_colours)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
         count += y.numel()
     model.train()
@@ -3352,8 +3478,9 @@ def train_classifier(args, model, task, run: Run) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. Command line
+# Command line
 # ----------------------------------------------------------------------------------------------------
+
 
 CLI_EXAMPLES = """examples:
   python imagegpt.py sample --model imagegpt-small --num-samples 8 --out samples.png   # downloads 76M params once
@@ -3426,7 +3553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_help(name: str) -> str:
-    """An option's default as --help states it, read from the dataclasses that fill_defaults (section 10) reads,
+    """An option's default as --help states it, read from the dataclasses that fill_defaults (Training and evaluation) reads,
     so that the two never disagree: "(default 4)" when all that set it agree, else each one's value, named as
     TRAIN_DEFAULTS names it; None reads "the model's" (--init keeps the checkpoint's own)."""
     shown = [(label, "the model's" if option.default is None else f"{option.default:g}"

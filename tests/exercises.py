@@ -120,7 +120,7 @@ BANNER = re.compile(r"^# (?:--- )?((?:\d+\. )?[A-Z][^-\n]*?)(?: -+)?$")
 
 
 def section_of(source, qualname):
-    """The title of the last section banner above the function ('3. Attention', 'Protobuf by hand', ...)."""
+    """The title of the last section banner above the function ('Attention', 'Protobuf by hand', ...)."""
     first, _ = function_span(source, qualname)
     for line in reversed(source.splitlines()[:first]):
         m = BANNER.match(line.rstrip())

@@ -125,7 +125,7 @@ def test_start_check_fix_check_and_grade_a_class(tmp_path):
 
 def test_a_bug_is_placed_by_section_and_its_solution_is_the_diff_that_fixes_it(tmp_path):
     result = run_cli("start", "bug-top-k", "--out", str(tmp_path / "s"))
-    assert "section '7. Generation'" in result.stdout
+    assert "section 'Sampling'" in result.stdout
     assert "logits <= kth_largest" in (tmp_path / "s" / "nanogpt2.py").read_text()
     diff = run_cli("solution", "bug-top-k").stdout
     assert "-    return logits.masked_fill(logits <= kth_largest" in diff

@@ -1,4 +1,4 @@
-"""Training ImageGPT (section 10 of imagegpt.py): the shapes drawn on the fly, your images (a folder of PNGs or
+"""Training ImageGPT (imagegpt.py, Part III): the shapes drawn on the fly, your images (a folder of PNGs or
 an .npy array), the loop and its sample grids, the linear probe and fine-tuning, and the errors a user meets.
 Models are tiny (1 layer, width 16, 6 x 6 images, 8 or 16 colours) so the whole file runs in seconds on 2 cores;
 the full default run is marked slow."""

@@ -1,4 +1,4 @@
-"""Loading without copies (section 8 of both model files): safetensors memory-mapped copy-on-write, the
+"""Loading without copies (both model files, Part III): safetensors memory-mapped copy-on-write, the
 mapped tensors made the parameters (load_state_dict(assign=True)), no throw-away random init, and the
 edge cases that come with it: tied heads, fresh heads, bf16 files, .bin files, training after loading."""
 

@@ -1,4 +1,4 @@
-"""from_pretrained / save_pretrained (section 8) and the tokenizer (section 9) on checkpoints the tests make.
+"""from_pretrained / save_pretrained ("Loading and saving") and the tokenizer (Part III) on checkpoints the tests make.
 
 Every checkpoint here is written by the test itself: random weights of realistic size (std 0.2, so a
 weight loaded into the wrong place changes the outputs far above any tolerance) and small widths, so the

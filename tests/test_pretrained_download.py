@@ -1,4 +1,4 @@
-"""The hub download (section 8: download, resolve_checkpoint) against a local HTTP server on 127.0.0.1.
+"""The hub download ("Loading and saving": download, resolve_checkpoint) against a local HTTP server on 127.0.0.1.
 
 The server plays the Hugging Face hub: files under /<repo_id>/resolve/main/<file>, Range requests answered
 with 206 and Content-Range, the file's SHA-256 as its ETag (as the hub gives for large files). Switches

@@ -1,4 +1,4 @@
-"""nanogpt2's hand-written safetensors reader and writer (section 8): round trips, the `safetensors`
+"""nanogpt2's hand-written safetensors reader and writer ("Loading and saving", Part III): round trips, the `safetensors`
 package as a second opinion, and fuzzing.
 
 The reader's promise: a file either loads as exactly the tensors its header describes, every one read

@@ -1,4 +1,4 @@
-"""Training and evaluation (section 10 of nanogpt2.py): the addition task, text data, the parts of the loop
+"""Training and evaluation (nanogpt2.py, Part III): the addition task, text data, the parts of the loop
 (schedule, optimiser groups, gradient accumulation, exact resume, DDP), sliding-window perplexity, and the
 errors a user meets. Models are tiny (1-2 layers, width 16-32) so the whole file runs in well under a
 minute on 2 cores; the full default run is marked slow."""
