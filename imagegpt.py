@@ -9,7 +9,8 @@ This file writes every part of the Hugging Face transformers ImageGPT family out
 class names, config fields, state_dict keys, forward arguments and output names, so that a Hugging Face
 checkpoint loads with `load_state_dict(strict=True)` and gives the same numbers.
 
-It is nanogpt2.py with ImageGPT's differences: `diff nanogpt2.py imagegpt.py` shows exactly what they are.
+It is nanogpt2.py with ImageGPT's differences, and `python tests/copies.py` prints them (the shared code is checked
+identical, after renaming GPT2 -> ImageGPT, by tests/test_copies.py):
     - ImageGPTLayerNorm: no mean subtraction and no bias, x / sqrt(mean(x^2) + eps) * weight.
     - quick_gelu, x * sigmoid(1.702 x), instead of GPT-2's tanh GELU.
     - The head predicts the 512 colours only, never SOS, and is not tied to the token embeddings.
