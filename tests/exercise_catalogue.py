@@ -263,10 +263,13 @@ EXERCISES = [
     write("mask-crc", "Masked CRC32C", TF, ["mask_crc"], "tensorflow", 1,
           [G + "test_mask_crc_is_leveldbs_rotation_plus_constant", C + "test_reader_returns_exactly_what_tensorflow_wrote"],
           ["Rotate the 32-bit CRC right by 15 bits, then add 0xA282EAD8, all mod 2^32."]),
-    write("crc-bytes", "CRC32C, one byte at a time", TF, ["_crc_bytes"], "tensorflow", 1,
-          [C + "test_crc32c_matches_the_standard_check_value", C + "test_numpy_lanes_crc32c_equals_the_bytewise_loop"],
-          ["For each byte: register = CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8).",
-           "Return the register itself; crc32c() does the final XOR."]),
+    write("crc-bytes", "CRC32C, one byte at a time", TF, ["crc32c"], "tensorflow", 1,
+          [C + "test_crc32c_matches_the_standard_check_value", C + "test_fast_crc32c_equals_the_textbook_loop",
+           C + "test_reader_returns_exactly_what_tensorflow_wrote"],
+          ["CRC_TABLE[i] is what the 8 low bits i leave behind when shifted out: look up (register ^ byte)'s low "
+           "8 bits and XOR the entry with the register shifted right by 8.",
+           "register = CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8), from 0xFFFFFFFF; return "
+           "register ^ 0xFFFFFFFF."]),
 ]
 
 # --- Planted bugs ------------------------------------------------------------------------------------------------

@@ -150,17 +150,35 @@ def test_listing_reads_no_tensor_data(tmp_path):
             reader.read("model/wte")
 
 
-def test_crc32c_matches_the_standard_check_value():
-    assert convert_tf.crc32c(b"123456789") == 0xE3069283  # the CRC-32C catalogue's check value
-    assert convert_tf.crc32c(b"") == 0
+@pytest.mark.parametrize("crc", ["crc32c", "crc32c_fast"])
+def test_crc32c_matches_the_standard_check_value(crc):
+    crc = getattr(convert_tf, crc)
+    assert crc(b"123456789") == 0xE3069283  # the CRC-32C catalogue's check value
+    assert crc(b"") == 0
+    # RFC 3720 (iSCSI), B.4: 32 bytes of zeros, of ones, counting up and counting down.
+    assert crc(bytes(32)) == 0x8A9136AA and crc(b"\xff" * 32) == 0x62A8AB43
+    assert crc(bytes(range(32))) == 0x46DD794E and crc(bytes(range(31, -1, -1))) == 0x113FDB5C
+
+
+# Sizes at the fast version's seams: lanes = min(max_lanes, size // 1024), none under 2 (the textbook path);
+# rows of an even width, the remainder going to the head; the rows read 256 two-byte words (512 bytes) at a time.
+SEAMS = [0, 1, 2, 3, 1023, 1024, 2046, 2047, 2048, 2049, 2050, 3071, 3072, 4095, 4096, 4097, 65535, 65536, 65537]
+MEGABYTE = [2**20 - 1, 2**20, 2**20 + 1]  # only with many lanes: two rows of 512 KB take numpy 10 s
+
+
+@pytest.mark.parametrize("lanes", [2, 3, 7, 64, 65536])
+def test_fast_crc32c_equals_the_textbook_loop_at_lane_and_block_seams(lanes):
+    data = np.random.default_rng(lanes).bytes(2**20 + 1)
+    for size in SEAMS + (MEGABYTE if lanes >= 64 else []):
+        assert convert_tf.crc32c_fast(data[:size], max_lanes=lanes) == convert_tf.crc32c(data[:size]), size
 
 
 @examples(60)
 @given(seed=st.integers(0, 2**32 - 1), size=st.integers(0, 60000), lanes=st.integers(2, 48))
-def test_numpy_lanes_crc32c_equals_the_bytewise_loop(seed, size, lanes):
+def test_fast_crc32c_equals_the_textbook_loop(seed, size, lanes):
     # Few lanes over kBs take the same path as 65536 lanes over GBs: head, rows side by side, fold.
     data = np.random.default_rng(seed).bytes(size)
-    assert convert_tf.crc32c(data, max_lanes=lanes) == convert_tf._crc_bytes(data) ^ 0xFFFFFFFF
+    assert convert_tf.crc32c_fast(data, max_lanes=lanes) == convert_tf.crc32c(data)
 
 
 # --- Conversion: the models built by hand from the fixture arrays -----------------------------------------
