@@ -56,7 +56,7 @@ train a small one that draws shapes with `python imagegpt.py train` (minutes on 
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -835,6 +835,21 @@ def top_p_filter(logits, p: float):
     return logits.masked_fill(remove, float("-inf"))
 
 
+@dataclass
+class GenerationOptions:
+    """generate()'s decoding choices, its defaults resolved: _check_generate_args checks them, and the
+    decoding loop reads them, so they travel as one object rather than a dozen parameters."""
+
+    max_new_tokens: int  # N: this many new tokens per row
+    do_sample: bool  # sample from the filtered softmax; False takes the argmax
+    temperature: float  # the logits are divided by it before sampling
+    top_k: Optional[int]  # sample among the k most likely colours only (None: all)
+    top_p: Optional[float]  # sample within the top-p nucleus only (None: all)
+    num_samples: int  # each prompt is continued this many times
+    generator: Optional[torch.Generator]  # for reproducible draws
+    on_token: Optional[Callable]  # on_token(tokens (B,)) after each step, for progress
+
+
 @torch.no_grad()
 def generate(
     model: "ImageGPTForCausalImageModeling",
@@ -868,7 +883,8 @@ def generate(
         input_ids = torch.full((1, 1), model.config.sos_token_id, dtype=torch.long)
     if max_new_tokens is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         max_new_tokens = model.config.n_positions + 1 - input_ids.size(1)
-    _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_samples)
+    options = GenerationOptions(max_new_tokens, do_sample, temperature, top_k, top_p, num_samples, generator, on_token)
+    _check_generate_args(model, input_ids, options)
     if cache not in ("static", "tuple"):
         raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
     was_training = model.training
@@ -884,19 +900,19 @@ def generate(
             out = model.transformer(tokens[:, start:length], past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, n_colours): the next pixel's
-            if do_sample:
-                logits = logits / temperature
-                if top_k is not None:
-                    logits = top_k_filter(logits, top_k)
-                if top_p is not None:
-                    logits = top_p_filter(logits, top_p)
+            if options.do_sample:
+                logits = logits / options.temperature
+                if options.top_k is not None:
+                    logits = top_k_filter(logits, options.top_k)
+                if options.top_p is not None:
+                    logits = top_p_filter(logits, options.top_p)
                 probs = F.softmax(logits, dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
+                next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)  # (B,)
             else:
                 next_tokens = logits.argmax(dim=-1)  # (B,)
             tokens[:, length] = next_tokens
-            if on_token is not None:
-                on_token(next_tokens)
+            if options.on_token is not None:
+                options.on_token(next_tokens)
         return tokens
     finally:
         model.train(was_training)
@@ -1268,7 +1284,8 @@ def check_classification_labels(labels, input_shape, num_labels: int, problem_ty
         _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
 
 
-def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_samples):
+def _check_generate_args(model, input_ids, options):
+    """generate()'s arguments, before any work: the prompts (B, T) and the GenerationOptions."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
@@ -1277,23 +1294,24 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
     if input_ids.size(1) == 0:
         raise ValueError(f"input_ids is empty: start each row with the SOS token ({model.config.sos_token_id}), "
                          "or pass input_ids=None to sample from SOS")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
     # The last new token is sampled but never fed back, so it needs no position: SOS + n_positions pixels fit.
-    total = input_ids.size(1) + max_new_tokens
+    total = input_ids.size(1) + options.max_new_tokens
     if total > model.config.n_positions + 1:
         raise ValueError(
-            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
             f"n_positions + 1 = {model.config.n_positions + 1} (SOS + one token per pixel); ask for fewer tokens"
         )
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if options.do_sample and not options.temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r} "
+                         "(use do_sample=False for greedy)")
+    if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")
+    if options.top_p is not None and not 0 < options.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {options.top_p!r}")
+    if not isinstance(options.num_samples, int) or options.num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {options.num_samples!r}")
     _check_indices("input_ids", input_ids, model.config.vocab_size)
 
 

@@ -44,7 +44,7 @@ Run the tests with `python -m pytest -q` (see README.md).
 import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -880,6 +880,24 @@ def _positions_from_mask(attention_mask):
     return position_ids.masked_fill(attention_mask == 0, 1)
 
 
+@dataclass
+class GenerationOptions:
+    """generate()'s decoding choices, its defaults resolved: _check_generate_args checks them, and _sample and
+    _beam_search read them, so they travel as one object rather than a dozen parameters."""
+
+    max_new_tokens: int  # N: at most this many new tokens per row
+    do_sample: bool  # sample from the filtered softmax; False takes the argmax
+    temperature: float  # the logits are divided by it before sampling
+    top_k: Optional[int]  # sample among the k most likely tokens only (None: all)
+    top_p: Optional[float]  # sample within the top-p nucleus only (None: all)
+    num_beams: int  # > 1: beam search, with this many beams per prompt
+    length_penalty: float  # beam search: a finished beam scores sum of log-probabilities / length**penalty
+    eos: Optional[int]  # a row that emits this token is finished; None never stops early
+    pad: int  # what a finished row carries from then on
+    generator: Optional[torch.Generator]  # for reproducible draws
+    on_token: Optional[Callable]  # on_token(tokens (B,)) after each step, for streaming
+
+
 @torch.no_grad()
 def generate(
     model: "GPT2LMHeadModel",
@@ -912,15 +930,16 @@ def generate(
     keys and values in a StaticCache, written in place; cache="tuple" in the reference's growing tuples.
     Returns a LongTensor (B, T + number of new tokens).
     """
-    _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
-                         attention_mask)
+    eos = (model.config.eos_token_id if eos_token_id is None else eos_token_id) if stop_at_eos else None
+    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
+    pad = pad if pad is not None else model.config.eos_token_id
+    options = GenerationOptions(max_new_tokens, do_sample, temperature, top_k, top_p, num_beams, length_penalty,
+                                eos, pad, generator, on_token)
+    _check_generate_args(model, input_ids, attention_mask, options)
     if cache not in ("static", "tuple"):
         raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
     was_training = model.training
     model.eval()  # no dropout while generating
-    eos = (model.config.eos_token_id if eos_token_id is None else eos_token_id) if stop_at_eos else None
-    pad = pad_token_id if pad_token_id is not None else model.config.pad_token_id
-    pad = pad if pad is not None else model.config.eos_token_id
     device = model.transformer.wte.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is None:
@@ -929,10 +948,8 @@ def generate(
     try:
         past = StaticCache(input_ids.size(1) + max_new_tokens) if cache == "static" else None
         if num_beams > 1:
-            return _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad,
-                                past)
-        return _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
-                       eos, pad, generator, on_token, past)
+            return _beam_search(model, input_ids, attention_mask, options, past)
+        return _sample(model, input_ids, attention_mask, options, past)
     finally:
         model.train(was_training)
 
@@ -946,56 +963,57 @@ def next_token_logits(model, hidden):
     return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
 
 
-def _sample(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
-            generator, on_token, past=None):
+def _sample(model, input_ids, attention_mask, options, past=None):
     """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
 
-    input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. past: a StaticCache
-    with room for T0 + max_new_tokens positions, or None for the reference's tuple cache. Tokens, mask and
-    positions are allocated once, (B, T0 + max_new_tokens), and filled in rather than concatenated a column
-    at a time: the mask's new columns are ones, and the new tokens' positions continue from each row's last
-    prompt position (positions come from _positions_from_mask). The first step runs the body on the whole
-    prompt, later steps on the one new token per row, with past_key_values, the mask up to the current length
-    (none at all when nothing is padded) and the position ids, use_cache=True. The next token comes from the
-    last position's logits (next_token_logits, as float32): the argmax when not do_sample; else
-    logits / temperature, then top_k_filter (if top_k), then top_p_filter (if top_p), softmax, and one
-    torch.multinomial draw per row using `generator`. Rows already finished get `pad` instead. After each step
-    call on_token(next_tokens (B,)) if given; with eos not None, a row that emits eos is finished from then on,
-    and the loop stops once every row is finished. Returns (B, T0 + number of steps run).
+    input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. options: the
+    GenerationOptions, N = options.max_new_tokens. past: a StaticCache with room for T0 + N positions, or None
+    for the reference's tuple cache. Tokens, mask and positions are allocated once, (B, T0 + N), and filled in
+    rather than concatenated a column at a time: the mask's new columns are ones, and the new tokens'
+    positions continue from each row's last prompt position (positions come from _positions_from_mask). The
+    first step runs the body on the whole prompt, later steps on the one new token per row, with
+    past_key_values, the mask up to the current length (none at all when nothing is padded) and the position
+    ids, use_cache=True. The next token comes from the last position's logits (next_token_logits, as
+    float32): the argmax when not options.do_sample; else logits / options.temperature, then top_k_filter (if
+    options.top_k), then top_p_filter (if options.top_p), softmax, and one torch.multinomial draw per row
+    using options.generator. Rows already finished get options.pad instead. After each step call
+    options.on_token(next_tokens (B,)) if given; with options.eos not None, a row that emits eos is finished
+    from then on, and the loop stops once every row is finished. Returns (B, T0 + number of steps run).
     """
     B, T0 = input_ids.shape
-    tokens = input_ids.new_full((B, T0 + max_new_tokens), pad)  # (B, T0 + N): prompt, then the new tokens
+    N = options.max_new_tokens
+    tokens = input_ids.new_full((B, T0 + N), options.pad)  # (B, T0 + N): prompt, then the new tokens
     tokens[:, :T0] = input_ids
-    mask = attention_mask.new_ones(B, T0 + max_new_tokens)
+    mask = attention_mask.new_ones(B, T0 + N)
     mask[:, :T0] = attention_mask
-    positions = torch.arange(T0 + max_new_tokens, device=input_ids.device).repeat(B, 1)  # (B, T0 + N)
+    positions = torch.arange(T0 + N, device=input_ids.device).repeat(B, 1)  # (B, T0 + N)
     positions[:, :T0] = _positions_from_mask(attention_mask)
     positions[:, T0:] += positions[:, T0 - 1 : T0] - (T0 - 1)  # new tokens continue from each row's last
     padded = not bool(attention_mask.all())  # without padding no mask is needed: a mask of ones masks nothing
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     start, length = 0, T0  # tokens[:, start:length] are not cached yet
-    for _ in range(max_new_tokens):
+    for _ in range(N):
         out = model.transformer(tokens[:, start:length], past_key_values=past, position_ids=positions[:, start:length],
                                 attention_mask=mask[:, :length] if padded else None, use_cache=True)
         past = out.past_key_values
         logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, V): the next token's
-        if do_sample:
-            logits = logits / temperature
-            if top_k is not None:
-                logits = top_k_filter(logits, top_k)
-            if top_p is not None:
-                logits = top_p_filter(logits, top_p)
+        if options.do_sample:
+            logits = logits / options.temperature
+            if options.top_k is not None:
+                logits = top_k_filter(logits, options.top_k)
+            if options.top_p is not None:
+                logits = top_p_filter(logits, options.top_p)
             probs = F.softmax(logits, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)  # (B,)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)  # (B,)
         else:
             next_tokens = logits.argmax(dim=-1)  # (B,)
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, options.pad))
         tokens[:, length] = next_tokens
         start, length = length, length + 1
-        if on_token is not None:
-            on_token(next_tokens)
-        if eos is not None:
-            unfinished &= next_tokens != eos
+        if options.on_token is not None:
+            options.on_token(next_tokens)
+        if options.eos is not None:
+            unfinished &= next_tokens != options.eos
             if not unfinished.any():
                 break
     return tokens[:, :length]
@@ -1417,69 +1435,70 @@ class _BeamHypotheses:
         return self.beams[-1][0] >= best_sum_logprobs / (generated_len ** self.length_penalty)
 
 
-def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, length_penalty, eos, pad, past=None):
-    """Beam search as the reference does it; returns (B, length) token ids, length <= T + max_new_tokens.
+def _beam_search(model, input_ids, attention_mask, options, past=None):
+    """Beam search as the reference does it; returns (B, length) token ids, length <= T + N.
 
-    Each prompt keeps num_beams partial sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch,
-    with the cache (past: a StaticCache, or None for tuples), mask and positions as in _sample). All beams
-    start from the same prompt, so at the first step only beam 0 may expand (the others start at -1e9). Each
-    step scores every continuation (beam, token) as the beam's summed log-probability plus log_softmax of its
-    next-token logits, and takes the 2 * nb best per prompt, best first. Going down that list: a continuation
-    ending in eos is added to the prompt's _BeamHypotheses (without the eos token, with generated length
-    cur_len - T) only if it ranks among the first nb; any other becomes a live beam, until nb are live. A
-    prompt is done once its hypotheses say so (is_done with its best score); a done prompt's beams carry pad.
-    The cache is reordered to follow the surviving beams (model._reorder_cache), as are the mask and
-    positions. The loop ends when all prompts are done or after max_new_tokens steps; then live beams of
-    unfinished prompts are added as hypotheses too. Each prompt's best hypothesis is written left-aligned into
-    a pad-filled result of length min(longest + 1, T + max_new_tokens), followed by eos where it is shorter
-    than that and eos is not None.
+    options: the GenerationOptions, nb = options.num_beams, N = options.max_new_tokens. Each prompt keeps nb
+    partial sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (past: a
+    StaticCache, or None for tuples), mask and positions as in _sample). All beams start from the same prompt,
+    so at the first step only beam 0 may expand (the others start at -1e9). Each step scores every
+    continuation (beam, token) as the beam's summed log-probability plus log_softmax of its next-token logits,
+    and takes the 2 * nb best per prompt, best first. Going down that list: a continuation ending in
+    options.eos is added to the prompt's _BeamHypotheses (made with options.length_penalty; without the eos
+    token, with generated length cur_len - T) only if it ranks among the first nb; any other becomes a live
+    beam, until nb are live. A prompt is done once its hypotheses say so (is_done with its best score); a done
+    prompt's beams carry options.pad. The cache is reordered to follow the surviving beams
+    (model._reorder_cache), as are the mask and positions. The loop ends when all prompts are done or after N
+    steps; then live beams of unfinished prompts are added as hypotheses too. Each prompt's best hypothesis is
+    written left-aligned into an options.pad-filled result of length min(longest + 1, T + N), followed by
+    options.eos where it is shorter than that and options.eos is not None.
     """
     B, T = input_ids.shape
-    V = model.config.vocab_size
+    V, nb, N = model.config.vocab_size, options.num_beams, options.max_new_tokens
     device = input_ids.device
-    tokens = input_ids.repeat_interleave(num_beams, dim=0)  # (B * nb, T)
-    attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+    tokens = input_ids.repeat_interleave(nb, dim=0)  # (B * nb, T)
+    attention_mask = attention_mask.repeat_interleave(nb, dim=0)
     position_ids = _positions_from_mask(attention_mask)
-    beam_scores = torch.zeros(B, num_beams, device=device)
+    beam_scores = torch.zeros(B, nb, device=device)
     beam_scores[:, 1:] = -1e9  # all beams start identical: let only the first one expand at step one
     beam_scores = beam_scores.view(-1)  # (B * nb,)
-    hyps = [_BeamHypotheses(num_beams, length_penalty) for _ in range(B)]
+    hyps = [_BeamHypotheses(nb, options.length_penalty) for _ in range(B)]
     done = [False] * B
     step_input = tokens
-    for _ in range(max_new_tokens):
+    for _ in range(N):
         out = model(step_input, past_key_values=past, attention_mask=attention_mask,
                     position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
         logprobs = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B * nb, V)
-        scores = (logprobs + beam_scores[:, None]).view(B, num_beams * V)  # every beam x token continuation
-        n_keep = 2 * num_beams  # enough that num_beams survive even if up to num_beams of them end in eos
+        scores = (logprobs + beam_scores[:, None]).view(B, nb * V)  # every beam x token continuation
+        n_keep = 2 * nb  # enough that nb survive even if up to nb of them end in eos
         top_scores, top_ids = torch.topk(scores, n_keep, dim=1, largest=True, sorted=True)  # (B, n_keep)
         beam_of, token_of = top_ids // V, top_ids % V
         cur_len = tokens.size(1) + 1
-        next_scores = torch.zeros(B, num_beams, device=device)
-        next_tokens = torch.full((B, num_beams), pad, dtype=torch.long, device=device)
-        next_beams = torch.zeros(B, num_beams, dtype=torch.long, device=device)
+        next_scores = torch.zeros(B, nb, device=device)
+        next_tokens = torch.full((B, nb), options.pad, dtype=torch.long, device=device)
+        next_beams = torch.zeros(B, nb, dtype=torch.long, device=device)
         for b in range(B):
             if done[b]:  # this prompt is finished: its beams just carry padding
-                next_beams[b] = b * num_beams
+                next_beams[b] = b * nb
                 continue
             kept = 0
             for rank in range(n_keep):
-                source = b * num_beams + int(beam_of[b, rank])
+                source = b * nb + int(beam_of[b, rank])
                 token, score = int(token_of[b, rank]), float(top_scores[b, rank])
-                if eos is not None and token == eos:
-                    if rank < num_beams:  # a finished sequence counts only if it ranks among the top beams
+                if options.eos is not None and token == options.eos:
+                    if rank < nb:  # a finished sequence counts only if it ranks among the top beams
                         hyps[b].add(tokens[source].clone(), score, cur_len - T)
                 else:
                     next_scores[b, kept], next_tokens[b, kept], next_beams[b, kept] = score, token, source
                     kept += 1
-                if kept == num_beams:
+                if kept == nb:
                     break
             done[b] = done[b] or hyps[b].is_done(float(top_scores[b].max()), cur_len - T)
         beam_idx = next_beams.view(-1)
         beam_scores = next_scores.view(-1)
         tokens = torch.cat([tokens[beam_idx], next_tokens.view(-1, 1)], dim=1)
         past = model._reorder_cache(out.past_key_values, beam_idx)
-        attention_mask = torch.cat([attention_mask[beam_idx], attention_mask.new_ones(B * num_beams, 1)], dim=1)
+        attention_mask = torch.cat([attention_mask[beam_idx], attention_mask.new_ones(B * nb, 1)], dim=1)
         position_ids = torch.cat([position_ids[beam_idx], position_ids[beam_idx, -1:] + 1], dim=1)
         step_input = next_tokens.view(-1, 1)
         if all(done):
@@ -1487,17 +1506,17 @@ def _beam_search(model, input_ids, attention_mask, max_new_tokens, num_beams, le
     # Beams still alive compete with the finished hypotheses on equal terms.
     for b in range(B):
         if not done[b]:
-            for i in range(num_beams):
-                source = b * num_beams + i
+            for i in range(nb):
+                source = b * nb + i
                 hyps[b].add(tokens[source], float(beam_scores[source]), tokens.size(1) - T)
     best = [hyps[b].beams[0][1] for b in range(B)]
-    max_length = T + max_new_tokens
+    max_length = T + N
     length = min(max(len(t) for t in best) + 1, max_length)
-    result = torch.full((B, length), pad, dtype=torch.long, device=device)
+    result = torch.full((B, length), options.pad, dtype=torch.long, device=device)
     for b, seq in enumerate(best):
         result[b, : len(seq)] = seq
-        if len(seq) < length and eos is not None:
-            result[b, len(seq)] = eos  # a hypothesis that finished ends with its eos token
+        if len(seq) < length and options.eos is not None:
+            result[b, len(seq)] = options.eos  # a hypothesis that finished ends with its eos token
     return result
 
 
@@ -1780,8 +1799,8 @@ def check_classification_labels(labels, input_shape, num_labels: int, problem_ty
         _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
 
 
-def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
-                         attention_mask):
+def _check_generate_args(model, input_ids, attention_mask, options):
+    """generate()'s arguments, before any work: the prompts (B, T), their mask and the GenerationOptions."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
@@ -1789,23 +1808,24 @@ def _check_generate_args(model, input_ids, max_new_tokens, do_sample, temperatur
         raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
     if input_ids.size(1) == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. <|endoftext|>, 50256)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    total = input_ids.size(1) + max_new_tokens
+    if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
+    total = input_ids.size(1) + options.max_new_tokens
     if total > model.config.n_positions:
         raise ValueError(
-            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
             f"n_positions={model.config.n_positions}; shorten the prompt or ask for fewer tokens"
         )
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (use do_sample=False for greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
-    if num_beams > 1 and do_sample:
+    if options.do_sample and not options.temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r} "
+                         "(use do_sample=False for greedy)")
+    if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")
+    if options.top_p is not None and not 0 < options.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {options.top_p!r}")
+    if not isinstance(options.num_beams, int) or options.num_beams < 1:
+        raise ValueError(f"num_beams must be a positive integer, got {options.num_beams!r}")
+    if options.num_beams > 1 and options.do_sample:
         raise ValueError("beam search is deterministic: pass do_sample=False with num_beams > 1")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
