@@ -628,17 +628,6 @@ class ImageGPTModel(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
 
-    def check_inputs(
-        self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
-        encoder_hidden_states, encoder_attention_mask,
-    ):
-        """Check every input before any work; returns (input_shape, past_length).
-        Written out in Part II, in check_model_inputs."""
-        return check_model_inputs(  # in Part II
-            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids,
-            head_mask, encoder_hidden_states, encoder_attention_mask,
-        )
-
     def forward(
         self,
         input_ids=None,
@@ -659,9 +648,9 @@ class ImageGPTModel(nn.Module):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        input_shape, past_length = self.check_inputs(
-            input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
-            encoder_hidden_states, encoder_attention_mask,
+        input_shape, past_length = check_model_inputs(  # Part II: every input checked before any work
+            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids,
+            head_mask, encoder_hidden_states, encoder_attention_mask,
         )
         T = input_shape[-1]
         if self.gradient_checkpointing and self.training:

@@ -634,17 +634,6 @@ class GPT2Model(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
 
-    def check_inputs(
-        self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
-        encoder_hidden_states, encoder_attention_mask,
-    ):
-        """Check every input before any work; returns (input_shape, past_length).
-        Written out in Part II, in check_model_inputs."""
-        return check_model_inputs(  # in Part II
-            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids,
-            head_mask, encoder_hidden_states, encoder_attention_mask,
-        )
-
     def forward(
         self,
         input_ids=None,
@@ -663,7 +652,7 @@ class GPT2Model(nn.Module):
     ):
         """The body: token ids (or inputs_embeds) -> the last hidden states, (..., T, C).
 
-        check_inputs validates everything first and gives (input_shape, past_length P). Options left None take
+        check_model_inputs (Part II) validates everything first and gives (input_shape, past_length P). Options left None take
         the config's value (use_cache, output_attentions, output_hidden_states); gradient checkpointing while
         training turns the cache off. Leading dimensions are flattened to a batch B. Embeddings: wte(input_ids)
         (or inputs_embeds) + wpe(position_ids), position_ids defaulting to P .. P + T - 1 (the new tokens come
@@ -681,9 +670,9 @@ class GPT2Model(nn.Module):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        input_shape, past_length = self.check_inputs(
-            input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
-            encoder_hidden_states, encoder_attention_mask,
+        input_shape, past_length = check_model_inputs(  # Part II: every input checked before any work
+            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids,
+            head_mask, encoder_hidden_states, encoder_attention_mask,
         )
         T = input_shape[-1]
         if self.gradient_checkpointing and self.training:

@@ -50,6 +50,8 @@ DIFFERENT = {
     'GPT2LMHeadModel.__init__': ('the head predicts vocab_size - 1 colours (never SOS) with its own, untied matrix', MODEL),
     'GPT2LMHeadModel.forward': ('labels are colours, one fewer than the vocabulary; no device map to follow', MODEL),
     'GPT2LMHeadModel.generate': ('input_ids may be left out: ImageGPT then starts from SOS', MODEL),
+    'GenerationOptions': ("GPT-2 decodes with beams, a length penalty, eos and padding; ImageGPT draws "
+                          "num_samples images per prompt", MODEL),
     'generate': ('ImageGPT samples images from SOS (num_samples per prompt), with no beam search, eos or padding', MODEL),
     '_check_generate_args': ("checks generate()'s own arguments: num_samples and SOS for ImageGPT, beams and masks for GPT-2", MODEL),
     'HEAD_CLASSES': ("each file's own heads", MODEL),
@@ -109,7 +111,7 @@ SHARED = [
     'StaticCache.update', 'StaticCache.reorder', 'StaticCache.to_tuple', 'padding_mask_to_additive', 'GPT2MLP',
     'GPT2MLP.__init__', 'GPT2MLP.forward', 'GPT2Block', 'GPT2Block.__init__', 'GPT2Block.forward', 'GPT2Model',
     'GPT2Model.dtype', 'GPT2Model.get_input_embeddings', 'GPT2Model.set_input_embeddings', 'GPT2Model.prune_heads',
-    'GPT2Model.gradient_checkpointing_enable', 'GPT2Model.gradient_checkpointing_disable', 'GPT2Model.check_inputs',
+    'GPT2Model.gradient_checkpointing_enable', 'GPT2Model.gradient_checkpointing_disable',
     'shifted_lm_loss', 'GPT2LMHeadModel', 'GPT2LMHeadModel.get_output_embeddings', 'GPT2LMHeadModel.prune_heads',
     'top_k_filter', 'top_p_filter', 'next_token_logits', 'infer_problem_type', 'classification_loss', 'ModelOutput',
     'ModelOutput.to_tuple', 'ModelOutput.__getitem__', 'BaseModelOutputWithPastAndCrossAttentions',

@@ -123,7 +123,7 @@ EXERCISES = [
           "model", 3,
           [REFERENCE_HEADS, P + "test_one_forward_equals_prefill_plus_cached_steps",
            R + "test_left_padding_and_head_mask_match_reference", R + "test_incremental_decoding_with_cache_matches_reference"],
-          ["check_inputs gives (input_shape, past_length). Without position_ids, positions continue after the "
+          ["check_model_inputs gives (input_shape, past_length). Without position_ids, positions continue after the "
            "past_length cached tokens.",
            "token embeddings + position embeddings (+ token types through wte), dropout; the padding mask becomes "
            "additive (padding_mask_to_additive) over past_length + T keys; head_mask becomes (n_layer, 1, nh, 1, 1).",
