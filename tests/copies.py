@@ -217,7 +217,7 @@ def part_three_line(path) -> int:
     return 10**9
 
 
-def model_report(common, limit=14) -> str:
+def model_report(common, limit=10) -> str:
     """How imagegpt.py's model differs from nanogpt2.py's: what only it has, and each declared difference."""
     b_path = os.path.join(ROOT, "imagegpt.py")
     end = part_three_line(b_path)
