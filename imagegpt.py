@@ -1888,9 +1888,14 @@ def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> D
 def check_finite(state_dict: Dict[str, torch.Tensor], where) -> Dict[str, torch.Tensor]:
     """Refuse weights holding NaN or inf (a corrupt file, or a run that diverged before it was saved): every
     such tensor is named, with how many of its values are not finite. Returns state_dict unchanged."""
-    bad = []
+    bad, chunk = [], 1 << 20
     for name, tensor in state_dict.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            continue
+        # A million values at a time: a bool mask the size of a whole embedding (38M values for GPT-2's) would
+        # be freed, but stay in the process's memory, and loading is meant to add nothing but the file's pages.
+        flat = tensor.reshape(-1)
+        if not all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
             count = int((~torch.isfinite(tensor)).sum())
             bad.append(f"{name} ({count} of {tensor.numel()} values)")
     if bad:
