@@ -53,8 +53,10 @@ train a small one that draws shapes with `python imagegpt.py train` (minutes on 
 
 # What the model (Parts I and II) needs. Part III, files and tools, imports its own modules (urllib,
 # hashlib, argparse, numpy, ...) where it begins.
+import contextlib
 import json
 import math
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -450,6 +452,11 @@ class StaticCache:
         self.length = 0  # positions filled: the same in every layer between forward calls (ImageGPTModel advances it)
         self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
         self.values: Dict[Optional[int], torch.Tensor] = {}
+        # Fixed shapes, for a compiled decoding step (generate(compile=True)): when write_at is a LongTensor
+        # (T,) of slots, update writes there and returns every slot, so that each step has the same shapes
+        # whatever the length; the attention mask must then hide the slots not written yet.
+        self.write_at: Optional[torch.Tensor] = None
+
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -462,6 +469,10 @@ class StaticCache:
             B, nh, _, hs = k.shape
             self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
             self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
+        if self.write_at is not None:  # fixed shapes: write the given slots, read all max_length
+            self.keys[layer].index_copy_(2, self.write_at, k)
+            self.values[layer].index_copy_(2, self.write_at, v)
+            return self.keys[layer], self.values[layer]  # (B, nh, max_length, hs)
         P, T = self.length, k.size(-2)
         self.keys[layer][:, :, P : P + T] = k
         self.values[layer][:, :, P : P + T] = v
@@ -852,6 +863,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     on_token=None,
     cache: str = "static",
+    compile: bool = False,
 ):
     """Continue each prompt pixel by pixel, reusing the key/value cache so every step runs the model on
     one new token only.
@@ -865,6 +877,8 @@ def generate(
     using `generator` for reproducible draws. on_token(tokens (B,)) is called after each step, for progress.
     cache="static" (the default) keeps keys and values in a StaticCache, written in place, and the tokens in
     one tensor allocated up front; cache="tuple" in the reference's growing tuples.
+    compile=True runs each step after the prompt through torch.compile (see compiled_decode_step), with fixed
+    shapes: the first call compiles, for a minute or more; later calls with the same shapes reuse it.
     Returns a LongTensor (B * num_samples, T + max_new_tokens); drop the first column (SOS) to get pixels.
     """
     device = model.transformer.wte.weight.device
@@ -876,19 +890,37 @@ def generate(
     _check_generate_args(model, input_ids, options)
     if cache not in ("static", "tuple"):
         raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
+    _check_compile_args(model, compile, cache)
     was_training = model.training
     model.eval()  # no dropout while generating
     prompts = input_ids.to(device).repeat_interleave(num_samples, dim=0)  # (B * num_samples, T0)
     B, T0 = prompts.shape
     tokens = prompts.new_zeros(B, T0 + max_new_tokens)  # (B, T0 + N): the prompts, then the new pixels
     tokens[:, :T0] = prompts
+    # The cache's slots: the last new pixel is never fed back, so SOS + n_positions pixels need n_positions.
+    slots = min(T0 + max_new_tokens, model.config.n_positions)
+    # compile=True only: the slots written so far (the mask of decode_one_token), and each slot's position
+    mask = prompts.new_zeros(B, slots)  # (B, slots): 1 on the known tokens
+    mask[:, :T0] = 1
+    positions = torch.arange(slots, device=device).expand(B, -1)  # (B, slots)
+    decode_step = compiled_decode_step(model) if compile else None
     try:
-        past = StaticCache(T0 + max_new_tokens) if cache == "static" else None
+        past = StaticCache(slots) if cache == "static" else None
         for length in range(T0, T0 + max_new_tokens):  # tokens[:, :length] are known
             start = 0 if length == T0 else length - 1  # the prompt first, then one new pixel a step
-            out = model.transformer(tokens[:, start:length], past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, n_colours): the next pixel's
+            if decode_step is not None and start > 0:  # compiled, fixed shapes: the new token, every slot
+                past.write_at.fill_(start)  # a tensor, so that the compiled step does not change with the length
+                with compile_settings(device):
+                    logits = decode_step(model, tokens[:, start:length], positions[:, start:length], mask, past)
+                past.length = length
+            else:
+                out = model.transformer(tokens[:, start:length], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = next_token_logits(model, out.last_hidden_state[:, -1])  # (B, n_colours): the next pixel's
+                if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
+                    past.write_at = torch.zeros(1, dtype=torch.long, device=device)
+                    mark_static(past)
+            logits = logits.float()
             if options.do_sample:
                 logits = logits / options.temperature
                 if options.top_k is not None:
@@ -900,6 +932,7 @@ def generate(
             else:
                 next_tokens = logits.argmax(dim=-1)  # (B,)
             tokens[:, length] = next_tokens
+            mask[:, length : length + 1] = 1  # (an empty slice after the last pixel, which has no slot)
             if options.on_token is not None:
                 options.on_token(next_tokens)
         return tokens
@@ -1156,7 +1189,9 @@ def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
     crashes on the CPU and corrupts silently or asserts on a GPU."""
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if ids.numel() > 0:
+    # Not while torch.compile traces (train --compile): reading values back into Python would split the
+    # graph and wait for the device on every step. Compiled callers' ids come checked, from the data loader.
+    if ids.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= limit:
             bad = low if low < 0 else high
@@ -1304,6 +1339,83 @@ def _check_generate_args(model, input_ids, options):
     _check_indices("input_ids", input_ids, model.config.vocab_size)
 
 
+# --- Compiled decoding: generate(compile=True) -------------------------------------------------------
+
+
+def decode_one_token(model, tokens, positions, mask, cache):
+    """One decoding step with shapes that never change, so that torch.compile makes one graph for every
+    step: tokens and positions (B, 1), mask (B, L) of 0/1 over every slot of the cache (0 on padding and on
+    the slots not written yet), cache a StaticCache of L slots whose write_at is set. Returns the next
+    token's logits (B, V).
+
+    The body's forward without its checks and options: embeddings, the blocks (each writes its keys and
+    values at cache.write_at and attends over all L slots, the mask hiding the empty ones), ln_f, the head.
+    Being the same modules, it computes the same numbers as the uncompiled step (a test checks the tokens).
+    The head is lm_head itself, h @ W^T, not next_token_logits' (W @ h^T)^T: that is the form inductor
+    recognises as a linear layer and packs for its own kernel (2x MKL's at batch 8)."""
+    body = model.transformer
+    x = body.wte(tokens) + body.wpe(positions)  # (B, 1, C)
+    additive = padding_mask_to_additive(mask, x.dtype)  # (B, L) -> (B, 1, 1, L)
+    for block in body.h:
+        x = block(x, layer_past=cache, attention_mask=additive, use_cache=True)[0]  # (B, 1, C)
+    return model.lm_head(body.ln_f(x)[:, -1])  # (B, C) -> (B, V)
+
+
+# model -> (its weights when compiled, the compiled decode_one_token). Weakly held: a model that is
+# deleted takes its compiled step with it.
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model):
+    """decode_one_token through torch.compile, compiled once per model and kept while its weights stay the same.
+
+    On a GPU, mode="reduce-overhead": CUDA graphs replay a whole step's hundreds of small kernels with one
+    launch, which is what batch-1 decoding needs (each kernel is too short to hide its launch). On a CPU,
+    mode="max-autotune" with inductor's freezing (compile_settings): the weights become constants that
+    inductor packs for its own matrix kernels, which beat the BLAS library PyTorch calls at small batches
+    (see README, Performance).
+
+    Freezing bakes the weights in, and torch.compile keeps what it compiled with the function's code, not
+    with the model. So the weights are remembered (their storage and version counter, which in-place edits
+    bump), and a model whose weights changed (training, load_state_dict), or a model not compiled before,
+    starts from torch.compiler.reset(): compiled again, never run on stale weights. The price: a process that
+    alternates between two models recompiles each time, and reset() drops the process's other compiled code."""
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    entry = _COMPILED_STEPS.get(model)
+    if entry is None or entry[0] != weights:
+        torch.compiler.reset()
+        _COMPILED_STEPS.clear()
+        device = next(model.parameters()).device
+        mode = "reduce-overhead" if device.type == "cuda" else "max-autotune"
+        entry = _COMPILED_STEPS[model] = (weights, torch.compile(decode_one_token, mode=mode, fullgraph=True))
+    return entry[1]
+
+
+def compile_settings(device):
+    """The inductor settings compiled_decode_step's graphs are made under: freezing on a CPU (see there)."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    import torch._inductor.config  # imported here: it is large, and only compile=True needs it
+
+    return torch._inductor.config.patch(freezing=True)
+
+
+def mark_static(cache):
+    """Tell torch.compile that the cache's tensors stay at the same addresses between steps (they are written
+    in place), so that CUDA graphs can read and write them directly instead of copying them in every step."""
+    if cache.write_at.device.type == "cuda":
+        for t in (*cache.keys.values(), *cache.values.values(), cache.write_at):
+            torch._dynamo.mark_static_address(t)
+
+
+def _check_compile_args(model, compile, cache):
+    """generate(compile=...) before any work: a bool, with the static cache."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if compile and cache != "static":
+        raise ValueError(f'compile=True needs cache="static" (fixed shapes), got cache={cache!r}')
+
+
 # --- Config validation and serialisation ------------------------------------------------------------
 
 
@@ -1425,7 +1537,6 @@ def config_to_json_file(config, path):
 # Imported here rather than at the top, so that the model reads without them (Python allows an
 # import anywhere at module level; a linter's E402 is expected).
 import argparse
-import contextlib
 import csv
 import functools
 import hashlib

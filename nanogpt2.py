@@ -41,8 +41,10 @@ Run the tests with `python -m pytest -q` (see README.md).
 
 # What the model (Parts I and II) needs. Part III, files and tools, imports its own modules (urllib,
 # hashlib, argparse, numpy, ...) where it begins.
+import contextlib
 import json
 import math
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -438,6 +440,10 @@ class StaticCache:
         self.length = 0  # positions filled: the same in every layer between forward calls (GPT2Model advances it)
         self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
         self.values: Dict[Optional[int], torch.Tensor] = {}
+        # Fixed shapes, for a compiled decoding step (generate(compile=True)): when write_at is a LongTensor
+        # (T,) of slots, update writes there and returns every slot, so that each step has the same shapes
+        # whatever the length; the attention mask must then hide the slots not written yet.
+        self.write_at: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> Optional[int]:
@@ -450,6 +456,10 @@ class StaticCache:
             B, nh, _, hs = k.shape
             self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
             self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
+        if self.write_at is not None:  # fixed shapes: write the given slots, read all max_length
+            self.keys[layer].index_copy_(2, self.write_at, k)
+            self.values[layer].index_copy_(2, self.write_at, v)
+            return self.keys[layer], self.values[layer]  # (B, nh, max_length, hs)
         P, T = self.length, k.size(-2)
         self.keys[layer][:, :, P : P + T] = k
         self.values[layer][:, :, P : P + T] = v
@@ -905,6 +915,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     on_token=None,
     cache: str = "static",
+    compile: bool = False,
 ):
     """Continue each prompt by up to max_new_tokens tokens, reusing the key/value cache so every step
     runs the model on one new token only.
@@ -917,6 +928,8 @@ def generate(
     generation ends when every sequence has stopped (stop_at_eos=False never stops early).
     on_token(tokens (B,)) is called after each step, for streaming. cache="static" (the default) keeps
     keys and values in a StaticCache, written in place; cache="tuple" in the reference's growing tuples.
+    compile=True runs each step after the prompt through torch.compile (see compiled_decode_step): the first
+    call compiles, for a minute or more; later calls with the same shapes reuse it. Greedy and sampling only.
     Returns a LongTensor (B, T + number of new tokens).
     """
     eos = (model.config.eos_token_id if eos_token_id is None else eos_token_id) if stop_at_eos else None
@@ -927,6 +940,7 @@ def generate(
     _check_generate_args(model, input_ids, attention_mask, options)
     if cache not in ("static", "tuple"):
         raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
+    _check_compile_args(model, compile, cache, num_beams)
     was_training = model.training
     model.eval()  # no dropout while generating
     device = model.transformer.wte.weight.device
@@ -938,7 +952,10 @@ def generate(
         past = StaticCache(input_ids.size(1) + max_new_tokens) if cache == "static" else None
         if num_beams > 1:
             return _beam_search(model, input_ids, attention_mask, options, past)
-        return _sample(model, input_ids, attention_mask, options, past)
+        if not compile:
+            return _sample(model, input_ids, attention_mask, options, past)
+        with compile_settings(device):
+            return _sample(model, input_ids, attention_mask, options, past, compiled_decode_step(model))
     finally:
         model.train(was_training)
 
@@ -952,7 +969,7 @@ def next_token_logits(model, hidden):
     return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
 
 
-def _sample(model, input_ids, attention_mask, options, past=None):
+def _sample(model, input_ids, attention_mask, options, past=None, decode_step=None):
     """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
 
     input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. options: the
@@ -968,12 +985,15 @@ def _sample(model, input_ids, attention_mask, options, past=None):
     using options.generator. Rows already finished get options.pad instead. After each step call
     options.on_token(next_tokens (B,)) if given; with options.eos not None, a row that emits eos is finished
     from then on, and the loop stops once every row is finished. Returns (B, T0 + number of steps run).
+    decode_step (generate(compile=True)): the steps after the prompt run decode_step(model, tokens (B, 1),
+    positions (B, 1), mask (B, T0 + N), past) instead, with fixed shapes: past.write_at holds the slot to
+    write, and the mask hides the slots not generated yet (it gets each new column's 1 as the token is written).
     """
     B, T0 = input_ids.shape
     N = options.max_new_tokens
     tokens = input_ids.new_full((B, T0 + N), options.pad)  # (B, T0 + N): prompt, then the new tokens
     tokens[:, :T0] = input_ids
-    mask = attention_mask.new_ones(B, T0 + N)
+    mask = attention_mask.new_zeros(B, T0 + N)  # 1 on the tokens so far (but padding), 0 on the slots to come
     mask[:, :T0] = attention_mask
     positions = torch.arange(T0 + N, device=input_ids.device).repeat(B, 1)  # (B, T0 + N)
     positions[:, :T0] = _positions_from_mask(attention_mask)
@@ -982,10 +1002,20 @@ def _sample(model, input_ids, attention_mask, options, past=None):
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     start, length = 0, T0  # tokens[:, start:length] are not cached yet
     for _ in range(N):
-        out = model.transformer(tokens[:, start:length], past_key_values=past, position_ids=positions[:, start:length],
-                                attention_mask=mask[:, :length] if padded else None, use_cache=True)
-        past = out.past_key_values
-        logits = next_token_logits(model, out.last_hidden_state[:, -1]).float()  # (B, V): the next token's
+        if decode_step is not None and start > 0:  # compiled, fixed shapes: the new token, every slot
+            past.write_at.fill_(start)  # a tensor, so that the compiled step does not change with the length
+            logits = decode_step(model, tokens[:, start:length], positions[:, start:length], mask, past)
+            past.length = length
+        else:
+            out = model.transformer(tokens[:, start:length], past_key_values=past,
+                                    position_ids=positions[:, start:length],
+                                    attention_mask=mask[:, :length] if padded else None, use_cache=True)
+            past = out.past_key_values
+            logits = next_token_logits(model, out.last_hidden_state[:, -1])  # (B, V): the next token's
+            if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
+                past.write_at = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+                mark_static(past)
+        logits = logits.float()
         if options.do_sample:
             logits = logits / options.temperature
             if options.top_k is not None:
@@ -998,6 +1028,7 @@ def _sample(model, input_ids, attention_mask, options, past=None):
             next_tokens = logits.argmax(dim=-1)  # (B,)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, options.pad))
         tokens[:, length] = next_tokens
+        mask[:, length] = 1
         start, length = length, length + 1
         if options.on_token is not None:
             options.on_token(next_tokens)
@@ -1658,7 +1689,9 @@ def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
     crashes on the CPU and corrupts silently or asserts on a GPU."""
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-    if ids.numel() > 0:
+    # Not while torch.compile traces (train --compile): reading values back into Python would split the
+    # graph and wait for the device on every step. Compiled callers' ids come checked, from the data loader.
+    if ids.numel() > 0 and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= limit:
             bad = low if low < 0 else high
@@ -1821,6 +1854,90 @@ def _check_generate_args(model, input_ids, attention_mask, options):
     _check_indices("input_ids", input_ids, model.config.vocab_size)
 
 
+# --- Compiled decoding: generate(compile=True) -------------------------------------------------------
+
+
+def decode_one_token(model, tokens, positions, mask, cache):
+    """One decoding step with shapes that never change, so that torch.compile makes one graph for every
+    step: tokens and positions (B, 1), mask (B, L) of 0/1 over every slot of the cache (0 on padding and on
+    the slots not written yet), cache a StaticCache of L slots whose write_at is set. Returns the next
+    token's logits (B, V).
+
+    The body's forward without its checks and options: embeddings, the blocks (each writes its keys and
+    values at cache.write_at and attends over all L slots, the mask hiding the empty ones), ln_f, the head.
+    Being the same modules, it computes the same numbers as the uncompiled step (a test checks the tokens).
+    The head is lm_head itself, h @ W^T, not next_token_logits' (W @ h^T)^T: that is the form inductor
+    recognises as a linear layer and packs for its own kernel (2x MKL's at batch 8)."""
+    body = model.transformer
+    x = body.wte(tokens) + body.wpe(positions)  # (B, 1, C)
+    additive = padding_mask_to_additive(mask, x.dtype)  # (B, L) -> (B, 1, 1, L)
+    for block in body.h:
+        x = block(x, layer_past=cache, attention_mask=additive, use_cache=True)[0]  # (B, 1, C)
+    return model.lm_head(body.ln_f(x)[:, -1])  # (B, C) -> (B, V)
+
+
+# model -> (its weights when compiled, the compiled decode_one_token). Weakly held: a model that is
+# deleted takes its compiled step with it.
+_COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model):
+    """decode_one_token through torch.compile, compiled once per model and kept while its weights stay the same.
+
+    On a GPU, mode="reduce-overhead": CUDA graphs replay a whole step's hundreds of small kernels with one
+    launch, which is what batch-1 decoding needs (each kernel is too short to hide its launch). On a CPU,
+    mode="max-autotune" with inductor's freezing (compile_settings): the weights become constants that
+    inductor packs for its own matrix kernels, which beat the BLAS library PyTorch calls at small batches
+    (1.6x at batch 8 on a 2-core AMD EPYC; see README, Performance).
+
+    Freezing bakes the weights in, and torch.compile keeps what it compiled with the function's code, not
+    with the model. So the weights are remembered (their storage and version counter, which in-place edits
+    bump), and a model whose weights changed (training, load_state_dict), or a model not compiled before,
+    starts from torch.compiler.reset(): compiled again, never run on stale weights. The price: a process that
+    alternates between two models recompiles each time, and reset() drops the process's other compiled code."""
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    entry = _COMPILED_STEPS.get(model)
+    if entry is None or entry[0] != weights:
+        torch.compiler.reset()
+        _COMPILED_STEPS.clear()
+        device = next(model.parameters()).device
+        mode = "reduce-overhead" if device.type == "cuda" else "max-autotune"
+        entry = _COMPILED_STEPS[model] = (weights, torch.compile(decode_one_token, mode=mode, fullgraph=True))
+    return entry[1]
+
+
+def compile_settings(device):
+    """The inductor settings compiled_decode_step's graphs are made under: freezing on a CPU (see there)."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    import torch._inductor.config  # imported here: it is large, and only compile=True needs it
+
+    return torch._inductor.config.patch(freezing=True)
+
+
+def mark_static(cache):
+    """Tell torch.compile that the cache's tensors stay at the same addresses between steps (they are written
+    in place), so that CUDA graphs can read and write them directly instead of copying them in every step."""
+    if cache.write_at.device.type == "cuda":
+        for t in (*cache.keys.values(), *cache.values.values(), cache.write_at):
+            torch._dynamo.mark_static_address(t)
+
+
+def _check_compile_args(model, compile, cache, num_beams):
+    """generate(compile=...) before any work: a bool, with the static cache, greedy or sampling, no device map."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if not compile:
+        return
+    if cache != "static":
+        raise ValueError(f'compile=True needs cache="static" (fixed shapes), got cache={cache!r}')
+    if num_beams > 1:
+        raise ValueError(f"compile=True does greedy decoding and sampling, not beam search (num_beams={num_beams}); "
+                         "pass compile=False for beam search")
+    if getattr(model.transformer, "device_map", None):
+        raise ValueError("compile=True runs the model on one device; deparallelize() it first")
+
+
 # --- Config validation and serialisation ------------------------------------------------------------
 
 
@@ -1944,7 +2061,6 @@ def config_to_json_file(config, path):
 # import anywhere at module level; a linter's E402 is expected).
 import argparse
 import codecs
-import contextlib
 import csv
 import functools
 import hashlib
