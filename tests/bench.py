@@ -2,8 +2,10 @@
 
     python tests/bench.py                      # everything, CPU, one thread (a few minutes)
     python tests/bench.py --quick              # smaller runs, fewer repetitions (about a minute)
-    python tests/bench.py --only decode,load   # a subset: limits, decode, forward, train, load, imagegpt
-    python tests/bench.py --device cuda        # the same on a GPU
+    python tests/bench.py --only decode,load   # a subset: limits, decode, forward, train, load, imagegpt, train-gpu
+    python tests/bench.py --compile            # also ours' generate(..., compile=True) (decode, imagegpt)
+    python tests/bench.py --device cuda        # the same on a GPU, and GPT-2 124M training at T=1024 (train-gpu)
+    python tests/bench.py --only train-gpu     # on a CPU: a tiny smoke run of the train-gpu code
 
 Speed is measured here, never in a timed test: timings depend on the machine and on whatever else runs on
 it. To keep the comparison fair on a busy machine, ours and the reference run interleaved in one process
@@ -15,6 +17,8 @@ Each speed is also put next to what the machine can do at best, measured first:
   - memory read bandwidth (torch.sum over a tensor much larger than the caches), which bounds decoding:
     every new token reads every weight once;
   - matrix multiply throughput (fp32 GEMM, GFLOP/s), which bounds the forward pass and training.
+train-gpu instead reports model FLOPs utilisation (MFU): the FLOPs a training step needs, per second, as a
+share of the GPU's peak bf16 throughput from its data sheet (--peak-tflops).
 """
 
 import argparse
@@ -29,6 +33,7 @@ import tempfile
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -41,7 +46,13 @@ try:
 except ImportError:  # the table then shows our figures only
     transformers = None
 
-SECTIONS = ("limits", "decode", "forward", "train", "load", "imagegpt")
+SECTIONS = ("limits", "decode", "forward", "train", "load", "imagegpt", "train-gpu")
+
+
+def default_sections(device_type: str):
+    """Every section, except train-gpu on a CPU: GPT-2 124M at T=1024 is a GPU workload (--only train-gpu
+    runs a tiny smoke version on a CPU, to exercise the code)."""
+    return [s for s in SECTIONS if s != "train-gpu" or device_type == "cuda"]
 
 
 # --- Timing ---------------------------------------------------------------------------------------------
@@ -63,15 +74,21 @@ def timed(fn, device) -> float:
 def interleaved(ours, theirs, reps: int, device):
     """Median seconds of ours() and theirs(), run alternately after one warm-up each, so that a slow spell
     of the machine hits both alike. theirs may be None (transformers not installed)."""
-    ours()
-    if theirs is not None:
-        theirs()
+    return first_and_median(ours, theirs, reps, device)[2:]
+
+
+def first_and_median(ours, theirs, reps: int, device):
+    """interleaved(), also returning the seconds of the warm-up calls: (first ours, first theirs, median
+    ours, median theirs). A compiled function compiles on its first call, which is worth knowing but is not
+    its speed."""
+    first_ours = timed(ours, device)
+    first_theirs = timed(theirs, device) if theirs is not None else None
     t_ours, t_theirs = [], []
     for _ in range(reps):
         t_ours.append(timed(ours, device))
         if theirs is not None:
             t_theirs.append(timed(theirs, device))
-    return statistics.median(t_ours), (statistics.median(t_theirs) if t_theirs else None)
+    return first_ours, first_theirs, statistics.median(t_ours), (statistics.median(t_theirs) if t_theirs else None)
 
 
 # --- The machine's limits -------------------------------------------------------------------------------
@@ -97,13 +114,14 @@ def measure_limits(device, quick: bool) -> dict:
 # --- The models: the same random weights in ours and the reference --------------------------------------
 
 
-def gpt2_pair(device):
-    """(ours, reference) GPT2LMHeadModel of GPT-2 124M's shape, holding the same random weights."""
+def gpt2_pair(device, **config):
+    """(ours, reference) GPT2LMHeadModel of GPT-2 124M's shape, holding the same random weights. Keyword
+    arguments change the config of both (n_layer=2, resid_pdrop=0.0, ...)."""
     torch.manual_seed(0)
-    ours = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config())
+    ours = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(**config))
     theirs = None
     if transformers is not None:
-        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa"))
+        theirs = transformers.GPT2LMHeadModel(transformers.GPT2Config(attn_implementation="sdpa", **config))
         theirs.load_state_dict(ours.state_dict(), strict=False)  # strict=False: the reference keeps attn.bias
         theirs.generation_config.eos_token_id = None  # random weights: never stop early, in either model
         theirs.generation_config.pad_token_id = 50256
@@ -149,7 +167,9 @@ def matmul_params(model) -> int:
 # --- The benchmarks -------------------------------------------------------------------------------------
 
 
-def bench_decode(device, reps, new_tokens, limits):
+def bench_decode(device, reps, new_tokens, limits, compile=False):
+    """Greedy decoding at batch 1 and 8; with compile, also ours' generate(..., compile=True) against the
+    reference's usual (eager) generate."""
     ours, theirs = gpt2_pair(device)
     ours.eval()
     rows = []
@@ -162,8 +182,26 @@ def bench_decode(device, reps, new_tokens, limits):
         with torch.no_grad():
             t_ours, t_theirs = interleaved(run_ours, run_theirs, reps, device)
         best = best_decode_step(ours, batch, limits) * new_tokens if limits else None
-        rows.append(row(f"decode greedy, batch {batch}, {new_tokens} tokens", t_ours, t_theirs, best, "of roofline"))
+        name = f"decode greedy, batch {batch}, {new_tokens} tokens"
+        rows.append(row(name, t_ours, t_theirs, best, "of roofline"))
+        if compile:
+            run_compiled = lambda: ours.generate(prompt, max_new_tokens=new_tokens, attention_mask=mask,
+                                                 stop_at_eos=False, compile=True)
+            rows += compiled_rows(name, run_compiled, run_theirs, reps, device, best, "of roofline")
     return rows
+
+
+def compiled_rows(name, run_ours, run_theirs, reps, device, best, best_of):
+    """Two rows for ours' generate(..., compile=True) next to the reference's eager generate: the median of
+    later calls, and the first call alone, which compiles the decoding step (about a minute on a CPU). The
+    median starts after one more untimed call each, as interleaved() does: with mode="reduce-overhead" the
+    CUDA graphs are recorded on a call after the one that compiles."""
+    with torch.no_grad():
+        first_ours = timed(run_ours, device)
+        first_theirs = timed(run_theirs, device) if run_theirs is not None else None
+        t_ours, t_theirs = interleaved(run_ours, run_theirs, reps, device)
+    return [row(f"{name}, compile=True", t_ours, t_theirs, best, best_of),
+            row(f"{name}, compile=True: first call (compiles)", first_ours, first_theirs)]
 
 
 def bench_forward(device, reps, shape, limits):
@@ -211,7 +249,75 @@ def bench_train(device, reps, shape, limits):
     return [row(f"training step {B} x {T}, AdamW", t_ours, t_theirs, best, "of GEMM")]
 
 
-def bench_imagegpt(device, reps, new_tokens, limits):
+def bench_train_gpu(device, reps, batch, peak_tflops, limits):
+    """GPT-2 124M trained the way a GPU trains it fast: T=1024, bf16 autocast, fused AdamW (through
+    nanogpt2.configure_optimizer, for both models), flash attention through SDPA, and torch.compile over
+    forward and loss. Ours runs with SDPA limited to the flash kernel, so that a fall back to a slower kernel
+    fails loudly instead of lowering the figure. The reference gets SDPA's own choice: compiled, transformers
+    4.46 passes an explicit causal mask (is_causal only outside tracing), which the flash kernel does not take
+    on a GPU, so it runs the memory-efficient kernel. Reports tokens/s and MFU: the FLOPs a step needs (PaLM's appendix B, as nanoGPT's estimate_mfu:
+    6 per matmul parameter per token, forward and backward, plus 12 * n_layer * n_embd * T for the
+    attention scores) per second, over the peak. Dropout is 0, as when pretraining GPT-2 (nanoGPT, llm.c).
+    On a CPU a tiny smoke version (2 layers, T=64, fp32, dynamo without inductor's minute of code generation)
+    runs the same code in seconds; its MFU is against the measured fp32 GEMM and means little."""
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if device.type == "cuda":
+        what, config, T, dtype, backend, steps = "GPT-2 124M", no_dropout, 1024, torch.bfloat16, "inductor", 10
+        peak, peak_is = 989e12, "H100/H200 SXM dense bf16, the default"
+        batch = batch or 16
+    else:
+        config = dict(no_dropout, n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=1024)
+        what, T, dtype, backend, steps = "tiny smoke model", 64, torch.float32, "eager", 2
+        peak, peak_is = limits["gflops"] * 1e9, "this CPU's measured fp32 GEMM"
+        batch = batch or 2
+    if peak_tflops:
+        peak, peak_is = peak_tflops * 1e12, "--peak-tflops"
+    print(f"train-gpu: MFU against a peak of {peak / 1e12:.4g} TFLOP/s ({peak_is})", flush=True)
+    ours, theirs = gpt2_pair(device, **config)
+    tokens = torch.randint(0, ours.config.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+
+    def compiled_loss(model):
+        """forward and loss, compiled as one graph: the (B, T, V) logits never round-trip through memory."""
+        def loss(x, y):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits = model(x).logits  # (B, T, V)
+            return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return torch.compile(loss, backend=backend)
+
+    def training_steps(model, attention_kernels):
+        """A function that runs `steps` optimiser steps of model on the batch (x, y), SDPA limited to
+        attention_kernels."""
+        model.train()
+        loss_of = compiled_loss(model)
+        optimizer = nanogpt2.configure_optimizer(model, 6e-4, 0.1, device.type)
+        def run():
+            for _ in range(steps):
+                with sdpa_kernel(attention_kernels):
+                    loss_of(x, y).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return run
+
+    any_kernel = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                  SDPBackend.MATH]
+    first_ours, first_theirs, t_ours, t_theirs = first_and_median(
+        training_steps(ours, [SDPBackend.FLASH_ATTENTION]),
+        None if theirs is None else training_steps(theirs, any_kernel), reps, device)
+    flops_per_token = 6 * matmul_params(ours) + 12 * ours.config.n_layer * ours.config.n_embd * T
+    step_flops = flops_per_token * batch * T
+    for who, seconds in (("ours", t_ours), ("transformers", t_theirs)):
+        if seconds is not None:
+            print(f"  train-gpu {who}: {batch * T * steps / seconds:,.0f} tokens/s, "
+                  f"MFU {100 * step_flops * steps / seconds / peak:.1f}%", flush=True)
+    name = f"train-gpu {what}, {batch} x {T}, {'bf16' if dtype == torch.bfloat16 else 'fp32'}, compiled"
+    per_step = lambda seconds: seconds / steps if seconds is not None else None
+    return [row(f"{name}: step", per_step(t_ours), per_step(t_theirs), step_flops / peak, "MFU"),
+            row(f"{name}: first {steps} steps (compile)", first_ours, first_theirs)]
+
+
+def bench_imagegpt(device, reps, new_tokens, limits, compile=False):
+    """Sampling 8 images' first pixels; with compile, also ours' generate(..., compile=True)."""
     ours, theirs = imagegpt_pair(device)
     ours.eval()
     batch = 8
@@ -222,7 +328,12 @@ def bench_imagegpt(device, reps, new_tokens, limits):
     with torch.no_grad():
         t_ours, t_theirs = interleaved(run_ours, run_theirs, reps, device)
     best = best_decode_step(ours, batch, limits) * new_tokens if limits else None
-    return [row(f"imagegpt-small sampling, batch {batch}, {new_tokens} px", t_ours, t_theirs, best, "of roofline")]
+    name = f"imagegpt-small sampling, batch {batch}, {new_tokens} px"
+    rows = [row(name, t_ours, t_theirs, best, "of roofline")]
+    if compile:
+        run_compiled = lambda: ours.generate(sos, max_new_tokens=new_tokens, do_sample=True, top_k=40, compile=True)
+        rows += compiled_rows(name, run_compiled, run_theirs, reps, device, best, "of roofline")
+    return rows
 
 
 # --- Loading, in fresh processes ------------------------------------------------------------------------
@@ -316,35 +427,57 @@ def progress(rows):
 
 
 def print_table(rows, header):
+    width = max([46] + [len(r["name"]) for r in rows])  # the compile=True rows have longer names
     print(header)
-    print(f"{'':46} {'ours':>10} {'transformers':>13} {'speed-up':>9}  {'of the limit':>16}")
+    print(f"{'':{width}} {'ours':>10} {'transformers':>13} {'speed-up':>9}  {'of the limit':>16}")
     for r in rows:
         fmt = (lambda v: f"{v:9.3f} s") if r["unit"] == "s" else (lambda v: f"{v:7.0f} MB")
         theirs = fmt(r["theirs"]) if r["theirs"] is not None else "-"
         ratio = f"{r['ratio']:8.2f}x" if r["ratio"] is not None else "-"
         frac = f"{100 * r['fraction']:5.1f}% {r['best_of']}" if r["fraction"] is not None else ""
-        print(f"{r['name']:46} {fmt(r['ours']):>10} {theirs:>13} {ratio:>9}  {frac}")
+        print(f"{r['name']:{width}} {fmt(r['ours']):>10} {theirs:>13} {ratio:>9}  {frac}")
     print("speed-up = transformers / ours (above 1: ours is faster, or for memory, uses less); "
           "'of the limit' = the fastest the machine allows / our time\n"
           "(roofline: every weight read once per step at full bandwidth, or the matmuls at full GEMM speed)")
+    if any(r["best_of"] == "MFU" for r in rows):
+        print("MFU: a training step's FLOPs (per token: 6 per matmul parameter, plus 12 * n_layer * n_embd * T for "
+              "attention) per second, over the peak printed with the train-gpu section")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """(the parsed options, the list of sections to run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; train-gpu only with "
+                             f"--device cuda)")
     parser.add_argument("--quick", action="store_true", help="smaller runs, fewer repetitions")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions of each (default 3, quick 2)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode and imagegpt also time ours' generate(..., compile=True), and its first call "
+                             "(which compiles), next to transformers' eager generate")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="train-gpu: sequences of 1024 tokens per step (default 16; 2 in the CPU smoke run)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="train-gpu: the peak that MFU divides by (default 989, H100/H200 dense bf16; on a "
+                             "CPU the measured fp32 GEMM)")
     args = parser.parse_args(argv)
-    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if args.only is None:
+        only = default_sections(torch.device(args.device).type)
+    else:
+        only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+    return args, only
+
+
+def main(argv=None):
+    args, only = parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 3)
     new_tokens = 16 if args.quick else 64
@@ -356,18 +489,20 @@ def main(argv=None):
     limits = None
     rows = []
     print(header, flush=True)
-    if "limits" in only or any(s in only for s in ("decode", "forward", "train", "imagegpt")):
+    if "limits" in only or any(s in only for s in ("decode", "forward", "train", "imagegpt", "train-gpu")):
         limits = measure_limits(device, args.quick)
         print(f"limits: memory read {limits['bandwidth_gbs']:.1f} GB/s, fp32 GEMM {limits['gflops']:.1f} GFLOP/s",
               flush=True)
+    if "train-gpu" in only:  # first: the headline GPU figure, before the compile=True rows' compiles
+        rows += progress(bench_train_gpu(device, reps, args.train_batch, args.peak_tflops, limits))
     if "decode" in only:
-        rows += progress(bench_decode(device, reps, new_tokens, limits))
+        rows += progress(bench_decode(device, reps, new_tokens, limits, args.compile))
     if "forward" in only:
         rows += progress(bench_forward(device, reps, shape, limits))
     if "train" in only:
         rows += progress(bench_train(device, reps, shape, limits))
     if "imagegpt" in only:
-        rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits))
+        rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits, args.compile))
     if "load" in only:
         rows += progress(bench_load(device, reps))
     print_table(rows, header + f", load average {os.getloadavg()[0]:.2f} at the end")
