@@ -369,7 +369,7 @@ EXERCISES += [
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
         ["Sampled tokens are allowed ones, but their frequencies are wrong.", "logits are (B, V)."]),
     bug("bug-cache-mask-zero", "Generated tokens are masked out", NG, "_sample",
-        "mask = attention_mask.new_ones(B, T0 + N)", "mask = attention_mask.new_zeros(B, T0 + N)", "generation", 1,
+        "mask[:, length] = 1", "mask[:, length] = 0", "generation", 1,
         [H + "test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward"],
         ["Greedy generation differs from the argmax of a full forward from the second new token.",
          "What should the mask say about the tokens just generated?"]),
