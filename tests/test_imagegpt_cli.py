@@ -78,6 +78,21 @@ def test_sample_writes_a_png_grid_of_unconditional_samples(checkpoint, tmp_path,
     assert "sampling 3 images: 16/16 pixels (100%)" in err and f"wrote {out}" in err
 
 
+def test_sample_compile_draws_the_same_images(checkpoint, tmp_path, capsys, monkeypatch):
+    # --compile reaches generate(compile=True): the steps run with fixed shapes (uncompiled here, to keep the
+    # suite fast; tests/test_compiled_decoding.py compiles them) and the same seed draws the same images.
+    steps = []
+    monkeypatch.setattr(imagegpt, "compiled_decode_step",
+                        lambda model: lambda *args: steps.append(1) or imagegpt.decode_one_token(*args))
+    common = ("--model", checkpoint, "--num-samples", 3, "--seed", 5, "--scale", SCALE, "--device", "cpu")
+    assert run("sample", *common, "--out", tmp_path / "plain.png") == 0
+    assert not steps
+    assert run("sample", *common, "--compile", "--out", tmp_path / "compiled.png") == 0
+    assert len(steps) == N_PX * N_PX - 1  # every pixel after the first, one step each
+    assert (tmp_path / "compiled.png").read_bytes() == (tmp_path / "plain.png").read_bytes()
+    assert "compiling the decoding step" in capsys.readouterr().err
+
+
 def test_complete_keeps_the_top_rows_and_writes_the_original_first(checkpoint, tmp_path, device):
     picture = np.random.default_rng(0).integers(0, 256, (20, 12, 3), dtype=np.uint8)
     write_png(tmp_path / "in.png", picture)

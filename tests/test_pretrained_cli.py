@@ -200,7 +200,7 @@ def test_sample_help_exits_0_and_describes_every_option(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k",
-                   "--top-p", "--num-samples", "--seed", "--device", "--dtype"):
+                   "--top-p", "--num-samples", "--seed", "--device", "--dtype", "--compile"):
         assert option in out, option
 
 
@@ -282,3 +282,27 @@ def test_a_character_level_model_samples_with_its_own_vocabulary(tmp_path, devic
                             "--temperature", "0", "--device", str(device)])
     assert status == 0
     assert capsys.readouterr().out == "12+34=" + expected + "\n"
+
+
+def test_sample_compile_streams_the_same_text(tmp_path, capsys, monkeypatch):
+    # --compile reaches generate(compile=True): the decoding step runs with fixed shapes (here uncompiled, to
+    # keep the suite fast; tests/test_compiled_decoding.py compiles it) and the streamed text is unchanged.
+    chars = nanogpt2.ADDITION_VOCAB
+    eos = chars.index("\n")
+    config = nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=12, n_embd=16, n_layer=1, n_head=2,
+                                 bos_token_id=eos, eos_token_id=eos, extra={"char_vocab": chars})
+    torch.manual_seed(1)
+    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path / "adder")
+    steps = []
+    monkeypatch.setattr(nanogpt2, "compiled_decode_step",
+                        lambda model: lambda *args: steps.append(1) or nanogpt2.decode_one_token(*args))
+    args = ["sample", "--model", str(tmp_path / "adder"), "--prompt", "12+34=", "--temperature", "0",
+            "--device", "cpu", "--max-new-tokens", "5"]
+    assert nanogpt2.main(args) == 0
+    plain = capsys.readouterr()
+    assert not steps
+    assert nanogpt2.main(args + ["--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert steps, "--compile must decode through the compiled step"
+    assert compiled.out == plain.out
+    assert "compiling the decoding step" in compiled.err
