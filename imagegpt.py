@@ -791,7 +791,7 @@ class ImageGPTForCausalImageModeling(nn.Module):
             if tuple(labels.shape) != tuple(shape):
                 raise _shape_error("labels", labels.shape, tuple(shape), "one label per input token")
             predicted = labels[..., 1:]
-            _check_indices("labels (after the first position)", predicted[predicted != -100],
+            _check_indices("labels (after the first position)", predicted.masked_fill(predicted == -100, 0),
                            self.config.vocab_size - 1, "the number of colours", "colour")
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
@@ -1305,7 +1305,7 @@ def check_classification_labels(labels, input_shape, num_labels: int, problem_ty
     if tuple(labels.shape) not in expected:
         raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
     if kind == "single_label_classification":
-        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+        _check_indices("labels", labels.masked_fill(labels == -100, 0), num_labels, "num_labels", "class")
 
 
 def _check_generate_args(model, input_ids, options):

@@ -1799,7 +1799,9 @@ def check_labels(name, labels, shape, limit: int, limit_name: str, what: str, pe
         raise TypeError(f"{name} must be a tensor of shape {tuple(shape)}, got {type(labels).__name__}")
     if tuple(labels.shape) != tuple(shape):
         raise _shape_error(name, labels.shape, tuple(shape), f"one label per {per}")
-    _check_indices(name, labels[labels != -100], limit, limit_name, what)
+    # The ignored -100s are checked as 0 rather than removed: removing them gives a data-dependent shape,
+    # which would split a torch.compile'd training step in two.
+    _check_indices(name, labels.masked_fill(labels == -100, 0), limit, limit_name, what)
 
 
 def check_classification_labels(labels, input_shape, num_labels: int, problem_type):
@@ -1818,7 +1820,7 @@ def check_classification_labels(labels, input_shape, num_labels: int, problem_ty
     if tuple(labels.shape) not in expected:
         raise _shape_error("labels", labels.shape, " or ".join(map(str, expected)), per)
     if kind == "single_label_classification":
-        _check_indices("labels", labels[labels != -100], num_labels, "num_labels", "class")
+        _check_indices("labels", labels.masked_fill(labels == -100, 0), num_labels, "num_labels", "class")
 
 
 def _check_generate_args(model, input_ids, attention_mask, options):

@@ -5,7 +5,8 @@
     generate          compile=True feeds it the right tokens, positions, mask and slot: the same tokens as the
                       default path (greedy, seeded sampling, eos stops, left padding)
     torch.compile     the step traces as one graph (fullgraph=True), compiled once per model and again when
-                      its weights change; the real inductor compile is in the slow tests
+                      its weights change; the real inductor compile is in the slow tests. The training
+                      forward and loss trace as one graph too (train --compile)
     errors            compile= that is not a bool, with the tuple cache, or with beam search
 
 CI has no time for inductor (a tiny model's max-autotune compile takes 20-70 s on 2 cores), so the fast tests
@@ -176,6 +177,20 @@ def test_the_step_traces_as_one_graph_and_is_recompiled_when_the_weights_change(
         changed = run(True)
         assert len(counting.calls) == 2, "edited weights must be compiled again"
         assert torch.equal(changed, run(False)) and not torch.equal(changed, first)
+    torch.compiler.reset()
+
+
+@pytest.mark.parametrize("name", ["nanogpt2", "imagegpt"])
+def test_the_training_forward_and_loss_trace_as_one_graph(name):
+    """train --compile and bench.py's train-gpu compile forward + loss: the input checks must not split the
+    graph (reading token ids back into Python, or dropping the -100 labels, which gives a data-dependent
+    shape), or every step would wait for the device between the pieces."""
+    module = MODULES[name]
+    model = tiny(module).train()
+    ids = torch.randint(0, 16, (2, 12))
+    labels = ids.masked_fill(torch.rand(2, 12, generator=torch.Generator().manual_seed(0)) < 0.3, -100)
+    explained = torch._dynamo.explain(lambda x, y: model(x, labels=y).loss)(ids, labels)
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
     torch.compiler.reset()
 
 
