@@ -146,6 +146,11 @@ def imagegpt_pair(device):
     return ours.to(device), theirs
 
 
+def cast(pair, dtype):
+    """Both models of a pair in dtype (--dtype: the inference sections' precision)."""
+    return tuple(model if model is None else model.to(dtype) for model in pair)
+
+
 def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix is listed once
 
@@ -167,10 +172,10 @@ def matmul_params(model) -> int:
 # --- The benchmarks -------------------------------------------------------------------------------------
 
 
-def bench_decode(device, reps, new_tokens, limits, compile=False):
+def bench_decode(device, reps, new_tokens, limits, compile=False, dtype=torch.float32):
     """Greedy decoding at batch 1 and 8; with compile, also ours' generate(..., compile=True) against the
     reference's usual (eager) generate."""
-    ours, theirs = gpt2_pair(device)
+    ours, theirs = cast(gpt2_pair(device), dtype)
     ours.eval()
     rows = []
     for batch in (1, 8):
@@ -204,8 +209,8 @@ def compiled_rows(name, run_ours, run_theirs, reps, device, best, best_of):
             row(f"{name}, compile=True: first call (compiles)", first_ours, first_theirs)]
 
 
-def bench_forward(device, reps, shape, limits):
-    ours, theirs = gpt2_pair(device)
+def bench_forward(device, reps, shape, limits, dtype=torch.float32):
+    ours, theirs = cast(gpt2_pair(device), dtype)
     ours.eval()
     B, T = shape
     x = torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
@@ -316,9 +321,9 @@ def bench_train_gpu(device, reps, batch, peak_tflops, limits):
             row(f"{name}: first {steps} steps (compile)", first_ours, first_theirs)]
 
 
-def bench_imagegpt(device, reps, new_tokens, limits, compile=False):
+def bench_imagegpt(device, reps, new_tokens, limits, compile=False, dtype=torch.float32):
     """Sampling 8 images' first pixels; with compile, also ours' generate(..., compile=True)."""
-    ours, theirs = imagegpt_pair(device)
+    ours, theirs = cast(imagegpt_pair(device), dtype)
     ours.eval()
     batch = 8
     sos = torch.full((batch, 1), ours.config.sos_token_id, dtype=torch.long, device=device)
@@ -457,6 +462,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="decode and imagegpt also time ours' generate(..., compile=True), and its first call "
                              "(which compiles), next to transformers' eager generate")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="decode, forward and imagegpt: both models' precision (default float32; train and "
+                             "train-gpu keep their own: fp32, and bf16 autocast)")
     parser.add_argument("--train-batch", type=int, default=None,
                         help="train-gpu: sequences of 1024 tokens per step (default 16; 2 in the CPU smoke run)")
     parser.add_argument("--peak-tflops", type=float, default=None,
@@ -478,11 +486,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args, only = parse_args(argv)
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     reps = args.reps or (2 if args.quick else 3)
     new_tokens = 16 if args.quick else 64
     shape = (1, 128) if args.quick else (4, 256)
-    header = (f"nanogpt2 bench: {device}, {args.threads} thread(s), fp32, torch {torch.__version__}, transformers "
+    header = (f"nanogpt2 bench: {device}, {args.threads} thread(s), {args.dtype}, torch {torch.__version__}, transformers "
               f"{transformers.__version__ if transformers else 'not installed'}, medians of {reps}, "
               f"load average {os.getloadavg()[0]:.2f} at start")
 
@@ -496,13 +505,13 @@ def main(argv=None):
     if "train-gpu" in only:  # first: the headline GPU figure, before the compile=True rows' compiles
         rows += progress(bench_train_gpu(device, reps, args.train_batch, args.peak_tflops, limits))
     if "decode" in only:
-        rows += progress(bench_decode(device, reps, new_tokens, limits, args.compile))
+        rows += progress(bench_decode(device, reps, new_tokens, limits, args.compile, dtype))
     if "forward" in only:
-        rows += progress(bench_forward(device, reps, shape, limits))
+        rows += progress(bench_forward(device, reps, shape, limits, dtype))
     if "train" in only:
         rows += progress(bench_train(device, reps, shape, limits))
     if "imagegpt" in only:
-        rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits, args.compile))
+        rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits, args.compile, dtype))
     if "load" in only:
         rows += progress(bench_load(device, reps))
     print_table(rows, header + f", load average {os.getloadavg()[0]:.2f} at the end")

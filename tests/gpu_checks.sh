@@ -14,7 +14,7 @@ tail -3 "$out/pytest-cuda.log" >> "$out/summary.txt"
 # The benchmark on the GPU: ours against transformers, interleaved. --device cuda includes train-gpu (GPT-2
 # 124M training at T=1024: tokens/s and MFU), run first; --compile adds ours' generate(..., compile=True).
 # Each section prints its figures when done, so a timeout still leaves the ones measured.
-timeout 420 python3 tests/bench.py --device cuda --quick --compile > "$out/bench-cuda.log" 2>&1
+timeout 420 python3 tests/bench.py --device cuda --quick --compile --dtype bfloat16 > "$out/bench-cuda.log" 2>&1
 echo "bench cuda: exit $?" | tee -a "$out/summary.txt"
 grep -E "^train-gpu: MFU|^  train-gpu (ours|transformers):" "$out/bench-cuda.log" >> "$out/summary.txt"
 tail -26 "$out/bench-cuda.log" >> "$out/summary.txt"
