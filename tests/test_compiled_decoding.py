@@ -240,3 +240,31 @@ def test_inductor_compiled_generation_matches_eager_and_follows_new_weights(name
             p.mul_(-1.0)
     assert torch.equal(run(True), run(False))
     torch.compiler.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tests/gpu_checks.sh runs it)")
+@pytest.mark.parametrize("name", ["nanogpt2", "imagegpt"])
+def test_cuda_graphs_compiled_generation_matches_eager(name):
+    """On a GPU, compile=True is mode="reduce-overhead": the step replays as a CUDA graph, reading and writing
+    the cache in place (mark_static). The same tokens as eager generation, call after call (the graph is
+    recorded on an early call and replayed later), and after the weights change."""
+    module = MODULES[name]
+    model = tiny(module, seed=8).cuda()
+    torch.compiler.reset()
+    if module is nanogpt2:
+        ids = torch.randint(1, 97, (3, 5), generator=torch.Generator().manual_seed(1)).cuda()
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        run = lambda compile: model.generate(ids, attention_mask=mask, max_new_tokens=12, stop_at_eos=False,
+                                             compile=compile)
+    else:
+        prompt = torch.tensor([[16, 1, 2], [16, 5, 5]]).cuda()
+        run = lambda compile: model.generate(prompt, num_samples=2, compile=compile)
+    expected = run(False)
+    for _ in range(3):
+        assert torch.equal(run(True), expected)
+    with torch.no_grad():
+        for p in model.transformer.h[0].parameters():
+            p.mul_(-1.0)
+    assert torch.equal(run(True), run(False))
+    torch.compiler.reset()
