@@ -33,6 +33,7 @@ data flows through it):
     Pruning heads                         prune_heads, as the reference does it
     Head masks, gradient checkpointing    head_mask and checkpointing helpers
     Input checks                          every shape and range checked before any work
+    Compiled decoding                     generate(compile=True): one fixed-shape step, torch.compile'd
     Config validation and serialisation   validate, presets, config.json read/write
   Part III: files and tools
     Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained, the

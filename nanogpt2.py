@@ -24,6 +24,7 @@ data flows through it):
     Head masks, device maps, gradient checkpointing
                                           parallelize(), head_mask, checkpointing helpers
     Input checks                          every shape and range checked before any work
+    Compiled decoding                     generate(compile=True): one fixed-shape step, torch.compile'd
     Config validation and serialisation   validate, presets, config.json read/write
   Part III: files and tools
     Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained
