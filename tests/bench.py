@@ -62,14 +62,18 @@ def timed(fn, device) -> float:
 
 def interleaved(ours, theirs, reps: int, device):
     """Median seconds of ours() and theirs(), run alternately after one warm-up each, so that a slow spell
-    of the machine hits both alike. theirs may be None (transformers not installed)."""
+    of the machine hits both alike. Which goes first swaps every repetition, so that neither always runs
+    right after the other (in the allocator's and the caches' state the other left). theirs may be None
+    (transformers not installed)."""
     ours()
     if theirs is not None:
         theirs()
     t_ours, t_theirs = [], []
-    for _ in range(reps):
+    for rep in range(reps):
+        if rep % 2 == 1 and theirs is not None:
+            t_theirs.append(timed(theirs, device))
         t_ours.append(timed(ours, device))
-        if theirs is not None:
+        if rep % 2 == 0 and theirs is not None:
             t_theirs.append(timed(theirs, device))
     return statistics.median(t_ours), (statistics.median(t_theirs) if t_theirs else None)
 
