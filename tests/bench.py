@@ -73,7 +73,9 @@ def timed(fn, device) -> float:
 
 def interleaved(ours, theirs, reps: int, device):
     """Median seconds of ours() and theirs(), run alternately after one warm-up each, so that a slow spell
-    of the machine hits both alike. theirs may be None (transformers not installed)."""
+    of the machine hits both alike. Which goes first swaps every repetition, so that neither always runs
+    right after the other (in the allocator's and the caches' state the other left). theirs may be None
+    (transformers not installed)."""
     return first_and_median(ours, theirs, reps, device)[2:]
 
 
@@ -84,9 +86,11 @@ def first_and_median(ours, theirs, reps: int, device):
     first_ours = timed(ours, device)
     first_theirs = timed(theirs, device) if theirs is not None else None
     t_ours, t_theirs = [], []
-    for _ in range(reps):
+    for rep in range(reps):
+        if rep % 2 == 1 and theirs is not None:
+            t_theirs.append(timed(theirs, device))
         t_ours.append(timed(ours, device))
-        if theirs is not None:
+        if rep % 2 == 0 and theirs is not None:
             t_theirs.append(timed(theirs, device))
     return first_ours, first_theirs, statistics.median(t_ours), (statistics.median(t_theirs) if t_theirs else None)
 
