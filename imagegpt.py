@@ -3282,11 +3282,30 @@ def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float)
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), palette=model.palette,
                  model=model.state_dict(), optimizer=optimizer.state_dict(), data_rng=data_rng.get_state(),
                  rng=torch.get_rng_state())
-    path = os.path.join(args.out, "training_state.pt")
+    save_training_state(os.path.join(args.out, "training_state.pt"), state)
+
+
+def save_training_state(path: str, state: dict):
+    """torch.save(state) to path, atomically, with its SHA-256 in path.sha256 (in sha256sum's format).
+
+    Two files cannot be renamed into place at once, so the order keeps them consistent at every moment: first
+    a .sha256 listing the new digest and every digest the old one listed (the state on disk is among them),
+    then the state, then a .sha256 of the new digest alone. A run killed anywhere in between leaves a state
+    whose digest its .sha256 lists, never a good state reported as damaged."""
     with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
         torch.save(state, tmp)
         digest = file_sha256(tmp)
-    _write_atomically(f"{path}.sha256", f"{digest}  training_state.pt\n".encode())  # the format of sha256sum
+        both = dict.fromkeys([digest, *listed_digests(path)])  # in order, once each
+        _write_atomically(f"{path}.sha256", "".join(f"{d}  training_state.pt\n" for d in both).encode())
+    _write_atomically(f"{path}.sha256", f"{digest}  training_state.pt\n".encode())
+
+
+def listed_digests(path: str) -> List[str]:
+    """The SHA-256 digests path.sha256 lists, one a line as sha256sum writes them; [] without the file."""
+    if not os.path.exists(f"{path}.sha256"):
+        return []
+    with open(f"{path}.sha256", encoding="utf-8") as f:
+        return [line.split(" ")[0].strip() for line in f if line.strip()]
 
 
 def read_training_state(path: str) -> dict:
@@ -3294,11 +3313,9 @@ def read_training_state(path: str) -> dict:
     plain values, never code). A damaged file, truncated by a crash or altered, is a ValueError naming it.
     Without the .sha256 (a checkpoint older than it), torch.load's own failures still say so."""
     damaged = f"{path} is damaged (truncated by a crash, or altered)"
-    if os.path.exists(f"{path}.sha256"):
-        with open(f"{path}.sha256", encoding="utf-8") as f:
-            expected = f.read().split(" ")[0].strip()
-        if file_sha256(path) != expected:
-            raise ValueError(f"{damaged}: its SHA-256 differs from the one in {path}.sha256; it cannot be resumed")
+    listed = listed_digests(path)
+    if listed and file_sha256(path) not in listed:
+        raise ValueError(f"{damaged}: its SHA-256 differs from the one in {path}.sha256; it cannot be resumed")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a zip archive cut short or a pickle out of shape: the many ways a file can break

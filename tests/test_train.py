@@ -459,6 +459,40 @@ def test_a_damaged_training_state_gives_one_clear_line(tmp_path, capsys, damage)
     assert f"{path} is damaged" in err
 
 
+@pytest.mark.parametrize("module", ["nanogpt2", "imagegpt"])
+@pytest.mark.parametrize("killed", ["before the state's rename", "after the state's rename"])
+def test_a_run_killed_between_the_state_and_its_checksum_leaves_a_good_checkpoint(tmp_path, monkeypatch, module,
+                                                                                   killed):
+    # training_state.pt and its .sha256 cannot be renamed at once. A kill between the two renames must leave
+    # a state its .sha256 accepts (the old one, or the new one), never a good checkpoint reported as damaged.
+    import imagegpt
+    save, read = {"nanogpt2": (nanogpt2.save_training_state, nanogpt2.read_training_state),
+                  "imagegpt": (imagegpt.save_training_state, imagegpt.read_training_state)}[module]
+    state = lambda step: {"step": step, "elapsed": 0.0, "args": {}, "config": {}, "model": {"w": torch.full((4,), step)},
+                          "optimizer": {}, "data_rng": torch.zeros(1), "rng": torch.zeros(1)}
+    path = str(tmp_path / "training_state.pt")
+    save(path, state(1))
+    real_replace, renames = os.replace, []
+
+    def replace_then_die(src, dst):  # os.replace, with a kill at the chosen moment of the second save
+        renames.append(dst)
+        state_renamed = dst == path
+        if state_renamed and killed == "before the state's rename":
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+        if state_renamed and killed == "after the state's rename":
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save(path, state(2))
+    monkeypatch.undo()
+    assert renames[-2:] == [path + ".sha256", path]  # the checksum went first; the kill came at the state
+    assert read(path)["step"] == (1 if killed == "before the state's rename" else 2)
+    save(path, state(3))  # the next save leaves one digest again
+    assert len(open(path + ".sha256").read().splitlines()) == 1 and read(path)["step"] == 3
+
+
 def test_resume_with_a_larger_budget_trains_a_finished_run_further(tmp_path):
     out = train(tmp_path, "--digits", "1", "--batch-size", "8", "--max-steps", "4")
     assert nanogpt2.main(["train", "--resume", str(out)]) == 0  # nothing left to do: the same 4 steps
