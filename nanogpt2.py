@@ -3205,7 +3205,10 @@ def train_command(args) -> dict:
                                             torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         run = Run(rank, world_size, device, dtype)
         with RunFolder(args.out, args.overwrite, state is not None) if run.is_main else contextlib.nullcontext():
-            return train(args, state, run)
+            summary = train(args, state, run)
+        if world_size > 1:
+            dist.barrier()  # every process done before any tears the group down: no peer leaves mid-teardown
+        return summary
     finally:
         if world_size > 1:
             dist.destroy_process_group()
