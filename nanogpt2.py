@@ -4311,6 +4311,9 @@ def main(argv=None):
         if args.command == "train" and args.out is not None:
             print(f"interrupted: nothing saved since the last checkpoint in {args.out}, if any", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`sample ... | head`): not an error, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail too
+        return 0
     except (ValueError, OSError) as e:  # a user's mistake: one line, no traceback
         print(f"nanogpt2.py: error: {e}", file=sys.stderr)
         return 2

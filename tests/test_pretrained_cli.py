@@ -306,3 +306,24 @@ def test_sample_compile_streams_the_same_text(tmp_path, capsys, monkeypatch):
     assert steps, "--compile must decode through the compiled step"
     assert compiled.out == plain.out
     assert "compiling the decoding step" in compiled.err
+
+
+def test_sample_into_a_closed_pipe_stops_quietly(tmp_path, capsys, monkeypatch):
+    # `python nanogpt2.py sample ... | head -c 1`: once head exits, writes to stdout fail with BrokenPipeError.
+    # That is the reader's choice, not an error: exit status 0, no message, no traceback at exit.
+    chars = nanogpt2.ADDITION_VOCAB
+    eos = chars.index("\n")
+    config = nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=12, n_embd=16, n_layer=1, n_head=2,
+                                 bos_token_id=eos, eos_token_id=eos, extra={"char_vocab": chars})
+    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path / "adder")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    stdout = open(write_end, "w", encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    status = nanogpt2.main(["sample", "--model", str(tmp_path / "adder"), "--prompt", "12+34=", "--temperature", "0",
+                            "--device", "cpu", "--max-new-tokens", "5"])
+    stdout.write("more")
+    stdout.flush()  # what the interpreter's exit does: it must not fail either
+    monkeypatch.undo()
+    assert status == 0
+    assert capsys.readouterr().err == ""
