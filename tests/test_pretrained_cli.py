@@ -284,15 +284,20 @@ def test_a_character_level_model_samples_with_its_own_vocabulary(tmp_path, devic
     assert capsys.readouterr().out == "12+34=" + expected + "\n"
 
 
-def test_sample_compile_streams_the_same_text(tmp_path, capsys, monkeypatch):
-    # --compile reaches generate(compile=True): the decoding step runs with fixed shapes (here uncompiled, to
-    # keep the suite fast; tests/test_compiled_decoding.py compiles it) and the streamed text is unchanged.
+def save_tiny_adder(directory):
+    """A one-layer character-level model of the adder's vocabulary, saved: enough for the command line's paths."""
     chars = nanogpt2.ADDITION_VOCAB
     eos = chars.index("\n")
     config = nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=12, n_embd=16, n_layer=1, n_head=2,
                                  bos_token_id=eos, eos_token_id=eos, extra={"char_vocab": chars})
     torch.manual_seed(1)
-    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path / "adder")
+    nanogpt2.GPT2LMHeadModel(config).save_pretrained(directory)
+
+
+def test_sample_compile_streams_the_same_text(tmp_path, capsys, monkeypatch):
+    # --compile reaches generate(compile=True): the decoding step runs with fixed shapes (here uncompiled, to
+    # keep the suite fast; tests/test_compiled_decoding.py compiles it) and the streamed text is unchanged.
+    save_tiny_adder(tmp_path / "adder")
     steps = []
     monkeypatch.setattr(nanogpt2, "compiled_decode_step",
                         lambda model: lambda *args: steps.append(1) or nanogpt2.decode_one_token(*args))
@@ -311,11 +316,7 @@ def test_sample_compile_streams_the_same_text(tmp_path, capsys, monkeypatch):
 def test_sample_into_a_closed_pipe_stops_quietly(tmp_path, capsys, monkeypatch):
     # `python nanogpt2.py sample ... | head -c 1`: once head exits, writes to stdout fail with BrokenPipeError.
     # That is the reader's choice, not an error: exit status 0, no message, no traceback at exit.
-    chars = nanogpt2.ADDITION_VOCAB
-    eos = chars.index("\n")
-    config = nanogpt2.GPT2Config(vocab_size=len(chars), n_positions=12, n_embd=16, n_layer=1, n_head=2,
-                                 bos_token_id=eos, eos_token_id=eos, extra={"char_vocab": chars})
-    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path / "adder")
+    save_tiny_adder(tmp_path / "adder")
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first byte
     stdout = open(write_end, "w", encoding="utf-8")
