@@ -1362,8 +1362,8 @@ def decode_one_token(model, tokens, positions, mask, cache):
     return model.lm_head(body.ln_f(x)[:, -1])  # (B, C) -> (B, V)
 
 
-# model -> (its weights when compiled, the compiled decode_one_token). Weakly held: a model that is
-# deleted takes its compiled step with it.
+# model -> (its weights when compiled, the compiled decode_one_token): at most one model, since compiling
+# another resets torch.compile (see compiled_decode_step). Weakly held: a deleted model takes its step along.
 _COMPILED_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
