@@ -1513,6 +1513,7 @@ def config_to_dict(config) -> dict:
 
 
 def config_from_json_file(cls, path) -> "ImageGPTConfig":
+    path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))  # no FIFO, no link out
     try:
         with open(path, encoding="utf-8") as f:
             config_dict = json.load(f)
@@ -1547,6 +1548,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import struct
 import sys
 import threading
@@ -1582,6 +1584,50 @@ MAX_HEADER_BYTES = 100_000_000  # the format's own limit; a larger "length" mean
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or not matching the model."""
+
+
+
+# A model folder is untrusted input, whoever made it: a downloaded index names the shard files to fetch
+# and read, and a folder may hold links or special files. As pip and git refuse paths that escape their
+# trees, every file read on a folder's say-so is checked first: a name taken from a file must be a plain
+# file name (file_named_in), and a file must really be a file inside the folder (regular_file_in).
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+
+def file_named_in(directory: str, name, source: str) -> str:
+    """directory/name, for a file name read from the file `source` (a shard named by an index). Anything
+    but a plain file name (letters, digits, '.', '_' and '-'; no folder part, so no '..' and nothing
+    absolute) is a CheckpointError naming source and name, raised before anything is read or fetched."""
+    if not isinstance(name, str) or not PLAIN_FILE_NAME.fullmatch(name):
+        raise CheckpointError(f"{source} names the file {name!r}, but only a plain file name inside {directory} "
+                              "is allowed (no folders, no '..', not absolute): the file is damaged or hostile, "
+                              "and nothing it names was read or downloaded")
+    return os.path.join(directory, name)
+
+
+
+def regular_file_in(directory: Optional[str], path: str) -> str:
+    """path, once checked to be a regular file that is really inside directory (links followed): a link
+    out of the folder, or a FIFO, device or folder in place of a file, is a CheckpointError, instead of
+    reading someone else's file or waiting forever on a FIFO that no one writes. One place outside is
+    allowed: Hugging Face's own cache, whose snapshots/<revision>/ folders link each file into ../../blobs/.
+    directory None: a path the user named (a flag), which may be anywhere but must still be a file."""
+    real = os.path.realpath(path)
+    homes = [os.path.realpath(directory)] if directory is not None else [os.path.dirname(real)]
+    if os.path.basename(os.path.dirname(homes[0])) == "snapshots":
+        homes.append(os.path.join(os.path.dirname(os.path.dirname(homes[0])), "blobs"))
+    if not any(os.path.commonpath([real, h]) == h for h in homes):
+        raise CheckpointError(f"{path} is a link to {real}, outside {directory}: refused (copy the file into "
+                              "the folder if you mean to use it)")
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist (a broken link?)") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise CheckpointError(f"{path} is {kind}, expected a regular file")
+    return path
 
 
 def _process_alive(pid: int) -> bool:
@@ -1881,6 +1927,31 @@ def _download_if_present(repo_id: str, filename: str, local: str) -> bool:
         return False
 
 
+
+def shard_names(index_path: str, suffix: str) -> List[str]:
+    """The shard files a sharded checkpoint's index (model.safetensors.index.json) lists, sorted: its
+    "weight_map" maps every tensor name to the file holding it. Each name must be a plain file name
+    ending in suffix (see file_named_in), checked for all of them before any is read or downloaded; an
+    index that is not JSON, or has no weight_map of names, is a CheckpointError saying so."""
+    directory = os.path.dirname(index_path)
+    try:
+        with open(regular_file_in(directory, index_path), encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting (CheckpointError is kept)
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{index_path} is not valid JSON ({e}); expected a shard index") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path} has no \"weight_map\" (an object: tensor name -> shard file): "
+                              "it is damaged or not a shard index")
+    for name in weight_map.values():
+        file_named_in(directory, name, index_path)
+        if not name.endswith(suffix):
+            raise CheckpointError(f"{index_path} names the shard {name!r}, expected a {suffix} file")
+    return sorted(set(weight_map.values()))
+
+
 def resolve_checkpoint(name_or_dir: str) -> str:
     """A local directory as it is; a released name (imagegpt-small, ...) or hub repo id (owner/name)
     downloaded into the cache unless already there: config.json, the weights (model.safetensors, its
@@ -1902,9 +1973,9 @@ def resolve_checkpoint(name_or_dir: str) -> str:
             # The first layout the repository has; the openai/imagegpt-* repositories hold pytorch_model.bin.
             if not _download_if_present(repo_id, "model.safetensors", local):
                 if _download_if_present(repo_id, "model.safetensors.index.json", local):
-                    with open(os.path.join(local, "model.safetensors.index.json"), encoding="utf-8") as f:
-                        for shard in sorted(set(json.load(f)["weight_map"].values())):
-                            download(hub_url(repo_id, shard), os.path.join(local, shard))
+                    index = os.path.join(local, "model.safetensors.index.json")
+                    for shard in shard_names(index, ".safetensors"):  # every name checked before any download
+                        download(hub_url(repo_id, shard), os.path.join(local, shard))
                 elif not _download_if_present(repo_id, "pytorch_model.bin", local):
                     raise CheckpointError(f"{repo_id} has no model.safetensors, sharded index or pytorch_model.bin")
         if not any(os.path.exists(os.path.join(local, f)) for f in PALETTE_FILES):
@@ -1922,21 +1993,22 @@ def resolve_checkpoint(name_or_dir: str) -> str:
 
 def load_state_dict_files(directory: str, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
     """The weights of a model directory, whichever of the four Hugging Face layouts it uses, memory-mapped
-    (see load_safetensors), shard after shard, with floating-point tensors in `dtype` when given."""
+    (see load_safetensors), shard after shard, with floating-point tensors in `dtype` when given. Every
+    file must be a regular file inside the directory (regular_file_in), every shard name a plain one."""
     for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                     ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         single, index = os.path.join(directory, single_name), os.path.join(directory, index_name)
         if os.path.exists(single):
             files = [single]
         elif os.path.exists(index):  # shards: the index maps every tensor name to its file
-            with open(index, encoding="utf-8") as f:
-                files = [os.path.join(directory, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+            files = [os.path.join(directory, name) for name in shard_names(index, os.path.splitext(single_name)[1])]
         else:
             continue
         state_dict = {}
         for path in files:
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise CheckpointError(f"{path} is listed in {index_name} but missing")
+            regular_file_in(directory, path)
             if path.endswith(".safetensors"):
                 state_dict.update(load_safetensors(path, dtype))
             else:  # weights_only: a .bin is a pickle, and a pickle can run code; this refuses anything but tensors
@@ -1990,9 +2062,14 @@ def match_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> D
     unexpected = [k for k in renamed if k not in expected and not k.startswith(OTHER_HEAD_PREFIXES)]
     mismatched = [f"{k}: checkpoint {tuple(renamed[k].shape)}, model {tuple(expected[k].shape)}"
                   for k in renamed if k in expected and renamed[k].shape != expected[k].shape]
+    # A header may label a tensor I32 where the bytes are F32 (the same size): such a tensor would become an
+    # integer parameter and fail deep inside the first forward. Every weight the model keeps in floating
+    # point must come as floating point (any precision: from_pretrained converts it).
+    mismatched += [f"{k}: checkpoint {renamed[k].dtype}, model {expected[k].dtype}" for k in renamed if k in expected
+                   and renamed[k].is_floating_point() != expected[k].is_floating_point()]
     if missing or unexpected or mismatched:
         lines = [f"missing keys: {missing}"] * bool(missing) + [f"unexpected keys: {unexpected}"] * bool(unexpected)
-        lines += [f"shape mismatches: {mismatched}"] * bool(mismatched)
+        lines += [f"shape or dtype mismatches: {mismatched}"] * bool(mismatched)
         raise CheckpointError("the checkpoint does not fit " + type(model).__name__ + ": " + "; ".join(lines))
     return {k: v for k, v in renamed.items() if k in expected}
 
@@ -2318,16 +2395,27 @@ def load_palette(path) -> torch.Tensor:
     path = os.fspath(path)
     if os.path.isdir(path):
         for name in PALETTE_FILES:
-            if os.path.exists(os.path.join(path, name)):
-                return load_palette(os.path.join(path, name))
+            if os.path.lexists(os.path.join(path, name)):
+                return load_palette(regular_file_in(path, os.path.join(path, name)))
         raise FileNotFoundError(f"no palette in {path}: expected one of {', '.join(PALETTE_FILES)}")
-    if path.endswith(".npy"):
-        return _check_palette(np.load(path, allow_pickle=False))
-    with open(path, encoding="utf-8") as f:
-        processor = json.load(f)
-    if "clusters" not in processor:
-        raise ValueError(f"{path} holds no \"clusters\" (the palette); keys are {sorted(processor)}")
-    return _check_palette(np.array(processor["clusters"], dtype=np.float64))
+    regular_file_in(None, path)
+    try:
+        if path.endswith(".npy"):
+            return _check_palette(np.load(path, allow_pickle=False))
+        with open(path, encoding="utf-8") as f:
+            processor = json.load(f)
+    except (ValueError, EOFError, RecursionError) as e:  # bad JSON or UTF-8, a damaged or pickled .npy
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a readable palette ({type(e).__name__}: {e})") from None
+    if not isinstance(processor, dict) or "clusters" not in processor:
+        keys = sorted(processor) if isinstance(processor, dict) else f"none (a JSON {type(processor).__name__})"
+        raise ValueError(f"{path} holds no \"clusters\" (the palette); keys are {keys}")
+    try:
+        clusters = np.array(processor["clusters"], dtype=np.float64)
+    except (ValueError, TypeError) as e:  # strings, ragged rows, nested junk
+        raise ValueError(f"{path}: \"clusters\" is not a list of [r, g, b] numbers ({e})") from None
+    return _check_palette(clusters)
 
 
 # Where a checkpoint directory keeps its palette, in the order they are looked for.
@@ -2431,7 +2519,7 @@ def read_png(path) -> np.ndarray:
     every CRC checked. Returns the pixels as stored, (H, W, C) uint8 with C = 1, 2, 3 or 4 (to_rgb()
     makes that RGB). 16-bit, palette and interlaced PNGs are refused with a ValueError saying how to
     convert them."""
-    path = os.fspath(path)
+    path = regular_file_in(None, os.fspath(path))  # a FIFO would block, /dev/zero never end
     with open(path, "rb") as f:
         data = f.read()
     if data[:8] != PNG_SIGNATURE:
@@ -2741,7 +2829,8 @@ def read_images(path: str, n_px: int) -> Tuple[torch.Tensor, List[str]]:
         names = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
         if not names:
             raise ValueError(f"--data {path}: the folder holds no .png files; {DATA_HINT}")
-        return torch.stack([resize_image(to_rgb(read_png(os.path.join(path, f))), n_px) for f in names]), names
+        files = [regular_file_in(path, os.path.join(path, f)) for f in names]  # no link out, no FIFO
+        return torch.stack([resize_image(to_rgb(read_png(f)), n_px) for f in files]), names
     if not os.path.isfile(path):
         raise ValueError(f"--data {path}: no such file or folder")
     if not path.lower().endswith(".npy"):

@@ -122,6 +122,7 @@ SHARED = [
     'checkpointed_block', '_shape_error', '_check_indices', '_input_shape', 'check_model_inputs',
     'check_classification_labels', 'PROBLEM_TYPES', 'config_from_dict', 'config_from_json_file',
     'config_to_json_file', 'SAFETENSORS_DTYPES', 'TORCH_TO_SAFETENSORS', 'MAX_HEADER_BYTES', 'CheckpointError',
+    'PLAIN_FILE_NAME', 'file_named_in', 'regular_file_in', 'shard_names',
     '_process_alive', 'remove_stale_temporaries', '_atomic_path', '_atomic_path.__init__', '_atomic_path.__enter__',
     '_atomic_path.__exit__', '_write_atomically', 'read_safetensors_header', 'load_safetensors',
     'safetensors_header', 'save_safetensors', 'cache_dir', 'hub_url', '_progress', '_if_range_value', 'download',
