@@ -40,6 +40,7 @@ Run:
 
 import argparse
 import hashlib
+import http.client
 import json
 import math
 import mmap
@@ -51,9 +52,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -739,16 +741,38 @@ def _if_range_value(response) -> str:
     return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
 
 
+
+MAX_HEADER_BYTES = 100_000_000  # the format's own limit; a larger "length" means a corrupt file
+
+
+
+# A download stops rather than leave less than this free on the disk: an endless or oversized body (a broken
+# or hostile server) never fills it. And the most a downloaded JSON file may be: a config.json, an index or
+# a palette is a few megabytes at most.
+MIN_FREE_BYTES = 256 << 20
+
+
+
+MAX_JSON_BYTES = 64 << 20
+
+
 def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = False) -> str:
     """Fetch url to dest, resumably and atomically. Bytes go to dest + ".part", continued with an HTTP
     Range request when a previous try was cut off; only a complete file is renamed to dest, so a partial
     download never looks like a cached one. A resume also sends If-Range with the ETag (or Last-Modified)
     the .part was started under, kept in dest + ".part.if-range": if the file has changed on the server
     since, the server sends the whole new file (200) and the .part starts again from zero, so two versions
-    are never spliced together (a .part with no such record starts again too). When the server gives the
-    file's SHA-256 (the hub's ETag for large files) it is checked, and a corrupted file is deleted. The
-    folder is made only once the server answers with the file, so a missing file (404) leaves none behind.
-    HTTP errors are raised as urllib.error.HTTPError: a caller may expect some (a 404 for an optional file)."""
+    are never spliced together (a .part with no such record starts again too).
+
+    Complete means checked: the length against the server's Content-Length; the SHA-256 when the server
+    gives it (the hub's ETag for large files); and the contents against their own format (see
+    download_problem: a safetensors file as long as its header says, JSON that parses), which also catches
+    a body with no length cut short, or an error page sent with status 200. A file that fails is deleted,
+    so the next run fetches it afresh. A body longer than its length or its header promised stops, as does
+    one that would leave less than MIN_FREE_BYTES on the disk. A connection cut mid-body is one
+    CheckpointError (run again to resume). The folder is made only once the server answers with the file,
+    so a missing file (404) leaves none behind. HTTP errors are raised as urllib.error.HTTPError: a caller
+    may expect some (a 404 for an optional file)."""
     if os.path.exists(dest):
         return dest
     part, if_range_path = dest + ".part", dest + ".part.if-range"
@@ -775,25 +799,52 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
         os.remove(part)
         return download(url, dest, desc, quiet)
     with response:
+        if response.status == 206 and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
+            os.remove(part)  # the server sent another range than the one asked for: splicing it would corrupt
+            return download(url, dest, desc, quiet)
         if response.status != 206:  # from zero: a first try, a server that ignored Range, or a changed file
             have = 0
             os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
             with open(if_range_path, "w", encoding="utf-8") as f:
                 f.write(_if_range_value(response))
         length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
+        total = have + int(length) if length is not None and length.isdigit() else None
+        free = shutil.disk_usage(os.path.dirname(dest) or ".").free
+        if total is not None and total - have > free - MIN_FREE_BYTES:
+            raise CheckpointError(f"download of {url} needs {(total - have) / 1e6:.0f} MB, but only {free / 1e6:.0f} MB "
+                                  f"are free beside {dest}; free some space and run again")
         etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip('"').lower()
+        limit, promise = (total, "the server's Content-Length") if total is not None else (None, "")
         start, done, last_report = time.time(), have, 0.0
-        with open(part, "ab" if have else "wb") as f:
-            while True:
-                chunk = response.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
-                done += len(chunk)
-                if not quiet and time.time() - last_report > 0.2:
-                    _progress(f"downloading {desc}", done, total, start)
-                    last_report = time.time()
+        try:
+            with open(part, "ab" if have else "wb") as f:
+                while True:
+                    chunk = response.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    done += len(chunk)
+                    if limit is None:  # no length from the server: the file's own format may say it
+                        f.flush()
+                        limit, promise = promised_size(part, dest)
+                    if limit is not None and (done > limit or limit < 0):
+                        f.close()
+                        os.remove(part)
+                        os.remove(if_range_path)
+                        raise CheckpointError(f"download of {url} " + (
+                            f"sent more than the {limit} bytes {promise} promised" if limit >= 0 else
+                            "is not a safetensors file (its header cannot be read)") +
+                            "; stopped and deleted it (a broken or hostile server)")
+                    if shutil.disk_usage(os.path.dirname(part) or ".").free < MIN_FREE_BYTES:
+                        raise CheckpointError(f"download of {url} stopped at {done} bytes: less than "
+                                              f"{MIN_FREE_BYTES >> 20} MB is left on the disk beside {dest}; "
+                                              "free some space and run again to resume")
+                    if not quiet and time.time() - last_report > 0.2:
+                        _progress(f"downloading {desc}", done, total, start)
+                        last_report = time.time()
+        except (http.client.HTTPException, OSError) as e:  # a cut chunked body, a reset, a timeout, a full disk
+            raise CheckpointError(f"download of {url} stopped at {done} bytes ({type(e).__name__}: {e}); "
+                                  "run again to resume") from None
     if not quiet:
         _progress(f"downloading {desc}", done, total, start)
         sys.stderr.write("\n")
@@ -804,17 +855,75 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
 
 
 def _finish_download(url: str, dest: str, sha256: str) -> str:
-    """Check dest + ".part" against the SHA-256 the server gave (if it gave one), then rename it to dest."""
+    """Check dest + ".part" against the SHA-256 the server gave (if it gave one) and against its own format
+    (download_problem), then rename it to dest; a file that fails either is deleted."""
     part, if_range_path = dest + ".part", dest + ".part.if-range"
     actual = file_sha256(part) if sha256 else ""
-    if actual != sha256:
+    problem = f"is corrupt: sha256 {actual}, expected {sha256}" if actual != sha256 else download_problem(part, dest)
+    if problem:
         os.remove(part)
         os.remove(if_range_path)
-        raise CheckpointError(f"download of {url} is corrupt: sha256 {actual}, expected {sha256}; "
-                              "run again to download it afresh")
+        raise CheckpointError(f"download of {url} {problem}; deleted it: run again to download it afresh")
     os.replace(part, dest)
     os.remove(if_range_path)
     return dest
+
+
+
+def promised_size(path: str, dest: str) -> Tuple[Optional[int], str]:
+    """(the most bytes the file being downloaded into path may hold, what says so), from its own contents, for
+    a body whose length the server did not give: a safetensors file's header gives the size of everything
+    after it; a JSON file is at most MAX_JSON_BYTES. (None, "") while nothing bounds it yet."""
+    if dest.endswith(".json"):
+        return MAX_JSON_BYTES, f"the limit for a JSON file ({MAX_JSON_BYTES >> 20} MB)"
+    if dest.endswith(".safetensors") and os.path.getsize(path) >= 8:
+        size = _safetensors_size(path)
+        if size is not None:
+            return size, "its safetensors header"
+    return None, ""
+
+
+
+def _safetensors_size(path: str) -> Optional[int]:
+    """The size a safetensors file's header says the whole file has (8 + header + the end of the last
+    tensor); -1 when the header cannot be right; None while the header is not all there yet."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            return -1
+        blob = f.read(n)
+    if len(blob) < n:
+        return None
+    try:
+        header = json.loads(blob.decode("utf-8"))
+        ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return -1
+    return 8 + n + max((e for e in ends if isinstance(e, int)), default=0)
+
+
+
+def download_problem(path: str, dest: str) -> str:
+    """What is wrong with a downloaded file, judged by its own format; "" if nothing is. A .safetensors
+    file must be exactly as long as its header says, a .json file must parse, a zip (a .bin saved by
+    torch.save) must have its whole central directory: so a body cut short with no length to check it
+    by, or a page of HTML sent with status 200, never enters the cache. Other files are not judged here."""
+    size = os.path.getsize(path)
+    if dest.endswith(".safetensors"):
+        promised = _safetensors_size(path) if size >= 8 else None
+        if promised != size:
+            return f"is not a whole safetensors file ({size} bytes; its header says {promised})"
+    elif dest.endswith(".json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, RecursionError) as e:
+            return f"is not valid JSON ({e})"
+    elif dest.endswith(".bin"):
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK" and not zipfile.is_zipfile(path):  # torch.save's zip, its end missing
+                return "is a zip archive cut short (its central directory is missing)"
+    return ""
 
 # The downloader above is the one nanogpt2.py and imagegpt.py have, copied here unchanged so that this file
 # stands alone (tests/test_copies.py checks that the copies agree). fetch() adapts it to this file's errors.

@@ -14,12 +14,14 @@ import http.server
 import json
 import os
 import re
+import shutil
 import threading
 import urllib.error
 
 import pytest
 import torch
 
+import convert_tf
 import imagegpt
 import nanogpt2
 
@@ -42,6 +44,10 @@ class FakeHub(http.server.ThreadingHTTPServer):
         self.wrong_sha = set()  # names whose ETag is a SHA-256 of something else
         self.missing = set()  # names answered with 404
         self.ignore_range = False  # answer Range requests with 200 and the whole file, as some servers do
+        self.wrong_range = False  # answer Range requests with 206 and the file from byte 0 (a broken proxy)
+        self.no_length = set()  # names sent with no Content-Length and no ETag: the body ends when the connection does
+        self.chunked = set()  # names sent with Transfer-Encoding: chunked (no length); a cut drops the connection mid-chunk
+        self.endless = set()  # names whose body, after the file, never ends (sent with no length)
         self.lock = threading.Lock()
 
     @property
@@ -77,23 +83,45 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
         match = None if hub.ignore_range else re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
         if self.headers.get("If-Range") not in (None, f'"{sha}"'):  # the file changed: send all of the new one
             match = None
+        if name in hub.chunked:
+            self.protocol_version = "HTTP/1.1"  # chunked encoding needs HTTP/1.1
         if match:
             start = int(match.group(1))
             if start >= len(body):
                 self.send_error(416)
                 return
             self.send_response(206)
+            if hub.wrong_range:
+                start = 0
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        self.send_header("ETag", f'"{sha}"')
-        self.end_headers()
         payload = body[start:]
-        if cut is not None:  # the connection drops: the client sees fewer bytes than Content-Length promised
+        if cut is not None:  # the connection drops part way
             payload = payload[:cut]
             self.close_connection = True
-        self.wfile.write(payload)
+        if name in hub.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(payload), 4096):
+                piece = payload[i:i + 4096]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if cut is None:
+                self.wfile.write(b"0\r\n\r\n")  # the last chunk; without it the body is cut short
+            self.close_connection = True
+        elif name in hub.no_length or name in hub.endless:
+            self.end_headers()  # HTTP/1.0: the body is whatever comes before the connection closes
+            self.wfile.write(payload)
+            while name in hub.endless:
+                try:
+                    self.wfile.write(b"\0" * (1 << 20))
+                except OSError:  # the client hung up: what it should do
+                    break
+        else:  # a cut connection: the client sees fewer bytes than Content-Length promised
+            self.send_header("Content-Length", str(len(body) - start))
+            self.send_header("ETag", f'"{sha}"')
+            self.end_headers()
+            self.wfile.write(payload)
         self.wfile.flush()
 
 
@@ -215,13 +243,16 @@ def test_wrong_sha256_is_rejected_and_deleted_then_downloaded_afresh(hub, checkp
     assert torch.equal(logits(loaded, device), logits(source, device))
 
 
-def test_truncated_file_with_matching_length_is_rejected_when_loaded(hub, checkpoint, device):
+def test_truncated_file_with_matching_length_is_rejected_at_download_and_never_cached(hub, checkpoint, device):
     directory, _ = checkpoint
     hub.add(REPO, directory)
     path = f"/{REPO}/resolve/main/model.safetensors"
-    hub.files[path] = hub.files[path][: len(hub.files[path]) // 2]  # the server itself holds half the file
-    with pytest.raises(nanogpt2.CheckpointError, match="truncated"):
+    whole = hub.files[path]
+    hub.files[path] = whole[: len(whole) // 2]  # the server itself holds half the file
+    with pytest.raises(nanogpt2.CheckpointError, match=f"is not a whole safetensors file \\({len(whole) // 2} bytes; "
+                                                       f"its header says {len(whole)}\\); deleted it: run again"):
         nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert sorted(os.listdir(cached())) == ["config.json"]  # nothing of the bad file stays to fail every later run
 
 
 def test_sharded_checkpoint_is_fetched_through_its_index_when_there_is_no_single_file(hub, checkpoint, tmp_path,
@@ -309,3 +340,118 @@ def test_an_unchanged_file_resumes_with_if_range_and_a_404_makes_no_folder(hub, 
     with pytest.raises(urllib.error.HTTPError):
         module.download(hub.url + "/no/such/file", str(tmp_path / "absent" / "deeper" / "file"), quiet=True)
     assert not os.path.exists(tmp_path / "absent")
+
+
+# --- Complete or absent: what cannot be checked by its length is checked by its format -----------------------
+
+DOWNLOADERS = [nanogpt2, imagegpt, convert_tf]
+DOWNLOADER_IDS = ["nanogpt2", "imagegpt", "convert_tf"]
+
+
+@pytest.mark.parametrize("how", ["no_length", "chunked"])
+def test_a_body_cut_short_with_no_length_is_deleted_then_fetched_again(hub, checkpoint, how, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    getattr(hub, how).add("model.safetensors")
+    hub.cut_after["model.safetensors"] = 1_000_000
+    # no length: the body just ends, and only the safetensors header can tell; chunked: the connection drops
+    # inside a chunk, which http.client raises as IncompleteRead: both are one line
+    expected = "is not a whole safetensors file" if how == "no_length" else r"stopped at \d+ bytes \(IncompleteRead"
+    with pytest.raises(nanogpt2.CheckpointError, match=expected) as e:
+        nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(cached("model.safetensors"))  # never renamed into the cache as if complete
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)  # the next run fetches it (or resumes)
+    assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+@pytest.mark.parametrize("module", DOWNLOADERS, ids=DOWNLOADER_IDS)
+@pytest.mark.parametrize("name, body, problem", [
+    ("config.json", b"<html><body>Rate limited</body></html>", "is not valid JSON"),
+    ("model.safetensors", b"<html><body>Rate limited</body></html>", "is not a safetensors file"),
+    ("pytorch_model.bin", None, "is a zip archive cut short"),
+])
+def test_a_wrong_file_sent_with_status_200_is_never_cached(hub, module, name, body, problem, tmp_path):
+    if body is None:  # a real torch.save zip, its last 100 bytes (the central directory's end) missing
+        torch.save({"w": torch.ones(3)}, tmp_path / "whole.bin")
+        body = (tmp_path / "whole.bin").read_bytes()[:-100]
+    path = f"/{REPO}/resolve/main/{name}"
+    hub.files[path] = body
+    hub.no_length.add(name)  # no ETag either: only the format can tell
+    dest = tmp_path / "dl" / name
+    with pytest.raises(module.CheckpointError, match=f"{problem}.*deleted it"):
+        module.download(hub.url + path, str(dest), quiet=True)
+    assert os.listdir(tmp_path / "dl") == []  # no file, no .part: the next run asks again
+
+
+@pytest.mark.parametrize("module", DOWNLOADERS, ids=DOWNLOADER_IDS)
+def test_an_endless_body_stops_at_what_its_header_promised(hub, module, checkpoint, tmp_path):
+    directory, _ = checkpoint
+    path = f"/{REPO}/resolve/main/model.safetensors"
+    hub.files[path] = (directory / "model.safetensors").read_bytes()
+    hub.endless.add("model.safetensors")  # the file, then zeros for ever, with no length
+    dest = tmp_path / "dl" / "model.safetensors"
+    size = len(hub.files[path])
+    with pytest.raises(module.CheckpointError, match=f"sent more than the {size} bytes its safetensors header "
+                                                     "promised; stopped and deleted it"):
+        module.download(hub.url + path, str(dest), quiet=True)
+    assert os.listdir(tmp_path / "dl") == []
+
+
+@pytest.mark.parametrize("module", DOWNLOADERS, ids=DOWNLOADER_IDS)
+def test_an_endless_json_body_stops_at_the_json_limit(hub, module, tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "MAX_JSON_BYTES", 3 << 20)  # the same code path as 64 MB, in a tenth of the time
+    path = f"/{REPO}/resolve/main/config.json"
+    hub.files[path] = b'{"n_layer": 1}'
+    hub.endless.add("config.json")
+    with pytest.raises(module.CheckpointError, match=f"sent more than the {3 << 20} bytes the limit for a JSON file"):
+        module.download(hub.url + path, str(tmp_path / "dl" / "config.json"), quiet=True)
+    assert os.listdir(tmp_path / "dl") == []
+
+
+class FakeDisk:
+    """shutil.disk_usage with `free` bytes on the disk at first, less whatever .part files have taken since."""
+
+    def __init__(self, folder, free):
+        self.folder, self.free = folder, free
+
+    def __call__(self, path):
+        taken = sum(os.path.getsize(os.path.join(self.folder, f)) for f in os.listdir(self.folder)
+                    if f.endswith(".part")) if os.path.isdir(self.folder) else 0
+        return shutil._ntuple_diskusage(10**12, 10**12 - self.free + taken, self.free - taken)
+
+
+@pytest.mark.parametrize("module", DOWNLOADERS, ids=DOWNLOADER_IDS)
+def test_a_download_never_fills_the_disk(hub, module, tmp_path, monkeypatch):
+    dl = tmp_path / "dl"
+    path = f"/{REPO}/resolve/main/weights.dat"  # a format download_problem does not judge: only the disk bounds it
+    hub.files[path] = b"x" * 1000
+    hub.endless.add("weights.dat")
+    monkeypatch.setattr(shutil, "disk_usage", FakeDisk(dl, module.MIN_FREE_BYTES + (5 << 20)))
+    with pytest.raises(module.CheckpointError, match=f"less than {module.MIN_FREE_BYTES >> 20} MB is left on the "
+                                                     "disk .*free some space and run again"):
+        module.download(hub.url + path, str(dl / "weights.dat"), quiet=True)
+    assert os.path.getsize(dl / "weights.dat.part") <= 6 << 20  # stopped within a chunk of the margin
+    # With a length that does not fit, nothing is written at all.
+    hub.endless.clear()
+    hub.files[path] = b"x" * (6 << 20)
+    monkeypatch.setattr(shutil, "disk_usage", FakeDisk(tmp_path / "dl2", module.MIN_FREE_BYTES + (5 << 20)))
+    free = (module.MIN_FREE_BYTES + (5 << 20)) / 1e6
+    with pytest.raises(module.CheckpointError, match=f"needs 6 MB, but only {free:.0f} MB are free"):
+        module.download(hub.url + path, str(tmp_path / "dl2" / "weights.dat"), quiet=True)
+    assert os.listdir(tmp_path / "dl2") == ["weights.dat.part.if-range"]
+
+
+def test_a_206_reply_from_the_wrong_offset_is_never_spliced(hub, checkpoint, device):
+    directory, source = checkpoint
+    hub.add(REPO, directory)
+    os.makedirs(cached())
+    body = hub.files[f"/{REPO}/resolve/main/model.safetensors"]
+    with open(cached("model.safetensors.part"), "wb") as f:
+        f.write(body[:1000])
+    with open(cached("model.safetensors.part.if-range"), "w") as f:
+        f.write(f'"{hashlib.sha256(body).hexdigest()}"')
+    hub.wrong_range = True  # asked for bytes=1000-, it answers 206 with the file from byte 0
+    loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
+    assert hub.requests[-2][1] == "bytes=1000-" and hub.requests[-1][1] is None  # then afresh, from zero
+    assert torch.equal(logits(loaded, device), logits(source, device))
