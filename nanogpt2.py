@@ -3199,8 +3199,12 @@ def tokenize_file(path, tokenizer, dest, piece_chars: int = 1 << 20) -> int:
 
 
 def check_text_file(path, option: str = "--data"):
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ValueError(f"{option} {path}: no such file")
+    try:
+        regular_file_in(None, path)  # a FIFO would block, /dev/zero never end
+    except CheckpointError as e:
+        raise ValueError(f"{option}: {e}") from None
     if os.path.getsize(path) == 0:
         raise ValueError(f"{option} {path} is empty: there is nothing to train on or score")
 
@@ -3699,9 +3703,9 @@ def save_training_state(path: str, state: dict):
 
 def listed_digests(path: str) -> List[str]:
     """The SHA-256 digests path.sha256 lists, one a line as sha256sum writes them; [] without the file."""
-    if not os.path.exists(f"{path}.sha256"):
+    if not os.path.lexists(f"{path}.sha256"):
         return []
-    with open(f"{path}.sha256", encoding="utf-8") as f:
+    with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8") as f:
         return [line.split(" ")[0].strip() for line in f if line.strip()]
 
 
@@ -3709,6 +3713,7 @@ def read_training_state(path: str) -> dict:
     """training_state.pt, checked against its SHA-256 before torch.load reads it (weights only: tensors and
     plain values, never code). A damaged file, truncated by a crash or altered, is a ValueError naming it.
     Without the .sha256 (a checkpoint older than it), torch.load's own failures still say so."""
+    regular_file_in(os.path.dirname(path), path)  # a run folder from elsewhere: no link out of it, no FIFO
     damaged = f"{path} is damaged (truncated by a crash, or altered)"
     listed = listed_digests(path)
     if listed and file_sha256(path) not in listed:
@@ -3726,7 +3731,7 @@ def read_training_state(path: str) -> dict:
 def load_checkpoint(args, is_main: bool = True) -> dict:
     """The training state in --resume DIR; its options replace those given, but for RESUME_MAY_CHANGE."""
     path = os.path.join(args.resume, "training_state.pt")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ValueError(f"--resume {args.resume}: no training_state.pt there (it is written by `train`)")
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise ValueError(f"--resume {args.resume} continues in that directory; drop --out {args.out}")
@@ -3768,7 +3773,7 @@ class TrainingLog:
         self.path = os.path.join(out, "log.csv")
         rows = []
         if resume_step and os.path.exists(self.path):  # keep the rows up to the checkpoint; later ones are redone
-            with open(self.path, newline="") as f:
+            with open(regular_file_in(out, self.path), newline="") as f:
                 rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
                         and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
         with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole

@@ -14,6 +14,8 @@ Both model files are held to it, against local folders and a fake hub on 127.0.0
 
 import json
 import os
+import re
+import shutil
 import signal
 
 import pytest
@@ -328,3 +330,53 @@ def test_a_png_named_on_the_command_line_must_be_a_file(tmp_path):
     with no_hang(), pytest.raises(imagegpt.CheckpointError, match="/dev/zero is a device"):
         imagegpt.read_png("/dev/zero")
 
+
+
+# --- Run folders: a folder handed to --resume is read only inside itself -------------------------------------
+
+TINY_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--max-steps", "2", "--eval-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A finished two-step addition run, copied afresh by each test that damages it."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert nanogpt2.main(["train", *TINY_RUN, "--out", str(out)]) == 0
+    return out
+
+
+def one_line_error(capsys, argv):
+    assert nanogpt2.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanogpt2.py: error: ") and err.count("\n") == 1, err  # one line, no traceback
+    return err
+
+
+@pytest.mark.parametrize("name, kind", [("training_state.pt", "link"), ("training_state.pt", "fifo"),
+                                        ("training_state.pt.sha256", "fifo"), ("log.csv", "fifo"),
+                                        ("log.csv", "link")])
+def test_resuming_a_run_folder_never_reads_a_link_out_of_it_or_waits_on_a_fifo(run_folder, tmp_path, capsys,
+                                                                               name, kind):
+    out = tmp_path / "run"
+    shutil.copytree(run_folder, out)
+    if kind == "link":
+        os.replace(out / name, tmp_path / name)
+        os.symlink(tmp_path / name, out / name)
+    else:
+        os.remove(out / name)
+        os.mkfifo(out / name)
+    expected = f"{name} is a link to .*outside" if kind == "link" else f"{name} is a FIFO, expected a regular file"
+    with no_hang():
+        err = one_line_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
+    assert re.search(expected, err), err
+
+
+def test_data_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path, capsys):
+    os.mkfifo(tmp_path / "corpus.txt")
+    with no_hang():
+        err = one_line_error(capsys, ["train", "--data", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "o")])
+    assert "corpus.txt is a FIFO, expected a regular file" in err
+    with no_hang():
+        err = one_line_error(capsys, ["train", "--data", "/dev/zero", "--out", str(tmp_path / "o")])
+    assert "--data: /dev/zero is a device or socket, expected a regular file" in err
+    assert not os.path.exists(tmp_path / "o")
