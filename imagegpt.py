@@ -1328,8 +1328,8 @@ def _check_generate_args(model, input_ids, options):
             f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
             f"n_positions + 1 = {model.config.n_positions + 1} (SOS + one token per pixel); ask for fewer tokens"
         )
-    if options.do_sample and not options.temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r} "
+    if options.do_sample and not 0 < options.temperature < math.inf:  # nan fails both comparisons
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {options.temperature!r} "
                          "(use do_sample=False for greedy)")
     if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")

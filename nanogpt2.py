@@ -922,7 +922,8 @@ def generate(
     runs the model on one new token only.
 
     input_ids (B, T): the prompts; left-pad prompts of different lengths and pass attention_mask (B, T)
-    with 0 on the padding. Greedy by default (the most likely token each step); do_sample=True samples
+    with 0 on the padding (encode_batch does both; padding anywhere but on the left is refused: each row is
+    continued from its last column). Greedy by default (the most likely token each step); do_sample=True samples
     from softmax(logits / temperature), optionally restricted to the top_k tokens and/or the top_p
     nucleus, using `generator` for reproducible draws; num_beams > 1 runs beam search. A sequence that
     emits eos_token_id (default: the config's, <|endoftext|>) stops and is padded with pad_token_id;
@@ -1841,8 +1842,8 @@ def _check_generate_args(model, input_ids, attention_mask, options):
             f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
             f"n_positions={model.config.n_positions}; shorten the prompt or ask for fewer tokens"
         )
-    if options.do_sample and not options.temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r} "
+    if options.do_sample and not 0 < options.temperature < math.inf:  # nan fails both comparisons
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {options.temperature!r} "
                          "(use do_sample=False for greedy)")
     if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")
@@ -1852,9 +1853,32 @@ def _check_generate_args(model, input_ids, attention_mask, options):
         raise ValueError(f"num_beams must be a positive integer, got {options.num_beams!r}")
     if options.num_beams > 1 and options.do_sample:
         raise ValueError("beam search is deterministic: pass do_sample=False with num_beams > 1")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
+    if options.num_beams > 1 and not -math.inf < options.length_penalty < math.inf:
+        raise ValueError(f"length_penalty must be a finite number, got {options.length_penalty!r} (1.0: none)")
+    if attention_mask is not None:
+        _check_left_padding(attention_mask, input_ids)
     _check_indices("input_ids", input_ids, model.config.vocab_size)
+
+
+def _check_left_padding(attention_mask, input_ids):
+    """generate()'s attention_mask: the shape of input_ids, 0/1, and in each row the padding (0) first, then the
+    prompt's tokens (1), at least one. Every row is continued from its last column, so a right-padded row would
+    be continued from its padding, a silently different answer: refused."""
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
+    if not torch.all((attention_mask == 0) | (attention_mask == 1)):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.long()  # (B, T)
+    token_then_padding = mask[:, :-1] > mask[:, 1:]  # (B, T - 1): a 1 followed by a 0
+    bad = token_then_padding.any(dim=-1) | (mask[:, -1] == 0)  # (B,)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        if not mask[row].any():
+            raise ValueError(f"attention_mask row {row} is all 0: every prompt needs at least one token (1)")
+        column = int(token_then_padding[row].nonzero()[0]) + 1
+        raise ValueError(f"attention_mask row {row} has padding (0) at column {column}, after a token (1): generate() "
+                         "continues each row from its last column, so padding must come first; pad on the left, "
+                         "as encode_batch does")
 
 
 # --- Compiled decoding: generate(compile=True) -------------------------------------------------------
