@@ -3645,6 +3645,19 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
+def finite_float(text: str) -> float:
+    """argparse's type for every floating-point option: a number, refused at once when it is nan or inf
+    (float() takes both, and `nan < 0` is False, so a range check alone lets nan through: --temperature nan
+    would decode greedily, --lr nan train to NaN). Each option's range is checked where it is used."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegpt.py",
@@ -3677,11 +3690,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="kmeans_centers.npy or preprocessor_config.json, if the model directory has none")
         command.add_argument("--num-samples", type=int, default=8, help="images to draw (default 8)")
         command.add_argument("--out", default=out, help=f"the PNG to write (default {out})")
-        command.add_argument("--temperature", type=float, default=1.0,
+        command.add_argument("--temperature", type=finite_float, default=1.0,
                              help="divide the logits by this; lower is more predictable, 0 means greedy (default 1.0)")
         command.add_argument("--top-k", type=int, default=0,
                              help="sample only among the k most likely colours; 0 turns it off (default 0)")
-        command.add_argument("--top-p", type=float, default=None,
+        command.add_argument("--top-p", type=finite_float, default=None,
                              help="sample only among the most likely colours whose probabilities sum to p")
         command.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
         command.add_argument("--scale", type=int, default=4,
@@ -3732,7 +3745,7 @@ def add_train_parser(commands):
                       help=f"colours of the palette k-means fits to the training images {default_help('n_colours')}")
     data.add_argument("--palette", metavar="PATH",
                       help="use this palette (kmeans_centers.npy or preprocessor_config.json) instead of fitting one")
-    data.add_argument("--val-fraction", type=float, metavar="F",
+    data.add_argument("--val-fraction", type=finite_float, metavar="F",
                       help=f"--data: the share of images set aside for validation and for testing a probe "
                            f"{default_help('val_fraction')}")
     probe = train.add_argument_group("classification")
@@ -3745,7 +3758,7 @@ def add_train_parser(commands):
                             "label is their kind (default with --labels: linear)")
     probe.add_argument("--probe-steps", type=int, metavar="N",
                        help=f"L-BFGS iterations of a linear probe, or fine-tuning steps {default_help('probe_steps')}")
-    probe.add_argument("--probe-lr", type=float, metavar="LR",
+    probe.add_argument("--probe-lr", type=finite_float, metavar="LR",
                        help=f"fine-tuning's peak learning rate {default_help('probe_lr')}; for a large pretrained "
                             "model, try 1e-5")
     model = train.add_argument_group("the model")
@@ -3759,19 +3772,19 @@ def add_train_parser(commands):
                        help="how a new model's position embeddings start: sines and cosines of each pixel's row and "
                             "column (grid), or at random as in ImageGPT (random; learns the image's shape far more "
                             f"slowly) {default_help('position_init')}")
-    model.add_argument("--dropout", type=float, metavar="P",
+    model.add_argument("--dropout", type=finite_float, metavar="P",
                        help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, metavar="N", help=f"images per step {default_help('batch_size')}")
-    opt.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--lr", type=finite_float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
     opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
-    opt.add_argument("--weight-decay", type=float, metavar="WD",
+    opt.add_argument("--weight-decay", type=finite_float, metavar="WD",
                      help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
-    opt.add_argument("--grad-clip", type=float, metavar="NORM",
+    opt.add_argument("--grad-clip", type=finite_float, metavar="NORM",
                      help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
     opt.add_argument("--max-steps", type=int, metavar="N",
                      help=f"optimiser steps {default_help('max_steps')}; 0 with --probe: probe --init as it is")
-    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+    opt.add_argument("--time-budget", type=finite_float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           f"budget runs out first; 0: none {default_help('time_budget')}")
     opt.add_argument("--seed", type=int, metavar="N",

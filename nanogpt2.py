@@ -3961,6 +3961,19 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
+def finite_float(text: str) -> float:
+    """argparse's type for every floating-point option: a number, refused at once when it is nan or inf
+    (float() takes both, and `nan < 0` is False, so a range check alone lets nan through: --temperature nan
+    would decode greedily, --lr nan train to NaN). Each option's range is checked where it is used."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanogpt2.py",
@@ -3984,11 +3997,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     sample.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens to add per sample (default 100, or fewer if the model has less room)")
-    sample.add_argument("--temperature", type=float, default=0.8,
+    sample.add_argument("--temperature", type=finite_float, default=0.8,
                         help="divide the logits by this; lower is more predictable, 0 means greedy (default 0.8)")
     sample.add_argument("--top-k", type=int, default=200,
                         help="sample only among the k most likely tokens; 0 turns it off (default 200)")
-    sample.add_argument("--top-p", type=float, default=None,
+    sample.add_argument("--top-p", type=finite_float, default=None,
                         help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
     sample.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default 1)")
     sample.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
@@ -4050,7 +4063,7 @@ def add_train_parser(commands):
                            "the model's own")
     data.add_argument("--block-size", type=int, metavar="N",
                       help=f"--data: tokens per training window {default_help('block_size')}")
-    data.add_argument("--val-fraction", type=float, metavar="F",
+    data.add_argument("--val-fraction", type=finite_float, metavar="F",
                       help=f"--data: the share of tokens, at the end of the file, kept for validation "
                            f"{default_help('val_fraction')}")
     model = train.add_argument_group("the model")
@@ -4060,20 +4073,20 @@ def add_train_parser(commands):
     model.add_argument("--n-head", type=int, metavar="N",
                        help=f"attention heads of a new model {default_help('n_head')}")
     model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
-    model.add_argument("--dropout", type=float, metavar="P", help=f"dropout probability {default_help('dropout')}")
+    model.add_argument("--dropout", type=finite_float, metavar="P", help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, metavar="N",
                      help=f"examples per micro-batch and process {default_help('batch_size')}")
     opt.add_argument("--accum", type=int, metavar="K",
                      help=f"micro-batches per step: gradient accumulation {default_help('accum')}")
-    opt.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--lr", type=finite_float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
     opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
-    opt.add_argument("--weight-decay", type=float, metavar="WD",
+    opt.add_argument("--weight-decay", type=finite_float, metavar="WD",
                      help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
-    opt.add_argument("--grad-clip", type=float, metavar="NORM",
+    opt.add_argument("--grad-clip", type=finite_float, metavar="NORM",
                      help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
     opt.add_argument("--max-steps", type=int, metavar="N", help=f"optimiser steps {default_help('max_steps')}")
-    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+    opt.add_argument("--time-budget", type=finite_float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           f"budget runs out first; 0: none {default_help('time_budget')}")
     opt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -4094,7 +4107,7 @@ def add_train_parser(commands):
                           "--time-budget trains a finished run further")
     run.add_argument("--overwrite", action="store_true",
                      help="train into an --out that holds an earlier run, replacing it (without it: refused)")
-    run.add_argument("--target-accuracy", type=float, metavar="F",
+    run.add_argument("--target-accuracy", type=finite_float, metavar="F",
                      help="addition: stop once this fraction of the held-out problems is right, checked at each "
                           f"--eval-every; 0: train the whole budget {default_help('target_accuracy')}")
     run.add_argument("--stop-at", type=int, metavar="STEP",
