@@ -2890,6 +2890,7 @@ def train(args, task, init, run: Run, state=None) -> dict:
         data_rng.set_state(state["data_rng"])
         torch.set_rng_state(state["rng"])
         step, elapsed_before = state["step"], state["elapsed"]
+    saved = step if state is not None else None  # the step of the checkpoint in args.out, if there is one
     val_batches = task.validation_batches(args.batch_size, args.eval_batches)
     scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
     write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
@@ -2913,6 +2914,9 @@ def train(args, task, init, run: Run, state=None) -> dict:
             step_start = time.time()
             loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
             step += 1
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the weights are NaN now: save nothing more
+                stopped = "diverged"
+                break
             pixels_per_s = pixels / (time.time() - step_start)
             val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
             stopped = "interrupted" if stop.requested else None
@@ -2924,8 +2928,13 @@ def train(args, task, init, run: Run, state=None) -> dict:
                 grids.append(sample_grid(args, model, palette, step, scale, run))
             if args.save_every and step % args.save_every == 0:
                 save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+                saved = step
     finally:
         stop.restore()
+
+    if stopped == "diverged":
+        log.close()
+        raise diverged_error(step, loss, grad_norm, args, saved)
 
     elapsed = elapsed_before + time.time() - start
     summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids, stopped=stopped,
@@ -3283,6 +3292,16 @@ def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float)
                  model=model.state_dict(), optimizer=optimizer.state_dict(), data_rng=data_rng.get_state(),
                  rng=torch.get_rng_state())
     save_training_state(os.path.join(args.out, "training_state.pt"), state)
+
+
+def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Optional[int]) -> ValueError:
+    """The one line a run whose loss (or gradient) turned to NaN or inf stops with. Nothing was saved at or
+    after that step, so the checkpoint in args.out, if any (saved: its step), is the last good one."""
+    kept = f"the last good checkpoint, step {saved}, is kept in {args.out}" if saved is not None else \
+        f"no checkpoint was saved in {args.out} before it"
+    return ValueError(f"training diverged at step {step} (loss {loss:g}, gradient norm {grad_norm:g}): {kept}; lower "
+                      f"--lr (its peak is {args.lr:g}) or --grad-clip and train again (--resume would take the same "
+                      "steps again)")
 
 
 def save_training_state(path: str, state: dict):

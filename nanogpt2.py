@@ -3146,6 +3146,7 @@ def train(args, state, run: Run) -> dict:
     step, elapsed_before = 0, 0.0
     if state is not None:
         step, elapsed_before = restore_training_state(state, optimizer, data_rng, run)
+    saved = step if state is not None else None  # the step of the checkpoint in args.out, if there is one
     # What the loop calls: compiled and/or wrapped for DDP. `model` stays the plain module, to save and evaluate.
     trained = torch.compile(model) if args.compile else model
     if run.world_size > 1:
@@ -3176,6 +3177,9 @@ def train(args, state, run: Run) -> dict:
             micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
             loss, grad_norm = train_step(trained, optimizer, micro_batches, lr, args.grad_clip, run)
             step += 1
+            if training_diverged(loss, grad_norm, run):  # the weights are NaN now: save nothing more
+                stopped = "diverged"
+                break
             tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
             tokens_per_s = tokens / (time.time() - step_start)
 
@@ -3196,9 +3200,14 @@ def train(args, state, run: Run) -> dict:
                         + (f" | held-out exact match {100 * accuracy:.1f}%" if accuracy is not None else ""))
             if args.save_every and step % args.save_every == 0:
                 save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
+                saved = step
     finally:
         stop.restore()
 
+    if stopped == "diverged":
+        if run.is_main:
+            log.close()
+        raise diverged_error(step, loss, grad_norm, args, saved)
     elapsed = elapsed_before + time.time() - start
     if val is None and args.eval_every and stopped != "interrupted":
         val = validation_loss(model, val_batches, run)
@@ -3421,6 +3430,15 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, run
     return all_reduce_sum(total, run.device), grad_norm.item()
 
 
+def training_diverged(loss: float, grad_norm: float, run: Run) -> bool:
+    """Whether the step's loss, or its gradient norm, is NaN or inf, which the optimiser has then written into
+    the weights. Under fp16 an infinite gradient alone is no divergence: the GradScaler skips that step and
+    lowers its scale. Every process gets the same answer (one stopping alone would leave the others waiting
+    for it at the next all-reduce): each one's verdict is summed over all of them."""
+    bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled())
+    return all_reduce_sum(bad, run.device) > 0
+
+
 @torch.no_grad()
 def validation_loss(model, batches, run: Run) -> float:
     """Mean loss per target over fixed validation batches, each process scoring every world_size-th one."""
@@ -3534,6 +3552,16 @@ def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float,
                  optimizer=optimizer.state_dict(), scaler=run.scaler.state_dict(), data_rng=data_rng.get_state(),
                  rng=rngs)
     save_training_state(os.path.join(args.out, "training_state.pt"), state)
+
+
+def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Optional[int]) -> ValueError:
+    """The one line a run whose loss (or gradient) turned to NaN or inf stops with. Nothing was saved at or
+    after that step, so the checkpoint in args.out, if any (saved: its step), is the last good one."""
+    kept = f"the last good checkpoint, step {saved}, is kept in {args.out}" if saved is not None else \
+        f"no checkpoint was saved in {args.out} before it"
+    return ValueError(f"training diverged at step {step} (loss {loss:g}, gradient norm {grad_norm:g}): {kept}; lower "
+                      f"--lr (its peak is {args.lr:g}) or --grad-clip and train again (--resume would take the same "
+                      "steps again)")
 
 
 def save_training_state(path: str, state: dict):
