@@ -597,7 +597,9 @@ def test_under_torchrun_one_process_seeing_nan_stops_every_process(tmp_path):
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo"),
                             capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(result.stdout.splitlines()) == ["process 0 stops: True", "process 1 stops: True"]
+    # (the two processes print to one pipe, so their lines may interleave: look for each, not for lines)
+    assert "process 0 stops: True" in result.stdout and "process 1 stops: True" in result.stdout, result.stdout
+    assert "False" not in result.stdout, result.stdout
 
 
 def test_only_a_non_finite_loss_or_gradient_norm_is_divergence_and_fp16_may_overflow_its_gradient():
