@@ -1539,6 +1539,7 @@ def config_to_json_file(config, path):
 # import anywhere at module level; a linter's E402 is expected).
 import argparse
 import csv
+import errno
 import functools
 import hashlib
 import mmap
@@ -1607,11 +1608,33 @@ def remove_stale_temporaries(path):
                 os.remove(os.path.join(directory, entry))
 
 
+class WriteError(OSError):
+    """A file that could not be written whole (a full disk, a file-size limit, no permission): the file at its
+    path is as it was before, and the temporary its new bytes went to is removed."""
+
+
+def _fsync(path):
+    """Have the system put path's bytes (a file's, or a folder's list of names) on the disk now, not when it
+    likes: a rename survives a power cut only if the bytes renamed and the new name are both there. (Windows
+    cannot open a folder to sync it; some network file systems cannot sync one: EINVAL.)"""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 class _atomic_path:
     """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
-    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
-    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
-    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
+    cannot cross file systems); on success tmp is synced to the disk and renamed onto path in one step, and
+    the folder synced, so a reader, a run killed mid-save or a power cut finds the old file or the new one,
+    never half of one. On failure tmp is removed, and an OSError (a full disk: ENOSPC, EFBIG) becomes a
+    WriteError naming path. tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -1623,9 +1646,19 @@ class _atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+            try:
+                _fsync(self.tmp)  # the new bytes on the disk before the name points at them
+                os.replace(self.tmp, self.path)
+            except OSError as error:  # a full disk may show only now, as the cached bytes go to the disk
+                exc = error
+            else:
+                _fsync(os.path.dirname(os.path.abspath(self.path)))  # the new name, too
+                return False
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):  # (a WriteError names its own file)
+            raise WriteError(f"could not write {self.path} ({exc.strerror or exc}); it is as it was before, and "
+                             "no part of the new one is left") from exc
         return False
 
 
@@ -2927,8 +2960,7 @@ def train(args, task, init, run: Run, state=None) -> dict:
             if args.sample_every and step % args.sample_every == 0 and stopped is None:
                 grids.append(sample_grid(args, model, palette, step, scale, run))
             if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
-                saved = step
+                saved = save_checkpoint(args, model, optimizer, data_rng, step, elapsed, saved)
     finally:
         stop.restore()
 
@@ -2940,7 +2972,7 @@ def train(args, task, init, run: Run, state=None) -> dict:
     summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids, stopped=stopped,
                    pixels_per_s=(step - first_step) * pixels / max(time.time() - start, 1e-9))
     if stopped == "interrupted":
-        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed, saved)
         log.close()
         run.say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
             f"  python imagegpt.py train --resume {shlex.quote(args.out)}")
@@ -2953,7 +2985,7 @@ def train(args, task, init, run: Run, state=None) -> dict:
     log.close()
     model.eval()
     if step > 0:  # --max-steps 0 (a probe of --init as it is) has nothing new to save
-        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed, saved)
     report_run(args, summary, run.say)
     if args.probe is not None:
         summary.update(train_classifier(args, model, task, run))
@@ -3254,11 +3286,10 @@ class TrainingLog:
             with open(self.path, newline="") as f:
                 rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
                         and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
-        with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole
+        with _atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a crash leaves the old log
             writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(f"{self.path}.tmp{os.getpid()}", self.path)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
 
@@ -3282,16 +3313,31 @@ RESUME_MAY_CHANGE = ("resume", "out", "device", "log_every", "save_every", "samp
 RESUME_MAY_EXTEND = ("max_steps", "time_budget", "threads")
 
 
-def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float):
+def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, saved: Optional[int]) -> int:
     """out/config.json + model.safetensors + the palette (save_pretrained: what from_pretrained loads) and
     out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
     weights, palette, optimiser moments, step, time spent, the data generator and the RNG state. Its
-    SHA-256 goes to training_state.pt.sha256, checked by --resume."""
-    model.save_pretrained(args.out)
+    SHA-256 goes to training_state.pt.sha256, checked by --resume. log.csv is synced to the disk first, so
+    that its rows up to the checkpoint outlast a power cut as the checkpoint does. Returns step, the
+    checkpoint's; a file that cannot be written (a full disk) stops the run with one line, every file of the
+    checkpoint of step `saved` as it was (see save_training_state's also)."""
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), palette=model.palette,
                  model=model.state_dict(), optimizer=optimizer.state_dict(), data_rng=data_rng.get_state(),
                  rng=torch.get_rng_state())
-    save_training_state(os.path.join(args.out, "training_state.pt"), state)
+    try:
+        _fsync(os.path.join(args.out, "log.csv"))
+        save_training_state(os.path.join(args.out, "training_state.pt"), state,
+                            also=lambda: model.save_pretrained(args.out))  # the model's files, once the state fits
+    except OSError as e:
+        raise checkpoint_not_saved(e, step, args.out, saved) from None
+    return step
+
+
+def checkpoint_not_saved(error: OSError, step: int, out: str, saved: Optional[int]) -> OSError:
+    """The one line a run whose checkpoint could not be written (a full disk, most often) stops with."""
+    kept = f"the one of step {saved} is kept there whole, and --resume {shlex.quote(out)} continues from it" \
+        if saved is not None else "no earlier checkpoint was saved there"
+    return OSError(f"the checkpoint of step {step} was not saved in {out}: {error}; {kept}")
 
 
 def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Optional[int]) -> ValueError:
@@ -3304,15 +3350,24 @@ def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Option
                       "steps again)")
 
 
-def save_training_state(path: str, state: dict):
+def save_training_state(path: str, state: dict, also: Optional[Callable] = None):
     """torch.save(state) to path, atomically, with its SHA-256 in path.sha256 (in sha256sum's format).
+    also(), if given, writes the checkpoint's other files (save_pretrained) once the state is whole under its
+    temporary name, before the old state and its .sha256 are touched: the state is the largest file, so a full
+    disk fails the save before any file of the previous checkpoint is replaced, and that checkpoint stays whole.
 
     Two files cannot be renamed into place at once, so the order keeps them consistent at every moment: first
     a .sha256 listing the new digest and every digest the old one listed (the state on disk is among them),
     then the state, then a .sha256 of the new digest alone. A run killed anywhere in between leaves a state
     whose digest its .sha256 lists, never a good state reported as damaged."""
     with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch's writer turns a failed write (a full disk) into a RuntimeError
+                raise e.__context__ if isinstance(e.__context__, OSError) else OSError(f"torch.save: {e}") from None
+        if also is not None:
+            also()
         digest = file_sha256(tmp)
         both = dict.fromkeys([digest, *listed_digests(path)])  # in order, once each
         _write_atomically(f"{path}.sha256", "".join(f"{d}  training_state.pt\n" for d in both).encode())

@@ -2089,6 +2089,7 @@ def config_to_json_file(config, path):
 import argparse
 import codecs
 import csv
+import errno
 import functools
 import hashlib
 import itertools
@@ -2159,11 +2160,33 @@ def remove_stale_temporaries(path):
                 os.remove(os.path.join(directory, entry))
 
 
+class WriteError(OSError):
+    """A file that could not be written whole (a full disk, a file-size limit, no permission): the file at its
+    path is as it was before, and the temporary its new bytes went to is removed."""
+
+
+def _fsync(path):
+    """Have the system put path's bytes (a file's, or a folder's list of names) on the disk now, not when it
+    likes: a rename survives a power cut only if the bytes renamed and the new name are both there. (Windows
+    cannot open a folder to sync it; some network file systems cannot sync one: EINVAL.)"""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 class _atomic_path:
     """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
-    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
-    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
-    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
+    cannot cross file systems); on success tmp is synced to the disk and renamed onto path in one step, and
+    the folder synced, so a reader, a run killed mid-save or a power cut finds the old file or the new one,
+    never half of one. On failure tmp is removed, and an OSError (a full disk: ENOSPC, EFBIG) becomes a
+    WriteError naming path. tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -2175,9 +2198,19 @@ class _atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+            try:
+                _fsync(self.tmp)  # the new bytes on the disk before the name points at them
+                os.replace(self.tmp, self.path)
+            except OSError as error:  # a full disk may show only now, as the cached bytes go to the disk
+                exc = error
+            else:
+                _fsync(os.path.dirname(os.path.abspath(self.path)))  # the new name, too
+                return False
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):  # (a WriteError names its own file)
+            raise WriteError(f"could not write {self.path} ({exc.strerror or exc}); it is as it was before, and "
+                             "no part of the new one is left") from exc
         return False
 
 
@@ -3036,19 +3069,15 @@ def tokenize_file(path, tokenizer, dest, piece_chars: int = 1 << 20) -> int:
     """Write a text file's tokens to dest, a flat array of uint16 (uint32 for a vocabulary over 65,536),
     one piece at a time. Returns the number of tokens."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
-    count, tmp = 0, f"{dest}.tmp{os.getpid()}"
+    count = 0
     try:
-        with open(tmp, "wb") as out:
+        with _atomic_path(dest) as tmp, open(tmp, "wb") as out:
             for text in read_text_pieces(path, piece_chars):
                 ids = np.asarray(tokenizer.encode(text), dtype=dtype)
                 out.write(ids.tobytes())
                 count += len(ids)
-        os.replace(tmp, dest)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return count
 
 
@@ -3104,10 +3133,7 @@ def prepare_text_data(args, vocab, run: Run):
     source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
                   mtime_ns=os.stat(args.data).st_mtime_ns)
     if run.is_main:  # one process tokenises; the others wait at the barrier, then read its files
-        meta = None
-        if os.path.exists(meta_path) and os.path.exists(dest):
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
+        meta = read_tokens_meta(meta_path) if os.path.exists(meta_path) and os.path.exists(dest) else None
         same_vocab = meta is not None and (meta["char_vocab"] is None if vocab == "gpt2" else
                                            meta["char_vocab"] is not None if vocab == "char" else
                                            meta["char_vocab"] == vocab)
@@ -3118,15 +3144,30 @@ def prepare_text_data(args, vocab, run: Run):
                   flush=True)
             count = tokenize_file(args.data, tokenizer, dest)
             dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
-            with open(meta_path, "w", encoding="utf-8") as f:
-                json.dump(dict(source=source, char_vocab=chars, dtype=dtype, tokens=count), f, indent=1)
+            meta = dict(source=source, char_vocab=chars, dtype=dtype, tokens=count)
+            _write_atomically(meta_path, json.dumps(meta, indent=1).encode("utf-8"))
     if run.world_size > 1:
         dist.barrier()
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_tokens_meta(meta_path)
     tokenizer = CharTokenizer(meta["char_vocab"]) if meta["char_vocab"] is not None else BPETokenizer()
     data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
     return data, tokenizer
+
+
+def read_tokens_meta(path) -> dict:
+    """out/tokens.json: what out/tokens.bin holds (the source file's path, size and date, the characters of a
+    character-level vocabulary, the dtype and the count). One that is not what prepare_text_data writes (cut
+    short, or edited) is a ValueError naming it, not a JSON traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError too)
+        meta = None
+    if not (isinstance(meta, dict) and {"source", "char_vocab", "dtype", "tokens"} <= set(meta)
+            and meta["dtype"] in ("uint16", "uint32")):
+        raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about tokens.bin); delete it and "
+                         "tokens.bin beside it, and train makes both again from --data")
+    return meta
 
 
 # --- The training loop ----------------------------------------------------------------------------------
@@ -3199,8 +3240,7 @@ def train(args, state, run: Run) -> dict:
                 run.say(progress_lines.line(step, loss, lr, val, elapsed, tokens)
                         + (f" | held-out exact match {100 * accuracy:.1f}%" if accuracy is not None else ""))
             if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
-                saved = step
+                saved = save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run, saved)
     finally:
         stop.restore()
 
@@ -3211,7 +3251,7 @@ def train(args, state, run: Run) -> dict:
     elapsed = elapsed_before + time.time() - start
     if val is None and args.eval_every and stopped != "interrupted":
         val = validation_loss(model, val_batches, run)
-    save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
+    save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run, saved)
     tokens_per_s = (step - first_step) * tokens / (time.time() - start)  # this run's average
     summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out,
                    stopped=stopped)
@@ -3539,19 +3579,34 @@ RESUME_MAY_CHANGE = ("resume", "out", "stop_at", "device", "compile", "log_every
 RESUME_MAY_EXTEND = ("max_steps", "time_budget", "target_accuracy", "threads")
 
 
-def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, run: Run):
+def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, run: Run, saved: Optional[int]) -> int:
     """out/config.json + model.safetensors (save_pretrained: what from_pretrained loads) and
     out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
     weights, optimiser moments, step, time spent, the data generator (the data position) and every
-    process's RNG states. Its SHA-256 goes to training_state.pt.sha256, checked by --resume."""
+    process's RNG states. Its SHA-256 goes to training_state.pt.sha256, checked by --resume. log.csv is
+    synced to the disk first, so that its rows up to the checkpoint outlast a power cut as the checkpoint
+    does. Returns step, the checkpoint's; a file that cannot be written (a full disk) stops the run with one
+    line, every file of the checkpoint of step `saved` as it was (see save_training_state's also)."""
     rngs = rng_states(run)  # every process takes part, only the first writes
     if not run.is_main:
-        return
-    model.save_pretrained(args.out)
+        return step
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), model=model.state_dict(),
                  optimizer=optimizer.state_dict(), scaler=run.scaler.state_dict(), data_rng=data_rng.get_state(),
                  rng=rngs)
-    save_training_state(os.path.join(args.out, "training_state.pt"), state)
+    try:
+        _fsync(os.path.join(args.out, "log.csv"))
+        save_training_state(os.path.join(args.out, "training_state.pt"), state,
+                            also=lambda: model.save_pretrained(args.out))  # the model's files, once the state fits
+    except OSError as e:
+        raise checkpoint_not_saved(e, step, args.out, saved) from None
+    return step
+
+
+def checkpoint_not_saved(error: OSError, step: int, out: str, saved: Optional[int]) -> OSError:
+    """The one line a run whose checkpoint could not be written (a full disk, most often) stops with."""
+    kept = f"the one of step {saved} is kept there whole, and --resume {shlex.quote(out)} continues from it" \
+        if saved is not None else "no earlier checkpoint was saved there"
+    return OSError(f"the checkpoint of step {step} was not saved in {out}: {error}; {kept}")
 
 
 def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Optional[int]) -> ValueError:
@@ -3564,15 +3619,24 @@ def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Option
                       "steps again)")
 
 
-def save_training_state(path: str, state: dict):
+def save_training_state(path: str, state: dict, also: Optional[Callable] = None):
     """torch.save(state) to path, atomically, with its SHA-256 in path.sha256 (in sha256sum's format).
+    also(), if given, writes the checkpoint's other files (save_pretrained) once the state is whole under its
+    temporary name, before the old state and its .sha256 are touched: the state is the largest file, so a full
+    disk fails the save before any file of the previous checkpoint is replaced, and that checkpoint stays whole.
 
     Two files cannot be renamed into place at once, so the order keeps them consistent at every moment: first
     a .sha256 listing the new digest and every digest the old one listed (the state on disk is among them),
     then the state, then a .sha256 of the new digest alone. A run killed anywhere in between leaves a state
     whose digest its .sha256 lists, never a good state reported as damaged."""
     with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch's writer turns a failed write (a full disk) into a RuntimeError
+                raise e.__context__ if isinstance(e.__context__, OSError) else OSError(f"torch.save: {e}") from None
+        if also is not None:
+            also()
         digest = file_sha256(tmp)
         both = dict.fromkeys([digest, *listed_digests(path)])  # in order, once each
         _write_atomically(f"{path}.sha256", "".join(f"{d}  training_state.pt\n" for d in both).encode())
@@ -3653,11 +3717,10 @@ class TrainingLog:
             with open(self.path, newline="") as f:
                 rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
                         and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
-        with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole
+        with _atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a crash leaves the old log
             writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(f"{self.path}.tmp{os.getpid()}", self.path)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
 
@@ -3688,7 +3751,8 @@ class TrainingLog:
         ax.set(xlabel="step", ylabel="loss (nats per target token)", yscale="log")
         ax.legend()
         png = os.path.join(os.path.dirname(self.path), "loss.png")
-        fig.savefig(png, dpi=120, bbox_inches="tight")
+        with _atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         return png
 

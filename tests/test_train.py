@@ -5,6 +5,7 @@ minute on 2 cores; the full default run is marked slow."""
 
 import argparse
 import csv
+import json
 import math
 import os
 import re
@@ -202,6 +203,45 @@ def test_text_file_at_character_level_trains_and_saves_its_vocabulary(tmp_path, 
     x, y = data.examples(torch.tensor([0, 5]))
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 16)  # targets are the inputs shifted by one
     assert "sample (temperature 0.8):" in capsys.readouterr().out
+
+
+CHAR_RUN = ["--tokenizer", "char", "--block-size", "16", "--batch-size", "8", "--eval-every", "2"]
+
+
+@pytest.mark.parametrize("damage", ['{"source": {"path": "/data/cor', "[]", '{"source": {}, "char_vocab": null, '
+                                    '"dtype": "float64", "tokens": 3}', "\udcff".encode("utf-8", "surrogatepass")])
+def test_a_damaged_tokens_json_is_one_line_naming_it(tmp_path, capsys, damage):
+    out = train(tmp_path, "--data", str(text_file(tmp_path)), *CHAR_RUN, "--max-steps", "2")
+    capsys.readouterr()
+    (out / "tokens.json").write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    err = run_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
+    assert f"{out / 'tokens.json'} is damaged" in err and "delete it and tokens.bin beside it" in err
+
+
+def test_a_run_stopped_while_writing_tokens_json_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    corpus = text_file(tmp_path)
+    out = train(tmp_path, "--data", str(corpus), *CHAR_RUN, "--max-steps", "1")
+    old = (out / "tokens.json").read_bytes()
+    corpus.write_text(TEXT + "one more line\n", encoding="utf-8")  # a changed file is tokenised again
+
+    class Killed(BaseException):
+        pass
+
+    real_replace = os.replace
+
+    def killed_before_tokens_json_is_in_place(src, dst):  # tokens.json's new bytes are written, not yet renamed
+        if str(dst).endswith("tokens.json"):
+            raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_tokens_json_is_in_place)
+    with pytest.raises(Killed):
+        nanogpt2.main(["train", *TINY, "--data", str(corpus), *CHAR_RUN, "--max-steps", "1", "--overwrite", "--out",
+                       str(out)])
+    assert (out / "tokens.json").read_bytes() == old  # never half of one
+    monkeypatch.undo()
+    train(tmp_path, "--data", str(corpus), *CHAR_RUN, "--max-steps", "1", "--overwrite")  # tokenised again
+    assert json.loads((out / "tokens.json").read_text())["tokens"] == len(TEXT) + len("one more line\n")
 
 
 def test_bpe_tokens_of_a_file_read_in_pieces_equal_those_of_the_whole_text(tmp_path):
