@@ -923,8 +923,8 @@ def generate(
 
     input_ids (B, T): the prompts; left-pad prompts of different lengths and pass attention_mask (B, T)
     with 0 on the padding (encode_batch does both; padding anywhere but on the left is refused: each row is
-    continued from its last column). Greedy by default (the most likely token each step); do_sample=True samples
-    from softmax(logits / temperature), optionally restricted to the top_k tokens and/or the top_p
+    continued from its last column). Greedy by default (the most likely token each step); do_sample=True
+    samples from softmax(logits / temperature), optionally restricted to the top_k tokens and/or the top_p
     nucleus, using `generator` for reproducible draws; num_beams > 1 runs beam search. A sequence that
     emits eos_token_id (default: the config's, <|endoftext|>) stops and is padded with pad_token_id;
     generation ends when every sequence has stopped (stop_at_eos=False never stops early).
@@ -4165,7 +4165,8 @@ def add_train_parser(commands):
     model.add_argument("--n-head", type=int, metavar="N",
                        help=f"attention heads of a new model {default_help('n_head')}")
     model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
-    model.add_argument("--dropout", type=finite_float, metavar="P", help=f"dropout probability {default_help('dropout')}")
+    model.add_argument("--dropout", type=finite_float, metavar="P",
+                       help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, metavar="N",
                      help=f"examples per micro-batch and process {default_help('batch_size')}")

@@ -597,7 +597,8 @@ def test_a_run_that_turns_to_nan_before_any_checkpoint_says_nothing_was_saved(tm
     out = tmp_path / "run"
     err = run_error(capsys, ["train", *TINY, "--digits", "1", "--batch-size", "8", "--max-steps", "20", "--eval-every",
                              "5", "--out", str(out)])
-    assert f"training diverged at step 2 (loss nan, gradient norm nan): no checkpoint was saved in {out} before it" in err
+    assert f"training diverged at step 2 (loss nan, gradient norm nan): no checkpoint was saved in {out} before " \
+           "it" in err
     assert not (out / "training_state.pt").exists() and not (out / "model.safetensors").exists()
 
 
