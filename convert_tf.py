@@ -39,6 +39,7 @@ Run:
 """
 
 import argparse
+import errno
 import hashlib
 import http.client
 import json
@@ -651,10 +652,28 @@ def remove_stale_folders(out_dir):
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _fsync(path):
+    """Have the system put path's bytes (a file's, or a folder's list of names) on the disk now, not when it
+    likes: a rename survives a power cut only if the bytes renamed and the new name are both there. (Windows
+    cannot open a folder to sync it; some network file systems cannot sync one: EINVAL.)"""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomically(out_dir, fill):
     """Build the folder under a temporary name beside out_dir (.OUT_DIR.tmp<PID>) and rename it at the end,
-    so that a failed or interrupted run leaves no out_dir behind (and never a half-written one). The folder
-    and its files are made like any others, so the umask sets their modes (0755 and 0644 under umask 022)."""
+    so that a failed or interrupted run leaves no out_dir behind (and never a half-written one); its files and
+    the folder are synced to the disk before the rename, and the parent folder after, so that a power cut does
+    not leave one either. The folder and its files are made like any others, so the umask sets their modes
+    (0755 and 0644 under umask 022)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_folders(out_dir)
@@ -663,9 +682,12 @@ def write_atomically(out_dir, fill):
     tmp.mkdir()
     try:
         fill(tmp)
+        for path in [*tmp.iterdir(), tmp]:
+            _fsync(path)
         if out_dir.is_dir():
             out_dir.rmdir()  # only ever empty here: checked before any work
         os.replace(tmp, out_dir)
+        _fsync(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1328,8 +1328,8 @@ def _check_generate_args(model, input_ids, options):
             f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
             f"n_positions + 1 = {model.config.n_positions + 1} (SOS + one token per pixel); ask for fewer tokens"
         )
-    if options.do_sample and not options.temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r} "
+    if options.do_sample and not 0 < options.temperature < math.inf:  # nan fails both comparisons
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {options.temperature!r} "
                          "(use do_sample=False for greedy)")
     if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")
@@ -1540,6 +1540,7 @@ def config_to_json_file(config, path):
 # import anywhere at module level; a linter's E402 is expected).
 import argparse
 import csv
+import errno
 import functools
 import hashlib
 import http.client
@@ -1655,11 +1656,33 @@ def remove_stale_temporaries(path):
                 os.remove(os.path.join(directory, entry))
 
 
+class WriteError(OSError):
+    """A file that could not be written whole (a full disk, a file-size limit, no permission): the file at its
+    path is as it was before, and the temporary its new bytes went to is removed."""
+
+
+def _fsync(path):
+    """Have the system put path's bytes (a file's, or a folder's list of names) on the disk now, not when it
+    likes: a rename survives a power cut only if the bytes renamed and the new name are both there. (Windows
+    cannot open a folder to sync it; some network file systems cannot sync one: EINVAL.)"""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 class _atomic_path:
     """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
-    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
-    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
-    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
+    cannot cross file systems); on success tmp is synced to the disk and renamed onto path in one step, and
+    the folder synced, so a reader, a run killed mid-save or a power cut finds the old file or the new one,
+    never half of one. On failure tmp is removed, and an OSError (a full disk: ENOSPC, EFBIG) becomes a
+    WriteError naming path. tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -1671,9 +1694,19 @@ class _atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+            try:
+                _fsync(self.tmp)  # the new bytes on the disk before the name points at them
+                os.replace(self.tmp, self.path)
+            except OSError as error:  # a full disk may show only now, as the cached bytes go to the disk
+                exc = error
+            else:
+                _fsync(os.path.dirname(os.path.abspath(self.path)))  # the new name, too
+                return False
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):  # (a WriteError names its own file)
+            raise WriteError(f"could not write {self.path} ({exc.strerror or exc}); it is as it was before, and "
+                             "no part of the new one is left") from exc
         return False
 
 
@@ -3084,6 +3117,7 @@ def train(args, task, init, run: Run, state=None) -> dict:
         data_rng.set_state(state["data_rng"])
         torch.set_rng_state(state["rng"])
         step, elapsed_before = state["step"], state["elapsed"]
+    saved = step if state is not None else None  # the step of the checkpoint in args.out, if there is one
     val_batches = task.validation_batches(args.batch_size, args.eval_batches)
     scale = max(1, 96 // task.n_px)  # samples drawn about 96 pixels across
     write_png(os.path.join(args.out, "data.png"), image_grid(task.show(args.num_samples), min(args.num_samples, 8),
@@ -3107,6 +3141,9 @@ def train(args, task, init, run: Run, state=None) -> dict:
             step_start = time.time()
             loss, grad_norm = train_step(model, optimizer, task.batch(args.batch_size, data_rng), lr, args.grad_clip)
             step += 1
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the weights are NaN now: save nothing more
+                stopped = "diverged"
+                break
             pixels_per_s = pixels / (time.time() - step_start)
             val = validation_loss(model, val_batches) if args.eval_every and step % args.eval_every == 0 else None
             stopped = "interrupted" if stop.requested else None
@@ -3117,15 +3154,19 @@ def train(args, task, init, run: Run, state=None) -> dict:
             if args.sample_every and step % args.sample_every == 0 and stopped is None:
                 grids.append(sample_grid(args, model, palette, step, scale, run))
             if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+                saved = save_checkpoint(args, model, optimizer, data_rng, step, elapsed, saved)
     finally:
         stop.restore()
+
+    if stopped == "diverged":
+        log.close()
+        raise diverged_error(step, loss, grad_norm, args, saved)
 
     elapsed = elapsed_before + time.time() - start
     summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, out=args.out, samples=grids, stopped=stopped,
                    pixels_per_s=(step - first_step) * pixels / max(time.time() - start, 1e-9))
     if stopped == "interrupted":
-        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed, saved)
         log.close()
         run.say(f"interrupted: saved a checkpoint at step {step} to {args.out}; continue with:\n"
             f"  python imagegpt.py train --resume {shlex.quote(args.out)}")
@@ -3138,7 +3179,7 @@ def train(args, task, init, run: Run, state=None) -> dict:
     log.close()
     model.eval()
     if step > 0:  # --max-steps 0 (a probe of --init as it is) has nothing new to save
-        save_checkpoint(args, model, optimizer, data_rng, step, elapsed)
+        save_checkpoint(args, model, optimizer, data_rng, step, elapsed, saved)
     report_run(args, summary, run.say)
     if args.probe is not None:
         summary.update(train_classifier(args, model, task, run))
@@ -3439,11 +3480,10 @@ class TrainingLog:
             with open(regular_file_in(out, self.path), newline="") as f:
                 rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
                         and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
-        with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole
+        with _atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a crash leaves the old log
             writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(f"{self.path}.tmp{os.getpid()}", self.path)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
 
@@ -3467,27 +3507,61 @@ RESUME_MAY_CHANGE = ("resume", "out", "device", "log_every", "save_every", "samp
 RESUME_MAY_EXTEND = ("max_steps", "time_budget", "threads")
 
 
-def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float):
+def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, saved: Optional[int]) -> int:
     """out/config.json + model.safetensors + the palette (save_pretrained: what from_pretrained loads) and
     out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
     weights, palette, optimiser moments, step, time spent, the data generator and the RNG state. Its
-    SHA-256 goes to training_state.pt.sha256, checked by --resume."""
-    model.save_pretrained(args.out)
+    SHA-256 goes to training_state.pt.sha256, checked by --resume. log.csv is synced to the disk first, so
+    that its rows up to the checkpoint outlast a power cut as the checkpoint does. Returns step, the
+    checkpoint's; a file that cannot be written (a full disk) stops the run with one line, every file of the
+    checkpoint of step `saved` as it was (see save_training_state's also)."""
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), palette=model.palette,
                  model=model.state_dict(), optimizer=optimizer.state_dict(), data_rng=data_rng.get_state(),
                  rng=torch.get_rng_state())
-    save_training_state(os.path.join(args.out, "training_state.pt"), state)
+    try:
+        _fsync(os.path.join(args.out, "log.csv"))
+        save_training_state(os.path.join(args.out, "training_state.pt"), state,
+                            also=lambda: model.save_pretrained(args.out))  # the model's files, once the state fits
+    except OSError as e:
+        raise checkpoint_not_saved(e, step, args.out, saved) from None
+    return step
 
 
-def save_training_state(path: str, state: dict):
+def checkpoint_not_saved(error: OSError, step: int, out: str, saved: Optional[int]) -> OSError:
+    """The one line a run whose checkpoint could not be written (a full disk, most often) stops with."""
+    kept = f"the one of step {saved} is kept there whole, and --resume {shlex.quote(out)} continues from it" \
+        if saved is not None else "no earlier checkpoint was saved there"
+    return OSError(f"the checkpoint of step {step} was not saved in {out}: {error}; {kept}")
+
+
+def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Optional[int]) -> ValueError:
+    """The one line a run whose loss (or gradient) turned to NaN or inf stops with. Nothing was saved at or
+    after that step, so the checkpoint in args.out, if any (saved: its step), is the last good one."""
+    kept = f"the last good checkpoint, step {saved}, is kept in {args.out}" if saved is not None else \
+        f"no checkpoint was saved in {args.out} before it"
+    return ValueError(f"training diverged at step {step} (loss {loss:g}, gradient norm {grad_norm:g}): {kept}; lower "
+                      f"--lr (its peak is {args.lr:g}) or --grad-clip and train again (--resume would take the same "
+                      "steps again)")
+
+
+def save_training_state(path: str, state: dict, also: Optional[Callable] = None):
     """torch.save(state) to path, atomically, with its SHA-256 in path.sha256 (in sha256sum's format).
+    also(), if given, writes the checkpoint's other files (save_pretrained) once the state is whole under its
+    temporary name, before the old state and its .sha256 are touched: the state is the largest file, so a full
+    disk fails the save before any file of the previous checkpoint is replaced, and that checkpoint stays whole.
 
     Two files cannot be renamed into place at once, so the order keeps them consistent at every moment: first
     a .sha256 listing the new digest and every digest the old one listed (the state on disk is among them),
     then the state, then a .sha256 of the new digest alone. A run killed anywhere in between leaves a state
     whose digest its .sha256 lists, never a good state reported as damaged."""
     with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch's writer turns a failed write (a full disk) into a RuntimeError
+                raise e.__context__ if isinstance(e.__context__, OSError) else OSError(f"torch.save: {e}") from None
+        if also is not None:
+            also()
         digest = file_sha256(tmp)
         both = dict.fromkeys([digest, *listed_digests(path)])  # in order, once each
         _write_atomically(f"{path}.sha256", "".join(f"{d}  training_state.pt\n" for d in both).encode())
@@ -3840,6 +3914,19 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
+def finite_float(text: str) -> float:
+    """argparse's type for every floating-point option: a number, refused at once when it is nan or inf
+    (float() takes both, and `nan < 0` is False, so a range check alone lets nan through: --temperature nan
+    would decode greedily, --lr nan train to NaN). Each option's range is checked where it is used."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imagegpt.py",
@@ -3872,11 +3959,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="kmeans_centers.npy or preprocessor_config.json, if the model directory has none")
         command.add_argument("--num-samples", type=int, default=8, help="images to draw (default 8)")
         command.add_argument("--out", default=out, help=f"the PNG to write (default {out})")
-        command.add_argument("--temperature", type=float, default=1.0,
+        command.add_argument("--temperature", type=finite_float, default=1.0,
                              help="divide the logits by this; lower is more predictable, 0 means greedy (default 1.0)")
         command.add_argument("--top-k", type=int, default=0,
                              help="sample only among the k most likely colours; 0 turns it off (default 0)")
-        command.add_argument("--top-p", type=float, default=None,
+        command.add_argument("--top-p", type=finite_float, default=None,
                              help="sample only among the most likely colours whose probabilities sum to p")
         command.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
         command.add_argument("--scale", type=int, default=4,
@@ -3927,7 +4014,7 @@ def add_train_parser(commands):
                       help=f"colours of the palette k-means fits to the training images {default_help('n_colours')}")
     data.add_argument("--palette", metavar="PATH",
                       help="use this palette (kmeans_centers.npy or preprocessor_config.json) instead of fitting one")
-    data.add_argument("--val-fraction", type=float, metavar="F",
+    data.add_argument("--val-fraction", type=finite_float, metavar="F",
                       help=f"--data: the share of images set aside for validation and for testing a probe "
                            f"{default_help('val_fraction')}")
     probe = train.add_argument_group("classification")
@@ -3940,7 +4027,7 @@ def add_train_parser(commands):
                             "label is their kind (default with --labels: linear)")
     probe.add_argument("--probe-steps", type=int, metavar="N",
                        help=f"L-BFGS iterations of a linear probe, or fine-tuning steps {default_help('probe_steps')}")
-    probe.add_argument("--probe-lr", type=float, metavar="LR",
+    probe.add_argument("--probe-lr", type=finite_float, metavar="LR",
                        help=f"fine-tuning's peak learning rate {default_help('probe_lr')}; for a large pretrained "
                             "model, try 1e-5")
     model = train.add_argument_group("the model")
@@ -3954,19 +4041,19 @@ def add_train_parser(commands):
                        help="how a new model's position embeddings start: sines and cosines of each pixel's row and "
                             "column (grid), or at random as in ImageGPT (random; learns the image's shape far more "
                             f"slowly) {default_help('position_init')}")
-    model.add_argument("--dropout", type=float, metavar="P",
+    model.add_argument("--dropout", type=finite_float, metavar="P",
                        help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, metavar="N", help=f"images per step {default_help('batch_size')}")
-    opt.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--lr", type=finite_float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
     opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
-    opt.add_argument("--weight-decay", type=float, metavar="WD",
+    opt.add_argument("--weight-decay", type=finite_float, metavar="WD",
                      help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
-    opt.add_argument("--grad-clip", type=float, metavar="NORM",
+    opt.add_argument("--grad-clip", type=finite_float, metavar="NORM",
                      help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
     opt.add_argument("--max-steps", type=int, metavar="N",
                      help=f"optimiser steps {default_help('max_steps')}; 0 with --probe: probe --init as it is")
-    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+    opt.add_argument("--time-budget", type=finite_float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           f"budget runs out first; 0: none {default_help('time_budget')}")
     opt.add_argument("--seed", type=int, metavar="N",

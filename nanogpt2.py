@@ -922,8 +922,9 @@ def generate(
     runs the model on one new token only.
 
     input_ids (B, T): the prompts; left-pad prompts of different lengths and pass attention_mask (B, T)
-    with 0 on the padding. Greedy by default (the most likely token each step); do_sample=True samples
-    from softmax(logits / temperature), optionally restricted to the top_k tokens and/or the top_p
+    with 0 on the padding (encode_batch does both; padding anywhere but on the left is refused: each row is
+    continued from its last column). Greedy by default (the most likely token each step); do_sample=True
+    samples from softmax(logits / temperature), optionally restricted to the top_k tokens and/or the top_p
     nucleus, using `generator` for reproducible draws; num_beams > 1 runs beam search. A sequence that
     emits eos_token_id (default: the config's, <|endoftext|>) stops and is padded with pad_token_id;
     generation ends when every sequence has stopped (stop_at_eos=False never stops early).
@@ -1841,8 +1842,8 @@ def _check_generate_args(model, input_ids, attention_mask, options):
             f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
             f"n_positions={model.config.n_positions}; shorten the prompt or ask for fewer tokens"
         )
-    if options.do_sample and not options.temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {options.temperature!r} "
+    if options.do_sample and not 0 < options.temperature < math.inf:  # nan fails both comparisons
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {options.temperature!r} "
                          "(use do_sample=False for greedy)")
     if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")
@@ -1852,9 +1853,32 @@ def _check_generate_args(model, input_ids, attention_mask, options):
         raise ValueError(f"num_beams must be a positive integer, got {options.num_beams!r}")
     if options.num_beams > 1 and options.do_sample:
         raise ValueError("beam search is deterministic: pass do_sample=False with num_beams > 1")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
+    if options.num_beams > 1 and not -math.inf < options.length_penalty < math.inf:
+        raise ValueError(f"length_penalty must be a finite number, got {options.length_penalty!r} (1.0: none)")
+    if attention_mask is not None:
+        _check_left_padding(attention_mask, input_ids)
     _check_indices("input_ids", input_ids, model.config.vocab_size)
+
+
+def _check_left_padding(attention_mask, input_ids):
+    """generate()'s attention_mask: the shape of input_ids, 0/1, and in each row the padding (0) first, then the
+    prompt's tokens (1), at least one. Every row is continued from its last column, so a right-padded row would
+    be continued from its padding, a silently different answer: refused."""
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
+    if not torch.all((attention_mask == 0) | (attention_mask == 1)):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.long()  # (B, T)
+    token_then_padding = mask[:, :-1] > mask[:, 1:]  # (B, T - 1): a 1 followed by a 0
+    bad = token_then_padding.any(dim=-1) | (mask[:, -1] == 0)  # (B,)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        if not mask[row].any():
+            raise ValueError(f"attention_mask row {row} is all 0: every prompt needs at least one token (1)")
+        column = int(token_then_padding[row].nonzero()[0]) + 1
+        raise ValueError(f"attention_mask row {row} has padding (0) at column {column}, after a token (1): generate() "
+                         "continues each row from its last column, so padding must come first; pad on the left, "
+                         "as encode_batch does")
 
 
 # --- Compiled decoding: generate(compile=True) -------------------------------------------------------
@@ -2066,6 +2090,7 @@ def config_to_json_file(config, path):
 import argparse
 import codecs
 import csv
+import errno
 import functools
 import hashlib
 import http.client
@@ -2180,11 +2205,33 @@ def remove_stale_temporaries(path):
                 os.remove(os.path.join(directory, entry))
 
 
+class WriteError(OSError):
+    """A file that could not be written whole (a full disk, a file-size limit, no permission): the file at its
+    path is as it was before, and the temporary its new bytes went to is removed."""
+
+
+def _fsync(path):
+    """Have the system put path's bytes (a file's, or a folder's list of names) on the disk now, not when it
+    likes: a rename survives a power cut only if the bytes renamed and the new name are both there. (Windows
+    cannot open a folder to sync it; some network file systems cannot sync one: EINVAL.)"""
+    if os.name == "nt" and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
+
+
 class _atomic_path:
     """`with _atomic_path(path) as tmp:` write to tmp (path.tmp<PID>, in the same folder, so the rename
-    cannot cross file systems); on success it is renamed onto path in one step, so a reader, or a run
-    killed mid-save, sees the old file or the new one, never half of one; on failure tmp is removed.
-    tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
+    cannot cross file systems); on success tmp is synced to the disk and renamed onto path in one step, and
+    the folder synced, so a reader, a run killed mid-save or a power cut finds the old file or the new one,
+    never half of one. On failure tmp is removed, and an OSError (a full disk: ENOSPC, EFBIG) becomes a
+    WriteError naming path. tmp is opened like any new file, so the umask sets its mode (0644 under umask 022)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -2196,9 +2243,19 @@ class _atomic_path:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
+            try:
+                _fsync(self.tmp)  # the new bytes on the disk before the name points at them
+                os.replace(self.tmp, self.path)
+            except OSError as error:  # a full disk may show only now, as the cached bytes go to the disk
+                exc = error
+            else:
+                _fsync(os.path.dirname(os.path.abspath(self.path)))  # the new name, too
+                return False
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):  # (a WriteError names its own file)
+            raise WriteError(f"could not write {self.path} ({exc.strerror or exc}); it is as it was before, and "
+                             "no part of the new one is left") from exc
         return False
 
 
@@ -3182,19 +3239,15 @@ def tokenize_file(path, tokenizer, dest, piece_chars: int = 1 << 20) -> int:
     """Write a text file's tokens to dest, a flat array of uint16 (uint32 for a vocabulary over 65,536),
     one piece at a time. Returns the number of tokens."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
-    count, tmp = 0, f"{dest}.tmp{os.getpid()}"
+    count = 0
     try:
-        with open(tmp, "wb") as out:
+        with _atomic_path(dest) as tmp, open(tmp, "wb") as out:
             for text in read_text_pieces(path, piece_chars):
                 ids = np.asarray(tokenizer.encode(text), dtype=dtype)
                 out.write(ids.tobytes())
                 count += len(ids)
-        os.replace(tmp, dest)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return count
 
 
@@ -3254,10 +3307,7 @@ def prepare_text_data(args, vocab, run: Run):
     source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
                   mtime_ns=os.stat(args.data).st_mtime_ns)
     if run.is_main:  # one process tokenises; the others wait at the barrier, then read its files
-        meta = None
-        if os.path.exists(meta_path) and os.path.exists(dest):
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
+        meta = read_tokens_meta(meta_path) if os.path.exists(meta_path) and os.path.exists(dest) else None
         same_vocab = meta is not None and (meta["char_vocab"] is None if vocab == "gpt2" else
                                            meta["char_vocab"] is not None if vocab == "char" else
                                            meta["char_vocab"] == vocab)
@@ -3268,15 +3318,30 @@ def prepare_text_data(args, vocab, run: Run):
                   flush=True)
             count = tokenize_file(args.data, tokenizer, dest)
             dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
-            with open(meta_path, "w", encoding="utf-8") as f:
-                json.dump(dict(source=source, char_vocab=chars, dtype=dtype, tokens=count), f, indent=1)
+            meta = dict(source=source, char_vocab=chars, dtype=dtype, tokens=count)
+            _write_atomically(meta_path, json.dumps(meta, indent=1).encode("utf-8"))
     if run.world_size > 1:
         dist.barrier()
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_tokens_meta(meta_path)
     tokenizer = CharTokenizer(meta["char_vocab"]) if meta["char_vocab"] is not None else BPETokenizer()
     data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
     return data, tokenizer
+
+
+def read_tokens_meta(path) -> dict:
+    """out/tokens.json: what out/tokens.bin holds (the source file's path, size and date, the characters of a
+    character-level vocabulary, the dtype and the count). One that is not what prepare_text_data writes (cut
+    short, or edited) is a ValueError naming it, not a JSON traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError too)
+        meta = None
+    if not (isinstance(meta, dict) and {"source", "char_vocab", "dtype", "tokens"} <= set(meta)
+            and meta["dtype"] in ("uint16", "uint32")):
+        raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about tokens.bin); delete it and "
+                         "tokens.bin beside it, and train makes both again from --data")
+    return meta
 
 
 # --- The training loop ----------------------------------------------------------------------------------
@@ -3296,6 +3361,7 @@ def train(args, state, run: Run) -> dict:
     step, elapsed_before = 0, 0.0
     if state is not None:
         step, elapsed_before = restore_training_state(state, optimizer, data_rng, run)
+    saved = step if state is not None else None  # the step of the checkpoint in args.out, if there is one
     # What the loop calls: compiled and/or wrapped for DDP. `model` stays the plain module, to save and evaluate.
     trained = torch.compile(model) if args.compile else model
     if run.world_size > 1:
@@ -3326,6 +3392,9 @@ def train(args, state, run: Run) -> dict:
             micro_batches = [data.examples(i) for i in indices]  # accum x (inputs (b, T), targets (b, T))
             loss, grad_norm = train_step(trained, optimizer, micro_batches, lr, args.grad_clip, run)
             step += 1
+            if training_diverged(loss, grad_norm, run):  # the weights are NaN now: save nothing more
+                stopped = "diverged"
+                break
             tokens = batch * micro_batches[0][0].size(1)  # inputs through the model per step, every process's
             tokens_per_s = tokens / (time.time() - step_start)
 
@@ -3345,14 +3414,18 @@ def train(args, state, run: Run) -> dict:
                 run.say(progress_lines.line(step, loss, lr, val, elapsed, tokens)
                         + (f" | held-out exact match {100 * accuracy:.1f}%" if accuracy is not None else ""))
             if args.save_every and step % args.save_every == 0:
-                save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
+                saved = save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run, saved)
     finally:
         stop.restore()
 
+    if stopped == "diverged":
+        if run.is_main:
+            log.close()
+        raise diverged_error(step, loss, grad_norm, args, saved)
     elapsed = elapsed_before + time.time() - start
     if val is None and args.eval_every and stopped != "interrupted":
         val = validation_loss(model, val_batches, run)
-    save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run)
+    save_checkpoint(args, model, optimizer, data_rng, step, elapsed, run, saved)
     tokens_per_s = (step - first_step) * tokens / (time.time() - start)  # this run's average
     summary = dict(step=step, loss=loss, val_loss=val, elapsed=elapsed, tokens_per_s=tokens_per_s, out=args.out,
                    stopped=stopped)
@@ -3571,6 +3644,15 @@ def train_step(model, optimizer, micro_batches, lr: float, grad_clip: float, run
     return all_reduce_sum(total, run.device), grad_norm.item()
 
 
+def training_diverged(loss: float, grad_norm: float, run: Run) -> bool:
+    """Whether the step's loss, or its gradient norm, is NaN or inf, which the optimiser has then written into
+    the weights. Under fp16 an infinite gradient alone is no divergence: the GradScaler skips that step and
+    lowers its scale. Every process gets the same answer (one stopping alone would leave the others waiting
+    for it at the next all-reduce): each one's verdict is summed over all of them."""
+    bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled())
+    return all_reduce_sum(bad, run.device) > 0
+
+
 @torch.no_grad()
 def validation_loss(model, batches, run: Run) -> float:
     """Mean loss per target over fixed validation batches, each process scoring every world_size-th one."""
@@ -3671,30 +3753,64 @@ RESUME_MAY_CHANGE = ("resume", "out", "stop_at", "device", "compile", "log_every
 RESUME_MAY_EXTEND = ("max_steps", "time_budget", "target_accuracy", "threads")
 
 
-def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, run: Run):
+def save_checkpoint(args, model, optimizer, data_rng, step: int, elapsed: float, run: Run, saved: Optional[int]) -> int:
     """out/config.json + model.safetensors (save_pretrained: what from_pretrained loads) and
     out/training_state.pt, which holds everything an exact resume needs in one file written atomically:
     weights, optimiser moments, step, time spent, the data generator (the data position) and every
-    process's RNG states. Its SHA-256 goes to training_state.pt.sha256, checked by --resume."""
+    process's RNG states. Its SHA-256 goes to training_state.pt.sha256, checked by --resume. log.csv is
+    synced to the disk first, so that its rows up to the checkpoint outlast a power cut as the checkpoint
+    does. Returns step, the checkpoint's; a file that cannot be written (a full disk) stops the run with one
+    line, every file of the checkpoint of step `saved` as it was (see save_training_state's also)."""
     rngs = rng_states(run)  # every process takes part, only the first writes
     if not run.is_main:
-        return
-    model.save_pretrained(args.out)
+        return step
     state = dict(step=step, elapsed=elapsed, args=vars(args), config=model.config.to_dict(), model=model.state_dict(),
                  optimizer=optimizer.state_dict(), scaler=run.scaler.state_dict(), data_rng=data_rng.get_state(),
                  rng=rngs)
-    save_training_state(os.path.join(args.out, "training_state.pt"), state)
+    try:
+        _fsync(os.path.join(args.out, "log.csv"))
+        save_training_state(os.path.join(args.out, "training_state.pt"), state,
+                            also=lambda: model.save_pretrained(args.out))  # the model's files, once the state fits
+    except OSError as e:
+        raise checkpoint_not_saved(e, step, args.out, saved) from None
+    return step
 
 
-def save_training_state(path: str, state: dict):
+def checkpoint_not_saved(error: OSError, step: int, out: str, saved: Optional[int]) -> OSError:
+    """The one line a run whose checkpoint could not be written (a full disk, most often) stops with."""
+    kept = f"the one of step {saved} is kept there whole, and --resume {shlex.quote(out)} continues from it" \
+        if saved is not None else "no earlier checkpoint was saved there"
+    return OSError(f"the checkpoint of step {step} was not saved in {out}: {error}; {kept}")
+
+
+def diverged_error(step: int, loss: float, grad_norm: float, args, saved: Optional[int]) -> ValueError:
+    """The one line a run whose loss (or gradient) turned to NaN or inf stops with. Nothing was saved at or
+    after that step, so the checkpoint in args.out, if any (saved: its step), is the last good one."""
+    kept = f"the last good checkpoint, step {saved}, is kept in {args.out}" if saved is not None else \
+        f"no checkpoint was saved in {args.out} before it"
+    return ValueError(f"training diverged at step {step} (loss {loss:g}, gradient norm {grad_norm:g}): {kept}; lower "
+                      f"--lr (its peak is {args.lr:g}) or --grad-clip and train again (--resume would take the same "
+                      "steps again)")
+
+
+def save_training_state(path: str, state: dict, also: Optional[Callable] = None):
     """torch.save(state) to path, atomically, with its SHA-256 in path.sha256 (in sha256sum's format).
+    also(), if given, writes the checkpoint's other files (save_pretrained) once the state is whole under its
+    temporary name, before the old state and its .sha256 are touched: the state is the largest file, so a full
+    disk fails the save before any file of the previous checkpoint is replaced, and that checkpoint stays whole.
 
     Two files cannot be renamed into place at once, so the order keeps them consistent at every moment: first
     a .sha256 listing the new digest and every digest the old one listed (the state on disk is among them),
     then the state, then a .sha256 of the new digest alone. A run killed anywhere in between leaves a state
     whose digest its .sha256 lists, never a good state reported as damaged."""
     with _atomic_path(path) as tmp:  # a killed run leaves the previous state whole; the next save cleans up
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch's writer turns a failed write (a full disk) into a RuntimeError
+                raise e.__context__ if isinstance(e.__context__, OSError) else OSError(f"torch.save: {e}") from None
+        if also is not None:
+            also()
         digest = file_sha256(tmp)
         both = dict.fromkeys([digest, *listed_digests(path)])  # in order, once each
         _write_atomically(f"{path}.sha256", "".join(f"{d}  training_state.pt\n" for d in both).encode())
@@ -3776,11 +3892,10 @@ class TrainingLog:
             with open(regular_file_in(out, self.path), newline="") as f:
                 rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
                         and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
-        with open(f"{self.path}.tmp{os.getpid()}", "w", newline="") as f:  # a crash now leaves the old log whole
+        with _atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a crash leaves the old log
             writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(f"{self.path}.tmp{os.getpid()}", self.path)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.COLUMNS)
 
@@ -3811,7 +3926,8 @@ class TrainingLog:
         ax.set(xlabel="step", ylabel="loss (nats per target token)", yscale="log")
         ax.legend()
         png = os.path.join(os.path.dirname(self.path), "loss.png")
-        fig.savefig(png, dpi=120, bbox_inches="tight")
+        with _atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
         return png
 
@@ -4112,6 +4228,19 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
+def finite_float(text: str) -> float:
+    """argparse's type for every floating-point option: a number, refused at once when it is nan or inf
+    (float() takes both, and `nan < 0` is False, so a range check alone lets nan through: --temperature nan
+    would decode greedily, --lr nan train to NaN). Each option's range is checked where it is used."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanogpt2.py",
@@ -4135,11 +4264,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     sample.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens to add per sample (default 100, or fewer if the model has less room)")
-    sample.add_argument("--temperature", type=float, default=0.8,
+    sample.add_argument("--temperature", type=finite_float, default=0.8,
                         help="divide the logits by this; lower is more predictable, 0 means greedy (default 0.8)")
     sample.add_argument("--top-k", type=int, default=200,
                         help="sample only among the k most likely tokens; 0 turns it off (default 200)")
-    sample.add_argument("--top-p", type=float, default=None,
+    sample.add_argument("--top-p", type=finite_float, default=None,
                         help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
     sample.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default 1)")
     sample.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
@@ -4201,7 +4330,7 @@ def add_train_parser(commands):
                            "the model's own")
     data.add_argument("--block-size", type=int, metavar="N",
                       help=f"--data: tokens per training window {default_help('block_size')}")
-    data.add_argument("--val-fraction", type=float, metavar="F",
+    data.add_argument("--val-fraction", type=finite_float, metavar="F",
                       help=f"--data: the share of tokens, at the end of the file, kept for validation "
                            f"{default_help('val_fraction')}")
     model = train.add_argument_group("the model")
@@ -4211,20 +4340,21 @@ def add_train_parser(commands):
     model.add_argument("--n-head", type=int, metavar="N",
                        help=f"attention heads of a new model {default_help('n_head')}")
     model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
-    model.add_argument("--dropout", type=float, metavar="P", help=f"dropout probability {default_help('dropout')}")
+    model.add_argument("--dropout", type=finite_float, metavar="P",
+                       help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, metavar="N",
                      help=f"examples per micro-batch and process {default_help('batch_size')}")
     opt.add_argument("--accum", type=int, metavar="K",
                      help=f"micro-batches per step: gradient accumulation {default_help('accum')}")
-    opt.add_argument("--lr", type=float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--lr", type=finite_float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
     opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
-    opt.add_argument("--weight-decay", type=float, metavar="WD",
+    opt.add_argument("--weight-decay", type=finite_float, metavar="WD",
                      help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
-    opt.add_argument("--grad-clip", type=float, metavar="NORM",
+    opt.add_argument("--grad-clip", type=finite_float, metavar="NORM",
                      help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
     opt.add_argument("--max-steps", type=int, metavar="N", help=f"optimiser steps {default_help('max_steps')}")
-    opt.add_argument("--time-budget", type=float, metavar="SECONDS",
+    opt.add_argument("--time-budget", type=finite_float, metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           f"budget runs out first; 0: none {default_help('time_budget')}")
     opt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -4245,7 +4375,7 @@ def add_train_parser(commands):
                           "--time-budget trains a finished run further")
     run.add_argument("--overwrite", action="store_true",
                      help="train into an --out that holds an earlier run, replacing it (without it: refused)")
-    run.add_argument("--target-accuracy", type=float, metavar="F",
+    run.add_argument("--target-accuracy", type=finite_float, metavar="F",
                      help="addition: stop once this fraction of the held-out problems is right, checked at each "
                           f"--eval-every; 0: train the whole budget {default_help('target_accuracy')}")
     run.add_argument("--stop-at", type=int, metavar="STEP",

@@ -96,8 +96,8 @@ DIFFERENT = {
 
 # convert_tf.py writes safetensors and downloads OpenAI's files with copies of these (no renaming).
 SHARED_WITH_CONVERT_TF = ["safetensors_header", "_progress", "_if_range_value", "download", "_finish_download",
-                          "file_sha256", "_process_alive", "MAX_HEADER_BYTES", "MIN_FREE_BYTES", "MAX_JSON_BYTES",
-                          "promised_size", "_safetensors_size", "download_problem"]
+                          "file_sha256", "_process_alive", "_fsync", "MAX_HEADER_BYTES", "MIN_FREE_BYTES",
+                          "MAX_JSON_BYTES", "promised_size", "_safetensors_size", "download_problem"]
 
 # Everything else both files define must be identical (tests/test_copies.py checks that this list and DIFFERENT
 # cover every name the two files share; `python tests/copies.py --list` shows each with its line numbers).
@@ -124,17 +124,18 @@ SHARED = [
     'check_classification_labels', 'PROBLEM_TYPES', 'config_from_dict', 'config_from_json_file',
     'config_to_json_file', 'SAFETENSORS_DTYPES', 'TORCH_TO_SAFETENSORS', 'MAX_HEADER_BYTES', 'CheckpointError',
     'PLAIN_FILE_NAME', 'file_named_in', 'regular_file_in', 'shard_names',
-    '_process_alive', 'remove_stale_temporaries', '_atomic_path', '_atomic_path.__init__', '_atomic_path.__enter__',
+    '_process_alive', 'remove_stale_temporaries', 'WriteError', '_fsync', '_atomic_path', '_atomic_path.__init__',
+    '_atomic_path.__enter__',
     '_atomic_path.__exit__', '_write_atomically', 'read_safetensors_header', 'load_safetensors',
     'safetensors_header', 'save_safetensors', 'cache_dir', 'hub_url', '_progress', '_if_range_value', 'download',
     '_finish_download', 'MIN_FREE_BYTES', 'MAX_JSON_BYTES', 'promised_size', '_safetensors_size',
     'download_problem', 'file_sha256', 'load_state_dict_files', 'load_bin', 'IGNORED_SUFFIXES', 'check_finite',
     'parse_dtype', 'without_random_init', 'separate_shared', 'finish_loading', 'FineTuneDefaults',
     'configure_optimizer', 'learning_rate', 'resolve_device', 'ONE_THREAD_BELOW', 'set_cpu_threads',
-    'read_training_state', 'save_training_state', 'listed_digests', 'TrainingLog.__init__', 'TrainingLog.close', 'RUN_FILES', 'check_run_folder', 'RunLock',
+    'read_training_state', 'checkpoint_not_saved', 'diverged_error', 'save_training_state', 'listed_digests', 'TrainingLog.__init__', 'TrainingLog.close', 'RUN_FILES', 'check_run_folder', 'RunLock',
     'RunLock.__init__', 'RunLock.holder', 'RunLock.release', 'RunFolder', 'RunFolder.__init__',
     'RunFolder.__enter__', 'RunFolder.__exit__', 'StopRequest', 'StopRequest.__init__', 'StopRequest.handle',
-    'StopRequest.restore', 'format_time', 'TrainingProgress', 'TrainingProgress.__init__', 'default_help',
+    'StopRequest.restore', 'format_time', 'TrainingProgress', 'TrainingProgress.__init__', 'finite_float', 'default_help',
     'PNG_SIGNATURE', '_png_chunk', 'write_png',
 ]
 

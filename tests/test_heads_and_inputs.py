@@ -329,6 +329,27 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(device, conf
         assert batched[b, ids.size(1):].tolist() == alone[0, len(prompt):].tolist(), f"prompt {b}: {prompt}"
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_right_padded_batch_is_refused_and_the_same_prompts_left_padded_match_each_alone(device, num_beams):
+    """A right-padded row would be continued from its padding: a silently different answer, so it is refused
+    before any work. Padded on the left, the same prompts give what each gives alone."""
+    model = GPT2LMHeadModel(tiny_config()).to(device)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    right_ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]], device=device)
+    right_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], device=device)
+    hook = no_work_allowed(model)
+    with pytest.raises(ValueError, match=r"attention_mask row 1 has padding \(0\) at column 2.*pad on the left"):
+        model.generate(right_ids, attention_mask=right_mask, max_new_tokens=4, num_beams=num_beams)
+    hook.remove()
+    ids, mask = left_pad(prompts, pad=0)
+    batched = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=4, num_beams=num_beams,
+                             stop_at_eos=False)
+    for b, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt], device=device), max_new_tokens=4, num_beams=num_beams,
+                               stop_at_eos=False)
+        assert batched[b, 4:].tolist() == alone[0, len(prompt):].tolist(), f"prompt {b}: {prompt}"
+
+
 @examples(15)
 @given(config=configs(), seed=seeds, prompts=prompt_lists)
 def test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward(device, config, seed, prompts):
@@ -562,6 +583,11 @@ BAD_GENERATE_ARGS = [  # (keyword arguments for generate, the message); the defa
     (dict(max_new_tokens=-1), r"max_new_tokens must be a non-negative integer, got -1"),
     (dict(max_new_tokens=30), r"prompt \(3 tokens\) \+ max_new_tokens \(30\) = 33 exceeds n_positions=32"),
     (dict(do_sample=True, temperature=0.0), r"temperature must be > 0"),
+    (dict(do_sample=True, temperature=-1.0), r"temperature must be > 0 and finite when sampling, got -1.0"),
+    (dict(do_sample=True, temperature=math.nan), r"temperature must be > 0 and finite when sampling, got nan"),
+    (dict(do_sample=True, temperature=math.inf), r"temperature must be > 0 and finite when sampling, got inf"),
+    (dict(do_sample=True, top_p=math.nan), r"top_p must be in \(0, 1\], got nan"),
+    (dict(num_beams=2, length_penalty=math.nan), r"length_penalty must be a finite number, got nan"),
     (dict(do_sample=True, top_k=0), r"top_k must be a positive integer"),
     (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
@@ -569,6 +595,11 @@ BAD_GENERATE_ARGS = [  # (keyword arguments for generate, the message); the defa
     (dict(num_beams=2, do_sample=True), r"beam search is deterministic"),
     (dict(attention_mask=torch.ones(1, 4, dtype=torch.long)),
      r"attention_mask has shape \(1, 4\), expected \(1, 3\)"),
+    (dict(attention_mask=torch.tensor([[0, 2, 1]])), r"attention_mask must hold only 0 \(padding\) and 1"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0]])),
+     r"attention_mask row 0 has padding \(0\) at column 2, after a token \(1\).*pad on the left"),
+    (dict(attention_mask=torch.tensor([[1, 0, 1]])), r"attention_mask row 0 has padding \(0\) at column 1"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0]])), r"attention_mask row 0 is all 0"),
     (dict(input_ids=torch.tensor([[1, 2, 64]])), r"input_ids holds token id 64, but vocab_size is 64"),
 ]
 

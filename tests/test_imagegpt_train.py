@@ -398,6 +398,51 @@ def test_ctrl_c_saves_a_checkpoint_at_the_last_step_and_prints_how_to_resume(tmp
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("blow_up", [7, 2])
+def test_a_run_that_turns_to_nan_stops_and_keeps_the_last_good_checkpoint_byte_for_byte(tmp_path, capsys,
+                                                                                         monkeypatch, blow_up):
+    """At step blow_up every weight becomes NaN (as after an update too large): that step's real loss is NaN. The
+    run stops at once, saving nothing over the checkpoint of step 5 (when there is one), and says so in one line."""
+    out, on_disk, real_step, calls = tmp_path / "out", {}, imagegpt.train_step, []
+
+    def step_with_nan_weights(model, *args):
+        calls.append(1)
+        if len(calls) == blow_up:
+            on_disk.update({p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"})
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return real_step(model, *args)
+
+    monkeypatch.setattr(imagegpt, "train_step", step_with_nan_weights)
+    options = [*TINY, "--max-steps", "20", "--time-budget", "0", "--save-every", "5", "--sample-every", "0",
+               "--lr", "0.002", "--device", "cpu"]
+    assert imagegpt.main(["train", *options, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    kept = f"the last good checkpoint, step 5, is kept in {out}" if blow_up > 5 else \
+        f"no checkpoint was saved in {out} before it"
+    assert err == f"imagegpt.py: error: training diverged at step {blow_up} (loss nan, gradient norm nan): {kept}; " \
+                  "lower --lr (its peak is 0.002) or --grad-clip and train again (--resume would take the same steps " \
+                  "again)\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == on_disk  # nothing saved over it, no temporary left
+    assert ("training_state.pt" in on_disk) == (blow_up > 5)
+
+
+def test_an_infinite_gradient_norm_alone_is_divergence_too(tmp_path, capsys, monkeypatch):
+    real_step, calls = imagegpt.train_step, []
+
+    def infinite_gradient_at_step_3(*args):
+        calls.append(1)
+        loss, grad_norm = real_step(*args)
+        return loss, float("inf") if len(calls) == 3 else grad_norm
+
+    monkeypatch.setattr(imagegpt, "train_step", infinite_gradient_at_step_3)
+    out = tmp_path / "out"
+    assert imagegpt.main(["train", *TINY, "--max-steps", "6", "--sample-every", "0", "--out", str(out)]) == 2
+    assert re.fullmatch(r"imagegpt.py: error: training diverged at step 3 \(loss [0-9.]+, gradient norm inf\): no "
+                        r"checkpoint was saved in .* before it; .*\n", capsys.readouterr().err)
+
+
 def test_resume_with_a_larger_budget_trains_a_finished_run_further(tmp_path):
     _, out = train(tmp_path, "--max-steps", 3, "--sample-every", 0)
     resume = imagegpt.build_parser().parse_args(["train", "--resume", str(out), "--max-steps", "6"])

@@ -121,6 +121,13 @@ def random_padding_mask(g, shape):
     return mask
 
 
+def random_left_padding_mask(g, shape):
+    """0/1 mask (B, T) of left-padded prompts, as generate() takes them: each row 0 to T - 1 zeros, then ones."""
+    B, T = shape
+    padding = torch.randint(0, T, (B, 1), generator=g)  # (B, 1)
+    return (torch.arange(T) >= padding).long()  # (B, T)
+
+
 def positions_from_mask(mask):
     """Each real token's position counts only the real tokens before it (padding positions: 0, unused)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -319,7 +326,7 @@ def test_generation_is_the_same_with_either_cache(device, data):
     g = torch.Generator().manual_seed(data.draw(seeds, label="input seed"))
     B, T = data.draw(st.integers(1, 3), label="B"), data.draw(st.integers(1, 6), label="T")
     ids = random_ids(g, config.vocab_size, (B, T)).to(device)
-    mask = random_padding_mask(g, (B, T)).to(device) if data.draw(st.booleans(), label="padding") else None
+    mask = random_left_padding_mask(g, (B, T)).to(device) if data.draw(st.booleans(), label="padding") else None
     options = data.draw(st.sampled_from([dict(), dict(do_sample=True, top_k=5), dict(num_beams=2)]), label="options")
     outputs = {}
     for cache in ("static", "tuple"):

@@ -5,6 +5,7 @@ minute on 2 cores; the full default run is marked slow."""
 
 import argparse
 import csv
+import json
 import math
 import os
 import re
@@ -202,6 +203,45 @@ def test_text_file_at_character_level_trains_and_saves_its_vocabulary(tmp_path, 
     x, y = data.examples(torch.tensor([0, 5]))
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 16)  # targets are the inputs shifted by one
     assert "sample (temperature 0.8):" in capsys.readouterr().out
+
+
+CHAR_RUN = ["--tokenizer", "char", "--block-size", "16", "--batch-size", "8", "--eval-every", "2"]
+
+
+@pytest.mark.parametrize("damage", ['{"source": {"path": "/data/cor', "[]", '{"source": {}, "char_vocab": null, '
+                                    '"dtype": "float64", "tokens": 3}', "\udcff".encode("utf-8", "surrogatepass")])
+def test_a_damaged_tokens_json_is_one_line_naming_it(tmp_path, capsys, damage):
+    out = train(tmp_path, "--data", str(text_file(tmp_path)), *CHAR_RUN, "--max-steps", "2")
+    capsys.readouterr()
+    (out / "tokens.json").write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+    err = run_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
+    assert f"{out / 'tokens.json'} is damaged" in err and "delete it and tokens.bin beside it" in err
+
+
+def test_a_run_stopped_while_writing_tokens_json_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    corpus = text_file(tmp_path)
+    out = train(tmp_path, "--data", str(corpus), *CHAR_RUN, "--max-steps", "1")
+    old = (out / "tokens.json").read_bytes()
+    corpus.write_text(TEXT + "one more line\n", encoding="utf-8")  # a changed file is tokenised again
+
+    class Killed(BaseException):
+        pass
+
+    real_replace = os.replace
+
+    def killed_before_tokens_json_is_in_place(src, dst):  # tokens.json's new bytes are written, not yet renamed
+        if str(dst).endswith("tokens.json"):
+            raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_tokens_json_is_in_place)
+    with pytest.raises(Killed):
+        nanogpt2.main(["train", *TINY, "--data", str(corpus), *CHAR_RUN, "--max-steps", "1", "--overwrite", "--out",
+                       str(out)])
+    assert (out / "tokens.json").read_bytes() == old  # never half of one
+    monkeypatch.undo()
+    train(tmp_path, "--data", str(corpus), *CHAR_RUN, "--max-steps", "1", "--overwrite")  # tokenised again
+    assert json.loads((out / "tokens.json").read_text())["tokens"] == len(TEXT) + len("one more line\n")
 
 
 def test_bpe_tokens_of_a_file_read_in_pieces_equal_those_of_the_whole_text(tmp_path):
@@ -514,6 +554,101 @@ def test_the_adder_stops_once_it_reaches_the_target_accuracy(tmp_path, capsys, m
     printed = capsys.readouterr().out
     assert "held-out exact match 99.5%" in printed and "step 5 of 50" in printed
     assert "reached --target-accuracy 0.99" in printed
+
+
+def blow_up_at(module, monkeypatch, step, before=lambda: None):
+    """module.train_step as it is, but at the given step every weight is NaN first (as after an update too large):
+    the real loss and gradient of that step come out NaN. before() runs just before, e.g. to look at the folder."""
+    real, calls = module.train_step, []
+
+    def step_with_nan_weights(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            before()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "train_step", step_with_nan_weights)
+
+
+def test_a_run_that_turns_to_nan_stops_and_keeps_the_last_good_checkpoint_byte_for_byte(tmp_path, capsys,
+                                                                                         monkeypatch):
+    out, on_disk = tmp_path / "run", {}
+
+    def remember_the_folder():  # after step 6: the checkpoint of step 5 and 6 rows of log
+        on_disk.update({p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"})
+
+    blow_up_at(nanogpt2, monkeypatch, 7, remember_the_folder)
+    err = run_error(capsys, ["train", *TINY, "--digits", "1", "--batch-size", "8", "--max-steps", "20", "--eval-every",
+                             "5", "--lr", "0.002", "--out", str(out)])
+    assert f"training diverged at step 7 (loss nan, gradient norm nan): the last good checkpoint, step 5, is kept " \
+           f"in {out}; lower --lr (its peak is 0.002)" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == on_disk  # nothing saved over it, no temporary left
+    assert "training_state.pt" in on_disk and torch.load(out / "training_state.pt", weights_only=True)["step"] == 5
+    monkeypatch.undo()
+    assert nanogpt2.main(["train", "--resume", str(out), "--max-steps", "7"]) == 0  # the kept checkpoint resumes
+    assert [int(r["step"]) for r in log_rows(out)] == list(range(1, 8))
+
+
+def test_a_run_that_turns_to_nan_before_any_checkpoint_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
+    blow_up_at(nanogpt2, monkeypatch, 2)
+    out = tmp_path / "run"
+    err = run_error(capsys, ["train", *TINY, "--digits", "1", "--batch-size", "8", "--max-steps", "20", "--eval-every",
+                             "5", "--out", str(out)])
+    assert f"training diverged at step 2 (loss nan, gradient norm nan): no checkpoint was saved in {out} before " \
+           "it" in err
+    assert not (out / "training_state.pt").exists() and not (out / "model.safetensors").exists()
+
+
+def test_a_huge_learning_rate_diverges_and_the_run_says_where(tmp_path):
+    """No monkeypatching: --lr 1e30 blows the weights up, and the command stops with one line, status 2."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "nanogpt2.py"), "train", *TINY, "--digits", "1",
+                             "--batch-size", "8", "--max-steps", "20", "--lr", "1e30", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert re.match(r"nanogpt2.py: error: training diverged at step \d+ \(loss nan", result.stderr), result.stderr
+    assert not (out / "training_state.pt").exists()
+
+
+ONE_PROCESS_SEES_NAN = """
+import sys
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import nanogpt2
+dist.init_process_group("gloo")
+run = nanogpt2.Run(rank=dist.get_rank(), world_size=dist.get_world_size())
+loss = float("nan") if run.rank == 1 else 2.5  # the second process alone sees a NaN
+print(f"process {{run.rank}} stops: {{nanogpt2.training_diverged(loss, 1.0, run)}}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_one_process_seeing_nan_stops_every_process(tmp_path):
+    """A process that stopped alone would leave the others waiting for it at their next all-reduce."""
+    script = tmp_path / "agree.py"
+    script.write_text(ONE_PROCESS_SEES_NAN.format(root=ROOT))
+    with socket.socket() as s:  # a free port on the loopback interface
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo"),
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # (the two processes print to one pipe, so their lines may interleave: look for each, not for lines)
+    assert "process 0 stops: True" in result.stdout and "process 1 stops: True" in result.stdout, result.stdout
+    assert "False" not in result.stdout, result.stdout
+
+
+def test_only_a_non_finite_loss_or_gradient_norm_is_divergence_and_fp16_may_overflow_its_gradient():
+    fp32, fp16 = nanogpt2.Run(), nanogpt2.Run(dtype=torch.float16)  # fp16: a GradScaler, which skips such steps
+    assert not nanogpt2.training_diverged(2.5, 1e6, fp32)
+    assert nanogpt2.training_diverged(float("nan"), 1.0, fp32) and nanogpt2.training_diverged(float("inf"), 1.0, fp16)
+    assert nanogpt2.training_diverged(2.5, float("inf"), fp32) and nanogpt2.training_diverged(2.5, float("nan"), fp32)
+    assert not nanogpt2.training_diverged(2.5, float("inf"), fp16)
 
 
 def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, capsys):
