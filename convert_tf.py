@@ -271,8 +271,15 @@ def block_entries(block, path, what):
         pos += value_length
 
 
+MAX_INDEX_BYTES = 256 << 20
+
+
 def read_index(path):
     """Return (header fields, [(name bytes, BundleEntryProto bytes), ...]) from a .index file."""
+    size = os.path.getsize(path)
+    if size > MAX_INDEX_BYTES:  # OpenAI's largest index (igpt-l) is under a megabyte; this one is read whole
+        raise CheckpointError(f"{path}: {size} bytes, larger than any TensorFlow index this reads "
+                              f"({MAX_INDEX_BYTES >> 20} MB): not an index, or corrupt")
     data = Path(path).read_bytes()
     if len(data) < FOOTER_SIZE:
         raise CheckpointError(f"{path}: {len(data)} bytes, too short for a TensorFlow index "
@@ -403,14 +410,20 @@ def find_checkpoint(src):
     """SRC is a checkpoint prefix, its .index file, or a folder holding one checkpoint -> the prefix."""
     src = Path(src)
     if src.is_dir():
-        indexes = sorted(src.glob("*.index"))
+        indexes = sorted(p for p in src.glob("*.index") if p.is_file())  # not a FIFO, which would block
         if len(indexes) == 1:
             return str(indexes[0])[:-len(".index")]
         state = src / "checkpoint"  # TF's pointer to the latest of several: model_checkpoint_path: "..."
         if indexes and state.is_file():
-            match = re.search(r'^model_checkpoint_path:\s*"(.*)"', state.read_text(), re.MULTILINE)
-            if match:
-                return str(src / match.group(1))
+            with open(state, "rb") as f:
+                text = f.read(1 << 16).decode("utf-8", errors="replace")
+            match = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.MULTILINE)
+            if match:  # TF itself falls back on the base name when the folder has moved; only that is followed
+                chosen = src / os.path.basename(match.group(1))
+                if Path(str(chosen) + ".index") in indexes:
+                    return str(chosen)
+                raise CheckpointError(f"{state} points at {match.group(1)!r}, which is not one of this folder's "
+                                      f"checkpoints ({', '.join(p.name for p in indexes)}); pass the prefix of one")
         if not indexes:
             raise CheckpointError(f"{src}: no *.index file in this folder (expected e.g. model.ckpt.index)")
         raise CheckpointError(f"{src}: several checkpoints ({', '.join(p.name for p in indexes)}); "
@@ -631,6 +644,8 @@ def write_safetensors(path, plan):
 
 
 def _process_alive(pid: int) -> bool:
+    if not 0 < pid < 2 ** 31:  # no process has such an id (0 and -1 would signal whole process groups)
+        return False
     if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its folder
         return True
     try:
@@ -810,6 +825,9 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
     desc = desc or os.path.basename(dest)
     try:
         response = urllib.request.urlopen(request, timeout=60)
+    except http.client.HTTPException as e:  # no HTTP answer: a garbage status line, endless headers, ...
+        raise CheckpointError(f"download of {url} failed: the server's answer is not valid HTTP "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:
             raise
@@ -821,6 +839,9 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
         os.remove(part)
         return download(url, dest, desc, quiet)
     with response:
+        if response.status == 206 and not have:
+            raise CheckpointError(f"download of {url} failed: asked for the whole file, the server sent part of "
+                                  "it (206 Partial Content)")
         if response.status == 206 and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
             os.remove(part)  # the server sent another range than the one asked for: splicing it would corrupt
             return download(url, dest, desc, quiet)

@@ -1634,6 +1634,8 @@ def regular_file_in(directory: Optional[str], path: str) -> str:
 
 
 def _process_alive(pid: int) -> bool:
+    if not 0 < pid < 2 ** 31:  # no process has such an id (0 and -1 would signal whole process groups)
+        return False
     if os.name == "nt":  # os.kill would end the process there, not probe it: assume alive, keep its file
         return True
     try:
@@ -1690,6 +1692,8 @@ class _atomic_path:
     def __enter__(self):
         remove_stale_temporaries(self.path)
         self.tmp = f"{self.path}.tmp{os.getpid()}"
+        if os.path.lexists(self.tmp):  # never write through a link planted under our temporary's name
+            os.remove(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -1908,6 +1912,9 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
     desc = desc or os.path.basename(dest)
     try:
         response = urllib.request.urlopen(request, timeout=60)
+    except http.client.HTTPException as e:  # no HTTP answer: a garbage status line, endless headers, ...
+        raise CheckpointError(f"download of {url} failed: the server's answer is not valid HTTP "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have:
             raise
@@ -1919,6 +1926,9 @@ def download(url: str, dest: str, desc: Optional[str] = None, quiet: bool = Fals
         os.remove(part)
         return download(url, dest, desc, quiet)
     with response:
+        if response.status == 206 and not have:
+            raise CheckpointError(f"download of {url} failed: asked for the whole file, the server sent part of "
+                                  "it (206 Partial Content)")
         if response.status == 206 and not (response.headers.get("Content-Range") or "").startswith(f"bytes {have}-"):
             os.remove(part)  # the server sent another range than the one asked for: splicing it would corrupt
             return download(url, dest, desc, quiet)

@@ -627,3 +627,28 @@ def test_download_deletes_a_cached_shard_that_fails_its_checksum_so_a_rerun_fetc
     assert result.returncode == 0, result.stderr
     assert [path for path, _ in server.requests] == ["/gpt-2/models/124M/model.ckpt.data-00000-of-00001"]
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == clean["gpt2"]
+
+
+def test_the_checkpoint_pointer_file_never_leads_out_of_the_folder(tmp_path):
+    """TF's `checkpoint` file names the latest of several checkpoints; a name pointing elsewhere (an absolute
+    path, ../) is followed only as its base name inside SRC, as TF does when a folder has moved."""
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    shutil.copytree(FIXTURES / "gpt2", src)
+    shutil.copytree(FIXTURES / "gpt2", elsewhere)
+    for suffix in (".index", ".data-00000-of-00001"):  # a second checkpoint, so the pointer is read
+        shutil.copy(src / f"model.ckpt{suffix}", src / f"older.ckpt{suffix}")
+    (src / "checkpoint").write_text(f'model_checkpoint_path: "{elsewhere}/model.ckpt"\n')
+    assert convert_tf.find_checkpoint(src) == str(src / "model.ckpt")  # the base name, inside SRC
+    (src / "checkpoint").write_text(f'model_checkpoint_path: "{elsewhere}/outside.ckpt"\n')
+    with pytest.raises(convert_tf.CheckpointError, match="not one of this folder's checkpoints"):
+        convert_tf.find_checkpoint(src)
+    (src / "checkpoint").write_bytes(b'model_checkpoint_path: "older.ckpt"\n\xff\xfe')  # not UTF-8 after it
+    assert convert_tf.find_checkpoint(src) == str(src / "older.ckpt")
+
+
+def test_a_fifo_named_like_an_index_is_never_opened(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURES / "gpt2", src)
+    os.mkfifo(src / "stale.ckpt.index")  # opening it to read would wait for a writer forever
+    with time_limit(20):
+        assert convert_tf.find_checkpoint(src) == str(src / "model.ckpt")

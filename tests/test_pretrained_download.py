@@ -48,6 +48,8 @@ class FakeHub(http.server.ThreadingHTTPServer):
         self.no_length = set()  # names sent with no Content-Length and no ETag: the body ends when the connection does
         self.chunked = set()  # names sent with Transfer-Encoding: chunked (no length); a cut drops the connection mid-chunk
         self.endless = set()  # names whose body, after the file, never ends (sent with no length)
+        self.raw = {}  # name -> bytes sent as the whole answer, status line and headers included (not HTTP)
+        self.always_206 = False  # answer even a request for the whole file with 206 and part of it
         self.lock = threading.Lock()
 
     @property
@@ -74,6 +76,10 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
             hub.requests.append((self.path, self.headers.get("Range")))
             hub.if_ranges.append(self.headers.get("If-Range"))
             cut = hub.cut_after.pop(name, None)
+        if name in hub.raw:
+            self.wfile.write(hub.raw[name])
+            self.close_connection = True
+            return
         body = hub.files.get(self.path)
         if body is None or name in hub.missing:
             self.send_error(404)
@@ -85,6 +91,13 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
             match = None
         if name in hub.chunked:
             self.protocol_version = "HTTP/1.1"  # chunked encoding needs HTTP/1.1
+        if hub.always_206 and not match:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-99/{len(body)}")
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(body[:100])
+            return
         if match:
             start = int(match.group(1))
             if start >= len(body):
@@ -455,3 +468,24 @@ def test_a_206_reply_from_the_wrong_offset_is_never_spliced(hub, checkpoint, dev
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
     assert hub.requests[-2][1] == "bytes=1000-" and hub.requests[-1][1] is None  # then afresh, from zero
     assert torch.equal(logits(loaded, device), logits(source, device))
+
+
+@pytest.mark.parametrize("module", DOWNLOADERS, ids=DOWNLOADER_IDS)
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 abc OK\r\n\r\n", b"garbage\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 150 + b"\r\n",
+                                    b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n"])
+def test_an_answer_that_is_not_http_is_one_line(hub, module, answer, tmp_path):
+    hub.raw["config.json"] = answer
+    with pytest.raises(module.CheckpointError, match="the server's answer is not valid HTTP") as e:
+        module.download(f"{hub.url}/{REPO}/resolve/main/config.json", str(tmp_path / "dl" / "config.json"), quiet=True)
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "dl")
+
+
+def test_part_of_a_file_sent_for_a_request_of_the_whole_is_refused(hub, checkpoint):
+    directory, _ = checkpoint
+    hub.add(REPO, directory)
+    hub.always_206 = True
+    with pytest.raises(nanogpt2.CheckpointError, match=r"asked for the whole file, the server sent part of it \(206"):
+        nanogpt2.resolve_checkpoint(REPO)
+    assert not os.path.exists(cached("config.json"))
