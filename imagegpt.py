@@ -2669,7 +2669,13 @@ def read_png(path) -> np.ndarray:
     convert them."""
     path = regular_file_in(None, os.fspath(path))  # a FIFO would block, /dev/zero never end
     with open(path, "rb") as f:
-        data = f.read()
+        if f.read(8) != PNG_SIGNATURE:
+            raise ValueError(f"{path} is not a PNG file (it does not start with the PNG signature); {_RESAVE_HINT}")
+        size = os.fstat(f.fileno()).st_size
+        if size > 2 * MAX_PNG_BYTES:  # compressed, no image this reader takes comes near it
+            raise ValueError(f"{path} is {size:,} bytes, more than a PNG of at most {MAX_PNG_BYTES:,} bytes of "
+                             "pixels can be (shrink it first)")
+        data = PNG_SIGNATURE + f.read()
     if data[:8] != PNG_SIGNATURE:
         raise ValueError(f"{path} is not a PNG file (it does not start with the PNG signature); {_RESAVE_HINT}")
     header, idat, pos = None, [], 8

@@ -2897,18 +2897,37 @@ def get_tokenizer():
     except Exception as e:  # tiktoken downloads its files on first use
         raise OSError(
             f"tiktoken could not load the gpt2 encoding ({e}). Offline, point TIKTOKEN_CACHE_DIR at a folder "
-            "holding its cached files (this repository's CI uses ../shared/tiktoken-cache)"
+            "holding its cached files (this repository ships them: TIKTOKEN_CACHE_DIR=tests/fixtures/tiktoken)"
         ) from None
 
 
 def encode(text: str) -> List[int]:
     """Text -> GPT-2 token ids. The literal text <|endoftext|> becomes the special token 50256."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
     return get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+
+
+def token_ids(ids, vocab_size: int = EOT_TOKEN + 1, name: str = "ids") -> List[int]:
+    """ids (a list or 1-D tensor of integers) as a list of ints, each checked to be a token id in
+    [0, vocab_size): one clear error naming the first bad one, instead of the tokenizer's own KeyError."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 or ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"{name} must be a 1-D tensor of integer token ids, got {ids.dtype} of shape "
+                            f"{tuple(ids.shape)}")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(ids).__name__} {ids!r:.60}")
+    ids = list(ids)
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
+            raise ValueError(f"{name}[{i}] is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
+    return [int(token) for token in ids]
 
 
 def decode(ids) -> str:
     """Token ids -> text (bytes that are not valid UTF-8 on their own become U+FFFD)."""
-    return get_tokenizer().decode([int(i) for i in ids])
+    return get_tokenizer().decode(token_ids(ids))
 
 
 def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -2919,6 +2938,11 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) 
         raise TypeError(f"prompts must be a list of strings, got the string {prompts[:40]!r}; wrap it: [prompt]")
     if len(prompts) == 0:
         raise ValueError("prompts is an empty list; give at least one prompt ([\"\"] starts from <|endoftext|>)")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] is {type(prompt).__name__} {prompt!r:.40}, expected a str")
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+        raise TypeError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
     encoded = [encode_fn(p) or [pad_id] for p in prompts]
     T = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
@@ -2944,6 +2968,10 @@ class StreamDecoder:
         (get_tokenizer().decode_single_token_bytes), and a token can end in the middle of a character, so bytes
         go through the incremental decoder self.utf8. With chars (a character-level model) a token is simply
         chars[token]. Everything returned, joined, plus flush(), equals decode() of all the tokens."""
+        vocab_size = len(self.chars) if self.chars is not None else EOT_TOKEN + 1
+        token = int(token) if isinstance(token, torch.Tensor) and token.numel() == 1 else token
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
+            raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
         if self.chars is not None:
             return self.chars[int(token)]
         return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))

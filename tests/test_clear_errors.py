@@ -9,6 +9,7 @@ import tracemalloc
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +92,32 @@ def test_encode_batch_refuses_no_prompts_and_a_bare_string():
         nanogpt2.encode_batch([])
     with pytest.raises(TypeError, match="prompts must be a list of strings, got the string 'Hello'"):
         nanogpt2.encode_batch("Hello")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: nanogpt2.encode(123), TypeError, "encode takes a str, got int 123"),
+    (lambda: nanogpt2.encode(b"bytes"), TypeError, "encode takes a str, got bytes"),
+    (lambda: nanogpt2.decode([15496, -1]), ValueError, r"ids\[1\] is -1, but token ids are integers in \[0, 50257\)"),
+    (lambda: nanogpt2.decode([10 ** 6]), ValueError, r"ids\[0\] is 1000000, but token ids"),
+    (lambda: nanogpt2.decode([2 ** 64]), ValueError, r"ids\[0\] is 18446744073709551616"),
+    (lambda: nanogpt2.decode(["a"]), ValueError, r"ids\[0\] is 'a'"),
+    (lambda: nanogpt2.decode([True]), ValueError, r"ids\[0\] is True"),
+    (lambda: nanogpt2.decode(torch.zeros(2, 2, dtype=torch.long)), TypeError, "must be a 1-D tensor"),
+    (lambda: nanogpt2.decode("hello"), TypeError, "ids must be a sequence of token ids, got str"),
+    (lambda: nanogpt2.encode_batch([1, 2]), TypeError, r"prompts\[0\] is int 1, expected a str"),
+    (lambda: nanogpt2.encode_batch(["a"], pad_id=None), TypeError, "pad_id must be a token id"),
+    (lambda: nanogpt2.StreamDecoder()(10 ** 6), ValueError, r"token is 1000000, but token ids are integers in \[0, 50257\)"),
+    (lambda: nanogpt2.StreamDecoder("ab")(2), ValueError, r"token is 2, but token ids are integers in \[0, 2\)"),
+])
+def test_the_tokenizer_functions_name_a_bad_argument_instead_of_tiktokens_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_good_token_ids_of_every_kind_still_decode():
+    assert nanogpt2.decode([15496, 995]) == nanogpt2.decode(torch.tensor([15496, 995])) == "Hello world"
+    assert nanogpt2.decode(np.array([15496, 995])) == "Hello world"
+    assert nanogpt2.StreamDecoder()(torch.tensor(15496)) == "Hello"
 
 
 def test_labels_of_the_wrong_shape_are_named_before_any_work():

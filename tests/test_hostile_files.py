@@ -380,3 +380,15 @@ def test_data_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path, capsys):
         err = one_line_error(capsys, ["train", "--data", "/dev/zero", "--out", str(tmp_path / "o")])
     assert "--data: /dev/zero is a device or socket, expected a regular file" in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_huge_file_named_png_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "big.png"
+    with open(path, "wb") as f:
+        f.write(imagegpt.PNG_SIGNATURE)
+        f.truncate(2 * imagegpt.MAX_PNG_BYTES + 1)  # sparse: 512 MB on paper, nothing on the disk
+    with pytest.raises(ValueError, match="big.png is 536,870,913 bytes, more than a PNG of at most"):
+        imagegpt.read_png(path)
+    path.write_bytes(b"\0" * 100)
+    with pytest.raises(ValueError, match="is not a PNG file"):
+        imagegpt.read_png(path)
