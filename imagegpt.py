@@ -1139,6 +1139,10 @@ def prune_attention_heads(attn, heads):
 def prune_model_heads(model, heads_to_prune: Dict[int, List[int]]):
     """Remove attention heads, {layer: [heads]}, numbered as in the unpruned model. Pruning a head twice
     is a no-op. The config records them, so a saved model rebuilds the same shapes."""
+    if not isinstance(heads_to_prune, dict) or not all(
+            type(layer) is int and isinstance(heads, (list, tuple, set)) and all(type(h) is int for h in heads)
+            for layer, heads in heads_to_prune.items()):
+        raise TypeError(f"heads_to_prune must be a dict {{layer: [head, ...]}} of ints, got {heads_to_prune!r:.80}")
     for layer, heads in heads_to_prune.items():
         if not 0 <= layer < model.config.n_layer or any(not 0 <= h < model.config.n_head for h in heads):
             raise ValueError(
@@ -2244,10 +2248,10 @@ def check_finite(state_dict: Dict[str, torch.Tensor], where) -> Dict[str, torch.
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype in names.values():
         return dtype
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+    if not isinstance(dtype, str) or dtype not in names:  # an integer or complex model would fail, or be wrong
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)} (or torch.float32, float16, bfloat16)")
     return names[dtype]
 
 
@@ -2259,6 +2263,7 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     imagegpt-small) starts freshly initialised. The directory's palette, if it has one, becomes
     `model.palette` ((n_colours, 3) in [-1, 1], on the CPU)."""
     dtype = parse_dtype(dtype) or torch.float32
+    device = resolve_device(str(device)) if device is not None else None  # a machine without it: one line, now
     directory = resolve_checkpoint(str(name_or_dir))
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
@@ -2328,7 +2333,8 @@ def save_pretrained(model: nn.Module, directory):
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    state_dict = check_finite(model.state_dict(), f"save_pretrained({os.fspath(directory)!r})")  # never save what cannot be loaded
+    save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     _write_atomically(os.path.join(directory, "config.json"),
                       (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     if model.palette is not None:

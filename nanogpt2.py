@@ -1600,6 +1600,10 @@ def prune_attention_heads(attn, heads):
 def prune_model_heads(model, heads_to_prune: Dict[int, List[int]]):
     """Remove attention heads, {layer: [heads]}, numbered as in the unpruned model. Pruning a head twice
     is a no-op. The config records them, so a saved model rebuilds the same shapes."""
+    if not isinstance(heads_to_prune, dict) or not all(
+            type(layer) is int and isinstance(heads, (list, tuple, set)) and all(type(h) is int for h in heads)
+            for layer, heads in heads_to_prune.items()):
+        raise TypeError(f"heads_to_prune must be a dict {{layer: [head, ...]}} of ints, got {heads_to_prune!r:.80}")
     for layer, heads in heads_to_prune.items():
         if not 0 <= layer < model.config.n_layer or any(not 0 <= h < model.config.n_head for h in heads):
             raise ValueError(
@@ -1653,7 +1657,7 @@ def parallelize_model(model, device_map: Optional[Dict[object, List[int]]] = Non
     placed = sorted(b for blocks in device_map.values() for b in blocks)
     if placed != list(range(n)):
         raise ValueError(f"device_map must place every block 0..{n - 1} exactly once, got blocks {placed}")
-    devices = {k: torch.device(f"cuda:{k}" if isinstance(k, int) else k) for k in device_map}
+    devices = {k: resolve_device(f"cuda:{k}" if isinstance(k, int) else str(k)) for k in device_map}  # exist?
     model.device_map = device_map
     model.first_device = devices[next(k for k in device_map if 0 in device_map[k])]
     model.last_device = devices[next(k for k in device_map if n - 1 in device_map[k])]
@@ -2785,10 +2789,10 @@ def check_finite(state_dict: Dict[str, torch.Tensor], where) -> Dict[str, torch.
 def parse_dtype(dtype) -> Optional[torch.dtype]:
     names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype in names.values():
         return dtype
-    if dtype not in names:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)}")
+    if not isinstance(dtype, str) or dtype not in names:  # an integer or complex model would fail, or be wrong
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(names)} (or torch.float32, float16, bfloat16)")
     return names[dtype]
 
 
@@ -2798,6 +2802,7 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     unless dtype says otherwise ("float16", "bfloat16", or a torch.dtype), onto `device` (default CPU).
     A head the checkpoint has no weights for (say a classifier on top of gpt2) starts freshly initialised."""
     dtype = parse_dtype(dtype) or torch.float32
+    device = resolve_device(str(device)) if device is not None else None  # a machine without it: one line, now
     directory = resolve_checkpoint(str(name_or_dir))
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
@@ -2865,6 +2870,7 @@ def save_pretrained(model: nn.Module, directory):
     state_dict = model.state_dict()
     if model.config.tie_word_embeddings:
         state_dict.pop("lm_head.weight", None)
+    check_finite(state_dict, f"save_pretrained({os.fspath(directory)!r})")  # never save what cannot be loaded
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")

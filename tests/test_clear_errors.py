@@ -35,10 +35,12 @@ def tiny(module, head=None):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_checkpoint_with_nan_or_inf_weights_is_refused_naming_the_tensors(tmp_path, name, bad):
     model = tiny(MODULES[name])
+    model.save_pretrained(tmp_path)
     with torch.no_grad():
         model.transformer.h[0].mlp.c_fc.weight[0, :3] = bad
         model.transformer.ln_f.weight[1] = -bad
-    model.save_pretrained(tmp_path)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or name == "imagegpt"}
+    MODULES[name].save_safetensors(state, tmp_path / "model.safetensors")  # save_pretrained would refuse them
     with pytest.raises(MODULES[name].CheckpointError,
                        match=r"NaN or inf, in 2 tensor\(s\): transformer.h.0.mlp.c_fc.weight \(3 of 256 values\), "
                              r"transformer.ln_f.weight \(1 of 8 values\)"):
@@ -266,3 +268,37 @@ def test_every_float_option_of_the_command_lines_refuses_nan_and_inf(capsys, nam
         module.main(["train", "--lr", "fast"])  # not a number at all: the same words
     assert capsys.readouterr().err.strip().endswith("error: argument --lr: expected a finite number, got 'fast'")
     assert module.finite_float("-2.5e-3") == -2.5e-3  # ordinary numbers pass through, ranges are checked later
+
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["nanogpt2", "imagegpt"])
+def test_loading_saving_and_pruning_name_a_bad_argument(module, tmp_path):
+    model = tiny(module)
+    model.save_pretrained(tmp_path / "good")
+    cls = type(model)
+    for dtype in (torch.int64, torch.complex64, "float64", 5):  # an integer model fails; a complex one is wrong
+        with pytest.raises(ValueError, match=r"dtype .* is not one of \['bf16', 'bfloat16'"):
+            cls.from_pretrained(tmp_path / "good", dtype=dtype)
+    with pytest.raises(ValueError, match="not a device type torch knows"):
+        cls.from_pretrained(tmp_path / "good", device="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            cls.from_pretrained(tmp_path / "good", device="cuda")
+    assert cls.from_pretrained(tmp_path / "good", dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(module.CheckpointError, match=r"save_pretrained\('.*bad'\): weights hold NaN or inf, in 1 "
+                                                     r"tensor\(s\): transformer.h.0.mlp.c_fc.weight \(1 of"):
+        model.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    for plan in ({"0": [0]}, {0: ["1"]}, [0], {0: 1}, {0: [True]}):
+        with pytest.raises(TypeError, match=r"heads_to_prune must be a dict \{layer: \[head, ...\]\} of ints"):
+            model.prune_heads(plan)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_parallelize_onto_gpus_a_machine_lacks_is_one_line():
+    model = tiny(nanogpt2)
+    with pytest.raises(ValueError, match="--device cuda:0: CUDA is not available on this machine"):
+        model.parallelize({0: [0]})
+    model.parallelize({"cpu": [0]})  # every block on the CPU: allowed, and a no-op
+    assert model.transformer.first_device == torch.device("cpu")
