@@ -2169,8 +2169,10 @@ def load_state_dict_files(directory: str, dtype: Optional[torch.dtype] = None) -
                 except Exception as e:
                     raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
                                           f"({type(e).__name__}): truncated, corrupt or unsafe") from None
-                if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-                    raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors")
+                if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                           for k, v in loaded.items()):
+                    raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors "
+                                          "by name")
                 state_dict.update({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                                    for k, v in loaded.items()})
         return state_dict
@@ -3135,9 +3137,10 @@ def train(args, task, init, run: Run, state=None) -> dict:
     data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch
     step, elapsed_before = 0, 0.0
     if state is not None:  # put back what the weights alone do not hold
-        optimizer.load_state_dict(state["optimizer"])
-        data_rng.set_state(state["data_rng"])
-        torch.set_rng_state(state["rng"])
+        with resuming_from(os.path.join(args.out, "training_state.pt")):
+            optimizer.load_state_dict(state["optimizer"])
+            data_rng.set_state(state["data_rng"])
+            torch.set_rng_state(state["rng"])
         step, elapsed_before = state["step"], state["elapsed"]
     saved = step if state is not None else None  # the step of the checkpoint in args.out, if there is one
     val_batches = task.validation_batches(args.batch_size, args.eval_batches)
@@ -3330,8 +3333,9 @@ def build_model(args, palette: torch.Tensor, n_px: int, init=None, state=None) -
     """An ImageGPT with its next-pixel head: rebuilt from a training checkpoint, --init's (already loaded), or a
     new one of palette's colours."""
     if state is not None:  # resuming: the checkpoint's own config and weights
-        model = ImageGPTForCausalImageModeling(ImageGPTConfig.from_dict(state["config"]))
-        model.load_state_dict(state["model"])
+        with resuming_from(os.path.join(args.out, "training_state.pt")):
+            model = ImageGPTForCausalImageModeling(ImageGPTConfig.from_dict(state["config"]))
+            model.load_state_dict(state["model"])
     elif init is not None:
         model = init
         if args.dropout is not None:  # the dropout layers were built from the config: change both
@@ -3499,9 +3503,12 @@ class TrainingLog:
         self.path = os.path.join(out, "log.csv")
         rows = []
         if resume_step and os.path.exists(self.path):  # keep the rows up to the checkpoint; later ones are redone
-            with open(regular_file_in(out, self.path), newline="") as f:
-                rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
-                        and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
+            try:  # rows that do not parse are dropped; a file that is not CSV at all is named
+                with open(regular_file_in(out, self.path), newline="", encoding="utf-8", errors="replace") as f:
+                    rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
+                            and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
+            except csv.Error as e:
+                raise ValueError(f"{self.path} is damaged ({e}); move it away to resume without the old log") from None
         with _atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a crash leaves the old log
             writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()
@@ -3594,7 +3601,7 @@ def listed_digests(path: str) -> List[str]:
     """The SHA-256 digests path.sha256 lists, one a line as sha256sum writes them; [] without the file."""
     if not os.path.lexists(f"{path}.sha256"):
         return []
-    with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8") as f:
+    with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8", errors="replace") as f:
         return [line.split(" ")[0].strip() for line in f if line.strip()]
 
 
@@ -3611,10 +3618,34 @@ def read_training_state(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a zip archive cut short or a pickle out of shape: the many ways a file can break
         raise ValueError(f"{damaged}: torch.load fails with {type(e).__name__}; it cannot be resumed") from None
-    missing = {"step", "elapsed", "args", "config", "model", "optimizer", "data_rng", "rng"} - set(state)
+    missing = {"step", "elapsed", "args", "config", "model", "optimizer", "data_rng", "rng"} - set(state) \
+        if isinstance(state, dict) else {"everything (it is no dict)"}
     if missing:
         raise ValueError(f"{path} is not a training state written by `train`: it lacks {', '.join(sorted(missing))}")
+    plain = (type(None), bool, int, float, str, list, tuple)
+    wrong = [f"{name} {state[name]!r:.40} (expected {expected})" for name, expected, ok in (
+        ("step", "an integer >= 0", type(state["step"]) is int and state["step"] >= 0),
+        ("elapsed", "seconds >= 0", type(state["elapsed"]) in (int, float) and 0 <= state["elapsed"] < math.inf),
+        ("args", "a dict of options", isinstance(state["args"], dict) and all(
+            isinstance(k, str) and isinstance(v, plain) for k, v in state["args"].items())),
+        ("config", "a dict", isinstance(state["config"], dict)),
+        ("model", "a dict of tensors", isinstance(state["model"], dict)),
+        ("optimizer", "a dict", isinstance(state["optimizer"], dict))) if not ok]
+    if wrong:
+        raise ValueError(f"{path} was not written by `train` (or was altered): {'; '.join(wrong)}; it cannot be resumed")
     return state
+
+
+@contextlib.contextmanager
+def resuming_from(path: str):
+    """Failures while putting a training state back into a model and an optimizer (a state edited by hand, or
+    written for another model) as one line naming the file, instead of torch's tracebacks."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} does not fit the model and optimiser it describes ({type(e).__name__}: {first}); "
+                         "it cannot be resumed") from None
 
 
 def load_checkpoint(args) -> dict:

@@ -2707,8 +2707,10 @@ def load_state_dict_files(directory: str, dtype: Optional[torch.dtype] = None) -
                 except Exception as e:
                     raise CheckpointError(f"{path} cannot be read as a PyTorch checkpoint of tensors "
                                           f"({type(e).__name__}): truncated, corrupt or unsafe") from None
-                if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-                    raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors")
+                if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                           for k, v in loaded.items()):
+                    raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a dict of tensors "
+                                          "by name")
                 state_dict.update({k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
                                    for k, v in loaded.items()})
         return state_dict
@@ -3404,7 +3406,8 @@ def train(args, state, run: Run) -> dict:
     torch.manual_seed(args.seed + run.rank)  # each process its own dropout masks
     step, elapsed_before = 0, 0.0
     if state is not None:
-        step, elapsed_before = restore_training_state(state, optimizer, data_rng, run)
+        with resuming_from(os.path.join(args.out, "training_state.pt")):
+            step, elapsed_before = restore_training_state(state, optimizer, data_rng, run)
     saved = step if state is not None else None  # the step of the checkpoint in args.out, if there is one
     # What the loop calls: compiled and/or wrapped for DDP. `model` stays the plain module, to save and evaluate.
     trained = torch.compile(model) if args.compile else model
@@ -3588,8 +3591,9 @@ def prepare_task(args, state, run: Run):
 def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> GPT2LMHeadModel:
     """A GPT-2 with its LM head: rebuilt from a training checkpoint, loaded from --init, or new."""
     if state is not None:  # resuming: the checkpoint's own config and weights
-        model = GPT2LMHeadModel(GPT2Config.from_dict(state["config"]))
-        model.load_state_dict(state["model"])
+        with resuming_from(os.path.join(args.out, "training_state.pt")):
+            model = GPT2LMHeadModel(GPT2Config.from_dict(state["config"]))
+            model.load_state_dict(state["model"])
     elif args.init is not None:
         model = GPT2LMHeadModel.from_pretrained(args.init)
         if args.dropout is not None:  # the dropout layers were built from the config: change both
@@ -3865,7 +3869,7 @@ def listed_digests(path: str) -> List[str]:
     """The SHA-256 digests path.sha256 lists, one a line as sha256sum writes them; [] without the file."""
     if not os.path.lexists(f"{path}.sha256"):
         return []
-    with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8") as f:
+    with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8", errors="replace") as f:
         return [line.split(" ")[0].strip() for line in f if line.strip()]
 
 
@@ -3882,10 +3886,34 @@ def read_training_state(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a zip archive cut short or a pickle out of shape: the many ways a file can break
         raise ValueError(f"{damaged}: torch.load fails with {type(e).__name__}; it cannot be resumed") from None
-    missing = {"step", "elapsed", "args", "config", "model", "optimizer", "data_rng", "rng"} - set(state)
+    missing = {"step", "elapsed", "args", "config", "model", "optimizer", "data_rng", "rng"} - set(state) \
+        if isinstance(state, dict) else {"everything (it is no dict)"}
     if missing:
         raise ValueError(f"{path} is not a training state written by `train`: it lacks {', '.join(sorted(missing))}")
+    plain = (type(None), bool, int, float, str, list, tuple)
+    wrong = [f"{name} {state[name]!r:.40} (expected {expected})" for name, expected, ok in (
+        ("step", "an integer >= 0", type(state["step"]) is int and state["step"] >= 0),
+        ("elapsed", "seconds >= 0", type(state["elapsed"]) in (int, float) and 0 <= state["elapsed"] < math.inf),
+        ("args", "a dict of options", isinstance(state["args"], dict) and all(
+            isinstance(k, str) and isinstance(v, plain) for k, v in state["args"].items())),
+        ("config", "a dict", isinstance(state["config"], dict)),
+        ("model", "a dict of tensors", isinstance(state["model"], dict)),
+        ("optimizer", "a dict", isinstance(state["optimizer"], dict))) if not ok]
+    if wrong:
+        raise ValueError(f"{path} was not written by `train` (or was altered): {'; '.join(wrong)}; it cannot be resumed")
     return state
+
+
+@contextlib.contextmanager
+def resuming_from(path: str):
+    """Failures while putting a training state back into a model and an optimizer (a state edited by hand, or
+    written for another model) as one line naming the file, instead of torch's tracebacks."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} does not fit the model and optimiser it describes ({type(e).__name__}: {first}); "
+                         "it cannot be resumed") from None
 
 
 def load_checkpoint(args, is_main: bool = True) -> dict:
@@ -3933,9 +3961,12 @@ class TrainingLog:
         self.path = os.path.join(out, "log.csv")
         rows = []
         if resume_step and os.path.exists(self.path):  # keep the rows up to the checkpoint; later ones are redone
-            with open(regular_file_in(out, self.path), newline="") as f:
-                rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
-                        and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
+            try:  # rows that do not parse are dropped; a file that is not CSV at all is named
+                with open(regular_file_in(out, self.path), newline="", encoding="utf-8", errors="replace") as f:
+                    rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit()
+                            and row.get("val_loss") is not None and int(row["step"]) <= resume_step]
+            except csv.Error as e:
+                raise ValueError(f"{self.path} is damaged ({e}); move it away to resume without the old log") from None
         with _atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:  # a crash leaves the old log
             writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
             writer.writeheader()

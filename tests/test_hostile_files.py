@@ -392,3 +392,32 @@ def test_a_huge_file_named_png_is_refused_before_it_is_read(tmp_path):
     path.write_bytes(b"\0" * 100)
     with pytest.raises(ValueError, match="is not a PNG file"):
         imagegpt.read_png(path)
+
+
+def edited_state(run_folder, tmp_path, edit):
+    """A copy of the run whose training_state.pt was edited (and its .sha256 removed, as for a state older
+    than checksums, or one rewritten with the edit): the plain fields are still checked."""
+    out = tmp_path / "run"
+    shutil.copytree(run_folder, out)
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, out / "training_state.pt")
+    os.remove(out / "training_state.pt.sha256")
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(step=-5), r"step -5 \(expected an integer >= 0\)"),  # would train with negative rates
+    (lambda s: s.update(step="three"), r"step 'three' \(expected an integer >= 0\)"),
+    (lambda s: s.update(elapsed=float("nan")), r"elapsed nan \(expected seconds >= 0\)"),
+    (lambda s: s.update(args=[1, 2]), r"args \[1, 2\] \(expected a dict of options\)"),
+    (lambda s: s.update(config=[]), r"config \[\] \(expected a dict\)"),
+    (lambda s: s.pop("rng"), "it lacks rng"),
+    (lambda s: s.update(rng=[{}]), r"does not fit the model and optimiser it describes \(KeyError"),
+    (lambda s: s["model"].pop("transformer.wte.weight"), r"does not fit the model .*\(RuntimeError: Error\(s\) in "),
+    (lambda s: s["optimizer"].update(state={0: {"step": "x"}}), "does not fit the model and optimiser"),
+])
+def test_a_training_state_edited_by_hand_is_one_line_naming_it(run_folder, tmp_path, capsys, edit, message):
+    out = edited_state(run_folder, tmp_path, edit)
+    err = one_line_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
+    assert "training_state.pt" in err and re.search(message, err), err
