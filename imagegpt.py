@@ -3725,8 +3725,11 @@ class RunFolder:
     fails before it has anything to keep (a checkpoint or a line of log)."""
 
     def __init__(self, out: str, overwrite: bool, resuming: bool):
-        self.out, self.overwrite, self.resuming, self.made, self.lock = out, overwrite, resuming, \
-            not os.path.isdir(out), None
+        self.out, self.overwrite, self.resuming, self.lock = out, overwrite, resuming, None
+        self.made = None  # the topmost folder this run makes (--out a/b/c with only a: a/b), to remove on failure
+        folder = os.path.abspath(out)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            self.made, folder = folder, os.path.dirname(folder)
 
     def __enter__(self):
         os.makedirs(self.out, exist_ok=True)
@@ -3745,8 +3748,8 @@ class RunFolder:
         log = os.path.join(self.out, "log.csv")
         has_work = os.path.exists(os.path.join(self.out, "training_state.pt")) or (
             os.path.exists(log) and os.path.getsize(log) > len(",".join(TrainingLog.COLUMNS)) + 2)
-        if kind is not None and self.made and not has_work:
-            shutil.rmtree(self.out, ignore_errors=True)
+        if kind is not None and self.made is not None and not has_work:
+            shutil.rmtree(self.made, ignore_errors=True)
         return False
 
 

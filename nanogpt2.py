@@ -3745,8 +3745,13 @@ def init_distributed(device_name: Optional[str]):
     (0 .. WORLD_SIZE - 1 over every machine), LOCAL_RANK (its number on this machine) and WORLD_SIZE.
     Returns (rank, world_size, device); with several processes, joins them in a process group: nccl
     between GPUs, gloo between CPU processes."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    environment = {name: os.environ.get(name, default) for name, default in
+                   (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))}
+    if not all(value.isdigit() for value in environment.values()) or not (
+            0 <= int(environment["RANK"]) < int(environment["WORLD_SIZE"])):
+        raise ValueError(f"the environment says {', '.join(f'{k}={v}' for k, v in environment.items())}: torchrun "
+                         "sets these (0 <= RANK < WORLD_SIZE); unset them to train in one process")
+    world_size, rank, local_rank = (int(environment[name]) for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
     device = resolve_device(device_name)
     if device.type == "cuda":
         if device.index is None:  # one GPU per process: the LOCAL_RANK-th (without torchrun, the first)
@@ -4065,8 +4070,11 @@ class RunFolder:
     fails before it has anything to keep (a checkpoint or a line of log)."""
 
     def __init__(self, out: str, overwrite: bool, resuming: bool):
-        self.out, self.overwrite, self.resuming, self.made, self.lock = out, overwrite, resuming, \
-            not os.path.isdir(out), None
+        self.out, self.overwrite, self.resuming, self.lock = out, overwrite, resuming, None
+        self.made = None  # the topmost folder this run makes (--out a/b/c with only a: a/b), to remove on failure
+        folder = os.path.abspath(out)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            self.made, folder = folder, os.path.dirname(folder)
 
     def __enter__(self):
         os.makedirs(self.out, exist_ok=True)
@@ -4085,8 +4093,8 @@ class RunFolder:
         log = os.path.join(self.out, "log.csv")
         has_work = os.path.exists(os.path.join(self.out, "training_state.pt")) or (
             os.path.exists(log) and os.path.getsize(log) > len(",".join(TrainingLog.COLUMNS)) + 2)
-        if kind is not None and self.made and not has_work:
-            shutil.rmtree(self.out, ignore_errors=True)
+        if kind is not None and self.made is not None and not has_work:
+            shutil.rmtree(self.made, ignore_errors=True)
         return False
 
 
@@ -4184,7 +4192,8 @@ def report_run(args, summary, model, data, tokenizer, png, say):
 
 def sample_after(model, data: TextData, new_tokens: int = 200) -> List[int]:
     """A short continuation of the first tokens of the validation split, to see what the model writes."""
-    prompt = torch.from_numpy(data.tokens[data.n_train: data.n_train + 8].astype(np.int64))[None]  # (1, 8)
+    length = min(8, model.config.n_positions - 1)  # a model of 8 positions or fewer still gets a sample
+    prompt = torch.from_numpy(data.tokens[data.n_train: data.n_train + length].astype(np.int64))[None]  # (1, 8)
     new_tokens = min(new_tokens, model.config.n_positions - prompt.size(1))
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     out = generate(model, prompt, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_k=200,

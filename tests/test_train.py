@@ -657,6 +657,25 @@ def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, caps
                                                  n_head=2, extra={"char_vocab": chars})).save_pretrained(str(tmp_path / "m"))
     run_error(capsys, ["train", "--init", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+    run_error(capsys, ["train", "--init", str(tmp_path / "m"), "--out", str(tmp_path / "a" / "b" / "c")])
+    assert not (tmp_path / "a").exists()  # nor the folders made on the way to it
+
+
+@pytest.mark.parametrize("environment", [dict(RANK="1"), dict(WORLD_SIZE="0"), dict(WORLD_SIZE="abc"),
+                                         dict(WORLD_SIZE="2", RANK="2"), dict(LOCAL_RANK="-1")])
+def test_torchrun_variables_that_cannot_be_right_are_one_line(tmp_path, capsys, monkeypatch, environment):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    err = run_error(capsys, ["train", *TINY, "--max-steps", "1", "--out", str(tmp_path / "o")])
+    assert "torchrun sets these (0 <= RANK < WORLD_SIZE); unset them" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_of_few_positions_still_gets_its_sample_after_training(tmp_path, capsys):
+    out = train(tmp_path, "--data", str(text_file(tmp_path)), "--tokenizer", "char", "--block-size", "4",
+                "--max-steps", "2")
+    assert "max_new_tokens" not in capsys.readouterr().err
+    assert (out / "model.safetensors").exists()
 
 
 def test_a_small_model_on_a_cpu_trains_on_one_thread_unless_told_otherwise(monkeypatch):
