@@ -1790,6 +1790,9 @@ def check_model_inputs(
                 tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
             raise _shape_error("encoder_attention_mask", encoder_attention_mask.shape,
                                tuple(encoder_hidden_states.shape[:2]))
+        if encoder_attention_mask is not None and \
+                not torch.all((encoder_attention_mask == 0) | (encoder_attention_mask == 1)):
+            raise ValueError("encoder_attention_mask must hold only 0 (padding) and 1 (token)")
     elif encoder_attention_mask is not None:
         raise ValueError("encoder_attention_mask was given without encoder_hidden_states")
     return input_shape, past_length

@@ -537,6 +537,10 @@ BAD_INPUTS = [
         lambda c, d: dict(input_ids=token_ids(d, 1, 4), encoder_hidden_states=torch.zeros(1, 3, 16, device=d),
                        encoder_attention_mask=torch.ones(1, 4, device=d)),
         ValueError, r"encoder_attention_mask has shape \(1, 4\), expected \(1, 3\)"),
+    bad("encoder mask not 0/1", GPT2Model, dict(add_cross_attention=True),  # 2s would change the output silently
+        lambda c, d: dict(input_ids=token_ids(d, 1, 4), encoder_hidden_states=torch.zeros(1, 3, 16, device=d),
+                          encoder_attention_mask=torch.full((1, 3), 2.0, device=d)),
+        ValueError, r"encoder_attention_mask must hold only 0 \(padding\) and 1"),
     bad("mc_token_ids beyond the sequence", GPT2DoubleHeadsModel, {},
         lambda c, d: dict(input_ids=token_ids(d, 1, 2, 4), mc_token_ids=torch.tensor([[0, 4]], device=d)),
         ValueError, r"mc_token_ids holds position 4"),
