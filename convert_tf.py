@@ -690,6 +690,7 @@ def write_atomically(out_dir, fill):
     not leave one either. The folder and its files are made like any others, so the umask sets their modes
     (0755 and 0644 under umask 022)."""
     out_dir = Path(out_dir)
+    made = next((p for p in reversed(out_dir.parents) if not p.exists()), None)  # the topmost folder made here
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_folders(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
@@ -705,11 +706,15 @@ def write_atomically(out_dir, fill):
         _fsync(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made is not None:  # and the folders made on the way to out_dir: a failed run leaves nothing
+            shutil.rmtree(made, ignore_errors=True)
         raise
 
 
 def check_out_dir(out_dir):
     out_dir = Path(out_dir)
+    if out_dir.is_symlink():  # the folder is renamed into place at the end: a link there cannot become one
+        raise CheckpointError(f"{out_dir}: is a symbolic link; give the folder's real path, or a new name")
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise CheckpointError(f"{out_dir}: already exists and is not an empty folder; choose another OUT_DIR "
                               f"or remove it")

@@ -436,6 +436,16 @@ def test_failure_while_writing_leaves_no_out_dir(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="simulated"):
         convert_tf.convert(FIXTURES / "gpt2", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither out nor its temporary .out.tmp<PID>
+    with pytest.raises(CheckpointError, match="simulated"):
+        convert_tf.convert(FIXTURES / "gpt2", tmp_path / "a" / "b" / "out")
+    assert list(tmp_path.iterdir()) == []  # nor the folders made on the way to it
+
+
+def test_an_out_dir_that_is_a_link_is_refused_before_any_work(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "out")
+    with pytest.raises(CheckpointError, match="out: is a symbolic link"):
+        convert_tf.convert(FIXTURES / "gpt2", tmp_path / "out")
 
 
 def test_existing_out_dir_is_refused_and_left_alone(tmp_path):
