@@ -57,6 +57,7 @@ train a small one that draws shapes with `python imagegpt.py train` (minutes on 
 import contextlib
 import json
 import math
+import os
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple
@@ -1424,12 +1425,94 @@ def _check_compile_args(model, compile, cache):
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
+# What each field's annotation accepts. A config.json holds JSON's true/false, numbers, strings and null, which
+# Python's json reads as bool, int, float, str and None; each field must hold its own kind exactly, because
+# everything else is read wrongly or fails deep inside torch: the string "false" is true to Python, 12.0 is no
+# size of a tensor (Hugging Face writes integers as 12), and a list is no dropout probability.
+FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+OPTIONAL_KINDS = {Optional[int]: int, Optional[float]: float, Optional[str]: str}  # these may also be None (null)
+INT64_BOUND = 2 ** 63  # config integers end up in int64 tensors (token ids): they must lie in [-2**63, 2**63)
+FLOAT_MAX = torch.finfo(torch.float64).max  # a number beyond it (an int of 400 digits) is no float
+
+
+def shown(value) -> str:
+    """A value for an error message: its repr, cut to 60 characters, and its type, `'false' (a str)`."""
+    text, kind = repr(value), type(value).__name__
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def is_kind(value, kind) -> bool:
+    """Whether value is of kind (bool, int, float or str) as a config field of that kind must be: a bool is not
+    an int or a float here (JSON's true is no size), an int is one for a float (JSON's 0 for 0.0), and a float
+    must be finite (json reads NaN, Infinity and 1e999)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT_MAX
+    return isinstance(value, kind)
+
+
+def is_index(key) -> bool:
+    """A layer or label number as a JSON object key ("3": object keys are strings) or as a Python int."""
+    if isinstance(key, str):
+        return key.isdecimal() and len(key) <= 18
+    return is_kind(key, int) and key >= 0
+
+
+def check_field_types(config):
+    """Raise a ValueError naming the first field that does not hold its annotation's kind (FIELD_KINDS), with
+    the value and its type: `ImageGPTConfig.tie_word_embeddings must be true or false, got 'false' (a str)`.
+    The ranges (n_layer >= 1, dropout in [0, 1), ...) are validate_config's, once the kinds are right."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = OPTIONAL_KINDS.get(f.type, f.type)
+        if kind not in FIELD_KINDS or (value is None and f.type in OPTIONAL_KINDS):
+            continue
+        expected = FIELD_KINDS[kind] + (" or null (None)" if f.type in OPTIONAL_KINDS else "")
+        if not is_kind(value, kind):
+            fix = f"; write {int(value)}" if kind is int and isinstance(value, float) and value.is_integer() else ""
+            raise ValueError(f"ImageGPTConfig.{f.name} must be {expected}, got {shown(value)}{fix}")
+        if kind is int and not -INT64_BOUND <= value < INT64_BOUND:
+            raise ValueError(f"ImageGPTConfig.{f.name} must fit in 64 bits, [-2**63, 2**63), got {shown(value)}")
+    heads = config.pruned_heads
+    if not isinstance(heads, dict) or not all(is_kind(layer, int) and isinstance(pruned, (list, tuple))
+                                              and all(is_kind(h, int) for h in pruned) for layer, pruned in heads.items()):
+        raise ValueError(f"ImageGPTConfig.pruned_heads must map layer numbers to lists of head numbers, {{11: [0, 3]}}, "
+                         f"got {shown(heads)}")
+    if not isinstance(config.extra, dict) or not all(isinstance(key, str) for key in config.extra):
+        raise ValueError(f"ImageGPTConfig.extra holds the config.json keys this class does not know: a dict with string "
+                         f"keys, got {shown(config.extra)}")
+    if "id2label" in config.extra:
+        check_label_names(config.extra["id2label"])
+
+
+def check_label_names(id2label):
+    """id2label, Hugging Face's label names: an object of label numbers to names, {"0": "LABEL_0", ...}."""
+    if not isinstance(id2label, dict) or not all(is_index(i) and isinstance(name, str) for i, name in id2label.items()):
+        raise ValueError(f'ImageGPTConfig.id2label must map label numbers to names, {{"0": "negative", "1": "positive"}}, '
+                         f"got {shown(id2label)}")
+
+
+def pruned_heads_from_json(pruned_heads) -> Dict[int, List[int]]:
+    """config.json's pruned_heads, {"11": [0, 3]} (JSON object keys are strings) -> {11: [0, 3]}."""
+    if not isinstance(pruned_heads, dict) or not all(is_index(layer) and isinstance(heads, list)
+                                                     and all(is_kind(h, int) for h in heads)
+                                                     for layer, heads in pruned_heads.items()):
+        raise ValueError(f'ImageGPTConfig.pruned_heads must map layer numbers to lists of head numbers, {{"11": [0, 3]}}, '
+                         f"got {shown(pruned_heads)}")
+    return {int(layer): list(heads) for layer, heads in pruned_heads.items()}
+
+
 def validate_config(config):
-    """Raise a ValueError naming the field, its value and what it should be. Called on creation and by
-    every model, so a config edited after creation is checked too."""
+    """Raise a ValueError naming the field, its value and what it should be: first each field's kind
+    (check_field_types), then its range, then whether the model fits in memory (check_model_size). Called on
+    creation and by every model, so a config edited after creation is checked too."""
+    check_field_types(config)
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_labels" else 1):
+        if value < (0 if name == "num_labels" else 1):
             raise ValueError(f"ImageGPTConfig.{name} must be a positive integer, got {value!r}")
     if config.vocab_size < 2:
         raise ValueError(f"ImageGPTConfig.vocab_size is {config.vocab_size}, but it counts the colours + SOS, so "
@@ -1439,7 +1522,7 @@ def validate_config(config):
             f"ImageGPTConfig.n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): each head "
             f"gets n_embd // n_head channels; try n_head in {[h for h in range(1, 33) if config.n_embd % h == 0]}"
         )
-    if config.n_inner is not None and (not isinstance(config.n_inner, int) or config.n_inner < 1):
+    if config.n_inner is not None and config.n_inner < 1:
         raise ValueError(f"ImageGPTConfig.n_inner must be None or a positive integer, got {config.n_inner!r}")
     if config.activation_function not in ACTIVATIONS:
         raise ValueError(f"ImageGPTConfig.activation_function is {config.activation_function!r}, expected one of "
@@ -1450,6 +1533,9 @@ def validate_config(config):
             raise ValueError(f"ImageGPTConfig.{name} is a dropout probability in [0, 1), got {value!r}")
     if not config.layer_norm_epsilon > 0:
         raise ValueError(f"ImageGPTConfig.layer_norm_epsilon must be > 0, got {config.layer_norm_epsilon!r}")
+    if config.initializer_range < 0:
+        raise ValueError(f"ImageGPTConfig.initializer_range is the standard deviation of the initial weights, >= 0, "
+                         f"got {config.initializer_range!r}")
     if config.problem_type not in PROBLEM_TYPES:
         raise ValueError(f"ImageGPTConfig.problem_type is {config.problem_type!r}, expected one of {PROBLEM_TYPES}")
     if config.tie_word_embeddings:
@@ -1458,11 +1544,15 @@ def validate_config(config):
             "the embedding also holds SOS, so the two matrices differ in shape"
         )
     for layer, heads in config.pruned_heads.items():
-        if not 0 <= int(layer) < config.n_layer or any(not 0 <= int(h) < config.n_head for h in heads):
+        if not 0 <= layer < config.n_layer or any(not 0 <= h < config.n_head for h in heads):
             raise ValueError(
                 f"ImageGPTConfig.pruned_heads names layer {layer} heads {list(heads)}, but the model has "
                 f"{config.n_layer} layers of {config.n_head} heads"
             )
+        if len(set(heads)) == config.n_head:
+            raise ValueError(f"ImageGPTConfig.pruned_heads removes all {config.n_head} heads of layer {layer}; a "
+                             "layer keeps at least one")
+    check_model_size(config)
 
 
 # OpenAI's three released sizes (trained on 32 x 32 ImageNet with the same 512-colour palette).
@@ -1490,11 +1580,12 @@ def config_from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
     kwargs = {k: v for k, v in config_dict.items() if k in known}
     extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
     if "id2label" in config_dict:  # Hugging Face stores the label names; num_labels is their count
+        check_label_names(config_dict["id2label"])
         kwargs["num_labels"] = len(config_dict["id2label"])
     elif "num_labels" in config_dict:
         kwargs["num_labels"] = config_dict["num_labels"]
     if "pruned_heads" in kwargs:  # JSON object keys are strings
-        kwargs["pruned_heads"] = {int(k): [int(h) for h in v] for k, v in kwargs["pruned_heads"].items()}
+        kwargs["pruned_heads"] = pruned_heads_from_json(kwargs["pruned_heads"])
     return cls(**kwargs, extra=extra)
 
 
@@ -1521,11 +1612,84 @@ def config_from_json_file(cls, path) -> "ImageGPTConfig":
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
                               "fields ({\"n_layer\": 12, ...})")
-    return cls.from_dict(config_dict)
+    try:
+        return cls.from_dict(config_dict)
+    except ValueError as e:  # a field of the wrong kind or out of range, or a model too big for memory: name the file
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def config_to_json_file(config, path):
     _write_atomically(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# --- Memory: what a model or a batch needs, against what the machine has ---------------------------------
+# A number in a config.json or on the command line can ask for more memory than any machine has: every
+# attention layer keeps an n_positions x n_positions causal mask, so "n_positions": 300000 asks for 90 GB per
+# layer. Such requests are refused before anything is allocated, with the figure, instead of ending in
+# swapping, the kernel's OOM killer or an error from deep inside torch.
+
+
+MEMORY_LIMIT_VARIABLE = "NANOGPT2_MAX_MEMORY_GB"
+PYTHON_BYTES_PER_LAYER = 65_000  # a block's modules, parameters and dicts: measured 42 KB, 65 KB with cross-attention
+
+
+def memory_limit() -> int:
+    """The most bytes one model, batch or image may take: NANOGPT2_MAX_MEMORY_GB (in units of 10^9 bytes) if
+    set, else the machine's physical memory (no limit where the system does not say)."""
+    text = os.environ.get(MEMORY_LIMIT_VARIABLE)
+    if text is not None:
+        try:
+            gigabytes = float(text)
+        except ValueError:
+            gigabytes = float("nan")
+        if not 0 < gigabytes < float("inf"):
+            raise ValueError(f"{MEMORY_LIMIT_VARIABLE} must be a number of gigabytes > 0, got {text!r}; "
+                             f"e.g. {MEMORY_LIMIT_VARIABLE}=64")
+        return int(gigabytes * 1e9)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or it does not know
+        return 2 ** 63
+
+
+def check_memory(needed: int, what: str, fix: str):
+    """Raise a ValueError if `what` needs more than memory_limit() bytes: the figure, the limit, the fix."""
+    limit = memory_limit()
+    if needed > limit:
+        source = MEMORY_LIMIT_VARIABLE if MEMORY_LIMIT_VARIABLE in os.environ else "this machine's memory"
+        raise ValueError(f"{what} needs about {needed / 1e9:,.1f} GB, more than the {limit / 1e9:,.1f} GB limit "
+                         f"({source}); {fix}, or set {MEMORY_LIMIT_VARIABLE} to allow more")
+
+
+def model_bytes(config) -> int:
+    """About how many bytes a model of this config takes in fp32, counted from the config alone: its parameters
+    (4 bytes each; the token and position embeddings, every block, an LM head and a classifier, tied or not),
+    every attention layer's causal mask (n_positions^2 bools, plus one more while it is made) and every block's
+    Python objects."""
+    C, P = config.n_embd, config.n_positions
+    inner = config.n_inner if config.n_inner is not None else 4 * C
+    attention_layers = 2 if config.add_cross_attention else 1  # cross-attention: another attention per block
+    block = attention_layers * (4 * C * C + 6 * C) + 2 * C * inner + inner + 3 * C  # attention, layer norms, MLP
+    parameters = (2 * config.vocab_size + P + config.num_labels) * C + config.n_layer * block + 2 * C
+    masks = (config.n_layer * attention_layers + 1) * P * P
+    return 4 * parameters + masks + config.n_layer * PYTHON_BYTES_PER_LAYER
+
+
+def check_model_size(config):
+    """Refuse a config whose model would not fit in memory_limit(), before anything is allocated."""
+    check_memory(model_bytes(config), f"a model of this ImageGPTConfig (n_layer={config.n_layer}, n_embd={config.n_embd}, "
+                 f"n_positions={config.n_positions}, vocab_size={config.vocab_size})",
+                 "use a smaller config (n_positions, vocab_size, n_embd or n_layer)")
+
+
+def check_generation_memory(model, rows: int, length: int):
+    """generate() before it allocates: the key/value cache of `rows` sequences of `length` tokens (keys and values
+    of every layer, in the model's dtype) and one step's fp32 logits must fit in memory_limit()."""
+    config = model.config
+    itemsize = model.transformer.wte.weight.element_size()
+    needed = 2 * config.n_layer * rows * length * config.n_embd * itemsize + rows * config.vocab_size * 4
+    check_memory(needed, f"generating {rows:,} sequences of up to {length:,} tokens (their key/value cache)",
+                 "ask for fewer samples or fewer new tokens")
 
 
 # ====================================================================================================
@@ -1542,7 +1706,6 @@ import csv
 import functools
 import hashlib
 import mmap
-import os
 import re
 import shlex
 import shutil
