@@ -134,7 +134,8 @@ SHARED = [
     'read_training_state', 'save_training_state', 'listed_digests', 'TrainingLog.__init__', 'TrainingLog.close', 'RUN_FILES', 'check_run_folder', 'RunLock',
     'RunLock.__init__', 'RunLock.holder', 'RunLock.release', 'RunFolder', 'RunFolder.__init__',
     'RunFolder.__enter__', 'RunFolder.__exit__', 'StopRequest', 'StopRequest.__init__', 'StopRequest.handle',
-    'StopRequest.restore', 'format_time', 'TrainingProgress', 'TrainingProgress.__init__', 'default_help',
+    'StopRequest.restore', 'format_time', 'TrainingProgress', 'TrainingProgress.__init__', 'MAX_SEED',
+    'integer_option', 'float_option', 'default_help',
     'PNG_SIGNATURE', '_png_chunk', 'write_png',
 ]
 
