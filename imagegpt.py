@@ -1665,14 +1665,15 @@ def check_memory(needed: int, what: str, fix: str):
 
 def model_bytes(config) -> int:
     """About how many bytes a model of this config takes in fp32, counted from the config alone: its parameters
-    (4 bytes each; the token and position embeddings, every block, an LM head and a classifier, tied or not),
-    every attention layer's causal mask (n_positions^2 bools, plus one more while it is made) and every block's
-    Python objects."""
+    (4 bytes each: the token and position embeddings, every block, and the largest heads any class has: an LM
+    head, tied or not, and a classifier with a projection before it), every attention layer's causal mask
+    (n_positions^2 bools, plus one more while it is made) and every block's Python objects."""
     C, P = config.n_embd, config.n_positions
     inner = config.n_inner if config.n_inner is not None else 4 * C
     attention_layers = 2 if config.add_cross_attention else 1  # cross-attention: another attention per block
     block = attention_layers * (4 * C * C + 6 * C) + 2 * C * inner + inner + 3 * C  # attention, layer norms, MLP
-    parameters = (2 * config.vocab_size + P + config.num_labels) * C + config.n_layer * block + 2 * C
+    heads = (config.vocab_size + C + config.num_labels) * C
+    parameters = (config.vocab_size + P) * C + config.n_layer * block + 2 * C + heads
     masks = (config.n_layer * attention_layers + 1) * P * P
     return 4 * parameters + masks + config.n_layer * PYTHON_BYTES_PER_LAYER
 

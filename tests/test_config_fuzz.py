@@ -145,6 +145,26 @@ def test_any_config_json_loads_or_fails_with_one_clear_error(module, tiny_dirs, 
     assert tensor_bytes(model) <= module.model_bytes(config) <= 0.25e9
 
 
+# Configs in which each term of model_bytes is most of the model: the causal masks, the embeddings, the blocks'
+# matrices, a wide MLP, cross-attention, a classifier of many labels, GPT-2's multiple-choice projection (C x C).
+DOMINANT_TERMS = [dict(n_positions=1024, n_layer=2), dict(vocab_size=50_000), dict(n_embd=256, n_layer=2),
+                  dict(n_inner=4096), dict(add_cross_attention=True, n_embd=128, n_positions=256),
+                  dict(num_labels=100_000), dict(summary_proj_to_labels=False, n_embd=512)]
+
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["gpt2", "imagegpt"])
+@pytest.mark.parametrize("overrides", DOMINANT_TERMS, ids=[next(iter(o)) for o in DOMINANT_TERMS])
+def test_the_size_estimate_covers_every_tensor_of_every_head(module, overrides):
+    """model_bytes, which check_model_size holds against the limit, is at least what the tensors of any head
+    class built from the config take, whichever term dominates: a config that passes the check fits."""
+    if not all(name in {f.name for f in dataclasses.fields(config_class(module))} for name in overrides):
+        pytest.skip(f"{config_class(module).__name__} has no {list(overrides)}")
+    config = config_class(module)(**{**dict(vocab_size=5, n_positions=4, n_embd=8, n_layer=1, n_head=2), **overrides})
+    for head in module.HEAD_CLASSES:
+        with module.without_random_init():
+            assert tensor_bytes(head(config)) <= module.model_bytes(config), head.__name__
+
+
 # --- through the command line, in subprocesses with a capped address space ------------------------------
 
 
