@@ -373,3 +373,61 @@ def test_more_samples_than_memory_holds_are_refused_before_any_batch_is_made(tin
     assert re.fullmatch(r"nanogpt2\.py: error: generating 1,000,000,000,000,000 sequences of up to 4 tokens \(their "
                         r"key/value cache\) needs about [\d,]+\.\d GB, .*ask for fewer samples or fewer new tokens.*\n",
                         err), err
+
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["gpt2", "imagegpt"])
+def test_generate_refuses_a_batch_whose_cache_would_not_fit_before_allocating(module, tiny_dirs, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("allocated the cache before refusing the batch")
+
+    monkeypatch.setattr(module.StaticCache, "__init__", never)
+    model = module.HEAD_CLASSES[1].from_pretrained(str(tiny_dirs[module]))
+    with pytest.raises(ValueError, match=r"^generating 1,000,000,000,000 sequences of up to 4 tokens \(their key/value "
+                                         r"cache\) needs about [\d,]+\.\d GB, more than the [\d,.]+ GB limit"):
+        if module is nanogpt2:
+            model.generate(torch.ones(1, 1, dtype=torch.long).expand(10 ** 12, 1), max_new_tokens=3)
+        else:
+            model.generate(num_samples=10 ** 12)
+
+
+def test_a_training_batch_too_large_for_memory_is_refused_before_the_first_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert nanogpt2.main(["train", "--batch-size", str(10 ** 9), "--max-steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"nanogpt2\.py: error: a training step of --batch-size 1000000000 x --accum 1 windows of 10 "
+                        r"tokens needs about [\d,]+\.\d GB, .*use a smaller --batch-size or --accum.*\n", err), err
+    assert not out.exists()  # the run folder it made is gone again
+
+
+def test_imagegpt_training_sizes_too_large_for_memory_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("drew the images before refusing the model's size")
+
+    monkeypatch.setattr(imagegpt, "prepare_task", never)
+    assert imagegpt.main(["train", "--n-px", "1000", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"imagegpt\.py: error: --n-px 1000, --n-colours 16, --n-layer 4, --n-embd 64, --n-head 4: a "
+                        r"model of this ImageGPTConfig \(n_layer=4, n_embd=64, n_positions=1000000, vocab_size=17\) "
+                        r"needs about [\d,]+\.\d GB.*\n", err), err
+    monkeypatch.undo()
+    monkeypatch.setattr(imagegpt, "fit_palette", lambda images, n_colours, seed: torch.linspace(-1, 1, 3 * n_colours)
+                        .view(n_colours, 3))  # no k-means: the palette does not matter here
+    monkeypatch.setattr(imagegpt, "train_step", never)
+    assert imagegpt.main(["train", "--batch-size", str(10 ** 9), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"imagegpt\.py: error: a training step of --batch-size 1000000000 images of 12 x 12 pixels needs "
+                        r"about [\d,]+\.\d GB, .*use a smaller --batch-size.*\n", err), err
+
+
+def test_eval_refuses_more_windows_at_once_than_memory_holds(tiny_dirs, tmp_path, capsys, monkeypatch):
+    text = tmp_path / "text.txt"
+    text.write_text("ab" * 600)
+    monkeypatch.setattr(nanogpt2, "memory_limit", lambda: 200_000)  # the tiny model fits; 1,193 windows do not
+    monkeypatch.setattr(nanogpt2, "sliding_window_loss", lambda *args: pytest.fail("scored before refusing"))
+    argv = ["eval", "--model", str(tiny_dirs[nanogpt2]), "--data", str(text), "--context", "8", "--stride", "1",
+            "--batch-size", "5000"]
+    assert nanogpt2.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"nanogpt2\.py: error: scoring 1193 windows of 8 tokens at once \(their fp32 logits and "
+                        r"log-probabilities\) needs about 0\.0 GB, more than the 0\.0 GB limit .*use a smaller "
+                        r"--batch-size or --context.*\n", err), err
