@@ -58,6 +58,20 @@ def tiny_dirs(tmp_path_factory):
     return {module: save_tiny(module, tmp_path_factory.mktemp(module.__name__)) for module in (nanogpt2, imagegpt)}
 
 
+@pytest.fixture
+def capped():
+    """While the test runs, this process may map at most ADDRESS_SPACE_CAP more than it has mapped already: a
+    memory check that regressed then ends the test in a MemoryError at once, instead of in swapping or the
+    kernel's OOM killer, on a machine others share."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    cap = mapped + ADDRESS_SPACE_CAP
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def config_class(module):
     return nanogpt2.GPT2Config if module is nanogpt2 else imagegpt.ImageGPTConfig
 
@@ -121,7 +135,7 @@ def tensor_bytes(model) -> int:
 @pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["gpt2", "imagegpt"])
 @examples(40)
 @given(data=st.data())
-def test_any_config_json_loads_or_fails_with_one_clear_error(module, tiny_dirs, tmp_path, monkeypatch, data):
+def test_any_config_json_loads_or_fails_with_one_clear_error(module, tiny_dirs, tmp_path, monkeypatch, data, capped):
     """from_pretrained on a fuzzed config.json: a model, or a ValueError/TypeError of one line. When the config
     itself is accepted, the model built from it holds no more tensor bytes than the estimate check_model_size
     held against the limit (here 0.25 GB, so every accepted model is small)."""
@@ -345,7 +359,7 @@ def test_command_line_numbers_out_of_range_are_one_argparse_error(module, argv, 
     assert re.fullmatch(rf"{module.__name__}\.py {argv[0]}: error: {message}.*", last), last
 
 
-def test_a_scale_too_large_for_memory_is_refused_before_sampling(tiny_dirs, tmp_path, capsys, monkeypatch):
+def test_a_scale_too_large_for_memory_is_refused_before_sampling(tiny_dirs, tmp_path, capsys, monkeypatch, capped):
     def never(*args, **kwargs):
         raise AssertionError("sampled before refusing --scale")
 
@@ -356,12 +370,13 @@ def test_a_scale_too_large_for_memory_is_refused_before_sampling(tiny_dirs, tmp_
             "--device", "cpu"]
     assert imagegpt.main(argv) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"imagegpt\.py: error: a PNG of 8 images of 20,000,000 x 20,000,000 pixels \(--scale 10000000\) "
-                        r"needs about [\d,]+\.\d GB, more than the [\d,.]+ GB limit .*use a smaller --scale.*\n", err), err
+    assert re.fullmatch(r"imagegpt\.py: error: a PNG of 8 images of 20,000,000 x 20,000,000 pixels "
+                        r"\(--scale 10000000\) needs about [\d,]+\.\d GB, more than the [\d,.]+ GB limit .*use a "
+                        r"smaller --scale.*\n", err), err
     assert not (tmp_path / "x.png").exists()
 
 
-def test_more_samples_than_memory_holds_are_refused_before_any_batch_is_made(tiny_dirs, capsys, monkeypatch):
+def test_more_samples_than_memory_holds_are_refused_before_any_batch_is_made(tiny_dirs, capsys, monkeypatch, capped):
     def never(*args, **kwargs):
         raise AssertionError("made the batch before refusing --num-samples")
 
@@ -376,7 +391,7 @@ def test_more_samples_than_memory_holds_are_refused_before_any_batch_is_made(tin
 
 
 @pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["gpt2", "imagegpt"])
-def test_generate_refuses_a_batch_whose_cache_would_not_fit_before_allocating(module, tiny_dirs, monkeypatch):
+def test_generate_refuses_a_batch_whose_cache_would_not_fit_before_allocating(module, tiny_dirs, monkeypatch, capped):
     def never(*args, **kwargs):
         raise AssertionError("allocated the cache before refusing the batch")
 
@@ -390,7 +405,7 @@ def test_generate_refuses_a_batch_whose_cache_would_not_fit_before_allocating(mo
             model.generate(num_samples=10 ** 12)
 
 
-def test_a_training_batch_too_large_for_memory_is_refused_before_the_first_step(tmp_path, capsys):
+def test_a_training_batch_too_large_for_memory_is_refused_before_the_first_step(tmp_path, capsys, capped):
     out = tmp_path / "run"
     assert nanogpt2.main(["train", "--batch-size", str(10 ** 9), "--max-steps", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -399,7 +414,8 @@ def test_a_training_batch_too_large_for_memory_is_refused_before_the_first_step(
     assert not out.exists()  # the run folder it made is gone again
 
 
-def test_imagegpt_training_sizes_too_large_for_memory_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+def test_imagegpt_training_sizes_too_large_for_memory_are_refused_before_the_work(tmp_path, capsys, monkeypatch,
+                                                                                 capped):
     def never(*args, **kwargs):
         raise AssertionError("drew the images before refusing the model's size")
 
@@ -415,11 +431,11 @@ def test_imagegpt_training_sizes_too_large_for_memory_are_refused_before_the_wor
     monkeypatch.setattr(imagegpt, "train_step", never)
     assert imagegpt.main(["train", "--batch-size", str(10 ** 9), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(r"imagegpt\.py: error: a training step of --batch-size 1000000000 images of 12 x 12 pixels needs "
-                        r"about [\d,]+\.\d GB, .*use a smaller --batch-size.*\n", err), err
+    assert re.fullmatch(r"imagegpt\.py: error: a training step of --batch-size 1000000000 images of 12 x 12 pixels "
+                        r"needs about [\d,]+\.\d GB, .*use a smaller --batch-size.*\n", err), err
 
 
-def test_eval_refuses_more_windows_at_once_than_memory_holds(tiny_dirs, tmp_path, capsys, monkeypatch):
+def test_eval_refuses_more_windows_at_once_than_memory_holds(tiny_dirs, tmp_path, capsys, monkeypatch, capped):
     text = tmp_path / "text.txt"
     text.write_text("ab" * 600)
     monkeypatch.setattr(nanogpt2, "memory_limit", lambda: 200_000)  # the tiny model fits; 1,193 windows do not
