@@ -253,6 +253,31 @@ def test_the_string_false_is_refused_not_read_as_true(module, tiny_dirs, tmp_pat
         module.HEAD_CLASSES[0].from_pretrained(str(directory))
 
 
+BAD_SHAPES = [
+    ("id2label", 5, r"id2label must map label numbers to names, \{\"0\": \"negative\", \"1\": \"positive\"\}, "
+                    r"got 5 \(an int\)$"),
+    ("id2label", None, r"id2label must map label numbers to names, .*got None \(a NoneType\)"),
+    ("id2label", {"zero": "a"}, r"id2label must map label numbers to names, .*got \{'zero': 'a'\} \(a dict\)"),
+    ("id2label", {"0": ["a"]}, r"id2label must map label numbers to names, .*got \{'0': \['a'\]\} \(a dict\)"),
+    ("pruned_heads", {"a": [1]}, r"pruned_heads must map layer numbers to lists of head numbers, "
+                                 r"\{\"11\": \[0, 3\]\}, got \{'a': \[1\]\} \(a dict\)$"),
+    ("pruned_heads", {"0": "1"}, r"pruned_heads must map layer numbers to lists of head numbers, .*got \{'0': '1'\}"),
+    ("pruned_heads", {"0": [True]}, r"pruned_heads must map layer numbers to lists of head numbers"),
+    ("pruned_heads", {"9" * 5000: [0]}, r"pruned_heads must map layer numbers to lists of head numbers"),
+    ("pruned_heads", [[0]], r"pruned_heads must map layer numbers to lists of head numbers, .*got \[\[0\]\] "
+                            r"\(a list\)"),
+]
+
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["gpt2", "imagegpt"])
+@pytest.mark.parametrize("key, value, message", BAD_SHAPES, ids=[f"{k}={str(v)[:12]}" for k, v, _ in BAD_SHAPES])
+def test_label_names_and_pruned_heads_of_the_wrong_shape_are_named(module, tiny_dirs, key, value, message):
+    """id2label and pruned_heads are read before the dataclass is built (num_labels is id2label's length; JSON's
+    layer numbers are strings): junk there is named too, not a TypeError from len() or int()."""
+    with pytest.raises(ValueError, match=rf"^{config_class(module).__name__}\.{message}"):
+        config_class(module).from_dict({**base_config(tiny_dirs[module]), key: value})
+
+
 # The config.json of openai/imagegpt-small as Hugging Face publishes it: null for n_inner, 1e-05 for the
 # epsilon, keys of Hugging Face's own (architectures, torch_dtype, transformers_version).
 HF_IMAGEGPT_CONFIG = {
