@@ -278,6 +278,21 @@ def test_label_names_and_pruned_heads_of_the_wrong_shape_are_named(module, tiny_
         config_class(module).from_dict({**base_config(tiny_dirs[module]), key: value})
 
 
+@pytest.mark.parametrize("extra, message", [
+    (dict(char_vocab="ab"), r"char_vocab must be a string of vocab_size \(3\) different characters, one per token, "
+                            r"got 'ab' \(a str\)"),
+    (dict(char_vocab="aab"), r"char_vocab must be a string of vocab_size \(3\) different characters"),
+    (dict(char_vocab=["a", "b", "c"]), r"char_vocab must be a string .*got \['a', 'b', 'c'\] \(a list\)"),
+    (dict(addition_digits=10), r"addition_digits must be an integer in 1\.\.9 \(as train --digits\), got 10"),
+    (dict(addition_digits="2"), r"addition_digits must be an integer in 1\.\.9 .*got '2' \(a str\)"),
+])
+def test_what_nanogpt2s_tools_keep_in_the_config_is_checked_too(tiny_dirs, extra, message):
+    """A character model's characters (the tokenizer decodes token i as the i-th) and an adder's digits (eval
+    builds the task from them) come from config.json as well."""
+    with pytest.raises(ValueError, match=rf"^GPT2Config\.extra's {message}"):
+        nanogpt2.GPT2Config.from_dict({**base_config(tiny_dirs[nanogpt2]), **extra})
+
+
 # The config.json of openai/imagegpt-small as Hugging Face publishes it: null for n_inner, 1e-05 for the
 # epsilon, keys of Hugging Face's own (architectures, torch_dtype, transformers_version).
 HF_IMAGEGPT_CONFIG = {
