@@ -487,3 +487,10 @@ def test_eval_refuses_more_windows_at_once_than_memory_holds(tiny_dirs, tmp_path
     assert re.fullmatch(r"nanogpt2\.py: error: scoring 1193 windows of 8 tokens at once \(their fp32 logits and "
                         r"log-probabilities\) needs about 0\.0 GB, more than the 0\.0 GB limit .*use a smaller "
                         r"--batch-size or --context.*\n", err), err
+
+
+@pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["gpt2", "imagegpt"])
+def test_a_config_that_prunes_every_head_of_a_layer_is_refused_before_a_model_is_built(module):
+    with pytest.raises(ValueError, match=rf"^{config_class(module).__name__}\.pruned_heads removes all 2 heads of "
+                                         r"layer 0; a layer keeps at least one$"):
+        config_class(module)(n_layer=1, n_head=2, n_embd=8, n_positions=4, vocab_size=5, pruned_heads={0: [1, 0, 1]})
