@@ -57,7 +57,6 @@ train a small one that draws shapes with `python imagegpt.py train` (minutes on 
 import contextlib
 import json
 import math
-import os
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple
@@ -1637,7 +1636,8 @@ PYTHON_BYTES_PER_LAYER = 65_000  # a block's modules, parameters and dicts: meas
 
 def memory_limit() -> int:
     """The most bytes one model, batch or image may take: NANOGPT2_MAX_MEMORY_GB (in units of 10^9 bytes) if
-    set, else the machine's physical memory (no limit where the system does not say)."""
+    set, else the machine's physical memory (no limit where the system does not say). (os is imported with
+    Part III's modules; it is there by the time this runs.)"""
     text = os.environ.get(MEMORY_LIMIT_VARIABLE)
     if text is not None:
         try:
@@ -1709,6 +1709,7 @@ import csv
 import functools
 import hashlib
 import mmap
+import os
 import re
 import shlex
 import shutil

@@ -45,7 +45,6 @@ Run the tests with `python -m pytest -q` (see README.md).
 import contextlib
 import json
 import math
-import os
 import weakref
 from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple
@@ -2177,7 +2176,8 @@ PYTHON_BYTES_PER_LAYER = 65_000  # a block's modules, parameters and dicts: meas
 
 def memory_limit() -> int:
     """The most bytes one model, batch or image may take: NANOGPT2_MAX_MEMORY_GB (in units of 10^9 bytes) if
-    set, else the machine's physical memory (no limit where the system does not say)."""
+    set, else the machine's physical memory (no limit where the system does not say). (os is imported with
+    Part III's modules; it is there by the time this runs.)"""
     text = os.environ.get(MEMORY_LIMIT_VARIABLE)
     if text is not None:
         try:
@@ -2251,6 +2251,7 @@ import functools
 import hashlib
 import itertools
 import mmap
+import os
 import re
 import shlex
 import shutil
