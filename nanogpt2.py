@@ -2189,9 +2189,10 @@ def memory_limit() -> int:
                              f"e.g. {MEMORY_LIMIT_VARIABLE}=64")
         return int(gigabytes * 1e9)
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or it does not know
-        return 2 ** 63
+        physical = -1
+    return physical if physical > 0 else 2 ** 63
 
 
 def check_memory(needed: int, what: str, fix: str):
