@@ -3832,7 +3832,7 @@ TRAIN_EXAMPLES = """examples:
 # float_option()), so that a value out of range is one line, `error: argument --batch-size: must be at least 1,
 # got 0`, before any model is loaded. What a number asks of memory is checked once the model is known
 # (check_memory: the batch's logits, the samples' key/value cache, an image grid).
-MAX_SEED = 2 ** 63 - 1  # torch takes seeds below 2**64; the trainer adds a process's rank to its seed
+MAX_SEED = 2 ** 63 - 1  # torch takes seeds below 2**64; nanogpt2.py's trainer adds a rank, so both files stop here
 MAX_COLOURS = 4096  # --n-colours: k-means compares 65,536 pixels with every colour at a time (2 GB at 4096)
 
 
