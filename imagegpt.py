@@ -1344,6 +1344,7 @@ def _check_generate_args(model, input_ids, options):
         raise ValueError(f"top_p must be in (0, 1], got {options.top_p!r}")
     if not isinstance(options.num_samples, int) or options.num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {options.num_samples!r}")
+    check_generation_memory(model, input_ids.size(0) * options.num_samples, min(total, model.config.n_positions))
     _check_indices("input_ids", input_ids, model.config.vocab_size)
 
 
@@ -1431,12 +1432,95 @@ def _check_compile_args(model, compile, cache):
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
+# What each field's annotation accepts. A config.json holds JSON's true/false, numbers, strings and null, which
+# Python's json reads as bool, int, float, str and None; each field must hold its own kind exactly, because
+# everything else is read wrongly or fails deep inside torch: the string "false" is true to Python, 12.0 is no
+# size of a tensor (Hugging Face writes integers as 12), and a list is no dropout probability.
+FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+OPTIONAL_KINDS = {Optional[int]: int, Optional[float]: float, Optional[str]: str}  # these may also be None (null)
+INT64_BOUND = 2 ** 63  # config integers end up in int64 tensors (token ids): they must lie in [-2**63, 2**63)
+FLOAT_MAX = torch.finfo(torch.float64).max  # a number beyond it (an int of 400 digits) is no float
+
+
+def shown(value) -> str:
+    """A value for an error message: its repr, cut to 60 characters, and its type, `'false' (a str)`."""
+    text, kind = repr(value), type(value).__name__
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def is_kind(value, kind) -> bool:
+    """Whether value is of kind (bool, int, float or str) as a config field of that kind must be: a bool is not
+    an int or a float here (JSON's true is no size), an int is one for a float (JSON's 0 for 0.0), and a float
+    must be finite (json reads NaN, Infinity and 1e999)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT_MAX
+    return isinstance(value, kind)
+
+
+def is_index(key) -> bool:
+    """A layer or label number as a JSON object key ("3": object keys are strings) or as a Python int."""
+    if isinstance(key, str):
+        return key.isdecimal() and len(key) <= 18
+    return is_kind(key, int) and key >= 0
+
+
+def check_field_types(config):
+    """Raise a ValueError naming the first field that does not hold its annotation's kind (FIELD_KINDS), with
+    the value and its type: `ImageGPTConfig.tie_word_embeddings must be true or false, got 'false' (a str)`.
+    The ranges (n_layer >= 1, dropout in [0, 1), ...) are validate_config's, once the kinds are right."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = OPTIONAL_KINDS.get(f.type, f.type)
+        if kind not in FIELD_KINDS or (value is None and f.type in OPTIONAL_KINDS):
+            continue
+        expected = FIELD_KINDS[kind] + (" or null (None)" if f.type in OPTIONAL_KINDS else "")
+        if not is_kind(value, kind):
+            fix = f"; write {int(value)}" if kind is int and isinstance(value, float) and value.is_integer() else ""
+            raise ValueError(f"ImageGPTConfig.{f.name} must be {expected}, got {shown(value)}{fix}")
+        if kind is int and not -INT64_BOUND <= value < INT64_BOUND:
+            raise ValueError(f"ImageGPTConfig.{f.name} must fit in 64 bits, [-2**63, 2**63), got {shown(value)}")
+    heads = config.pruned_heads
+    if not isinstance(heads, dict) or not all(is_kind(layer, int) and isinstance(pruned, (list, tuple))
+                                              and all(is_kind(h, int) for h in pruned)
+                                              for layer, pruned in heads.items()):
+        raise ValueError(f"ImageGPTConfig.pruned_heads must map layer numbers to lists of head numbers, "
+                         f"{{11: [0, 3]}}, got {shown(heads)}")
+    if not isinstance(config.extra, dict) or not all(isinstance(key, str) for key in config.extra):
+        raise ValueError(f"ImageGPTConfig.extra holds the config.json keys this class does not know: a dict with "
+                         f"string keys, got {shown(config.extra)}")
+    if "id2label" in config.extra:
+        check_label_names(config.extra["id2label"])
+
+
+def check_label_names(id2label):
+    """id2label, Hugging Face's label names: an object of label numbers to names, {"0": "LABEL_0", ...}."""
+    if not isinstance(id2label, dict) or not all(is_index(i) and isinstance(name, str) for i, name in id2label.items()):
+        raise ValueError(f"ImageGPTConfig.id2label must map label numbers to names, "
+                         f'{{"0": "negative", "1": "positive"}}, got {shown(id2label)}')
+
+
+def pruned_heads_from_json(pruned_heads) -> Dict[int, List[int]]:
+    """config.json's pruned_heads, {"11": [0, 3]} (JSON object keys are strings) -> {11: [0, 3]}."""
+    if not isinstance(pruned_heads, dict) or not all(is_index(layer) and isinstance(heads, list)
+                                                     and all(is_kind(h, int) for h in heads)
+                                                     for layer, heads in pruned_heads.items()):
+        raise ValueError(f"ImageGPTConfig.pruned_heads must map layer numbers to lists of head numbers, "
+                         f'{{"11": [0, 3]}}, got {shown(pruned_heads)}')
+    return {int(layer): list(heads) for layer, heads in pruned_heads.items()}
+
+
 def validate_config(config):
-    """Raise a ValueError naming the field, its value and what it should be. Called on creation and by
-    every model, so a config edited after creation is checked too."""
+    """Raise a ValueError naming the field, its value and what it should be: first each field's kind
+    (check_field_types), then its range, then whether the model fits in memory (check_model_size). Called on
+    creation and by every model, so a config edited after creation is checked too."""
+    check_field_types(config)
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_labels" else 1):
+        if value < (0 if name == "num_labels" else 1):
             raise ValueError(f"ImageGPTConfig.{name} must be a positive integer, got {value!r}")
     if config.vocab_size < 2:
         raise ValueError(f"ImageGPTConfig.vocab_size is {config.vocab_size}, but it counts the colours + SOS, so "
@@ -1446,7 +1530,7 @@ def validate_config(config):
             f"ImageGPTConfig.n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): each head "
             f"gets n_embd // n_head channels; try n_head in {[h for h in range(1, 33) if config.n_embd % h == 0]}"
         )
-    if config.n_inner is not None and (not isinstance(config.n_inner, int) or config.n_inner < 1):
+    if config.n_inner is not None and config.n_inner < 1:
         raise ValueError(f"ImageGPTConfig.n_inner must be None or a positive integer, got {config.n_inner!r}")
     if config.activation_function not in ACTIVATIONS:
         raise ValueError(f"ImageGPTConfig.activation_function is {config.activation_function!r}, expected one of "
@@ -1457,6 +1541,9 @@ def validate_config(config):
             raise ValueError(f"ImageGPTConfig.{name} is a dropout probability in [0, 1), got {value!r}")
     if not config.layer_norm_epsilon > 0:
         raise ValueError(f"ImageGPTConfig.layer_norm_epsilon must be > 0, got {config.layer_norm_epsilon!r}")
+    if config.initializer_range < 0:
+        raise ValueError(f"ImageGPTConfig.initializer_range is the standard deviation of the initial weights, >= 0, "
+                         f"got {config.initializer_range!r}")
     if config.problem_type not in PROBLEM_TYPES:
         raise ValueError(f"ImageGPTConfig.problem_type is {config.problem_type!r}, expected one of {PROBLEM_TYPES}")
     if config.tie_word_embeddings:
@@ -1465,11 +1552,15 @@ def validate_config(config):
             "the embedding also holds SOS, so the two matrices differ in shape"
         )
     for layer, heads in config.pruned_heads.items():
-        if not 0 <= int(layer) < config.n_layer or any(not 0 <= int(h) < config.n_head for h in heads):
+        if not 0 <= layer < config.n_layer or any(not 0 <= h < config.n_head for h in heads):
             raise ValueError(
                 f"ImageGPTConfig.pruned_heads names layer {layer} heads {list(heads)}, but the model has "
                 f"{config.n_layer} layers of {config.n_head} heads"
             )
+        if len(set(heads)) == config.n_head:
+            raise ValueError(f"ImageGPTConfig.pruned_heads removes all {config.n_head} heads of layer {layer}; a "
+                             "layer keeps at least one")
+    check_model_size(config)
 
 
 # OpenAI's three released sizes (trained on 32 x 32 ImageNet with the same 512-colour palette).
@@ -1497,11 +1588,12 @@ def config_from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
     kwargs = {k: v for k, v in config_dict.items() if k in known}
     extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
     if "id2label" in config_dict:  # Hugging Face stores the label names; num_labels is their count
+        check_label_names(config_dict["id2label"])
         kwargs["num_labels"] = len(config_dict["id2label"])
     elif "num_labels" in config_dict:
         kwargs["num_labels"] = config_dict["num_labels"]
     if "pruned_heads" in kwargs:  # JSON object keys are strings
-        kwargs["pruned_heads"] = {int(k): [int(h) for h in v] for k, v in kwargs["pruned_heads"].items()}
+        kwargs["pruned_heads"] = pruned_heads_from_json(kwargs["pruned_heads"])
     return cls(**kwargs, extra=extra)
 
 
@@ -1529,11 +1621,87 @@ def config_from_json_file(cls, path) -> "ImageGPTConfig":
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
                               "fields ({\"n_layer\": 12, ...})")
-    return cls.from_dict(config_dict)
+    try:
+        return cls.from_dict(config_dict)
+    except ValueError as e:  # a field of the wrong kind or out of range, or a model too big for memory: name the file
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def config_to_json_file(config, path):
     _write_atomically(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# --- Memory: what a model or a batch needs, against what the machine has ---------------------------------
+# A number in a config.json or on the command line can ask for more memory than any machine has: every
+# attention layer keeps an n_positions x n_positions causal mask, so "n_positions": 300000 asks for 90 GB per
+# layer. Such requests are refused before anything is allocated, with the figure, instead of ending in
+# swapping, the kernel's OOM killer or an error from deep inside torch.
+
+
+MEMORY_LIMIT_VARIABLE = "NANOGPT2_MAX_MEMORY_GB"
+PYTHON_BYTES_PER_LAYER = 65_000  # a block's modules, parameters and dicts: measured 42 KB, 65 KB with cross-attention
+
+
+def memory_limit() -> int:
+    """The most bytes one model, batch or image may take: NANOGPT2_MAX_MEMORY_GB (in units of 10^9 bytes) if
+    set, else the machine's physical memory (no limit where the system does not say). (os is imported with
+    Part III's modules; it is there by the time this runs.)"""
+    text = os.environ.get(MEMORY_LIMIT_VARIABLE)
+    if text is not None:
+        try:
+            gigabytes = float(text)
+        except ValueError:
+            gigabytes = float("nan")
+        if not 0 < gigabytes < float("inf"):
+            raise ValueError(f"{MEMORY_LIMIT_VARIABLE} must be a number of gigabytes > 0, got {text!r}; "
+                             f"e.g. {MEMORY_LIMIT_VARIABLE}=64")
+        return int(gigabytes * 1e9)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or it does not know
+        physical = -1
+    return physical if physical > 0 else 2 ** 63
+
+
+def check_memory(needed: int, what: str, fix: str):
+    """Raise a ValueError if `what` needs more than memory_limit() bytes: the figure, the limit, the fix."""
+    limit = memory_limit()
+    if needed > limit:
+        source = MEMORY_LIMIT_VARIABLE if MEMORY_LIMIT_VARIABLE in os.environ else "this machine's memory"
+        raise ValueError(f"{what} needs about {needed / 1e9:,.1f} GB, more than the {limit / 1e9:,.1f} GB limit "
+                         f"({source}); {fix}, or set {MEMORY_LIMIT_VARIABLE} to allow more")
+
+
+def model_bytes(config) -> int:
+    """About how many bytes a model of this config takes in fp32, counted from the config alone: its parameters
+    (4 bytes each: the token and position embeddings, every block, and the largest heads any class has: an LM
+    head, tied or not, and a classifier with a projection before it), every attention layer's causal mask
+    (n_positions^2 bools, plus one more while it is made) and every block's Python objects."""
+    C, P = config.n_embd, config.n_positions
+    inner = config.n_inner if config.n_inner is not None else 4 * C
+    attention_layers = 2 if config.add_cross_attention else 1  # cross-attention: another attention per block
+    block = attention_layers * (4 * C * C + 6 * C) + 2 * C * inner + inner + 3 * C  # attention, layer norms, MLP
+    heads = (config.vocab_size + C + config.num_labels) * C
+    parameters = (config.vocab_size + P) * C + config.n_layer * block + 2 * C + heads
+    masks = (config.n_layer * attention_layers + 1) * P * P
+    return 4 * parameters + masks + config.n_layer * PYTHON_BYTES_PER_LAYER
+
+
+def check_model_size(config):
+    """Refuse a config whose model would not fit in memory_limit(), before anything is allocated."""
+    check_memory(model_bytes(config), f"a model of this ImageGPTConfig (n_layer={config.n_layer}, "
+                 f"n_embd={config.n_embd}, n_positions={config.n_positions}, vocab_size={config.vocab_size})",
+                 "use a smaller config (n_positions, vocab_size, n_embd or n_layer)")
+
+
+def check_generation_memory(model, rows: int, length: int):
+    """generate() before it allocates: the key/value cache of `rows` sequences of `length` tokens (keys and values
+    of every layer, in the model's dtype) and one step's fp32 logits must fit in memory_limit()."""
+    config = model.config
+    itemsize = model.transformer.wte.weight.element_size()
+    needed = 2 * config.n_layer * rows * length * config.n_embd * itemsize + rows * config.vocab_size * 4
+    check_memory(needed, f"generating {rows:,} sequences of up to {length:,} tokens (their key/value cache)",
+                 "ask for fewer samples or fewer new tokens")
 
 
 # ====================================================================================================
@@ -2779,6 +2947,16 @@ def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray
     return grid
 
 
+def check_grid_memory(count: int, columns: int, n_px: int, scale: int):
+    """Refuse, before any sampling, an image_grid (then a PNG) of count n_px x n_px images, enlarged scale times,
+    columns to a row, that would not fit in memory_limit()."""
+    side = n_px * scale + 2  # an enlarged image and the padding after it
+    grid = (math.ceil(count / columns) * side + 2) * (columns * side + 2) * 3  # bytes of RGB
+    # The enlarged images, the grid, its rows with filter bytes and their bytes for zlib: about four grids at once.
+    check_memory(4 * grid, f"a PNG of {count} images of {n_px * scale:,} x {n_px * scale:,} pixels (--scale {scale})",
+                 "use a smaller --scale or fewer --num-samples")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -3135,6 +3313,11 @@ def train(args, task, init, run: Run, state=None) -> dict:
     task.set_palette(palette)
     torch.manual_seed(args.seed)
     model = build_model(args, palette, task.n_px, init, state).to(run.device)
+    # A step's fp32 logits with their gradient, and the sample grids' key/value cache: refused here, with the
+    # figure, rather than by the machine in the first step.
+    check_memory(8 * args.batch_size * task.n_px ** 2 * model.config.vocab_size, f"a training step of --batch-size "
+                 f"{args.batch_size} images of {task.n_px} x {task.n_px} pixels", "use a smaller --batch-size")
+    check_generation_memory(model, args.num_samples, model.config.n_positions)
     set_cpu_threads(args, model, run.device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, run.device.type)
     data_rng = torch.Generator().manual_seed(args.seed)  # draws every batch
@@ -3239,7 +3422,8 @@ def train_command(args) -> dict:
 
 def fill_defaults(args):
     """Options left unset get the defaults of the task (the dataclasses above); then every option is checked,
-    before any work."""
+    before any work, that argparse could not check alone (its integer_option and float_option types): options
+    that go together, the ranges of the fractions and rates, and the size of a new model."""
     given = {name for name, value in vars(args).items() if value is not None}
     if args.labels is not None and args.probe is None:
         args.probe = "linear"  # --labels alone: the cheaper probe
@@ -3260,8 +3444,6 @@ def fill_defaults(args):
             setattr(args, name, value)
     if args.save_every is None:
         args.save_every = args.eval_every
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.out is None:
         stem = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0] if args.data else "shapes"
         args.out = os.path.join("out", f"imagegpt-{stem}")
@@ -3275,12 +3457,6 @@ def fill_defaults(args):
         raise ValueError("--palette brings its own colours; drop --n-colours")
     if args.palette is not None and not os.path.exists(args.palette):
         raise ValueError(f"--palette {args.palette}: no such file")
-    for name, low in (("batch_size", 1), ("max_steps", 0), ("n_layer", 1), ("n_head", 1), ("n_embd", 1),
-                      ("n_px", 1), ("n_colours", 2), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
-                      ("sample_every", 0), ("save_every", 0), ("log_every", 1), ("num_samples", 1), ("probe_steps", 1)):
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     if args.data is None and args.n_px is not None and args.n_px < 6:
         raise ValueError(f"--n-px must be at least 6 for the shapes (a smaller image cannot hold a disc), "
                          f"got {args.n_px}")
@@ -3298,6 +3474,13 @@ def fill_defaults(args):
         raise ValueError(f"--probe-lr must be > 0, got {args.probe_lr}")
     if args.max_steps == 0 and args.probe is None:
         raise ValueError("--max-steps 0 trains nothing; with it, --probe (to probe an --init model) is the only work")
+    if args.init is None and args.resume is None:  # a new model: its size, before any image is drawn or read
+        try:
+            ImageGPTConfig(vocab_size=args.n_colours + 1, n_positions=args.n_px ** 2, n_embd=args.n_embd,
+                           n_layer=args.n_layer, n_head=args.n_head)
+        except ValueError as e:
+            raise ValueError(f"--n-px {args.n_px}, --n-colours {args.n_colours}, --n-layer {args.n_layer}, --n-embd "
+                             f"{args.n_embd}, --n-head {args.n_head}: {e}") from None
 
 
 def prepare_task(args, n_px: int):
@@ -3973,17 +4156,34 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
-def finite_float(text: str) -> float:
-    """argparse's type for every floating-point option: a number, refused at once when it is nan or inf
-    (float() takes both, and `nan < 0` is False, so a range check alone lets nan through: --temperature nan
-    would decode greedily, --lr nan train to NaN). Each option's range is checked where it is used."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+# Every number on the command line is checked by argparse as it reads it (type=integer_option(...) or
+# float_option()), so that a value out of range is one line, `error: argument --batch-size: must be at least 1,
+# got 0`, before any model is loaded. What a number asks of memory is checked once the model is known
+# (check_memory: the batch's logits, the samples' key/value cache, an image grid).
+MAX_SEED = 2 ** 63 - 1  # torch takes seeds below 2**64; nanogpt2.py's trainer adds a rank, so both files stop here
+MAX_COLOURS = 4096  # --n-colours: k-means compares 65,536 pixels with every colour at a time (2 GB at 4096)
+
+
+def integer_option(low: int, high: Optional[int] = None, why: str = ""):
+    """An argparse type: an integer in [low, high] (no upper end when high is None); why, if given, says where
+    the bound comes from."""
+    def integer(text: str) -> int:
+        value = int(text)  # not an integer: argparse says "invalid integer value: '1.5'"
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{f' ({why})' if why else ''}, got {value}")
+        return value
+    return integer
+
+
+def float_option():
+    """An argparse type: a finite number (float() also reads nan and inf, which no option means)."""
+    def number(text: str) -> float:
+        value = float(text)  # not a number: argparse says "invalid number value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4007,7 +4207,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CLI_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     complete.add_argument("--image", required=True, help="the PNG to complete (8-bit grey, RGB or RGBA)")
-    complete.add_argument("--keep-rows", type=int, default=None,
+    complete.add_argument("--keep-rows", type=integer_option(0), default=None,
                           help="rows of the shrunk image to keep (default: the top half, n_px // 2)")
     for command, out in ((sample, "samples.png"), (complete, "completions.png")):
         command.add_argument("--model", default="imagegpt-small",
@@ -4016,16 +4216,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: imagegpt-small)")
         command.add_argument("--palette", default=None,
                              help="kmeans_centers.npy or preprocessor_config.json, if the model directory has none")
-        command.add_argument("--num-samples", type=int, default=8, help="images to draw (default 8)")
+        command.add_argument("--num-samples", type=integer_option(1), default=8, help="images to draw (default 8)")
         command.add_argument("--out", default=out, help=f"the PNG to write (default {out})")
-        command.add_argument("--temperature", type=finite_float, default=1.0,
+        command.add_argument("--temperature", type=float_option(), default=1.0,
                              help="divide the logits by this; lower is more predictable, 0 means greedy (default 1.0)")
-        command.add_argument("--top-k", type=int, default=0,
+        command.add_argument("--top-k", type=integer_option(0), default=0,
                              help="sample only among the k most likely colours; 0 turns it off (default 0)")
-        command.add_argument("--top-p", type=finite_float, default=None,
+        command.add_argument("--top-p", type=float_option(), default=None,
                              help="sample only among the most likely colours whose probabilities sum to p")
-        command.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
-        command.add_argument("--scale", type=int, default=4,
+        command.add_argument("--seed", type=integer_option(0, MAX_SEED), default=None,
+                             help="random seed, for samples you can reproduce")
+        command.add_argument("--scale", type=integer_option(1), default=4,
                              help="enlarge every pixel to scale x scale in the PNG (default 4: 32 px -> 128 px)")
         command.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
         command.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -4067,13 +4268,14 @@ def add_train_parser(commands):
     data = train.add_argument_group("what to learn")
     data.add_argument("--data", metavar="PATH",
                       help="a folder of .png files, or an .npy array (N, H, W, 3) of uint8 (default: the shapes)")
-    data.add_argument("--n-px", type=int, metavar="N",
+    data.add_argument("--n-px", type=integer_option(1), metavar="N",
                       help=f"images are resized to N x N pixels, N * N tokens {default_help('n_px')}; --init: its own")
-    data.add_argument("--n-colours", type=int, metavar="K",
+    data.add_argument("--n-colours", type=integer_option(2, MAX_COLOURS, "a k-means palette; OpenAI's has 512"),
+                      metavar="K",
                       help=f"colours of the palette k-means fits to the training images {default_help('n_colours')}")
     data.add_argument("--palette", metavar="PATH",
                       help="use this palette (kmeans_centers.npy or preprocessor_config.json) instead of fitting one")
-    data.add_argument("--val-fraction", type=finite_float, metavar="F",
+    data.add_argument("--val-fraction", type=float_option(), metavar="F",
                       help=f"--data: the share of images set aside for validation and for testing a probe "
                            f"{default_help('val_fraction')}")
     probe = train.add_argument_group("classification")
@@ -4084,41 +4286,46 @@ def add_train_parser(commands):
                        help="after training, learn a classifier on the model's features: its score layer alone "
                             "(linear) or every weight (finetune), and report its held-out accuracy; the shapes' "
                             "label is their kind (default with --labels: linear)")
-    probe.add_argument("--probe-steps", type=int, metavar="N",
+    probe.add_argument("--probe-steps", type=integer_option(1), metavar="N",
                        help=f"L-BFGS iterations of a linear probe, or fine-tuning steps {default_help('probe_steps')}")
-    probe.add_argument("--probe-lr", type=finite_float, metavar="LR",
+    probe.add_argument("--probe-lr", type=float_option(), metavar="LR",
                        help=f"fine-tuning's peak learning rate {default_help('probe_lr')}; for a large pretrained "
                             "model, try 1e-5")
     model = train.add_argument_group("the model")
     model.add_argument("--init", metavar="NAME_OR_DIR",
                        help="start from these weights and their palette (a directory, imagegpt-small, ...)")
-    model.add_argument("--n-layer", type=int, metavar="N", help=f"blocks of a new model {default_help('n_layer')}")
-    model.add_argument("--n-head", type=int, metavar="N",
+    model.add_argument("--n-layer", type=integer_option(1), metavar="N",
+                       help=f"blocks of a new model {default_help('n_layer')}")
+    model.add_argument("--n-head", type=integer_option(1), metavar="N",
                        help=f"attention heads of a new model {default_help('n_head')}")
-    model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
+    model.add_argument("--n-embd", type=integer_option(1), metavar="N",
+                       help=f"width of a new model {default_help('n_embd')}")
     model.add_argument("--position-init", choices=["grid", "random"],
                        help="how a new model's position embeddings start: sines and cosines of each pixel's row and "
                             "column (grid), or at random as in ImageGPT (random; learns the image's shape far more "
                             f"slowly) {default_help('position_init')}")
-    model.add_argument("--dropout", type=finite_float, metavar="P",
+    model.add_argument("--dropout", type=float_option(), metavar="P",
                        help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, metavar="N", help=f"images per step {default_help('batch_size')}")
-    opt.add_argument("--lr", type=finite_float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
-    opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
-    opt.add_argument("--weight-decay", type=finite_float, metavar="WD",
+    opt.add_argument("--batch-size", type=integer_option(1), metavar="N",
+                     help=f"images per step {default_help('batch_size')}")
+    opt.add_argument("--lr", type=float_option(), metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--warmup", type=integer_option(0), metavar="STEPS",
+                     help=f"steps of linear warmup {default_help('warmup')}")
+    opt.add_argument("--weight-decay", type=float_option(), metavar="WD",
                      help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
-    opt.add_argument("--grad-clip", type=finite_float, metavar="NORM",
+    opt.add_argument("--grad-clip", type=float_option(), metavar="NORM",
                      help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
-    opt.add_argument("--max-steps", type=int, metavar="N",
+    opt.add_argument("--max-steps", type=integer_option(0), metavar="N",
                      help=f"optimiser steps {default_help('max_steps')}; 0 with --probe: probe --init as it is")
-    opt.add_argument("--time-budget", type=finite_float, metavar="SECONDS",
+    opt.add_argument("--time-budget", type=float_option(), metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           f"budget runs out first; 0: none {default_help('time_budget')}")
-    opt.add_argument("--seed", type=int, metavar="N",
+    opt.add_argument("--seed", type=integer_option(0, MAX_SEED), metavar="N",
                      help=f"seed of the weights, the batches and the samples {default_help('seed')}")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present)")
-    opt.add_argument("--threads", type=int, metavar="N",
+    opt.add_argument("--threads", type=integer_option(1, os.cpu_count(), "the cores of this machine"),
+                     metavar="N",
                      help="CPU threads (default: 1 for a model under 5M parameters, whose small matrix products "
                           "lose more to handing work between threads than they gain; else OMP_NUM_THREADS or all "
                           "cores)")
@@ -4129,27 +4336,23 @@ def add_train_parser(commands):
                           "--time-budget trains a finished run further")
     run.add_argument("--overwrite", action="store_true",
                      help="train into an --out that holds an earlier run, replacing it (without it: refused)")
-    run.add_argument("--save-every", type=int, metavar="STEPS",
+    run.add_argument("--save-every", type=integer_option(0), metavar="STEPS",
                      help="steps between checkpoints (model and training_state.pt); 0: at the end only "
                           "(default: --eval-every)")
-    run.add_argument("--eval-every", type=int, metavar="STEPS",
+    run.add_argument("--eval-every", type=integer_option(0), metavar="STEPS",
                      help=f"steps between validation losses; 0: at the end only {default_help('eval_every')}")
-    run.add_argument("--eval-batches", type=int, metavar="N",
+    run.add_argument("--eval-batches", type=integer_option(1), metavar="N",
                      help=f"batches in a validation loss {default_help('eval_batches')}")
-    run.add_argument("--sample-every", type=int, metavar="STEPS",
+    run.add_argument("--sample-every", type=integer_option(0), metavar="STEPS",
                      help=f"steps between sample grids; 0: at the end only {default_help('sample_every')}")
-    run.add_argument("--num-samples", type=int, metavar="N",
+    run.add_argument("--num-samples", type=integer_option(1), metavar="N",
                      help=f"images in a sample grid {default_help('num_samples')}")
-    run.add_argument("--log-every", type=int, metavar="STEPS",
+    run.add_argument("--log-every", type=integer_option(1), metavar="STEPS",
                      help=f"steps between progress lines {default_help('log_every')}")
 
 
 def _check_args(args):
     """The user's numbers, checked before a model is loaded (which can take a while)."""
-    for name, value, low in (("--num-samples", args.num_samples, 1), ("--top-k", args.top_k, 0),
-                             ("--scale", args.scale, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -4220,6 +4423,7 @@ def _generate_images(model, prompt, args, device, what):
 def sample_command(args):
     _check_args(args)
     model, palette, device = load_model_and_palette(args)
+    check_grid_memory(args.num_samples, min(args.num_samples, 8), model.config.n_px, args.scale)
     sos = torch.full((1, 1), model.config.sos_token_id, dtype=torch.long)
     images = dequantise(_generate_images(model, sos, args, device, "sampling"), palette)  # (N, n, n, 3)
     write_png(args.out, image_grid(images, columns=min(args.num_samples, 8), scale=args.scale))
@@ -4231,6 +4435,7 @@ def complete_command(args):
     image = to_rgb(read_png(args.image))  # read before the model: a bad file fails fast
     model, palette, device = load_model_and_palette(args)
     n_px = model.config.n_px
+    check_grid_memory(1 + args.num_samples, 1 + args.num_samples, n_px, args.scale)
     keep_rows = args.keep_rows if args.keep_rows is not None else n_px // 2
     if not 0 <= keep_rows < n_px:
         raise ValueError(f"--keep-rows must be in [0, {n_px}) for this {n_px} x {n_px} model, got {keep_rows}")

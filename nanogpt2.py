@@ -1860,10 +1860,13 @@ def _check_generate_args(model, input_ids, attention_mask, options):
         raise ValueError(f"num_beams must be a positive integer, got {options.num_beams!r}")
     if options.num_beams > 1 and options.do_sample:
         raise ValueError("beam search is deterministic: pass do_sample=False with num_beams > 1")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
     if options.num_beams > 1 and not -math.inf < options.length_penalty < math.inf:
         raise ValueError(f"length_penalty must be a finite number, got {options.length_penalty!r} (1.0: none)")
     if attention_mask is not None:
         _check_left_padding(attention_mask, input_ids)
+    check_generation_memory(model, input_ids.size(0) * options.num_beams, total)
     _check_indices("input_ids", input_ids, model.config.vocab_size)
 
 
@@ -1980,19 +1983,102 @@ PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 
 
+# What each field's annotation accepts. A config.json holds JSON's true/false, numbers, strings and null, which
+# Python's json reads as bool, int, float, str and None; each field must hold its own kind exactly, because
+# everything else is read wrongly or fails deep inside torch: the string "false" is true to Python, 12.0 is no
+# size of a tensor (Hugging Face writes integers as 12), and a list is no dropout probability.
+FIELD_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+OPTIONAL_KINDS = {Optional[int]: int, Optional[float]: float, Optional[str]: str}  # these may also be None (null)
+INT64_BOUND = 2 ** 63  # config integers end up in int64 tensors (token ids): they must lie in [-2**63, 2**63)
+FLOAT_MAX = torch.finfo(torch.float64).max  # a number beyond it (an int of 400 digits) is no float
+
+
+def shown(value) -> str:
+    """A value for an error message: its repr, cut to 60 characters, and its type, `'false' (a str)`."""
+    text, kind = repr(value), type(value).__name__
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def is_kind(value, kind) -> bool:
+    """Whether value is of kind (bool, int, float or str) as a config field of that kind must be: a bool is not
+    an int or a float here (JSON's true is no size), an int is one for a float (JSON's 0 for 0.0), and a float
+    must be finite (json reads NaN, Infinity and 1e999)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT_MAX
+    return isinstance(value, kind)
+
+
+def is_index(key) -> bool:
+    """A layer or label number as a JSON object key ("3": object keys are strings) or as a Python int."""
+    if isinstance(key, str):
+        return key.isdecimal() and len(key) <= 18
+    return is_kind(key, int) and key >= 0
+
+
+def check_field_types(config):
+    """Raise a ValueError naming the first field that does not hold its annotation's kind (FIELD_KINDS), with
+    the value and its type: `GPT2Config.tie_word_embeddings must be true or false, got 'false' (a str)`.
+    The ranges (n_layer >= 1, dropout in [0, 1), ...) are validate_config's, once the kinds are right."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind = OPTIONAL_KINDS.get(f.type, f.type)
+        if kind not in FIELD_KINDS or (value is None and f.type in OPTIONAL_KINDS):
+            continue
+        expected = FIELD_KINDS[kind] + (" or null (None)" if f.type in OPTIONAL_KINDS else "")
+        if not is_kind(value, kind):
+            fix = f"; write {int(value)}" if kind is int and isinstance(value, float) and value.is_integer() else ""
+            raise ValueError(f"GPT2Config.{f.name} must be {expected}, got {shown(value)}{fix}")
+        if kind is int and not -INT64_BOUND <= value < INT64_BOUND:
+            raise ValueError(f"GPT2Config.{f.name} must fit in 64 bits, [-2**63, 2**63), got {shown(value)}")
+    heads = config.pruned_heads
+    if not isinstance(heads, dict) or not all(is_kind(layer, int) and isinstance(pruned, (list, tuple))
+                                              and all(is_kind(h, int) for h in pruned)
+                                              for layer, pruned in heads.items()):
+        raise ValueError(f"GPT2Config.pruned_heads must map layer numbers to lists of head numbers, "
+                         f"{{11: [0, 3]}}, got {shown(heads)}")
+    if not isinstance(config.extra, dict) or not all(isinstance(key, str) for key in config.extra):
+        raise ValueError(f"GPT2Config.extra holds the config.json keys this class does not know: a dict with "
+                         f"string keys, got {shown(config.extra)}")
+    if "id2label" in config.extra:
+        check_label_names(config.extra["id2label"])
+
+
+def check_label_names(id2label):
+    """id2label, Hugging Face's label names: an object of label numbers to names, {"0": "LABEL_0", ...}."""
+    if not isinstance(id2label, dict) or not all(is_index(i) and isinstance(name, str) for i, name in id2label.items()):
+        raise ValueError(f"GPT2Config.id2label must map label numbers to names, "
+                         f'{{"0": "negative", "1": "positive"}}, got {shown(id2label)}')
+
+
+def pruned_heads_from_json(pruned_heads) -> Dict[int, List[int]]:
+    """config.json's pruned_heads, {"11": [0, 3]} (JSON object keys are strings) -> {11: [0, 3]}."""
+    if not isinstance(pruned_heads, dict) or not all(is_index(layer) and isinstance(heads, list)
+                                                     and all(is_kind(h, int) for h in heads)
+                                                     for layer, heads in pruned_heads.items()):
+        raise ValueError(f"GPT2Config.pruned_heads must map layer numbers to lists of head numbers, "
+                         f'{{"11": [0, 3]}}, got {shown(pruned_heads)}')
+    return {int(layer): list(heads) for layer, heads in pruned_heads.items()}
+
+
 def validate_config(config):
-    """Raise a ValueError naming the field, its value and what it should be. Called on creation and by
-    every model, so a config edited after creation is checked too."""
+    """Raise a ValueError naming the field, its value and what it should be: first each field's kind
+    (check_field_types), then its range, then whether the model fits in memory (check_model_size). Called on
+    creation and by every model, so a config edited after creation is checked too."""
+    check_field_types(config)
     for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
         value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_labels" else 1):
+        if value < (0 if name == "num_labels" else 1):
             raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
     if config.n_embd % config.n_head != 0:
         raise ValueError(
             f"GPT2Config.n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}): each head gets "
             f"n_embd // n_head channels; try n_head in {[h for h in range(1, 33) if config.n_embd % h == 0]}"
         )
-    if config.n_inner is not None and (not isinstance(config.n_inner, int) or config.n_inner < 1):
+    if config.n_inner is not None and config.n_inner < 1:
         raise ValueError(f"GPT2Config.n_inner must be None or a positive integer, got {config.n_inner!r}")
     for name in ("activation_function", "summary_activation"):
         value = getattr(config, name)
@@ -2007,16 +2093,38 @@ def validate_config(config):
                          f"got {config.classifier_dropout!r}")
     if not config.layer_norm_epsilon > 0:
         raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {config.layer_norm_epsilon!r}")
+    if config.initializer_range < 0:
+        raise ValueError(f"GPT2Config.initializer_range is the standard deviation of the initial weights, >= 0, "
+                         f"got {config.initializer_range!r}")
     if config.summary_type not in SUMMARY_TYPES:
         raise ValueError(f"GPT2Config.summary_type is {config.summary_type!r}, expected one of {SUMMARY_TYPES}")
     if config.problem_type not in PROBLEM_TYPES:
         raise ValueError(f"GPT2Config.problem_type is {config.problem_type!r}, expected one of {PROBLEM_TYPES}")
     for layer, heads in config.pruned_heads.items():
-        if not 0 <= int(layer) < config.n_layer or any(not 0 <= int(h) < config.n_head for h in heads):
+        if not 0 <= layer < config.n_layer or any(not 0 <= h < config.n_head for h in heads):
             raise ValueError(
                 f"GPT2Config.pruned_heads names layer {layer} heads {list(heads)}, but the model has "
                 f"{config.n_layer} layers of {config.n_head} heads"
             )
+        if len(set(heads)) == config.n_head:
+            raise ValueError(f"GPT2Config.pruned_heads removes all {config.n_head} heads of layer {layer}; a layer "
+                             "keeps at least one")
+    check_tool_extras(config)
+    check_model_size(config)
+
+
+def check_tool_extras(config):
+    """The config.json keys this file's tools write and read back (kept in `extra`): a character-level model's
+    characters (char_vocab: token i is its i-th character) and an addition model's digits (addition_digits)."""
+    chars = config.extra.get("char_vocab")
+    if chars is not None and (not isinstance(chars, str) or len(chars) != config.vocab_size
+                              or len(set(chars)) != len(chars)):
+        raise ValueError(f"GPT2Config.extra's char_vocab must be a string of vocab_size ({config.vocab_size}) "
+                         f"different characters, one per token, got {shown(chars)}")
+    digits = config.extra.get("addition_digits")
+    if digits is not None and not (is_kind(digits, int) and 1 <= digits <= 9):
+        raise ValueError(f"GPT2Config.extra's addition_digits must be an integer in 1..9 (as train --digits), "
+                         f"got {shown(digits)}")
 
 
 # OpenAI's four released sizes, and Hugging Face's distilled 6-layer model.
@@ -2044,11 +2152,12 @@ def config_from_dict(cls, config_dict: dict) -> "GPT2Config":
     kwargs = {k: v for k, v in config_dict.items() if k in known}
     extra = {k: v for k, v in config_dict.items() if k not in known and k != "num_labels"}
     if "id2label" in config_dict:  # Hugging Face stores the label names; num_labels is their count
+        check_label_names(config_dict["id2label"])
         kwargs["num_labels"] = len(config_dict["id2label"])
     elif "num_labels" in config_dict:
         kwargs["num_labels"] = config_dict["num_labels"]
     if "pruned_heads" in kwargs:  # JSON object keys are strings
-        kwargs["pruned_heads"] = {int(k): [int(h) for h in v] for k, v in kwargs["pruned_heads"].items()}
+        kwargs["pruned_heads"] = pruned_heads_from_json(kwargs["pruned_heads"])
     return cls(**kwargs, extra=extra)
 
 
@@ -2078,11 +2187,87 @@ def config_from_json_file(cls, path) -> "GPT2Config":
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
                               "fields ({\"n_layer\": 12, ...})")
-    return cls.from_dict(config_dict)
+    try:
+        return cls.from_dict(config_dict)
+    except ValueError as e:  # a field of the wrong kind or out of range, or a model too big for memory: name the file
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def config_to_json_file(config, path):
     _write_atomically(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# --- Memory: what a model or a batch needs, against what the machine has ---------------------------------
+# A number in a config.json or on the command line can ask for more memory than any machine has: every
+# attention layer keeps an n_positions x n_positions causal mask, so "n_positions": 300000 asks for 90 GB per
+# layer. Such requests are refused before anything is allocated, with the figure, instead of ending in
+# swapping, the kernel's OOM killer or an error from deep inside torch.
+
+
+MEMORY_LIMIT_VARIABLE = "NANOGPT2_MAX_MEMORY_GB"
+PYTHON_BYTES_PER_LAYER = 65_000  # a block's modules, parameters and dicts: measured 42 KB, 65 KB with cross-attention
+
+
+def memory_limit() -> int:
+    """The most bytes one model, batch or image may take: NANOGPT2_MAX_MEMORY_GB (in units of 10^9 bytes) if
+    set, else the machine's physical memory (no limit where the system does not say). (os is imported with
+    Part III's modules; it is there by the time this runs.)"""
+    text = os.environ.get(MEMORY_LIMIT_VARIABLE)
+    if text is not None:
+        try:
+            gigabytes = float(text)
+        except ValueError:
+            gigabytes = float("nan")
+        if not 0 < gigabytes < float("inf"):
+            raise ValueError(f"{MEMORY_LIMIT_VARIABLE} must be a number of gigabytes > 0, got {text!r}; "
+                             f"e.g. {MEMORY_LIMIT_VARIABLE}=64")
+        return int(gigabytes * 1e9)
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or it does not know
+        physical = -1
+    return physical if physical > 0 else 2 ** 63
+
+
+def check_memory(needed: int, what: str, fix: str):
+    """Raise a ValueError if `what` needs more than memory_limit() bytes: the figure, the limit, the fix."""
+    limit = memory_limit()
+    if needed > limit:
+        source = MEMORY_LIMIT_VARIABLE if MEMORY_LIMIT_VARIABLE in os.environ else "this machine's memory"
+        raise ValueError(f"{what} needs about {needed / 1e9:,.1f} GB, more than the {limit / 1e9:,.1f} GB limit "
+                         f"({source}); {fix}, or set {MEMORY_LIMIT_VARIABLE} to allow more")
+
+
+def model_bytes(config) -> int:
+    """About how many bytes a model of this config takes in fp32, counted from the config alone: its parameters
+    (4 bytes each: the token and position embeddings, every block, and the largest heads any class has: an LM
+    head, tied or not, and a classifier with a projection before it), every attention layer's causal mask
+    (n_positions^2 bools, plus one more while it is made) and every block's Python objects."""
+    C, P = config.n_embd, config.n_positions
+    inner = config.n_inner if config.n_inner is not None else 4 * C
+    attention_layers = 2 if config.add_cross_attention else 1  # cross-attention: another attention per block
+    block = attention_layers * (4 * C * C + 6 * C) + 2 * C * inner + inner + 3 * C  # attention, layer norms, MLP
+    heads = (config.vocab_size + C + config.num_labels) * C
+    parameters = (config.vocab_size + P) * C + config.n_layer * block + 2 * C + heads
+    masks = (config.n_layer * attention_layers + 1) * P * P
+    return 4 * parameters + masks + config.n_layer * PYTHON_BYTES_PER_LAYER
+
+
+def check_model_size(config):
+    """Refuse a config whose model would not fit in memory_limit(), before anything is allocated."""
+    check_memory(model_bytes(config), f"a model of this GPT2Config (n_layer={config.n_layer}, "
+                 f"n_embd={config.n_embd}, n_positions={config.n_positions}, vocab_size={config.vocab_size})",
+                 "use a smaller config (n_positions, vocab_size, n_embd or n_layer)")
+
+
+def check_generation_memory(model, rows: int, length: int):
+    """generate() before it allocates: the key/value cache of `rows` sequences of `length` tokens (keys and values
+    of every layer, in the model's dtype) and one step's fp32 logits must fit in memory_limit()."""
+    config = model.config
+    itemsize = model.transformer.wte.weight.element_size()
+    needed = 2 * config.n_layer * rows * length * config.n_embd * itemsize + rows * config.vocab_size * 4
+    check_memory(needed, f"generating {rows:,} sequences of up to {length:,} tokens (their key/value cache)",
+                 "ask for fewer samples or fewer new tokens")
 
 
 # ====================================================================================================
@@ -3400,6 +3585,12 @@ def train(args, state, run: Run) -> dict:
     """The training loop. Every process runs it on its own slice of each batch; only the first (rank 0)
     prints, logs and writes files."""
     data, tokenizer, n_positions, extra = prepare_task(args, state, run)
+    batch = args.batch_size * args.accum * run.world_size  # examples per optimiser step, over every process
+    # A step holds every micro-batch's windows (inputs and targets, int64) and one micro-batch's fp32 logits,
+    # with their gradient: refused here, with the figure, rather than by the machine in the first step.
+    check_memory(16 * batch * n_positions + 8 * args.batch_size * n_positions * tokenizer.vocab_size,
+                 f"a training step of --batch-size {args.batch_size} x --accum {args.accum} windows of {n_positions} "
+                 "tokens", "use a smaller --batch-size or --accum")
 
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(args, tokenizer, n_positions, extra, state).to(run.device)
@@ -3418,7 +3609,6 @@ def train(args, state, run: Run) -> dict:
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[run.device.index]
                                                       if run.device.type == "cuda" else None)
     val_batches = data.validation_batches(args.batch_size, args.eval_batches)
-    batch = args.batch_size * args.accum * run.world_size  # examples per optimiser step, over every process
     run.say(describe_run(args, data, model, state, step, run))
 
     log = TrainingLog(args.out, step) if run.is_main else None
@@ -3512,7 +3702,9 @@ def train_command(args) -> dict:
 
 
 def fill_defaults(args):
-    """Options left unset get the defaults of the task (the dataclasses above); then every option is checked."""
+    """Options left unset get the defaults of the task (the dataclasses above); then every option is checked that
+    argparse could not check alone (its integer_option and float_option types): options that go together, and
+    the ranges of the fractions and rates."""
     tasks = [CommonDefaults, AdditionDefaults if args.data is None else TextDefaults]
     if args.init is not None:
         tasks.append(FineTuneDefaults)  # last: its values replace the task's
@@ -3527,20 +3719,12 @@ def fill_defaults(args):
     if args.out is None:
         stem = os.path.splitext(os.path.basename(args.data))[0] if args.data else f"addition-{args.digits}digit"
         args.out = os.path.join("out", stem)
-    if args.data is None and args.digits is not None and not 1 <= args.digits <= 9:
-        raise ValueError(f"--digits must be in 1..9, got {args.digits}")
     if args.data is not None:
         check_text_file(args.data)  # before any directory is made
         if args.digits is not None:
             raise ValueError("--digits is an option of the addition task; it cannot go with --data")
     if args.data is None and args.tokenizer is not None:
         raise ValueError("--tokenizer is an option of --data; the addition task has its own characters")
-    for name, low in (("batch_size", 1), ("accum", 1), ("max_steps", 1), ("n_layer", 1), ("n_head", 1),
-                      ("n_embd", 1), ("block_size", 1), ("warmup", 0), ("eval_every", 0), ("eval_batches", 1),
-                      ("save_every", 0), ("log_every", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
     for name in ("lr", "time_budget", "weight_decay", "grad_clip"):
         if getattr(args, name) < 0 or (name == "lr" and args.lr == 0):
             raise ValueError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}, "
@@ -3555,10 +3739,6 @@ def fill_defaults(args):
     if args.target_accuracy and args.data is not None:
         raise ValueError("--target-accuracy is an option of the addition task (its held-out exact match); "
                          "it cannot go with --data")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.stop_at is not None and args.stop_at < 1:
-        raise ValueError(f"--stop-at must be a step >= 1, got {args.stop_at}")
 
 
 def prepare_task(args, state, run: Run):
@@ -4252,9 +4432,6 @@ def sliding_window_loss(model, tokens, context: int, stride: int, batch_size: in
 
 def eval_command(args):
     """`python nanogpt2.py eval`: loss and perplexity on a text file, or an addition model's accuracy."""
-    for name, value in (("--stride", args.stride), ("--context", args.context), ("--batch-size", args.batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
     if args.data is not None:
         check_text_file(args.data)
     device = resolve_device(args.device)
@@ -4278,6 +4455,9 @@ def eval_command(args):
         n_tokens = tokenize_file(args.data, tokenizer, os.path.join(tmp, "tokens.bin"))
         if n_tokens < 2:
             raise ValueError(f"--data {args.data} is {n_tokens} token long; scoring needs at least 2")
+        rows = min(args.batch_size, len(sliding_windows(n_tokens, context, stride)))  # windows in a forward pass
+        check_memory(8 * rows * context * model.config.vocab_size, f"scoring {rows} windows of {context} tokens at "
+                     "once (their fp32 logits and log-probabilities)", "use a smaller --batch-size or --context")
         tokens = np.memmap(os.path.join(tmp, "tokens.bin"), mode="r",
                            dtype=np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32)
         total, count = sliding_window_loss(model, tokens, context, stride, args.batch_size)
@@ -4315,17 +4495,33 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
-def finite_float(text: str) -> float:
-    """argparse's type for every floating-point option: a number, refused at once when it is nan or inf
-    (float() takes both, and `nan < 0` is False, so a range check alone lets nan through: --temperature nan
-    would decode greedily, --lr nan train to NaN). Each option's range is checked where it is used."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+# Every number on the command line is checked by argparse as it reads it (type=integer_option(...) or
+# float_option()), so that a value out of range is one line, `error: argument --batch-size: must be at least 1,
+# got 0`, before any model is loaded. What a number asks of memory is checked once the model is known
+# (check_memory: the batch's logits, the samples' key/value cache, an image grid).
+MAX_SEED = 2 ** 63 - 1  # torch takes seeds below 2**64; the trainer adds a process's rank to its seed
+
+
+def integer_option(low: int, high: Optional[int] = None, why: str = ""):
+    """An argparse type: an integer in [low, high] (no upper end when high is None); why, if given, says where
+    the bound comes from."""
+    def integer(text: str) -> int:
+        value = int(text)  # not an integer: argparse says "invalid integer value: '1.5'"
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{f' ({why})' if why else ''}, got {value}")
+        return value
+    return integer
+
+
+def float_option():
+    """An argparse type: a finite number (float() also reads nan and inf, which no option means)."""
+    def number(text: str) -> float:
+        value = float(text)  # not a number: argparse says "invalid number value: 'x'"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        return value
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4349,16 +4545,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text to continue; give it several times for a batch (default: start from "
                              "<|endoftext|>, i.e. unconditional samples)")
     sample.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
-    sample.add_argument("--max-new-tokens", type=int, default=None,
+    sample.add_argument("--max-new-tokens", type=integer_option(0), default=None,
                         help="tokens to add per sample (default 100, or fewer if the model has less room)")
-    sample.add_argument("--temperature", type=finite_float, default=0.8,
+    sample.add_argument("--temperature", type=float_option(), default=0.8,
                         help="divide the logits by this; lower is more predictable, 0 means greedy (default 0.8)")
-    sample.add_argument("--top-k", type=int, default=200,
+    sample.add_argument("--top-k", type=integer_option(0), default=200,
                         help="sample only among the k most likely tokens; 0 turns it off (default 200)")
-    sample.add_argument("--top-p", type=finite_float, default=None,
+    sample.add_argument("--top-p", type=float_option(), default=None,
                         help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
-    sample.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default 1)")
-    sample.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
+    sample.add_argument("--num-samples", type=integer_option(1), default=1, help="continuations per prompt (default 1)")
+    sample.add_argument("--seed", type=integer_option(0, MAX_SEED), default=None,
+                        help="random seed, for samples you can reproduce")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     sample.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weights' precision (default: bfloat16 on a GPU that supports it, else float32)")
@@ -4379,7 +4576,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", default="gpt2", help="a directory, a released name or a hub repo id (default: gpt2)")
     inspect.add_argument("--prompt", required=True, help="the text to look at")
     inspect.add_argument("--out", default="attention.png", help="where to write the PNG (default: attention.png)")
-    inspect.add_argument("--top", type=int, default=5, help="next-token guesses to print per position (default 5)")
+    inspect.add_argument("--top", type=integer_option(1), default=5,
+                         help="next-token guesses to print per position (default 5)")
     inspect.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     return parser
 
@@ -4411,48 +4609,54 @@ def add_train_parser(commands):
     )
     data = train.add_argument_group("what to learn")
     data.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: the addition task)")
-    data.add_argument("--digits", type=int, metavar="N", help=f"addition: digits per operand {default_help('digits')}")
+    data.add_argument("--digits", type=integer_option(1, 9), metavar="N",
+                      help=f"addition: digits per operand {default_help('digits')}")
     data.add_argument("--tokenizer", choices=["gpt2", "char"],
                       help=f"--data: GPT-2's BPE or one token per character {default_help('tokenizer')}; --init: "
                            "the model's own")
-    data.add_argument("--block-size", type=int, metavar="N",
+    data.add_argument("--block-size", type=integer_option(1), metavar="N",
                       help=f"--data: tokens per training window {default_help('block_size')}")
-    data.add_argument("--val-fraction", type=finite_float, metavar="F",
+    data.add_argument("--val-fraction", type=float_option(), metavar="F",
                       help=f"--data: the share of tokens, at the end of the file, kept for validation "
                            f"{default_help('val_fraction')}")
     model = train.add_argument_group("the model")
     model.add_argument("--init", metavar="NAME_OR_DIR",
                        help="fine-tune these weights (a directory, gpt2, gpt2-medium, ...) instead of new ones")
-    model.add_argument("--n-layer", type=int, metavar="N", help=f"blocks of a new model {default_help('n_layer')}")
-    model.add_argument("--n-head", type=int, metavar="N",
+    model.add_argument("--n-layer", type=integer_option(1), metavar="N",
+                       help=f"blocks of a new model {default_help('n_layer')}")
+    model.add_argument("--n-head", type=integer_option(1), metavar="N",
                        help=f"attention heads of a new model {default_help('n_head')}")
-    model.add_argument("--n-embd", type=int, metavar="N", help=f"width of a new model {default_help('n_embd')}")
-    model.add_argument("--dropout", type=finite_float, metavar="P",
+    model.add_argument("--n-embd", type=integer_option(1), metavar="N",
+                       help=f"width of a new model {default_help('n_embd')}")
+    model.add_argument("--dropout", type=float_option(), metavar="P",
                        help=f"dropout probability {default_help('dropout')}")
     opt = train.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, metavar="N",
+    opt.add_argument("--batch-size", type=integer_option(1), metavar="N",
                      help=f"examples per micro-batch and process {default_help('batch_size')}")
-    opt.add_argument("--accum", type=int, metavar="K",
+    opt.add_argument("--accum", type=integer_option(1), metavar="K",
                      help=f"micro-batches per step: gradient accumulation {default_help('accum')}")
-    opt.add_argument("--lr", type=finite_float, metavar="LR", help=f"peak learning rate {default_help('lr')}")
-    opt.add_argument("--warmup", type=int, metavar="STEPS", help=f"steps of linear warmup {default_help('warmup')}")
-    opt.add_argument("--weight-decay", type=finite_float, metavar="WD",
+    opt.add_argument("--lr", type=float_option(), metavar="LR", help=f"peak learning rate {default_help('lr')}")
+    opt.add_argument("--warmup", type=integer_option(0), metavar="STEPS",
+                     help=f"steps of linear warmup {default_help('warmup')}")
+    opt.add_argument("--weight-decay", type=float_option(), metavar="WD",
                      help=f"AdamW weight decay, on matrices only {default_help('weight_decay')}")
-    opt.add_argument("--grad-clip", type=finite_float, metavar="NORM",
+    opt.add_argument("--grad-clip", type=float_option(), metavar="NORM",
                      help=f"largest gradient norm; 0 turns clipping off {default_help('grad_clip')}")
-    opt.add_argument("--max-steps", type=int, metavar="N", help=f"optimiser steps {default_help('max_steps')}")
-    opt.add_argument("--time-budget", type=finite_float, metavar="SECONDS",
+    opt.add_argument("--max-steps", type=integer_option(1), metavar="N",
+                     help=f"optimiser steps {default_help('max_steps')}")
+    opt.add_argument("--time-budget", type=float_option(), metavar="SECONDS",
                      help="also stop after this much training time, the cosine schedule following whichever "
                           f"budget runs out first; 0: none {default_help('time_budget')}")
     opt.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                      help="autocast precision (default: float32 on a CPU; bfloat16 on a GPU that has it, else "
                           "float16 with a GradScaler)")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
-    opt.add_argument("--threads", type=int, metavar="N",
+    opt.add_argument("--threads", type=integer_option(1, os.cpu_count(), "the cores of this machine"),
+                     metavar="N",
                      help="CPU threads (default: 1 for a model under 5M parameters, whose small matrix products "
                           "lose more to handing work between threads than they gain; else OMP_NUM_THREADS or all "
                           "cores)")
-    opt.add_argument("--seed", type=int, metavar="N",
+    opt.add_argument("--seed", type=integer_option(0, MAX_SEED), metavar="N",
                      help=f"seed of the weights, the batches and dropout {default_help('seed')}")
     opt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present; under torchrun cuda:LOCAL_RANK)")
     run = train.add_argument_group("the run")
@@ -4462,18 +4666,19 @@ def add_train_parser(commands):
                           "--time-budget trains a finished run further")
     run.add_argument("--overwrite", action="store_true",
                      help="train into an --out that holds an earlier run, replacing it (without it: refused)")
-    run.add_argument("--target-accuracy", type=finite_float, metavar="F",
+    run.add_argument("--target-accuracy", type=float_option(), metavar="F",
                      help="addition: stop once this fraction of the held-out problems is right, checked at each "
                           f"--eval-every; 0: train the whole budget {default_help('target_accuracy')}")
-    run.add_argument("--stop-at", type=int, metavar="STEP",
+    run.add_argument("--stop-at", type=integer_option(1), metavar="STEP",
                      help="stop (and save) after this step, leaving the schedule as it is; continue with --resume")
-    run.add_argument("--eval-every", type=int, metavar="STEPS",
+    run.add_argument("--eval-every", type=integer_option(0), metavar="STEPS",
                      help=f"steps between validation losses; 0: at the end only {default_help('eval_every')}")
-    run.add_argument("--eval-batches", type=int, metavar="N",
+    run.add_argument("--eval-batches", type=integer_option(1), metavar="N",
                      help=f"batches in a validation loss {default_help('eval_batches')}")
-    run.add_argument("--save-every", type=int, metavar="STEPS", help="steps between checkpoints; 0: at the end only "
+    run.add_argument("--save-every", type=integer_option(0), metavar="STEPS",
+                     help="steps between checkpoints; 0: at the end only "
                                                     "(default: --eval-every)")
-    run.add_argument("--log-every", type=int, metavar="STEPS",
+    run.add_argument("--log-every", type=integer_option(1), metavar="STEPS",
                      help=f"steps between progress lines {default_help('log_every')}")
 
 
@@ -4487,9 +4692,12 @@ def add_eval_parser(commands):
     )
     ev.add_argument("--model", default="gpt2", help="a directory, a released name or a hub repo id (default gpt2)")
     ev.add_argument("--data", metavar="PATH", help="a UTF-8 text file to score")
-    ev.add_argument("--context", type=int, metavar="N", help="tokens per window (default: the model's n_positions)")
-    ev.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: half the context)")
-    ev.add_argument("--batch-size", type=int, metavar="N", default=4, help="windows per forward pass (default 4)")
+    ev.add_argument("--context", type=integer_option(1), metavar="N",
+                    help="tokens per window (default: the model's n_positions)")
+    ev.add_argument("--stride", type=integer_option(1), metavar="N",
+                    help="tokens between window starts (default: half the context)")
+    ev.add_argument("--batch-size", type=integer_option(1), metavar="N", default=4,
+                    help="windows per forward pass (default 4)")
     ev.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     ev.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weights' precision (default float32)")
@@ -4509,10 +4717,6 @@ def read_prompts(args) -> List[str]:
 
 
 def sample_command(args):
-    for name, value, low in (("--max-new-tokens", args.max_new_tokens, 0), ("--num-samples", args.num_samples, 1),
-                             ("--top-k", args.top_k, 0)):
-        if value is not None and value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -4523,8 +4727,7 @@ def sample_command(args):
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
     tokenizer = tokenizer_for(model.config)  # GPT-2's BPE, or the characters a model was trained on
     eos = model.config.eos_token_id
-    input_ids, attention_mask = encode_batch([p for p in prompts for _ in range(args.num_samples)],
-                                             pad_id=eos, encode_fn=tokenizer.encode)
+    input_ids, attention_mask = encode_batch(prompts, pad_id=eos, encode_fn=tokenizer.encode)  # each prompt once
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     room = model.config.n_positions - input_ids.size(1)
@@ -4538,6 +4741,9 @@ def sample_command(args):
         raise ValueError(f"the prompt is {input_ids.size(1)} tokens; with --max-new-tokens {args.max_new_tokens} "
                          f"that exceeds the model's {model.config.n_positions} positions; ask for at most {room} "
                          "new tokens or shorten the prompt")
+    check_generation_memory(model, input_ids.size(0) * args.num_samples, input_ids.size(1) + args.max_new_tokens)
+    # Each prompt num_samples times, in rows grouped by prompt: (P, T) -> (P * num_samples, T).
+    input_ids, attention_mask = (t.repeat_interleave(args.num_samples, dim=0) for t in (input_ids, attention_mask))
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k or None, top_p=args.top_p,
                    attention_mask=attention_mask, generator=generator, compile=args.compile)
@@ -4656,8 +4862,6 @@ def attention_picture(attentions, labels: List[str]) -> np.ndarray:
 
 def inspect_command(args):
     """python nanogpt2.py inspect: the attention picture, and each position's most likely next tokens."""
-    if args.top < 1:
-        raise ValueError(f"--top must be at least 1, got {args.top}")
     device = resolve_device(args.device)
     model = GPT2LMHeadModel.from_pretrained(args.model, device=device)
     tokenizer = tokenizer_for(model.config)

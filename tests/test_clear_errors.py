@@ -239,35 +239,37 @@ def test_convert_list_into_a_closed_pipe_exits_quietly():
 # --- 6. Numbers that are not numbers -------------------------------------------------------------------------
 
 def float_options(module):
-    """(command, option, argparse type) for every option of every command that takes a float."""
+    """(command, option, argparse type) for every option of every command that takes a float: plain float, or
+    the project's float_option() (whose parser is a function named `number` made inside it)."""
     parser = module.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return [(command, action.option_strings[0], action.type) for command, sub in commands.choices.items()
-            for action in sub._actions if action.type in (float, module.finite_float)]
+            for action in sub._actions
+            if action.type is float or getattr(action.type, "__qualname__", "").startswith("float_option.")]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_every_float_option_of_the_command_lines_refuses_nan_and_inf(capsys, name):
     """float() takes "nan" and "inf", and `nan < 0` is False, so a range check alone lets nan through
-    (`sample --temperature nan` decoded greedily). Every float option is parsed by finite_float instead."""
+    (`sample --temperature nan` decoded greedily). Every float option is parsed by float_option() instead."""
     module = MODULES[name]
     options = float_options(module)
     assert {"--temperature", "--top-p", "--lr", "--weight-decay", "--grad-clip", "--dropout", "--time-budget",
             "--val-fraction"} <= {option for _, option, _ in options}  # the search finds them
     for command, option, kind in options:
-        assert kind is module.finite_float, f"{command} {option} is parsed by {kind.__name__}"
+        assert kind is not float, f"{command} {option} is parsed by float, which takes nan and inf"
         for text in ("nan", "inf", "-inf", "NaN", "1e999"):
             with pytest.raises(SystemExit) as exit_:
                 module.main([command, f"{option}={text}"])  # (a bare -inf would read as an option)
             assert exit_.value.code == 2
             err = capsys.readouterr().err
             last = err.strip().splitlines()[-1]
-            assert last.endswith(f"error: argument {option}: expected a finite number, got {text!r}"), err
+            assert last.endswith(f"error: argument {option}: must be a finite number, got {text}"), err
             assert "Traceback" not in err
     with pytest.raises(SystemExit):
-        module.main(["train", "--lr", "fast"])  # not a number at all: the same words
-    assert capsys.readouterr().err.strip().endswith("error: argument --lr: expected a finite number, got 'fast'")
-    assert module.finite_float("-2.5e-3") == -2.5e-3  # ordinary numbers pass through, ranges are checked later
+        module.main(["train", "--lr", "fast"])  # not a number at all: argparse's own words
+    assert capsys.readouterr().err.strip().endswith("error: argument --lr: invalid number value: 'fast'")
+    assert module.float_option()("-2.5e-3") == -2.5e-3  # ordinary numbers pass through, ranges are checked later
 
 
 @pytest.mark.parametrize("module", [nanogpt2, imagegpt], ids=["nanogpt2", "imagegpt"])

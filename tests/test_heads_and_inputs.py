@@ -624,8 +624,16 @@ INVALID_CONFIGS = [
     (dict(n_embd=30, n_head=4), r"n_embd \(30\) must be divisible by n_head \(4\)"),
     (dict(vocab_size=0), r"vocab_size must be a positive integer, got 0"),
     (dict(n_layer=-1), r"n_layer must be a positive integer, got -1"),
-    (dict(n_positions=8.5), r"n_positions must be a positive integer, got 8.5"),
-    (dict(n_head=True), r"n_head must be a positive integer, got True"),
+    (dict(n_positions=8.5), r"n_positions must be an integer, got 8.5 \(a float\)"),
+    (dict(n_layer=2.0), r"n_layer must be an integer, got 2.0 \(a float\); write 2"),
+    (dict(n_head=True), r"n_head must be an integer, got True \(a bool\)"),
+    (dict(tie_word_embeddings="false"), r"tie_word_embeddings must be true or false, got 'false' \(a str\)"),
+    (dict(resid_pdrop="0.1"), r"resid_pdrop must be a finite number, got '0.1' \(a str\)"),
+    (dict(layer_norm_epsilon=float("inf")), r"layer_norm_epsilon must be a finite number, got inf"),
+    (dict(activation_function=["gelu"]), r"activation_function must be a string, got \['gelu'\] \(a list\)"),
+    (dict(n_inner="64"), r"n_inner must be an integer or null \(None\), got '64' \(a str\)"),
+    (dict(pad_token_id=2 ** 63), r"pad_token_id must fit in 64 bits"),
+    (dict(initializer_range=-0.02), r"initializer_range is the standard deviation of the initial weights, >= 0"),
     (dict(num_labels=-1), r"num_labels must be a positive integer, got -1"),
     (dict(n_inner=0), r"n_inner must be None or a positive integer, got 0"),
     (dict(activation_function="gelu2"), r"activation_function is 'gelu2', expected one of"),
@@ -639,6 +647,8 @@ INVALID_CONFIGS = [
     (dict(problem_type="ranking"), r"problem_type is 'ranking', expected one of"),
     (dict(pruned_heads={2: [0]}), r"pruned_heads names layer 2 heads \[0\], but the model has 2 layers of 2 heads"),
     (dict(pruned_heads={0: [5]}), r"pruned_heads names layer 0 heads \[5\]"),
+    (dict(pruned_heads={0: [0, 1]}), r"pruned_heads removes all 2 heads of layer 0; a layer keeps at least one"),
+    (dict(pruned_heads={0: 1}), r"pruned_heads must map layer numbers to lists of head numbers"),
 ]
 
 

@@ -119,7 +119,6 @@ def test_greedy_completions_are_all_alike(checkpoint, tmp_path, device):
     (("sample", "--model", "./no/such/dir"), "neither a directory nor a known name"),
     (("complete", "--image", "missing.png"), "--image missing.png: no such file"),
     (("complete", "--image", "{not_png}"), "is not a PNG file"),
-    (("sample", "--num-samples", "0"), "--num-samples must be at least 1"),
     (("sample", "--top-p", "1.5"), "--top-p must be in \\(0, 1\\]"),
     (("complete", "--image", "{png}", "--keep-rows", "4"), "--keep-rows must be in \\[0, 4\\)"),
     (("sample", "--model", "{no_palette}"), "comes without a palette"),

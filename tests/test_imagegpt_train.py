@@ -348,7 +348,6 @@ def make_bad_inputs(tmp_path):
     (("--data", "{tmp}/four.npy", "--probe", "linear"), "--probe needs --labels with --data"),
     (("--labels", "{tmp}/four_labels.npy"), "the shapes bring their own labels"),
     (("--n-px", "5"), "--n-px must be at least 6 for the shapes"),
-    (("--n-colours", "1"), "--n-colours must be at least 2"),
     (("--max-steps", "0"), "--max-steps 0 trains nothing"),
     (("--lr", "0"), "--lr must be > 0"),
     (("--probe", "linear", "--probe-lr", "1e-3"), "--probe-lr is the learning rate of --probe finetune"),

@@ -347,8 +347,6 @@ def test_bad_data_files_give_clear_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--digits", "0"], "--digits must be in 1..9, got 0"),
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--lr", "0"], "--lr must be > 0, got 0.0"),
     (["--dropout", "1"], "--dropout is a probability in [0, 1), got 1.0"),
     (["--tokenizer", "char"], "--tokenizer is an option of --data"),
