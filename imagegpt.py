@@ -1613,6 +1613,9 @@ def config_to_dict(config) -> dict:
 
 def config_from_json_file(cls, path) -> "ImageGPTConfig":
     path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))  # no FIFO, no link out
+    if os.path.getsize(path) > MAX_JSON_BYTES:  # read whole below: a config is a few kilobytes
+        raise CheckpointError(f"{path} is {os.path.getsize(path):,} bytes, not a config.json (at most "
+                              f"{MAX_JSON_BYTES:,})")
     try:
         with open(path, encoding="utf-8") as f:
             config_dict = json.load(f)
@@ -2259,7 +2262,7 @@ def shard_names(index_path: str, suffix: str) -> List[str]:
     directory = os.path.dirname(index_path)
     try:
         with open(regular_file_in(directory, index_path), encoding="utf-8") as f:
-            index = json.load(f)
+            index = json.loads(f.read(MAX_JSON_BYTES + 1))  # more than that cannot be an index: not JSON then
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting (CheckpointError is kept)
         if isinstance(e, CheckpointError):
             raise
@@ -3788,7 +3791,7 @@ def listed_digests(path: str) -> List[str]:
     if not os.path.lexists(f"{path}.sha256"):
         return []
     with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8", errors="replace") as f:
-        return [line.split(" ")[0].strip() for line in f if line.strip()]
+        return [line.split(" ")[0].strip() for line in f.read(1 << 16).splitlines() if line.strip()]  # a few lines
 
 
 def read_training_state(path: str) -> dict:

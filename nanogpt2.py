@@ -2179,6 +2179,9 @@ def config_to_dict(config) -> dict:
 
 def config_from_json_file(cls, path) -> "GPT2Config":
     path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))  # no FIFO, no link out
+    if os.path.getsize(path) > MAX_JSON_BYTES:  # read whole below: a config is a few kilobytes
+        raise CheckpointError(f"{path} is {os.path.getsize(path):,} bytes, not a config.json (at most "
+                              f"{MAX_JSON_BYTES:,})")
     try:
         with open(path, encoding="utf-8") as f:
             config_dict = json.load(f)
@@ -2853,7 +2856,7 @@ def shard_names(index_path: str, suffix: str) -> List[str]:
     directory = os.path.dirname(index_path)
     try:
         with open(regular_file_in(directory, index_path), encoding="utf-8") as f:
-            index = json.load(f)
+            index = json.loads(f.read(MAX_JSON_BYTES + 1))  # more than that cannot be an index: not JSON then
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting (CheckpointError is kept)
         if isinstance(e, CheckpointError):
             raise
@@ -3566,13 +3569,17 @@ def read_tokens_meta(path) -> dict:
     """out/tokens.json: what out/tokens.bin holds (the source file's path, size and date, the characters of a
     character-level vocabulary, the dtype and the count). One that is not what prepare_text_data writes (cut
     short, or edited) is a ValueError naming it, not a JSON traceback."""
+    folder = os.path.dirname(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError too)
+        with open(regular_file_in(folder, path), encoding="utf-8") as f:
+            meta = json.loads(f.read(MAX_JSON_BYTES + 1))
+    except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError too), or too long
         meta = None
+    tokens = os.path.join(folder, "tokens.bin")
     if not (isinstance(meta, dict) and {"source", "char_vocab", "dtype", "tokens"} <= set(meta)
-            and meta["dtype"] in ("uint16", "uint32")):
+            and meta["dtype"] in ("uint16", "uint32") and isinstance(meta["char_vocab"], (str, type(None)))
+            and type(meta["tokens"]) is int and os.path.isfile(tokens)
+            and os.path.getsize(tokens) == meta["tokens"] * np.dtype(meta["dtype"]).itemsize):
         raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about tokens.bin); delete it and "
                          "tokens.bin beside it, and train makes both again from --data")
     return meta
@@ -4058,7 +4065,7 @@ def listed_digests(path: str) -> List[str]:
     if not os.path.lexists(f"{path}.sha256"):
         return []
     with open(regular_file_in(os.path.dirname(path), f"{path}.sha256"), encoding="utf-8", errors="replace") as f:
-        return [line.split(" ")[0].strip() for line in f if line.strip()]
+        return [line.split(" ")[0].strip() for line in f.read(1 << 16).splitlines() if line.strip()]  # a few lines
 
 
 def read_training_state(path: str) -> dict:

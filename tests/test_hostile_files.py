@@ -421,3 +421,35 @@ def test_a_training_state_edited_by_hand_is_one_line_naming_it(run_folder, tmp_p
     out = edited_state(run_folder, tmp_path, edit)
     err = one_line_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
     assert "training_state.pt" in err and re.search(message, err), err
+
+
+@pytest.mark.parametrize("module", MODULES, ids=IDS)
+@pytest.mark.parametrize("name, message", [("config.json", "is 100,000,000 bytes, not a config.json"),
+                                           ("model.safetensors.index.json", "is not valid JSON")])
+def test_a_huge_json_file_in_a_model_folder_is_refused_unread(module, name, message, tmp_path):
+    cls, model = tiny(module)
+    sharded(module, model, tmp_path)
+    with open(tmp_path / name, "ab") as f:
+        f.truncate(100_000_000)  # sparse: read whole, it would be 100 MB of NULs in memory (and a 6 GB one, 6 GB)
+    with pytest.raises(module.CheckpointError, match=message):
+        cls.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["count", "vocab", "bin"])
+def test_tokens_json_that_does_not_describe_tokens_bin_is_one_line(tmp_path, capsys, edit):
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world, a small corpus of text. " * 40)
+    out = tmp_path / "run"
+    argv = ["train", *TINY_RUN, "--data", str(text), "--tokenizer", "char", "--block-size", "8", "--out", str(out)]
+    assert nanogpt2.main(argv) == 0
+    meta = json.loads((out / "tokens.json").read_text())
+    if edit == "count":
+        meta["tokens"] += 1  # tokens.bin would be read with the wrong length
+    elif edit == "vocab":
+        meta["char_vocab"] = 5
+    (out / "tokens.json").write_text(json.dumps(meta))
+    if edit == "bin":
+        with open(out / "tokens.bin", "ab") as f:
+            f.write(b"\0")  # half a token
+    err = one_line_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
+    assert "tokens.json is damaged" in err, err
