@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ import nanogpt2
 from helpers import examples
 from test_pretrained_download import REPO, hub  # noqa: F401 (hub is a fixture)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = [nanogpt2, imagegpt]
 IDS = ["nanogpt2", "imagegpt"]
 
@@ -251,7 +254,8 @@ def fuzz_folder(tmp_path_factory):
     """A real two-shard GPT-2 folder, and a valid shard outside it, reused by every fuzz example (the
     index file is rewritten each time)."""
     root = tmp_path_factory.mktemp("fuzz")
-    _, model = tiny(nanogpt2)
+    torch.manual_seed(0)  # GPT-2's own vocabulary, so that the command line can sample from it
+    model = nanogpt2.GPT2LMHeadModel(nanogpt2.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8))
     weight_map = sharded(nanogpt2, model, root / "model")
     (root / "model" / "sub").mkdir()
     nanogpt2.save_safetensors({"transformer.wte.weight": torch.zeros(32, 16)}, root / "outside.safetensors")
@@ -277,6 +281,25 @@ def test_fuzz_any_index_loads_from_inside_the_folder_or_fails_with_a_checkpoint_
     listed = set(index["weight_map"].values())
     assert listed <= set(GOOD)
     assert set(state) == {key for key, shard in weight_map.items() if shard in listed}
+    try:  # and the model built from it: whole (both shards) or a clear error (missing keys)
+        nanogpt2.GPT2LMHeadModel.from_pretrained(folder)
+    except nanogpt2.CheckpointError as e:
+        assert "\n" not in str(e) and listed != set(GOOD)
+
+
+@examples(4)
+@given(index=INDEXES)
+def test_fuzz_any_index_through_the_command_line_samples_or_is_one_error_line(fuzz_folder, index):
+    """The same indexes through `python nanogpt2.py sample` in a subprocess (a handful: each costs a second)."""
+    folder, _ = fuzz_folder
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "nanogpt2.py"), "sample", "--model", str(folder),
+                          "--prompt", "hi", "--max-new-tokens", "1", "--temperature", "0"],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, TIKTOKEN_CACHE_DIR=os.path.join(ROOT, "tests", "fixtures", "tiktoken")))
+    if run.returncode != 0:
+        assert run.returncode == 2 and run.stderr.startswith("nanogpt2.py: error: ") \
+            and run.stderr.count("\n") == 1, run.stderr
 
 
 # --- ImageGPT's palette and PNG folders ----------------------------------------------------------------------
