@@ -3544,7 +3544,12 @@ def prepare_text_data(args, vocab, run: Run):
     source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
                   mtime_ns=os.stat(args.data).st_mtime_ns)
     if run.is_main:  # one process tokenises; the others wait at the barrier, then read its files
-        meta = read_tokens_meta(meta_path) if os.path.exists(meta_path) and os.path.exists(dest) else None
+        meta = None
+        if os.path.lexists(meta_path) or os.path.lexists(dest):
+            try:  # the two files are a cache of --data's tokens: one that is damaged is made again
+                meta = read_tokens_meta(meta_path)
+            except ValueError as e:
+                print(f"note: {e}; tokenising --data again", file=sys.stderr)
         same_vocab = meta is not None and (meta["char_vocab"] is None if vocab == "gpt2" else
                                            meta["char_vocab"] is not None if vocab == "char" else
                                            meta["char_vocab"] == vocab)
@@ -3568,7 +3573,8 @@ def prepare_text_data(args, vocab, run: Run):
 def read_tokens_meta(path) -> dict:
     """out/tokens.json: what out/tokens.bin holds (the source file's path, size and date, the characters of a
     character-level vocabulary, the dtype and the count). One that is not what prepare_text_data writes (cut
-    short, or edited) is a ValueError naming it, not a JSON traceback."""
+    short, edited, or left describing an older tokens.bin by a run killed between the two renames) is a
+    ValueError naming it, not a JSON traceback: prepare_text_data then tokenises --data again."""
     folder = os.path.dirname(path)
     try:
         with open(regular_file_in(folder, path), encoding="utf-8") as f:
@@ -3580,8 +3586,8 @@ def read_tokens_meta(path) -> dict:
             and meta["dtype"] in ("uint16", "uint32") and isinstance(meta["char_vocab"], (str, type(None)))
             and type(meta["tokens"]) is int and os.path.isfile(tokens)
             and os.path.getsize(tokens) == meta["tokens"] * np.dtype(meta["dtype"]).itemsize):
-        raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about tokens.bin); delete it and "
-                         "tokens.bin beside it, and train makes both again from --data")
+        raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about the tokens.bin beside it); "
+                         "delete both, and train makes them again from --data")
     return meta
 
 

@@ -210,12 +210,14 @@ CHAR_RUN = ["--tokenizer", "char", "--block-size", "16", "--batch-size", "8", "-
 
 @pytest.mark.parametrize("damage", ['{"source": {"path": "/data/cor', "[]", '{"source": {}, "char_vocab": null, '
                                     '"dtype": "float64", "tokens": 3}', "\udcff".encode("utf-8", "surrogatepass")])
-def test_a_damaged_tokens_json_is_one_line_naming_it(tmp_path, capsys, damage):
+def test_a_damaged_tokens_json_is_named_and_made_again_from_the_data(tmp_path, capsys, damage):
     out = train(tmp_path, "--data", str(text_file(tmp_path)), *CHAR_RUN, "--max-steps", "2")
     capsys.readouterr()
     (out / "tokens.json").write_bytes(damage if isinstance(damage, bytes) else damage.encode())
-    err = run_error(capsys, ["train", "--resume", str(out), "--max-steps", "3"])
-    assert f"{out / 'tokens.json'} is damaged" in err and "delete it and tokens.bin beside it" in err
+    assert nanogpt2.main(["train", "--resume", str(out), "--max-steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert f"note: {out / 'tokens.json'} is damaged" in captured.err and "tokenising --data again" in captured.err
+    assert json.loads((out / "tokens.json").read_text())["tokens"] == len(TEXT)  # whole again
 
 
 def test_a_run_stopped_while_writing_tokens_json_leaves_the_old_one_whole(tmp_path, monkeypatch):
