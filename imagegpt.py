@@ -2284,6 +2284,9 @@ def resolve_checkpoint(name_or_dir: str) -> str:
     shards, or pytorch_model.bin, whichever the repository has) and the palette (preprocessor_config.json)."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    if os.path.lexists(name_or_dir):  # m/config.json would pass for a hub id: say what it is instead
+        raise CheckpointError(f"model {name_or_dir!r} is a file, not a model folder: give the folder that holds "
+                              "config.json and the weights")
     repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
     looks_like_repo = re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name_or_dir) and ".." not in name_or_dir
     if name_or_dir not in HUB_NAMES and not looks_like_repo:  # ./ckpt or ../ckpt: a mistyped local path
@@ -2565,6 +2568,8 @@ def resize_image(image, n_px: int) -> torch.Tensor:
     uses) does; without it, shrinking a photo to 32 x 32 samples 4 pixels of each block and aliases.
     The result is rounded to uint8, as the reference's Pillow round trip rounds it.
     """
+    if not isinstance(n_px, int) or isinstance(n_px, bool) or n_px < 1:
+        raise ValueError(f"n_px must be a positive integer, got {n_px!r}")
     image = _as_uint8_image(image)
     x = image.permute(2, 0, 1)[None].float()  # (H, W, 3) -> (1, 3, H, W): interpolate wants channels first
     x = F.interpolate(x, size=(n_px, n_px), mode="bilinear", align_corners=False, antialias=True)
@@ -2623,7 +2628,7 @@ def quantise(images, palette, n_px: Optional[int] = None) -> torch.Tensor:
     single = not isinstance(images, (list, tuple)) and np.ndim(images) == 3
     image_list = _as_image_list(images)
     if n_px is not None:
-        if not isinstance(n_px, int) or n_px < 1:
+        if not isinstance(n_px, int) or isinstance(n_px, bool) or n_px < 1:
             raise ValueError(f"n_px must be a positive integer, got {n_px!r}")
         image_list = [resize_image(image, n_px) for image in image_list]
     shapes = {tuple(image.shape) for image in image_list}
@@ -2680,8 +2685,9 @@ def fit_palette(images, n_colours: int = 512, n_iter: int = 20, seed: int = 0, n
     Deterministic for a given seed. Returns (n_colours, 3) float32 in [-1, 1].
     A model only understands the palette it was trained with: use this one to train a new model.
     """
-    if not isinstance(n_colours, int) or n_colours < 1:
-        raise ValueError(f"n_colours must be a positive integer, got {n_colours!r}")
+    if not isinstance(n_colours, int) or isinstance(n_colours, bool) or not 1 <= n_colours <= MAX_COLOURS:
+        raise ValueError(f"n_colours must be an integer in [1, {MAX_COLOURS}], got {n_colours!r} (k-means++ picks "
+                         "its centres one at a time: a million colours would take days)")
     if not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
     image_list = _as_image_list(images)
@@ -2938,6 +2944,9 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 def image_grid(images, columns: int, scale: int = 1, pad: int = 2) -> np.ndarray:
     """N images (N, H, W, 3) uint8 -> one (rows * (scale*H + pad) + pad, ...) image, left to right then top to
     bottom, on white, each image enlarged scale times by repeating pixels (32 x 32 is tiny on a screen)."""
+    for name, value in (("columns", columns), ("scale", scale), ("pad", pad)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "pad" else 1):
+            raise ValueError(f"image_grid's {name} must be an integer >= {0 if name == 'pad' else 1}, got {value!r}")
     images = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
     N, H, W, _ = images.shape
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, H, W, 3) -> (N, sH, sW, 3)
@@ -3216,8 +3225,11 @@ def read_labels(path: str, names: Optional[List[str]], count: int) -> Tuple[torc
                              "of integer class ids")
         raw = [int(v) for v in array]
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = [[cell.strip() for cell in row] for row in csv.reader(f) if any(cell.strip() for cell in row)]
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [[cell.strip() for cell in row] for row in csv.reader(f) if any(cell.strip() for cell in row)]
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise ValueError(f"--labels {path} is not a CSV file of UTF-8 text ({e})") from None
         if rows and rows[0][-1].lower() in ("label", "labels", "class"):
             rows = rows[1:]
         if names is not None and rows and all(len(row) >= 2 for row in rows):
@@ -3236,6 +3248,10 @@ def read_labels(path: str, names: Optional[List[str]], count: int) -> Tuple[torc
     if all(isinstance(label, int) for label in raw):
         if min(raw) < 0:
             raise ValueError(f"--labels {path} holds the class id {min(raw)}; class ids must be >= 0")
+        most = max(count, 1000)  # a classifier has one output per id up to the largest
+        if max(raw) >= most:
+            raise ValueError(f"--labels {path} holds the class id {max(raw)}; number the classes 0, 1, 2, ... "
+                             f"(ids must be below {most:,}: a classifier gets one output per id up to the largest)")
         classes = [str(i) for i in range(max(raw) + 1)]
         labels = torch.tensor(raw, dtype=torch.long)
     else:
@@ -3509,6 +3525,9 @@ def choose_palette(args, task, init) -> Tuple[torch.Tensor, str]:
         images = task.palette_images()
         palette = fit_palette(images, n_colours=args.n_colours, seed=args.seed)
         how = f"fitted by k-means to {len(images):,} training images"
+    if palette.size(0) < 2:  # every pixel the same token: the loss is 0 from the start, and nothing is learnt
+        raise ValueError(f"--palette {args.palette} has {palette.size(0)} colour; a model needs at least 2 to learn "
+                         "anything")
     if init is not None and palette.size(0) != init.config.n_colours:
         raise ValueError(f"--palette {args.palette} has {palette.size(0)} colours, but --init {args.init} predicts "
                          f"{init.config.n_colours}; use the palette it was trained with")
@@ -3897,10 +3916,12 @@ class RunLock:
             return
 
     def holder(self) -> Optional[int]:
-        try:
+        try:  # a FIFO or a device in its place would block or never end: only a small file holds a PID
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                return None
             with open(self.path, encoding="utf-8") as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):  # gone meanwhile, or half written
+                return int(f.read(32).strip())
+        except (OSError, ValueError):  # gone meanwhile, or half written, or not a number
             return None
 
     def release(self):

@@ -2817,6 +2817,9 @@ def resolve_checkpoint(name_or_dir: str) -> str:
     into the cache (config.json plus model.safetensors, or its shards) unless already there."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
+    if os.path.lexists(name_or_dir):  # m/config.json would pass for a hub id: say what it is instead
+        raise CheckpointError(f"model {name_or_dir!r} is a file, not a model folder: give the folder that holds "
+                              "config.json and the weights")
     repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
     looks_like_repo = re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name_or_dir) and ".." not in name_or_dir
     if name_or_dir not in HUB_NAMES and not looks_like_repo:  # ./ckpt or ../ckpt: a mistyped local path
@@ -4249,10 +4252,12 @@ class RunLock:
             return
 
     def holder(self) -> Optional[int]:
-        try:
+        try:  # a FIFO or a device in its place would block or never end: only a small file holds a PID
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                return None
             with open(self.path, encoding="utf-8") as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):  # gone meanwhile, or half written
+                return int(f.read(32).strip())
+        except (OSError, ValueError):  # gone meanwhile, or half written, or not a number
             return None
 
     def release(self):
@@ -4705,7 +4710,8 @@ def add_eval_parser(commands):
     )
     ev.add_argument("--model", default="gpt2", help="a directory, a released name or a hub repo id (default gpt2)")
     ev.add_argument("--data", metavar="PATH", help="a UTF-8 text file to score")
-    ev.add_argument("--context", type=integer_option(1), metavar="N",
+    ev.add_argument("--context", type=integer_option(2, why="a window scores its tokens after the first"),
+                    metavar="N",
                     help="tokens per window (default: the model's n_positions)")
     ev.add_argument("--stride", type=integer_option(1), metavar="N",
                     help="tokens between window starts (default: half the context)")
@@ -4720,13 +4726,24 @@ def read_prompts(args) -> List[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file is not None:
         if args.prompt_file == "-":
-            prompts.append(sys.stdin.read())
+            raw = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
         else:
             if not os.path.isfile(args.prompt_file):
                 raise ValueError(f"--prompt-file {args.prompt_file}: no such file")
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts.append(f.read())
+            with open(args.prompt_file, "rb") as f:
+                raw = f.read(MAX_PROMPT_BYTES + 1)
+        if len(raw) > MAX_PROMPT_BYTES:  # an endless pipe (`yes |`) or a whole corpus: stop reading here
+            raise ValueError(f"--prompt-file {args.prompt_file} holds more than {MAX_PROMPT_BYTES >> 20} MB: far "
+                             "more than any model's context; give the part to continue")
+        try:
+            prompts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start} is "
+                             f"{raw[e.start]:#04x})") from None
     return prompts or [""]
+
+
+MAX_PROMPT_BYTES = 16 << 20  # GPT-2's 1,024 tokens are a few kilobytes; 16 MB leaves room for any model
 
 
 def sample_command(args):
@@ -4847,15 +4864,30 @@ def token_label(text: str) -> str:
     return {"": "?", " ": "_", "\n": "/"}.get(shown[:1], shown[:1])
 
 
+def picture_layout(T: int) -> Tuple[int, int, int, int, int]:
+    """How attention_picture lays out T tokens: (pixels per token, room for a label, the square's side with its
+    label, the gap between squares, the margin for "L3" left of each row and "H2" above each column)."""
+    s = max(6, min(16, 160 // T)) if T <= 64 else max(1, 384 // T)  # pixels per token
+    label = 6 if T <= 64 else 0  # room for one character left of and above each square
+    return s, label, T * s + label, 6, 12
+
+
+def picture_shape(L: int, nh: int, T: int) -> Tuple[int, int, int]:
+    """The (H, W, 3) of the picture of L layers x nh heads over T tokens: known before the model runs."""
+    _, _, cell, gap, margin = picture_layout(T)
+    return margin + L * (cell + gap), margin + nh * (cell + gap), 3
+
+
+MAX_PICTURE_PIXELS = 100_000_000  # 100 megapixels: far more than a screen shows, 300 MB in memory
+
+
 def attention_picture(attentions, labels: List[str]) -> np.ndarray:
     """attentions: one (nh, T, T) tensor per layer -> an RGB picture (H, W, 3) uint8: layers down, heads
     across, each square a (T, T) map from white (weight 0) to dark blue (weight 1). With 64 tokens or
     fewer, each square gets its tokens written along its left side (queries) and top (keys)."""
     L, (nh, T, _) = len(attentions), attentions[0].shape
-    s = max(6, min(16, 160 // T)) if T <= 64 else max(1, 384 // T)  # pixels per token
-    label = 6 if T <= 64 else 0  # room for one character left of and above each square
-    cell, gap, margin = T * s + label, 6, 12  # margin: "L3" left of each row, "H2" above each column
-    image = np.full((margin + L * (cell + gap), margin + nh * (cell + gap), 3), 255, dtype=np.uint8)
+    s, label, cell, gap, margin = picture_layout(T)
+    image = np.full(picture_shape(L, nh, T), 255, dtype=np.uint8)
     dark = np.array([8, 48, 107], dtype=np.float32)
     for layer, weights in enumerate(attentions):
         top = margin + layer * (cell + gap)
@@ -4884,6 +4916,11 @@ def inspect_command(args):
     if len(ids) > model.config.n_positions:
         raise ValueError(f"--prompt is {len(ids)} tokens, longer than the model's {model.config.n_positions} "
                          "positions; shorten it")
+    H, W, _ = picture_shape(model.config.n_layer, model.config.n_head, len(ids))
+    if H * W > MAX_PICTURE_PIXELS:
+        raise ValueError(f"the picture of {model.config.n_layer} layers x {model.config.n_head} heads over "
+                         f"{len(ids)} tokens would be {W} x {H} pixels, more than {MAX_PICTURE_PIXELS:,}; "
+                         "give a shorter --prompt")
     with torch.no_grad():
         out = model(torch.tensor([ids], device=device), output_attentions=True)
     texts = [tokenizer.decode([i]) for i in ids]

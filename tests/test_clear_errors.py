@@ -2,6 +2,7 @@
 naming the argument (or file), what it got and what was expected. Both model files where they apply."""
 
 import argparse
+import signal
 import struct
 import subprocess
 import sys
@@ -304,3 +305,84 @@ def test_parallelize_onto_gpus_a_machine_lacks_is_one_line():
         model.parallelize({0: [0]})
     model.parallelize({"cpu": [0]})  # every block on the CPU: allowed, and a no-op
     assert model.transformer.first_device == torch.device("cpu")
+
+
+# --- 7. Probes of bad input that once crashed, hung or ran out of memory ------------------------------------
+
+def test_imagegpt_pixel_helpers_name_a_bad_argument():
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    palette = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="n_px must be a positive integer, got True"):
+        imagegpt.quantise(image, palette, n_px=True)
+    with pytest.raises(ValueError, match="n_px must be a positive integer, got True"):
+        imagegpt.resize_image(image, True)
+    with pytest.raises(ValueError, match="image_grid's columns must be an integer >= 1, got 0"):
+        imagegpt.image_grid(image[None], columns=0)
+    with pytest.raises(ValueError, match="image_grid's scale must be an integer >= 1, got 0"):
+        imagegpt.image_grid(image[None], columns=1, scale=0)
+    with pytest.raises(ValueError, match=r"n_colours must be an integer in \[1, 4096\], got 1000000000"):
+        imagegpt.fit_palette(image[None], n_colours=10 ** 9)  # k-means++ would pick a billion centres
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.array([0, 1, 10 ** 12] + [0] * 7), "holds the class id 1000000000000; number the classes 0, 1, 2"),
+    (np.array([0, 1, 2 ** 63 - 1] + [0] * 7), "holds the class id 9223372036854775807"),
+    ("0\n1\n\xff\n".encode("latin-1"), "is not a CSV file of UTF-8 text"),
+])
+def test_labels_with_huge_ids_or_bad_bytes_are_one_line(tmp_path, content, message):
+    path = tmp_path / ("labels.npy" if isinstance(content, np.ndarray) else "labels.csv")
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):  # (a class list of 10**12 names once ran out of memory)
+        imagegpt.read_labels(str(path), None, 10 if isinstance(content, np.ndarray) else 3)
+
+
+def test_a_one_colour_palette_is_refused_for_training(tmp_path, capsys):
+    np.save(tmp_path / "one.npy", np.array([[0.0, 0.0, 0.0]]))
+    assert imagegpt.main(["train", "--palette", str(tmp_path / "one.npy"), "--max-steps", "1",
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "has 1 colour; a model needs at least 2" in capsys.readouterr().err
+
+
+def test_nanogpt2_command_line_inputs_that_once_crashed(tmp_path, capsys, monkeypatch):
+    model = tiny(nanogpt2)
+    model.save_pretrained(tmp_path / "m")
+
+    def error(argv):
+        assert nanogpt2.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nanogpt2.py: error: ") and err.count("\n") == 1, err
+        return err
+
+    (tmp_path / "bad.txt").write_bytes(b"hello \xff world")
+    assert "--prompt-file " + str(tmp_path / "bad.txt") + " is not UTF-8 text (byte 6 is 0xff)" in error(
+        ["sample", "--model", str(tmp_path / "m"), "--prompt-file", str(tmp_path / "bad.txt")])
+    with open(tmp_path / "big.txt", "wb") as f:
+        f.truncate(nanogpt2.MAX_PROMPT_BYTES + 1)  # sparse; read whole it was 3 GB of memory for a 3 GB file
+    assert "holds more than 16 MB" in error(["sample", "--model", str(tmp_path / "m"), "--prompt-file",
+                                             str(tmp_path / "big.txt")])
+    assert "is a file, not a model folder" in error(["sample", "--model", str(tmp_path / "m" / "config.json")])
+    (tmp_path / "t.txt").write_text("some text to score " * 20)
+    with pytest.raises(SystemExit):  # argparse's own error: usage, then one line
+        nanogpt2.main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"), "--context", "1"])
+    assert "argument --context: must be at least 2" in capsys.readouterr().err  # was a ZeroDivisionError
+    monkeypatch.setattr(nanogpt2, "MAX_PICTURE_PIXELS", 1000)
+    assert "would be" in error(["inspect", "--model", str(tmp_path / "m"), "--prompt", "hi", "--out",
+                                str(tmp_path / "a.png")])
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_lock_that_is_a_fifo_is_taken_over_without_blocking(tmp_path):
+    os_ = __import__("os")
+    os_.makedirs(tmp_path / "run")
+    os_.mkfifo(tmp_path / "run" / ".lock")  # opening it to read the holder's PID would wait forever
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("blocked on the FIFO"))
+    signal.alarm(10)
+    try:
+        lock = nanogpt2.RunLock(str(tmp_path / "run"))
+    finally:
+        signal.alarm(0)
+    assert lock.holder() == os_.getpid()
+    lock.release()
