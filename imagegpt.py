@@ -3856,6 +3856,26 @@ def resuming_from(path: str):
                          "it cannot be resumed") from None
 
 
+def check_saved_options(saved: dict, path: str):
+    """A resumed run takes its options from the training state, past the command line's checks: so each saved
+    value goes through the same check (the option's argparse type and choices) before it is used. A state
+    edited by hand (a batch size of "32", a seed out of range) is one line naming the option and the file."""
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    for action in train._actions:
+        value = saved.get(action.dest)
+        if value is None or (action.type is None and action.choices is None):
+            continue
+        for one in value if isinstance(value, (list, tuple)) else [value]:
+            try:
+                parsed = action.type(str(one)) if action.type is not None else one
+                if parsed != one or (action.choices is not None and one not in action.choices):
+                    raise ValueError(f"expected one of {list(action.choices)}" if action.choices else "not as saved")
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise ValueError(f"{path} holds the option {action.option_strings[0]} {one!r}, which is not valid "
+                                 f"({e}); it was not written by `train` like this, and cannot be resumed") from None
+
+
 def load_checkpoint(args) -> dict:
     """The training state in --resume DIR; its options replace those given, but for RESUME_MAY_CHANGE."""
     path = os.path.join(args.resume, "training_state.pt")
@@ -3864,6 +3884,7 @@ def load_checkpoint(args) -> dict:
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise ValueError(f"--resume {args.resume} continues in that directory; drop --out {args.out}")
     state = read_training_state(path)
+    check_saved_options(state["args"], path)
     for name, saved in state["args"].items():
         given = getattr(args, name, None)
         if name in RESUME_MAY_CHANGE or (name in RESUME_MAY_EXTEND and given is not None):

@@ -135,7 +135,7 @@ SHARED = [
     'download_problem', 'file_sha256', 'load_state_dict_files', 'load_bin', 'IGNORED_SUFFIXES', 'check_finite',
     'parse_dtype', 'without_random_init', 'separate_shared', 'finish_loading', 'FineTuneDefaults',
     'configure_optimizer', 'learning_rate', 'resolve_device', 'ONE_THREAD_BELOW', 'set_cpu_threads',
-    'read_training_state', 'resuming_from', 'checkpoint_not_saved', 'diverged_error', 'save_training_state', 'listed_digests', 'TrainingLog.__init__', 'TrainingLog.close', 'RUN_FILES', 'check_run_folder', 'RunLock',
+    'read_training_state', 'resuming_from', 'check_saved_options', 'checkpoint_not_saved', 'diverged_error', 'save_training_state', 'listed_digests', 'TrainingLog.__init__', 'TrainingLog.close', 'RUN_FILES', 'check_run_folder', 'RunLock',
     'RunLock.__init__', 'RunLock.holder', 'RunLock.release', 'RunFolder', 'RunFolder.__init__',
     'RunFolder.__enter__', 'RunFolder.__exit__', 'StopRequest', 'StopRequest.__init__', 'StopRequest.handle',
     'StopRequest.restore', 'format_time', 'TrainingProgress', 'TrainingProgress.__init__', 'MAX_SEED',
