@@ -2901,9 +2901,24 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     missing = model.load_state_dict(separate_shared(state_dict), strict=False, assign=True).missing_keys
     finish_loading(model, config, missing)
     model.to(dtype=dtype, device=device)  # a no-op for tensors already in this dtype, on this device
+    generation_path = os.path.join(directory, "generation_config.json")
+    if hasattr(model, "generation_config") and os.path.exists(generation_path):
+        model.generation_config = read_generation_config(generation_path, model)
     if any(os.path.exists(os.path.join(directory, name)) for name in PALETTE_FILES):
         model.palette = load_palette(directory)
     return model.eval()
+
+
+def read_generation_config(path: str, model) -> GenerationConfig:
+    """generation_config.json beside a checkpoint's config.json: generate()'s defaults for this model, as the
+    reference reads them (fields it leaves out take GenerationConfig's defaults). A field of the wrong type or
+    range is a CheckpointError naming the file."""
+    generation_config = GenerationConfig.from_json_file(path)
+    try:
+        _check_generation_config(generation_config, model.lm_head.weight.size(0))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return generation_config
 
 
 @contextlib.contextmanager
@@ -2950,13 +2965,16 @@ def finish_loading(model: nn.Module, config: ImageGPTConfig, missing_keys: List[
 
 
 def save_pretrained(model: nn.Module, directory):
-    """Write config.json and model.safetensors in the layout Hugging Face transformers loads, and the
-    palette, when the model has one, beside them (preprocessor_config.json and kmeans_centers.npy)."""
+    """Write config.json and model.safetensors in the layout Hugging Face transformers loads (and, for the image
+    head, generation_config.json, generate()'s defaults), and the palette, when the model has one, beside them
+    (preprocessor_config.json and kmeans_centers.npy)."""
     os.makedirs(directory, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     save_safetensors(model.state_dict(), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:  # the heads that generate
+        model.generation_config.to_json_file(os.path.join(directory, "generation_config.json"))
     _write_atomically(os.path.join(directory, "config.json"),
                       (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     if model.palette is not None:
@@ -4090,7 +4108,7 @@ def write_samples(model, palette: torch.Tensor, path: str, count: int, seed: int
     seed every time, so grids from successive steps show the same random draws, as the model learns."""
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = generate(model, None, do_sample=True, num_samples=count, generator=generator)  # (count, 1 + N)
+    tokens = model.generate(None, num_samples=count, do_sample=True, top_k=0, generator=generator)  # (count, 1 + N)
     images = dequantise(tokens[:, 1:].cpu(), palette)  # drop SOS: (count, n, n, 3)
     write_png(path, image_grid(images, columns=min(count, 8), scale=scale))
 

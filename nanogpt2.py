@@ -3210,7 +3210,22 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     missing = model.load_state_dict(separate_shared(state_dict), strict=False, assign=True).missing_keys
     finish_loading(model, config, missing)
     model.to(dtype=dtype, device=device)  # a no-op for tensors already in this dtype, on this device
+    generation_path = os.path.join(directory, "generation_config.json")
+    if hasattr(model, "generation_config") and os.path.exists(generation_path):
+        model.generation_config = read_generation_config(generation_path, model)
     return model.eval()
+
+
+def read_generation_config(path: str, model) -> GenerationConfig:
+    """generation_config.json beside a checkpoint's config.json: generate()'s defaults for this model, as the
+    reference reads them (fields it leaves out take GenerationConfig's defaults). A field of the wrong type or
+    range is a CheckpointError naming the file."""
+    generation_config = GenerationConfig.from_json_file(path)
+    try:
+        _check_generation_config(generation_config, model.lm_head.weight.size(0))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return generation_config
 
 
 @contextlib.contextmanager
@@ -3257,7 +3272,8 @@ def finish_loading(model: nn.Module, config: GPT2Config, missing_keys: List[str]
 
 
 def save_pretrained(model: nn.Module, directory):
-    """Write config.json and model.safetensors in the layout Hugging Face transformers loads. The tied
+    """Write config.json and model.safetensors in the layout Hugging Face transformers loads (and, for the LM
+    head, generation_config.json, generate()'s defaults). The tied
     head (lm_head.weight, the same tensor as transformer.wte.weight) is stored once, as transformers does."""
     os.makedirs(directory, exist_ok=True)
     state_dict = model.state_dict()
@@ -3267,6 +3283,8 @@ def save_pretrained(model: nn.Module, directory):
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:  # the heads that generate
+        model.generation_config.to_json_file(os.path.join(directory, "generation_config.json"))
     _write_atomically(os.path.join(directory, "config.json"),
                       (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
@@ -4622,6 +4640,8 @@ CLI_EXAMPLES = """examples:
   python nanogpt2.py sample --model gpt2-xl --prompt "..." --temperature 0   # greedy
   python nanogpt2.py sample --model ./my-checkpoint --prompt-file story.txt --num-samples 3
   python nanogpt2.py sample --prompt "Hello" --prompt "Goodbye"            # a batch of prompts
+  python nanogpt2.py sample --prompt "..." --temperature 0 --num-beams 5 --num-return-sequences 3  # 3 best beams
+  python nanogpt2.py sample --prompt "..." --no-repeat-ngram-size 2 --repetition-penalty 1.2 --min-new-tokens 20
 """
 TRAIN_EXAMPLES = """examples:
   python nanogpt2.py train                              # a small GPT-2 learns 2-digit addition, on a CPU
@@ -4678,7 +4698,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample only among the k most likely tokens; 0 turns it off (default 200)")
     sample.add_argument("--top-p", type=finite_float, default=None,
                         help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
-    sample.add_argument("--num-samples", type=int, default=1, help="continuations per prompt (default 1)")
+    sample.add_argument("--num-return-sequences", "--num-samples", dest="num_samples", type=int, default=1,
+                        metavar="N", help="continuations per prompt: N samples, or with --num-beams the N best "
+                                          "beams (default 1)")
+    sample.add_argument("--num-beams", type=int, default=1, metavar="N",
+                        help="beam search with N beams per prompt; deterministic with --temperature 0, else beam "
+                             "sampling, as the reference's do_sample with num_beams (default 1: no beams)")
+    sample.add_argument("--repetition-penalty", type=finite_float, default=1.0, metavar="X",
+                        help="make tokens already in the text less likely: scores divided by X (above 1 "
+                             "penalises; default 1.0, none; 1.2 is usual)")
+    sample.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="never repeat a sequence of N tokens (default 0: off)")
+    sample.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                        help="no <|endoftext|> before N new tokens (default 0)")
     sample.add_argument("--seed", type=int, default=None, help="random seed, for samples you can reproduce")
     sample.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
     sample.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -4831,20 +4863,32 @@ def read_prompts(args) -> List[str]:
 
 def sample_command(args):
     for name, value, low in (("--max-new-tokens", args.max_new_tokens, 0), ("--num-samples", args.num_samples, 1),
-                             ("--top-k", args.top_k, 0)):
+                             ("--top-k", args.top_k, 0), ("--num-beams", args.num_beams, 1),
+                             ("--no-repeat-ngram-size", args.no_repeat_ngram_size, 0),
+                             ("--min-new-tokens", args.min_new_tokens, 0)):
         if value is not None and value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise ValueError(f"--repetition-penalty must be > 0 (1 is none), got {args.repetition_penalty}")
+    if args.num_beams > 1 and args.num_samples > args.num_beams:
+        raise ValueError(f"--num-return-sequences {args.num_samples} must be at most --num-beams {args.num_beams}: "
+                         "beam search keeps that many hypotheses per prompt")
+    if args.max_new_tokens is not None and args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens {args.min_new_tokens} must be at most --max-new-tokens "
+                         f"{args.max_new_tokens}")
     device = resolve_device(args.device)
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     prompts = read_prompts(args)
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
     tokenizer = tokenizer_for(model.config)  # GPT-2's BPE, or the characters a model was trained on
     eos = model.config.eos_token_id
-    input_ids, attention_mask = encode_batch([p for p in prompts for _ in range(args.num_samples)],
+    beams = args.num_beams > 1  # beam search returns the best num_samples beams of each prompt; else each prompt
+    copies = 1 if beams else args.num_samples  # is repeated num_samples times (greedy copies are identical)
+    input_ids, attention_mask = encode_batch([p for p in prompts for _ in range(copies)],
                                              pad_id=eos, encode_fn=tokenizer.encode)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
@@ -4859,13 +4903,19 @@ def sample_command(args):
         raise ValueError(f"the prompt is {input_ids.size(1)} tokens; with --max-new-tokens {args.max_new_tokens} "
                          f"that exceeds the model's {model.config.n_positions} positions; ask for at most {room} "
                          "new tokens or shorten the prompt")
+    if args.min_new_tokens > args.max_new_tokens:
+        raise ValueError(f"--min-new-tokens {args.min_new_tokens} must be at most --max-new-tokens "
+                         f"{args.max_new_tokens}")
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature or 1.0, top_k=args.top_k or None, top_p=args.top_p,
-                   attention_mask=attention_mask, generator=generator, compile=args.compile)
+                   num_beams=args.num_beams, num_return_sequences=args.num_samples if beams else 1,
+                   repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                   min_new_tokens=args.min_new_tokens or None, attention_mask=attention_mask, generator=generator,
+                   compile=args.compile)
     if args.compile:
         sys.stderr.write("compiling the decoding step (a minute or more the first time)...\n")
     out = sys.stdout
-    if input_ids.size(0) == 1:  # one sample: stream it token by token
+    if input_ids.size(0) == 1 and not beams:  # one sample: stream it token by token
         out.write(prompts[0])
         out.flush()
         stream = StreamDecoder(tokenizer.chars)
@@ -4877,13 +4927,16 @@ def sample_command(args):
 
         model.generate(input_ids, on_token=on_token, **options)
         out.write(stream.flush() + "\n")
-    else:  # a batch: every sample advances together; print each when all are done
-        sys.stderr.write(f"generating {input_ids.size(0)} samples in one batch...\n")
+    else:  # a batch, or beams: every sample advances together; print each when all are done
+        rows = input_ids.size(0) * (args.num_samples if beams else 1)
+        if rows > 1:
+            sys.stderr.write(f"generating {rows} samples in one batch...\n")
         tokens = model.generate(input_ids, **options)
-        for i in range(input_ids.size(0)):
+        for i in range(rows):
             new = tokens[i, input_ids.size(1):].tolist()
             new = new[:new.index(eos)] if eos in new else new  # what follows eos is padding
-            out.write(f"--- sample {i % args.num_samples + 1} of prompt {i // args.num_samples + 1} ---\n")
+            if rows > 1:
+                out.write(f"--- sample {i % args.num_samples + 1} of prompt {i // args.num_samples + 1} ---\n")
             out.write(prompts[i // args.num_samples] + tokenizer.decode(new) + "\n")
     out.flush()
 

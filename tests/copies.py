@@ -134,7 +134,7 @@ SHARED = [
     'safetensors_header', 'save_safetensors', 'cache_dir', 'hub_url', '_progress', '_if_range_value', 'download',
     '_finish_download', 'MIN_FREE_BYTES', 'MAX_JSON_BYTES', 'promised_size', '_safetensors_size',
     'download_problem', 'file_sha256', 'load_state_dict_files', 'load_bin', 'IGNORED_SUFFIXES', 'check_finite',
-    'parse_dtype', 'without_random_init', 'separate_shared', 'finish_loading', 'FineTuneDefaults',
+    'parse_dtype', 'read_generation_config', 'without_random_init', 'separate_shared', 'finish_loading', 'FineTuneDefaults',
     'configure_optimizer', 'learning_rate', 'resolve_device', 'ONE_THREAD_BELOW', 'set_cpu_threads',
     'read_training_state', 'checkpoint_not_saved', 'diverged_error', 'save_training_state', 'listed_digests', 'TrainingLog.__init__', 'TrainingLog.close', 'RUN_FILES', 'check_run_folder', 'RunLock',
     'RunLock.__init__', 'RunLock.holder', 'RunLock.release', 'RunFolder', 'RunFolder.__init__',
