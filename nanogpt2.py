@@ -1845,7 +1845,7 @@ def _beam_search(model, input_ids, attention_mask, options, past=None):
     (options.length_penalty, options.early_stopping; without the eos token, with generated length cur_len - T)
     only if it ranks among the first nb; any other becomes a live beam, until nb are live. A prompt is done
     once its hypotheses say so (is_done with the best candidate's score); a done prompt's beams carry
-    options.pad. The cache is reordered to follow the surviving beams (model._reorder_cache). The loop ends
+    options.pad (and, as the reference's, row 0's cache: what they compute is never used). The cache is reordered to follow the surviving beams (model._reorder_cache). The loop ends
     when all prompts are done or after N steps; then live beams of unfinished prompts are added as hypotheses
     too. Each prompt's best options.num_return_sequences hypotheses, best first, are written left-aligned into
     a options.pad-filled result of length min(longest + 1, T + N), each followed by the first eos id where it is
@@ -1890,8 +1890,8 @@ def _beam_search(model, input_ids, attention_mask, options, past=None):
         next_tokens = torch.zeros(B, nb, dtype=torch.long, device=device)
         next_beams = torch.zeros(B, nb, dtype=torch.long, device=device)
         for b in range(B):
-            if done[b]:  # this prompt is finished: its beams just carry padding
-                next_tokens[b], next_beams[b] = options.pad, b * nb
+            if done[b]:  # this prompt is finished: its beams carry padding (and row 0's cache, as the reference)
+                next_tokens[b], next_beams[b] = options.pad, 0
                 continue
             kept = 0
             for rank in range(K):
