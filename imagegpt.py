@@ -1299,10 +1299,6 @@ def _check_generation_config(config: GenerationConfig, scored: int):
     def bad(name, expected, hint=""):
         return ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}" + (f" ({hint})" if hint else ""))
 
-    for name in sorted(config.extra):
-        if name in UNSUPPORTED_GENERATION_FIELDS and config.extra[name] != UNSUPPORTED_GENERATION_FIELDS[name]:
-            raise ValueError(f"the generation config sets {name}={config.extra[name]!r}, which this generate() does "
-                             f"not implement; set it to {UNSUPPORTED_GENERATION_FIELDS[name]!r} or remove it")
     if not _is_int(config.max_length) or config.max_length < 1:
         raise bad("max_length", "a positive integer", "the prompt included")
     for name in ("max_new_tokens", "min_new_tokens"):
@@ -1380,6 +1376,10 @@ def prepare_generation(model, input_ids, attention_mask, generation_config, kwar
     else:
         raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
     config = replace(config, **kwargs)
+    for name in sorted(config.extra):  # e.g. from generation_config.json
+        if name in UNSUPPORTED_GENERATION_FIELDS and config.extra[name] != UNSUPPORTED_GENERATION_FIELDS[name]:
+            raise ValueError(f"the generation config sets {name}={config.extra[name]!r}, which this generate() does "
+                             f"not implement; set it to {UNSUPPORTED_GENERATION_FIELDS[name]!r} or remove it")
     scored = model.lm_head.weight.size(0)  # the token ids the head scores: 0 .. scored - 1
     _check_generation_config(config, scored)
     if on_token is not None and config.num_beams > 1:
