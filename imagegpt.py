@@ -26,10 +26,12 @@ data flows through it):
     MLP and block                         ImageGPTMLP, ImageGPTBlock (pre-norm)
     The body                              ImageGPTModel: embeddings, blocks, final layer norm
     The LM head                           ImageGPTForCausalImageModeling: next-colour logits, the loss
-    Sampling                              generate: from SOS or a prompt, greedy, temperature, top-k, top-p
+    Sampling                              generate (the reference's arguments): from SOS or a prompt
   Part II: what the reference also has
     The other heads                       ImageGPTForImageClassification (average pooling)
     Output dataclasses                    what each forward returns (out.logits, out[0], to_tuple())
+    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length
+    Beam search                           generate(num_beams=...)
     Pruning heads                         prune_heads, as the reference does it
     Head masks, gradient checkpointing    head_mask and checkpointing helpers
     Input checks                          every shape and range checked before any work
@@ -1041,9 +1043,10 @@ def _sample(model, input_ids, attention_mask, options, past=None, decode_step=No
 # ====================================================================================================
 # Part II: what the reference also has
 #
-# The other heads, the output dataclasses, pruning, head masks, gradient checkpointing, input
-# checks, config validation and serialisation: written out in full, out of a first reading's way. A
-# method of a Part I class marked `# in Part II` is one line that calls its body here.
+# The other heads, the output dataclasses, generation's options and logits processors, beam search,
+# pruning, head masks, gradient checkpointing, input checks, compiled decoding, config validation and
+# serialisation: written out in full, out of a first reading's way. A method of a Part I class marked
+# `# in Part II` is one line that calls its body here.
 # ====================================================================================================
 
 

@@ -15,10 +15,11 @@ data flows through it):
     MLP and block                         GPT2MLP, GPT2Block (pre-norm)
     The body                              GPT2Model: embeddings, blocks, final layer norm
     The LM head                           GPT2LMHeadModel: next-token logits, the shifted loss
-    Sampling                              generate: greedy, temperature, top-k, top-p, with the cache
+    Sampling                              generate (the reference's arguments): greedy or sampling, the cache
   Part II: what the reference also has
     The other heads                       double heads, sequence/token classification, question answering
     Output dataclasses                    what each forward returns (out.logits, out[0], to_tuple())
+    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length
     Beam search                           generate(num_beams=...)
     Pruning heads                         prune_heads, as the reference does it
     Head masks, device maps, gradient checkpointing
@@ -1054,10 +1055,10 @@ def _sample(model, input_ids, attention_mask, options, past=None, decode_step=No
 # ====================================================================================================
 # Part II: what the reference also has
 #
-# The other heads, the output dataclasses, beam search, pruning, head masks, device maps, gradient
-# checkpointing, input checks, config validation and serialisation: written out in full, out of a
-# first reading's way. A method of a Part I class marked `# in Part II` is one line that calls its
-# body here.
+# The other heads, the output dataclasses, generation's options and logits processors, beam search,
+# pruning, head masks, device maps, gradient checkpointing, input checks, compiled decoding, config
+# validation and serialisation: written out in full, out of a first reading's way. A method of a Part I
+# class marked `# in Part II` is one line that calls its body here.
 # ====================================================================================================
 
 
