@@ -975,9 +975,9 @@ def _sample(model, input_ids, attention_mask, options, past=None, decode_step=No
     (positions come from _positions_from_mask). The first step runs the body on the whole prompt, later steps
     on the one new token per row, with past_key_values, the mask up to the current length (none at all when
     nothing is padded) and the position ids, use_cache=True. The next token's logits (next_token_logits, as
-    float32) become scores through each of options.processors in turn, f(the tokens so far (B, length),
-    scores) -> scores; then the argmax when not options.do_sample, else one torch.multinomial draw per row from
-    their softmax, using options.generator. With options.eos not None, rows already finished get options.pad
+    float32) become scores through options.processors (apply_processors, with the tokens so far (B, length));
+    then the argmax when not options.do_sample, else one torch.multinomial draw per row from their softmax,
+    using options.generator. With options.eos not None, rows already finished get options.pad
     instead, a row that emits an eos token is finished from then on, and the loop stops once every row is
     finished. After each step call options.on_token(next_tokens (B,)) if given. Returns a
     GenerateDecoderOnlyOutput: sequences (B, T0 + number of steps run), and, with options.output_scores, scores,
@@ -1015,9 +1015,7 @@ def _sample(model, input_ids, attention_mask, options, past=None, decode_step=No
             if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
                 past.write_at = torch.zeros(1, dtype=torch.long, device=input_ids.device)
                 mark_static(past)
-        scores = logits.float()
-        for process in options.processors:  # the reference's logits processors, in its order (Part II)
-            scores = process(tokens[:, :length], scores)
+        scores = apply_processors(options.processors, tokens[:, :length], logits.float())  # Part II
         if options.output_scores:
             steps_scores.append(scores)
         if options.do_sample:
@@ -1458,6 +1456,15 @@ def logits_processors(config: GenerationConfig, min_length: int, eos, keep: int 
     return processors
 
 
+def apply_processors(processors, input_ids, scores):
+    """scores (B, V) through each processor in turn, f(input_ids (B, L), scores) -> scores: the next token's
+    logits (log-probabilities in beam search) as the reference's LogitsProcessorList turns them into the
+    scores a token is chosen from. No processors: the scores themselves, no work."""
+    for process in processors:
+        scores = process(input_ids, scores)
+    return scores
+
+
 def tokens_present(ids, V: int):
     """ids (B, K) of token ids -> (B, V) bool: True at [b, v] where row b holds token v. Ids >= V, which the head
     does not score (ImageGPT's SOS), are left out. Repeated ids count once."""
@@ -1579,25 +1586,25 @@ def _beam_search(model, input_ids, attention_mask, options, past=None):
     """Beam search as the reference does it; returns a GenerateBeamDecoderOnlyOutput whose sequences are
     (B * num_return_sequences, length), length <= T + N.
 
-    options: the GenerationOptions, nb = options.num_beams, N = options.max_new_tokens. Each prompt keeps nb
-    partial sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (past: a
-    StaticCache, or None for tuples); each prompt's mask and positions serve all its beams). All beams start
-    from the same prompt, so at the first step only beam 0 may expand (the others start at -1e9). Each step
-    takes log_softmax of every beam's next-token logits, runs options.processors over them (with the beams'
-    tokens so far), adds the beam's summed score, and views the result (B, nb * V): every continuation (beam,
-    token) of a prompt. From these it takes K = max(2, 1 + number of eos ids) * nb candidates, best first: the
-    top K, or with options.do_sample K drawn without replacement from their softmax (options.generator), then
-    sorted. Going down that list: a continuation ending in an eos id is added to the prompt's _BeamHypotheses
-    (options.length_penalty, options.early_stopping; without the eos token, with generated length cur_len - T)
-    only if it ranks among the first nb; any other becomes a live beam, until nb are live. A prompt is done
-    once its hypotheses say so (is_done with the best candidate's score); a done prompt's beams carry
-    options.pad (and, as the reference's, row 0's cache: what they compute is never used). The cache is reordered to follow the surviving beams (model._reorder_cache). The loop ends
-    when all prompts are done or after N steps; then live beams of unfinished prompts are added as hypotheses
-    too. Each prompt's best options.num_return_sequences hypotheses, best first, are written left-aligned into
-    a options.pad-filled result of length min(longest + 1, T + N), each followed by the first eos id where it is
-    shorter than that. With options.output_scores, also scores (each step's processed log-probabilities
-    (B * nb, V)), sequences_scores (each hypothesis' score) and beam_indices (the row of the beam each token
-    came from, -1 after its end)."""
+    options: the GenerationOptions, nb = options.num_beams, N = options.max_new_tokens. Each prompt keeps nb partial
+    sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (past: a StaticCache, or None
+    for tuples); each prompt's mask and positions serve all its beams). All beams start from the same prompt, so at
+    the first step only beam 0 may expand (the others start at -1e9). Each step takes log_softmax of every beam's
+    next-token logits, puts them through options.processors (apply_processors, with the beams' tokens so far), adds
+    the beam's summed score, and views the result (B, nb * V): every continuation (beam, token) of a prompt. From
+    these it takes K = max(2, 1 + number of eos ids) * nb candidates, best first: the top K, or with
+    options.do_sample K drawn without replacement from their softmax (options.generator), then sorted. Going down
+    that list: a continuation ending in an eos id is added to the prompt's _BeamHypotheses (options.length_penalty,
+    options.early_stopping; without the eos token, with generated length cur_len - T) only if it ranks among the
+    first nb; any other becomes a live beam, until nb are live. A prompt is done once its hypotheses say so (is_done
+    with the best candidate's score); a done prompt's beams carry options.pad (and, as the reference's, row 0's
+    cache: what they compute is never used). The cache is reordered to follow the surviving beams
+    (model._reorder_cache). The loop ends when all prompts are done or after N steps; then live beams of unfinished
+    prompts are added as hypotheses too. Each prompt's best options.num_return_sequences hypotheses, best first, are
+    written left-aligned into a options.pad-filled result of length min(longest + 1, T + N), each followed by the
+    first eos id where it is shorter than that. With options.output_scores, also scores (each step's processed
+    log-probabilities (B * nb, V)), sequences_scores (each hypothesis' score) and beam_indices (the row of the beam
+    each token came from, -1 after its end)."""
     B, T = input_ids.shape
     nb, N = options.num_beams, options.max_new_tokens
     device = input_ids.device
@@ -1617,9 +1624,7 @@ def _beam_search(model, input_ids, attention_mask, options, past=None):
     for _ in range(N):
         out = model(step_input, past_key_values=past, attention_mask=attention_mask,
                     position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
-        scores = F.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (B * nb, V)
-        for process in options.processors:  # the reference's logits processors, in its order
-            scores = process(tokens, scores)
+        scores = apply_processors(options.processors, tokens, F.log_softmax(out.logits[:, -1, :].float(), dim=-1))
         if options.output_scores:
             steps_scores.append(scores)
         V = scores.size(-1)

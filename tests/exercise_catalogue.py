@@ -152,13 +152,13 @@ EXERCISES = [
            G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature",
            H + "test_batched_left_padded_generation_equals_one_prompt_at_a_time"],
           ["The first step feeds the whole prompt; every later step feeds only the new token, with past_key_values.",
-           "The scores are the float32 logits passed through each of options.processors (temperature, top-k, "
-           "top-p, ... are among them); sample with torch.multinomial(..., generator=options.generator), or take "
-           "the argmax.",
+           "The scores are the float32 logits through apply_processors(options.processors, ...) (temperature, "
+           "top-k, top-p are among them); sample with torch.multinomial(..., generator=options.generator), or "
+           "take the argmax.",
            "Grow attention_mask by a column of ones and position_ids by last + 1 each step; finished rows get pad."]),
     write("beam-search", "Beam search with the cache", NG, ["_beam_search"], "generation", 3,
           [H + "test_beam_search_with_the_cache_equals_textbook_beam_search", R + "test_beam_search_equals_reference"],
-          ["Score every (beam, token) continuation: log_softmax, then options.processors, + the beam's score, "
+          ["Score every (beam, token) continuation: log_softmax, then apply_processors, + the beam's score, "
            "viewed (B, nb * V); keep the top max(2, 1 + number of eos ids) * nb.",
            "At the first step all beams are equal: give all but the first -1e9 so only one expands.",
            "Reorder the cache by the surviving beams (model._reorder_cache; a prompt's mask and positions serve "
