@@ -2739,7 +2739,8 @@ def shard_names(index_path: str, suffix: str) -> List[str]:
 def resolve_checkpoint(name_or_dir: str) -> str:
     """A local directory as it is; a released name (imagegpt-small, ...) or hub repo id (owner/name)
     downloaded into the cache unless already there: config.json, the weights (model.safetensors, its
-    shards, or pytorch_model.bin, whichever the repository has) and the palette (preprocessor_config.json)."""
+    shards, or pytorch_model.bin, whichever the repository has; with them generation_config.json if the
+    repository has one) and the palette (preprocessor_config.json)."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
     repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
@@ -2762,6 +2763,7 @@ def resolve_checkpoint(name_or_dir: str) -> str:
                         download(hub_url(repo_id, shard), os.path.join(local, shard))
                 elif not _download_if_present(repo_id, "pytorch_model.bin", local):
                     raise CheckpointError(f"{repo_id} has no model.safetensors, sharded index or pytorch_model.bin")
+            _download_if_present(repo_id, "generation_config.json", local)  # generate()'s defaults, if any
         if not any(os.path.exists(os.path.join(local, f)) for f in PALETTE_FILES):
             _download_if_present(repo_id, "preprocessor_config.json", local)  # the palette, if it has one
     except (urllib.error.URLError, OSError) as e:

@@ -3023,7 +3023,8 @@ def file_sha256(path: str) -> str:
 
 def resolve_checkpoint(name_or_dir: str) -> str:
     """A local directory as it is; a released name (gpt2, ...) or hub repo id (owner/name) downloaded
-    into the cache (config.json plus model.safetensors, or its shards) unless already there."""
+    into the cache (config.json plus model.safetensors, or its shards, and generation_config.json if the
+    repository has one, fetched with the weights) unless already there."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
     repo_id = HUB_NAMES.get(name_or_dir, name_or_dir)
@@ -3046,6 +3047,7 @@ def resolve_checkpoint(name_or_dir: str) -> str:
                                  os.path.join(local, "model.safetensors.index.json"))
                 for shard in shard_names(index, ".safetensors"):  # every name checked before any download
                     download(hub_url(repo_id, shard), os.path.join(local, shard))
+            _download_if_present(repo_id, "generation_config.json", local)  # generate()'s defaults, if any
     except (urllib.error.URLError, OSError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -3055,6 +3057,17 @@ def resolve_checkpoint(name_or_dir: str) -> str:
             "(or pass a local directory holding them)"
         ) from None
     return local
+
+
+def _download_if_present(repo_id: str, filename: str, local: str) -> bool:
+    """Download one file of a hub repository; False (not an error) when the repository has no such file."""
+    try:
+        download(hub_url(repo_id, filename), os.path.join(local, filename))
+        return True
+    except urllib.error.HTTPError as e:
+        if e.code != 404:
+            raise
+        return False
 
 
 def shard_names(index_path: str, suffix: str) -> List[str]:

@@ -135,7 +135,7 @@ SHARED = [
     '_atomic_path.__exit__', '_write_atomically', 'read_safetensors_header', 'load_safetensors',
     'safetensors_header', 'save_safetensors', 'cache_dir', 'hub_url', '_progress', '_if_range_value', 'download',
     '_finish_download', 'MIN_FREE_BYTES', 'MAX_JSON_BYTES', 'promised_size', '_safetensors_size',
-    'download_problem', 'file_sha256', 'load_state_dict_files', 'load_bin', 'IGNORED_SUFFIXES', 'check_finite',
+    'download_problem', 'file_sha256', '_download_if_present', 'load_state_dict_files', 'load_bin', 'IGNORED_SUFFIXES', 'check_finite',
     'parse_dtype', 'read_generation_config', 'without_random_init', 'separate_shared', 'finish_loading',
     'FineTuneDefaults',
     'configure_optimizer', 'learning_rate', 'resolve_device', 'ONE_THREAD_BELOW', 'set_cpu_threads',
