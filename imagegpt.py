@@ -26,10 +26,12 @@ data flows through it):
     MLP and block                         ImageGPTMLP, ImageGPTBlock (pre-norm)
     The body                              ImageGPTModel: embeddings, blocks, final layer norm
     The LM head                           ImageGPTForCausalImageModeling: next-colour logits, the loss
-    Sampling                              generate: from SOS or a prompt, greedy, temperature, top-k, top-p
+    Sampling                              generate (the reference's arguments): from SOS or a prompt
   Part II: what the reference also has
     The other heads                       ImageGPTForImageClassification (average pooling)
     Output dataclasses                    what each forward returns (out.logits, out[0], to_tuple())
+    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length
+    Beam search                           generate(num_beams=...)
     Pruning heads                         prune_heads, as the reference does it
     Head masks, gradient checkpointing    head_mask and checkpointing helpers
     Input checks                          every shape and range checked before any work
@@ -58,7 +60,7 @@ import contextlib
 import json
 import math
 import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -761,6 +763,10 @@ class ImageGPTForCausalImageModeling(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)  # colours only, no SOS
         init_imagegpt_weights(self.lm_head, config)
         self.palette = None  # (n_colours, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
+        # generate()'s defaults (Part II): the reference's, but starting from SOS and completing the image
+        # (SOS + one token per pixel) rather than stopping at 20 tokens; save_pretrained writes them down.
+        self.generation_config = GenerationConfig.from_model_config(
+            config, bos_token_id=config.sos_token_id, max_length=config.n_positions + 1)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -809,136 +815,146 @@ class ImageGPTForCausalImageModeling(nn.Module):
         )
         return out if return_dict else out.to_tuple()
 
-    def generate(self, input_ids=None, **kwargs):
-        """Sample or complete images; see generate() under Sampling for every option."""
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        """The cache's rows reordered to follow the surviving beams: written out in Part II, in reorder_cache."""
+        return reorder_cache(past_key_values, beam_idx)  # in Part II
+
+    def generate(self, input_ids=None, num_samples: int = 1, **kwargs):
+        """Sample or complete images; see generate() under Sampling for every option. input_ids None starts from
+        SOS; num_samples repeats each prompt (and its attention_mask) that many times first, rows grouped by
+        prompt, whatever the decoding (for sampling, the same as num_return_sequences)."""
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if num_samples > 1:  # before the repeat: a huge num_samples is refused, not allocated
+            prompts = input_ids.size(0) if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
+            check_generation_memory(self, prompts * num_samples, self.config.n_positions)  # the cache holds at most that
+            if input_ids is None:
+                input_ids = torch.full((1, 1), kwargs.get("bos_token_id", self.generation_config.bos_token_id))
+            if isinstance(input_ids, torch.Tensor):
+                input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(num_samples, dim=0)
         return generate(self, input_ids, **kwargs)
 
 
 # --- Sampling ---------------------------------------------------------------------------------------
 
 
-def top_k_filter(logits, k: int):
-    """Keep the k largest logits of each row; the rest become -inf (probability 0). Ties at the k-th
-    value are all kept."""
-    k = min(k, logits.size(-1))
+def top_k_filter(logits, k: int, min_keep: int = 1):
+    """logits (B, V) -> (B, V): keep the k largest logits of each row (at least min_keep, at most all V); the rest
+    become -inf (probability 0). Ties at the k-th value are all kept. The input is not modified."""
+    k = min(max(k, min_keep), logits.size(-1))
     kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
 
-def top_p_filter(logits, p: float):
-    """Nucleus sampling: keep the smallest set of most likely colours whose probabilities sum to at least
-    p; the rest become -inf. The most likely colour is always kept."""
+def top_p_filter(logits, p: float, min_keep: int = 1):
+    """Nucleus sampling: logits (B, V) -> (B, V). In each row, keep the smallest set of most likely tokens
+    whose probabilities (softmax of the row) sum to at least p; the rest become -inf. Put differently,
+    remove the least likely tokens whose probabilities together sum to at most 1 - p. The min_keep most likely
+    tokens are always kept, whatever p. The input is not modified."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)  # least likely first
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, n_colours)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     remove_sorted = cumulative <= (1 - p)  # the unlikely tail whose total mass is at most 1 - p
-    remove_sorted[..., -1:] = False  # always keep the most likely colour
-    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to palette order
+    remove_sorted[..., -min_keep:] = False  # always keep the most likely tokens
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
     return logits.masked_fill(remove, float("-inf"))
+
+
+def _positions_from_mask(attention_mask):
+    """attention_mask (B, T) of 0/1 (left-padded prompts) -> position_ids (B, T), long: each row's real tokens
+    are numbered 0, 1, 2, ... in order, counting real tokens only (a 0 in the middle does not advance the
+    count). Padding slots get position 1 (as the reference does); no real token ever attends to them, so any
+    valid index would do."""
+    position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
+    return position_ids.masked_fill(attention_mask == 0, 1)
 
 
 @dataclass
 class GenerationOptions:
-    """generate()'s decoding choices, its defaults resolved: _check_generate_args checks them, and the
-    decoding loop reads them, so they travel as one object rather than a dozen parameters."""
+    """What the decoding loops read, resolved and checked by prepare_generation (Part II) from the model's
+    GenerationConfig and generate()'s keywords: one object rather than a dozen parameters."""
 
-    max_new_tokens: int  # N: this many new tokens per row
-    do_sample: bool  # sample from the filtered softmax; False takes the argmax
-    temperature: float  # the logits are divided by it before sampling
-    top_k: Optional[int]  # sample among the k most likely colours only (None: all)
-    top_p: Optional[float]  # sample within the top-p nucleus only (None: all)
-    num_samples: int  # each prompt is continued this many times
-    generator: Optional[torch.Generator]  # for reproducible draws
-    on_token: Optional[Callable]  # on_token(tokens (B,)) after each step, for progress
+    max_new_tokens: int  # N: at most this many new tokens per row
+    do_sample: bool  # draw from the softmax of the processed scores; False takes the argmax
+    processors: list  # f(tokens so far (B, L), scores (B, V)) -> scores, in the reference's order (Part II)
+    eos: Optional[Tuple[int, ...]]  # a row that emits one of these is finished; None never stops early
+    pad: Optional[int]  # what a finished row carries from then on
+    num_beams: int = 1  # > 1: beam search, with this many beams per prompt
+    num_return_sequences: int = 1  # beam search: the best this many hypotheses of each prompt
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum of log-probabilities / length**penalty
+    early_stopping: object = False  # beam search: True, False or "never" (see _BeamHypotheses.is_done)
+    output_scores: bool = False  # keep each step's processed scores
+    return_dict_in_generate: bool = False  # return the Generate...Output rather than the tokens alone
+    generator: Optional[torch.Generator] = None  # for the draws; None: torch's global generator, as the reference
+    on_token: Optional[Callable] = None  # on_token(tokens (B,)) after each step, for streaming
 
 
 @torch.no_grad()
 def generate(
     model: "ImageGPTForCausalImageModeling",
     input_ids=None,
-    max_new_tokens: Optional[int] = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    num_samples: int = 1,
+    generation_config=None,
+    attention_mask=None,
     generator: Optional[torch.Generator] = None,
     on_token=None,
+    stop_at_eos: bool = True,
     cache: str = "static",
     compile: bool = False,
+    **kwargs,
 ):
-    """Continue each prompt pixel by pixel, reusing the key/value cache so every step runs the model on
-    one new token only.
+    """Sample or complete images pixel by pixel, reusing the key/value cache so every step runs the model on one
+    new token only.
 
-    input_ids (B, T): the prompts, each starting with SOS (vocab_size - 1) followed by the pixels already
-    known (the top rows of an image, in raster order); None means one prompt of just SOS, an
-    unconditional sample. Each prompt is continued num_samples times (rows grouped by prompt).
-    max_new_tokens defaults to what completes the image: n_positions + 1 - T.
-    Greedy by default (the most likely colour each step); do_sample=True samples from
-    softmax(logits / temperature), optionally restricted to the top_k colours and/or the top_p nucleus,
-    using `generator` for reproducible draws. on_token(tokens (B,)) is called after each step, for progress.
-    cache="static" (the default) keeps keys and values in a StaticCache, written in place, and the tokens in
-    one tensor allocated up front; cache="tuple" in the reference's growing tuples.
-    compile=True runs each step after the prompt through torch.compile (see compiled_decode_step), with fixed
-    shapes: the first call compiles, for a minute or more; later calls with the same shapes reuse it.
-    Returns a LongTensor (B * num_samples, T + max_new_tokens); drop the first column (SOS) to get pixels.
+    input_ids (B, T): the prompts, each starting with SOS (vocab_size - 1) followed by the pixels already known
+    (the top rows of an image, in raster order); None means one prompt of just SOS, an unconditional sample.
+    Returns a LongTensor (B * num_return_sequences, T + number of new tokens); drop the first column (SOS) to get
+    pixels. By default the image is completed: the model's generation_config has max_length = n_positions + 1
+    (SOS + one token per pixel), where the reference's default is 20 tokens; its other defaults are the
+    reference's (transformers 4.46.3): greedy, or with do_sample=True top_k=50 unless told otherwise.
+
+    The reference's generate() arguments, with its meaning and tokens: kwargs are fields of GenerationConfig
+    (Part II), which override generation_config (default: model.generation_config):
+      lengths      max_length (the prompt included), max_new_tokens (wins when both are given), min_length,
+                   min_new_tokens (eos, if the model is given one, is forbidden until then)
+      strategy     greedy by default; do_sample=True draws from the softmax; num_beams > 1: beam search, with
+                   length_penalty, early_stopping (True, False or "never") and num_return_sequences
+      sampling     temperature=1.0, top_k=50 (0 or None: off), top_p=1.0; num_return_sequences per prompt
+      repetition   repetition_penalty, no_repeat_ngram_size, bad_words_ids (see logits_processors)
+      tokens       eos_token_id (none by default: an image never ends early), pad_token_id, bos_token_id (SOS)
+      outputs      return_dict_in_generate=True returns GenerateDecoderOnlyOutput (sequences, scores) or, for
+                   beams, GenerateBeamDecoderOnlyOutput (also sequences_scores, beam_indices); output_scores=True
+                   fills in the scores
+    attention_mask (B, T): 0 on left padding, for prompts of different lengths (padding anywhere else is
+    refused). Every argument is checked before any work (prepare_generation).
+    Beyond the reference: generator, a torch.Generator for the draws (default: torch's global one, as the
+    reference); on_token(tokens (B,)) after each step, for progress; stop_at_eos=False; cache="static" (the
+    default) keeps keys and values in a StaticCache, written in place, cache="tuple" in the reference's growing
+    tuples; compile=True runs each step after the prompt through torch.compile (see compiled_decode_step), with
+    fixed shapes: the first call compiles, for a minute or more; later calls with the same shapes reuse it.
     """
-    device = model.transformer.wte.weight.device
-    if input_ids is None:
-        input_ids = torch.full((1, 1), model.config.sos_token_id, dtype=torch.long)
-    if max_new_tokens is None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
-        max_new_tokens = model.config.n_positions + 1 - input_ids.size(1)
-    options = GenerationOptions(max_new_tokens, do_sample, temperature, top_k, top_p, num_samples, generator, on_token)
-    _check_generate_args(model, input_ids, options)
+    input_ids, attention_mask, options = prepare_generation(  # Part II: the defaults and the checks
+        model, input_ids, attention_mask, generation_config, kwargs, generator, on_token, stop_at_eos)
     if cache not in ("static", "tuple"):
         raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
-    _check_compile_args(model, compile, cache)
+    _check_compile_args(model, compile, cache, options.num_beams)
     was_training = model.training
     model.eval()  # no dropout while generating
-    prompts = input_ids.to(device).repeat_interleave(num_samples, dim=0)  # (B * num_samples, T0)
-    B, T0 = prompts.shape
-    tokens = prompts.new_zeros(B, T0 + max_new_tokens)  # (B, T0 + N): the prompts, then the new pixels
-    tokens[:, :T0] = prompts
-    # The cache's slots: the last new pixel is never fed back, so SOS + n_positions pixels need n_positions.
-    slots = min(T0 + max_new_tokens, model.config.n_positions)
-    # compile=True only: the slots written so far (the mask of decode_one_token), and each slot's position
-    mask = prompts.new_zeros(B, slots)  # (B, slots): 1 on the known tokens
-    mask[:, :T0] = 1
-    positions = torch.arange(slots, device=device).expand(B, -1)  # (B, slots)
-    decode_step = compiled_decode_step(model) if compile else None
     try:
+        # One slot per token fed to the model: the last new token is never fed back, so SOS + n_positions fit.
+        slots = min(input_ids.size(1) + options.max_new_tokens, model.config.n_positions)
         past = StaticCache(slots) if cache == "static" else None
-        for length in range(T0, T0 + max_new_tokens):  # tokens[:, :length] are known
-            start = 0 if length == T0 else length - 1  # the prompt first, then one new pixel a step
-            if decode_step is not None and start > 0:  # compiled, fixed shapes: the new token, every slot
-                past.write_at.fill_(start)  # a tensor, so that the compiled step does not change with the length
-                with compile_settings(device):
-                    logits = decode_step(model, tokens[:, start:length], positions[:, start:length], mask, past)
-                past.length = length
-            else:
-                out = model.transformer(tokens[:, start:length], past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = next_token_logits(model, out.last_hidden_state[:, -1])  # (B, n_colours): the next pixel's
-                if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
-                    past.write_at = torch.zeros(1, dtype=torch.long, device=device)
-                    mark_static(past)
-            logits = logits.float()
-            if options.do_sample:
-                logits = logits / options.temperature
-                if options.top_k is not None:
-                    logits = top_k_filter(logits, options.top_k)
-                if options.top_p is not None:
-                    logits = top_p_filter(logits, options.top_p)
-                probs = F.softmax(logits, dim=-1)
-                next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)  # (B,)
-            else:
-                next_tokens = logits.argmax(dim=-1)  # (B,)
-            tokens[:, length] = next_tokens
-            mask[:, length : length + 1] = 1  # (an empty slice after the last pixel, which has no slot)
-            if options.on_token is not None:
-                options.on_token(next_tokens)
-        return tokens
+        if options.num_beams > 1:
+            out = _beam_search(model, input_ids, attention_mask, options, past)  # Part II
+        elif not compile:
+            out = _sample(model, input_ids, attention_mask, options, past)
+        else:
+            with compile_settings(input_ids.device):
+                out = _sample(model, input_ids, attention_mask, options, past, compiled_decode_step(model))
     finally:
         model.train(was_training)
+    return out if options.return_dict_in_generate else out.sequences
 
 
 def next_token_logits(model, hidden):
@@ -950,12 +966,87 @@ def next_token_logits(model, hidden):
     return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
 
 
+def _sample(model, input_ids, attention_mask, options, past=None, decode_step=None):
+    """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
+
+    input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. options: the
+    GenerationOptions, N = options.max_new_tokens. past: a StaticCache with S = min(T0 + N, n_positions) slots
+    (the last new token is never fed back), or None for the reference's tuple cache. Tokens are allocated once,
+    (B, T0 + N), the mask and positions (B, S), and filled in rather than concatenated a column at a time: the
+    mask's new columns are ones, and the new tokens' positions continue from each row's last prompt position
+    (positions come from _positions_from_mask). The first step runs the body on the whole prompt, later steps
+    on the one new token per row, with past_key_values, the mask up to the current length (none at all when
+    nothing is padded) and the position ids, use_cache=True. The next token's logits (next_token_logits, as
+    float32) become scores through options.processors (apply_processors, with the tokens so far (B, length));
+    then the argmax when not options.do_sample, else one torch.multinomial draw per row from their softmax,
+    using options.generator. With options.eos not None, rows already finished get options.pad
+    instead, a row that emits an eos token is finished from then on, and the loop stops once every row is
+    finished. After each step call options.on_token(next_tokens (B,)) if given. Returns a
+    GenerateDecoderOnlyOutput: sequences (B, T0 + number of steps run), and, with options.output_scores, scores,
+    a tuple of each step's processed scores (B, V).
+    decode_step (generate(compile=True)): the steps after the prompt run decode_step(model, tokens (B, 1),
+    positions (B, 1), mask (B, S), past) instead, with fixed shapes: past.write_at holds the slot to write, and
+    the mask hides the slots not generated yet (it gets each new column's 1 as the token is written).
+    """
+    B, T0 = input_ids.shape
+    N = options.max_new_tokens
+    S = min(T0 + N, model.config.n_positions)  # slots: every token but the last new one is fed to the model
+    tokens = input_ids.new_zeros(B, T0 + N)  # (B, T0 + N): prompt, then the new tokens
+    tokens[:, :T0] = input_ids
+    mask = attention_mask.new_zeros(B, S)  # 1 on the tokens so far (but padding), 0 on the slots to come
+    mask[:, :T0] = attention_mask
+    positions = torch.arange(S, device=input_ids.device).repeat(B, 1)  # (B, S)
+    positions[:, :T0] = _positions_from_mask(attention_mask)
+    positions[:, T0:] += positions[:, T0 - 1 : T0] - (T0 - 1)  # new tokens continue from each row's last
+    padded = not bool(attention_mask.all())  # without padding no mask is needed: a mask of ones masks nothing
+    eos = torch.tensor(options.eos, device=input_ids.device) if options.eos is not None else None
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    steps_scores = []
+    start, length = 0, T0  # tokens[:, start:length] are not cached yet
+    for _ in range(N):
+        if decode_step is not None and start > 0:  # compiled, fixed shapes: the new token, every slot
+            past.write_at.fill_(start)  # a tensor, so that the compiled step does not change with the length
+            logits = decode_step(model, tokens[:, start:length], positions[:, start:length], mask, past)
+            past.length = length
+        else:
+            out = model.transformer(tokens[:, start:length], past_key_values=past,
+                                    position_ids=positions[:, start:length],
+                                    attention_mask=mask[:, :length] if padded else None, use_cache=True)
+            past = out.past_key_values
+            logits = next_token_logits(model, out.last_hidden_state[:, -1])  # (B, V): the next token's
+            if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
+                past.write_at = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+                mark_static(past)
+        scores = apply_processors(options.processors, tokens[:, :length], logits.float())  # Part II
+        if options.output_scores:
+            steps_scores.append(scores)
+        if options.do_sample:
+            probs = F.softmax(scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)  # (B,)
+        else:
+            next_tokens = scores.argmax(dim=-1)  # (B,)
+        if eos is not None:
+            next_tokens = torch.where(unfinished, next_tokens, options.pad)  # finished rows carry padding
+        tokens[:, length] = next_tokens
+        mask[:, length : length + 1] = 1  # (the last new token has no slot: nothing to set)
+        start, length = length, length + 1
+        if options.on_token is not None:
+            options.on_token(next_tokens)
+        if eos is not None:
+            unfinished &= ~torch.isin(next_tokens, eos)
+            if not unfinished.any():
+                break
+    return GenerateDecoderOnlyOutput(sequences=tokens[:, :length],
+                                     scores=tuple(steps_scores) if options.output_scores else None)
+
+
 # ====================================================================================================
 # Part II: what the reference also has
 #
-# The other heads, the output dataclasses, pruning, head masks, gradient checkpointing, input
-# checks, config validation and serialisation: written out in full, out of a first reading's way. A
-# method of a Part I class marked `# in Part II` is one line that calls its body here.
+# The other heads, the output dataclasses, generation's options and logits processors, beam search,
+# pruning, head masks, gradient checkpointing, input checks, compiled decoding, config validation and
+# serialisation: written out in full, out of a first reading's way. A method of a Part I class marked
+# `# in Part II` is one line that calls its body here.
 # ====================================================================================================
 
 
@@ -1085,6 +1176,527 @@ class SequenceClassifierOutputWithPast(ModelOutput):
     past_key_values: Optional[tuple] = None
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """generate(return_dict_in_generate=True) after greedy decoding or sampling."""
+
+    sequences: torch.Tensor = None  # (B * num_return_sequences, T + new tokens)
+    scores: Optional[Tuple[torch.Tensor, ...]] = None  # output_scores: each step's processed scores (B, V)
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """generate(return_dict_in_generate=True) after beam search; all but sequences need output_scores=True."""
+
+    sequences: torch.Tensor = None  # (B * num_return_sequences, length)
+    sequences_scores: Optional[torch.Tensor] = None  # (B * num_return_sequences,): each hypothesis' score
+    scores: Optional[Tuple[torch.Tensor, ...]] = None  # each step's processed log-probabilities (B * num_beams, V)
+    beam_indices: Optional[torch.Tensor] = None  # (B * num_return_sequences, length): each token's beam row, or -1
+
+
+# --- Generation: the reference's options and logits processors --------------------------------------
+
+
+@dataclass
+class GenerationConfig:
+    """How generate() decodes, with the reference's field names and defaults (transformers' GenerationConfig).
+
+    A model's own is model.generation_config: made from its config (the special tokens, and any of these
+    fields its config.json holds), or read from generation_config.json beside config.json; save_pretrained
+    writes it there. generate()'s keywords override it for one call. Keys of generation_config.json that this
+    class does not know are kept in `extra` and written back; generate() refuses a file that sets one of the
+    reference's decoding options it does not implement (UNSUPPORTED_GENERATION_FIELDS), rather than ignore it.
+    """
+
+    max_length: int = 20  # the longest sequence, prompt included
+    max_new_tokens: Optional[int] = None  # at most this many new tokens; wins over max_length
+    min_length: int = 0  # eos is forbidden while the sequence (prompt included) is shorter
+    min_new_tokens: Optional[int] = None  # eos is forbidden before this many new tokens; wins over min_length
+    early_stopping: object = False  # beam search: True, False or "never" (see _BeamHypotheses.is_done)
+    do_sample: bool = False  # draw each token from the softmax; False: greedy, or plain beam search
+    num_beams: int = 1  # > 1: beam search
+    temperature: Optional[float] = 1.0  # sampling: the scores are divided by it
+    top_k: Optional[int] = 50  # sampling: only the k most likely tokens (0 or None: all)
+    top_p: Optional[float] = 1.0  # sampling: only the nucleus of probability p (1.0 or None: all)
+    repetition_penalty: Optional[float] = 1.0  # > 1: tokens already in the sequence are made less likely
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum of log-probabilities / length**penalty
+    no_repeat_ngram_size: Optional[int] = 0  # > 0: no n-gram of this size occurs twice
+    bad_words_ids: Optional[List[List[int]]] = None  # token sequences never generated
+    num_return_sequences: int = 1  # sequences returned per prompt (sampling: drawn; beam search: the best)
+    output_scores: bool = False  # with return_dict_in_generate: each step's processed scores
+    return_dict_in_generate: bool = False  # return a Generate...Output rather than the tokens alone
+    pad_token_id: Optional[int] = None  # what finished rows carry (default: the first eos id)
+    bos_token_id: Optional[int] = None  # the prompt when generate() gets none
+    eos_token_id: Optional[object] = None  # an int or a list of ints: a row that emits one is finished
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_model_config(cls, config, **defaults) -> "GenerationConfig":
+        """The model's defaults: `defaults`, then its config's special tokens and any field of this class its
+        config.json holds (kept in config.extra), as the reference's GenerationConfig.from_model_config."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = dict(defaults)
+        values.update({k: v for k, v in config.extra.items() if k in known})
+        values.update({k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                       if getattr(config, k, None) is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict) -> "GenerationConfig":
+        """From a generation_config.json dict: fields it leaves out take the defaults above (as the reference's)."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"a generation config must be a dict of fields, got {type(config_dict).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in config_dict.items() if k in known},
+                   extra={k: v for k, v in config_dict.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        """The fields that differ from the defaults, and `extra`: what the reference writes (to_diff_dict)."""
+        default = type(self)()
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in fields(self)
+                  if f.name != "extra" and getattr(self, f.name) != getattr(default, f.name)})
+        return d
+
+    @classmethod
+    def from_json_file(cls, path) -> "GenerationConfig":
+        path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))  # no FIFO, no link out
+        try:
+            with open(path, encoding="utf-8") as f:
+                config_dict = json.load(f)
+        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
+            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a generation_config.json object") from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of "
+                                  "generation fields ({\"max_length\": 50, ...})")
+        return cls.from_dict(config_dict)
+
+    def to_json_file(self, path):
+        """Write generation_config.json (atomically)."""
+        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+# The reference's decoding options this generate() does not implement, with the value that leaves decoding as it
+# is: a generation config that sets one to anything else is refused (generate() would otherwise quietly decode
+# differently from the reference). Other keys of generation_config.json (transformers_version, ...) are kept.
+UNSUPPORTED_GENERATION_FIELDS = {
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "penalty_alpha": None, "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "guidance_scale": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
+    "remove_invalid_values": False, "max_time": None, "stop_strings": None, "dola_layers": None,
+    "watermarking_config": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None,
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_generation_config(config: GenerationConfig, scored: int):
+    """Each field's type and range, before any work: a ValueError naming the field, its value and what it may be.
+    scored: how many tokens the head scores (token ids 0 .. scored - 1 can be generated)."""
+    def bad(name, expected, hint=""):
+        return ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}" + (f" ({hint})" if hint else ""))
+
+    if not _is_int(config.max_length) or config.max_length < 1:
+        raise bad("max_length", "a positive integer", "the prompt included")
+    for name in ("max_new_tokens", "min_new_tokens"):
+        if getattr(config, name) is not None and (not _is_int(getattr(config, name)) or getattr(config, name) < 0):
+            raise bad(name, "a non-negative integer", "or None")
+    if not _is_int(config.min_length) or config.min_length < 0:
+        raise bad("min_length", "a non-negative integer", "the prompt included")
+    for name in ("do_sample", "output_scores", "return_dict_in_generate"):
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "True or False")
+    for name in ("num_beams", "num_return_sequences"):
+        if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
+            raise bad(name, "a positive integer")
+    if config.do_sample and config.temperature is not None and not 0 < config.temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite when sampling, got {config.temperature!r} "
+                         "(use do_sample=False for greedy)")
+    if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 0):
+        raise bad("top_k", "a non-negative integer", "0 or None: no top-k")
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise bad("top_p", "in (0, 1]", "1.0 or None: no top-p")
+    if config.repetition_penalty is not None and not 0 < config.repetition_penalty < math.inf:
+        raise bad("repetition_penalty", "> 0 and finite", "1.0: none; above 1 penalises repeats")
+    if config.no_repeat_ngram_size is not None and (not _is_int(config.no_repeat_ngram_size)
+                                                    or config.no_repeat_ngram_size < 0):
+        raise bad("no_repeat_ngram_size", "a non-negative integer", "0: off")
+    if not -math.inf < config.length_penalty < math.inf:  # nan fails both comparisons
+        raise bad("length_penalty", "a finite number", "1.0: none")
+    if config.early_stopping not in (True, False, "never") or not isinstance(config.early_stopping, (bool, str)):
+        raise bad("early_stopping", 'True, False or "never"')
+    if config.num_beams == 1 and not config.do_sample and config.num_return_sequences > 1:
+        raise ValueError(f"num_return_sequences={config.num_return_sequences} with greedy decoding would return "
+                         "the same sequence several times; pass do_sample=True or num_beams >= num_return_sequences")
+    if config.num_beams > 1 and config.num_return_sequences > config.num_beams:
+        raise ValueError(f"num_return_sequences ({config.num_return_sequences}) must be at most num_beams "
+                         f"({config.num_beams}): beam search keeps num_beams hypotheses per prompt")
+    eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+    if config.eos_token_id is not None and (not eos or not all(_is_int(t) and t >= 0 for t in eos)):
+        raise bad("eos_token_id", "None, a token id or a non-empty list of token ids")
+    for name in ("pad_token_id", "bos_token_id"):
+        if getattr(config, name) is not None and not _is_int(getattr(config, name)):
+            raise bad(name, "None or a token id")
+    words = config.bad_words_ids
+    if words is not None and (not isinstance(words, (list, tuple)) or not words or not all(
+            isinstance(w, (list, tuple)) and w and all(_is_int(t) and 0 <= t < scored for t in w) for w in words)):
+        raise bad("bad_words_ids", f"None or a non-empty list of non-empty lists of token ids in [0, {scored})")
+
+
+def prepare_generation(model, input_ids, attention_mask, generation_config, kwargs, generator=None, on_token=None,
+                       stop_at_eos=True):
+    """generate()'s arguments -> (input_ids, attention_mask, GenerationOptions), as the reference prepares them,
+    everything checked before any work.
+
+    The options: generation_config (default model.generation_config; when given, its unset special tokens come
+    from the model's) with kwargs, GenerationConfig fields, on top (any other name is a TypeError). input_ids
+    None is one row of bos_token_id. eos_token_id becomes a tuple (None with stop_at_eos=False), pad_token_id
+    defaults to the first eos id. Without an attention_mask: 0 where pad_token_id occurs, if it was set and is
+    not an eos id, else ones (as the reference). Lengths: N = max_new_tokens if set, else max_length - T; eos is
+    forbidden until min_new_tokens new tokens, else min_length tokens. For greedy decoding and sampling, each
+    prompt and its mask are repeated num_return_sequences times (rows grouped by prompt); beam search expands
+    its own. The processors come from logits_processors. Returns the prompts and mask on the model's device.
+    """
+    names = {f.name for f in fields(GenerationConfig)} - {"extra"}
+    for name in kwargs:
+        if name in UNSUPPORTED_GENERATION_FIELDS:
+            raise TypeError(f"generate() does not implement the reference's {name}")
+        if name not in names:
+            raise TypeError(f"generate() got an unexpected keyword argument {name!r}")
+    if generation_config is None:
+        config = model.generation_config
+    elif isinstance(generation_config, GenerationConfig):
+        own = model.generation_config
+        config = replace(generation_config, **{k: getattr(own, k) for k in ("bos_token_id", "eos_token_id",
+                                                                             "pad_token_id")
+                                               if getattr(generation_config, k) is None})
+    else:
+        raise TypeError(f"generation_config must be a GenerationConfig, got {type(generation_config).__name__}")
+    config = replace(config, **kwargs)
+    for name in sorted(config.extra):  # e.g. from generation_config.json
+        if name in UNSUPPORTED_GENERATION_FIELDS and config.extra[name] != UNSUPPORTED_GENERATION_FIELDS[name]:
+            raise ValueError(f"the generation config sets {name}={config.extra[name]!r}, which this generate() does "
+                             f"not implement; set it to {UNSUPPORTED_GENERATION_FIELDS[name]!r} or remove it")
+    scored = model.lm_head.weight.size(0)  # the token ids the head scores: 0 .. scored - 1
+    _check_generation_config(config, scored)
+    if on_token is not None and config.num_beams > 1:
+        raise ValueError("on_token streams one token per row and step, but beam search reorders its rows each step; "
+                         "pass num_beams=1 to stream (the reference's streamer refuses beams too)")
+    eos = config.eos_token_id
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,) if eos is not None else None
+    pad = config.pad_token_id if config.pad_token_id is not None else eos[0] if eos is not None else None
+    if input_ids is None:
+        if config.bos_token_id is None:
+            raise ValueError("input_ids is None and the generation config has no bos_token_id to start from; "
+                             "give a prompt")
+        input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long)
+    N, min_length = _check_generate_args(model, input_ids, attention_mask, config)
+    device = model.transformer.wte.weight.device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+        if config.pad_token_id is not None and (eos is None or config.pad_token_id not in eos):
+            attention_mask = (input_ids != config.pad_token_id).long()  # as the reference infers it
+            _check_left_padding(attention_mask, input_ids, f" (inferred from pad_token_id={config.pad_token_id}; "
+                                                           "pass attention_mask to say which tokens are padding)")
+    attention_mask = attention_mask.to(device)
+    if config.num_beams == 1 and config.num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+    # beam sampling keeps enough tokens that a beam can continue even if all the eos ids are among them
+    keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
+    options = GenerationOptions(
+        max_new_tokens=N, do_sample=config.do_sample, processors=logits_processors(config, min_length, eos, keep),
+        eos=eos if stop_at_eos else None, pad=pad, num_beams=config.num_beams,
+        num_return_sequences=config.num_return_sequences, length_penalty=config.length_penalty,
+        early_stopping=config.early_stopping, output_scores=config.output_scores,
+        return_dict_in_generate=config.return_dict_in_generate, generator=generator, on_token=on_token,
+    )
+    return input_ids, attention_mask, options
+
+
+def logits_processors(config: GenerationConfig, min_length: int, eos, keep: int = 1) -> list:
+    """The reference's logits processors for these options, in its order (GenerationMixin._get_logits_processor):
+    each f(tokens so far (B, L), scores (B, V)) -> scores, applied one after the other to every step's scores
+    (the logits; log-probabilities in beam search). One that is not asked for is left out, so that plain greedy
+    decoding has none and does no extra work.
+      1. repetition_penalty, when not 1.0                       (RepetitionPenaltyLogitsProcessor)
+      2. no_repeat_ngram, when no_repeat_ngram_size > 0         (NoRepeatNGramLogitsProcessor)
+      3. ban_bad_words, for bad_words_ids but [eos] itself      (NoBadWordsLogitsProcessor)
+      4. forbid_eos until min_length tokens, when there is eos  (MinLength, MinNewTokensLengthLogitsProcessor)
+      sampling only (the reference's "warpers"):
+      5. divide by temperature, when not 1.0                    (TemperatureLogitsWarper)
+      6. top_k_filter, when top_k is not 0 or None              (TopKLogitsWarper)
+      7. top_p_filter, when top_p < 1.0                         (TopPLogitsWarper)
+    min_length: the resolved minimum length (prompt included); eos: the eos ids (a tuple) or None; keep: tokens
+    top-k and top-p always keep (beam sampling keeps more, so that every beam can continue).
+    """
+    processors = []
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(lambda ids, scores: repetition_penalty(ids, scores, config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(lambda ids, scores: no_repeat_ngram(ids, scores, config.no_repeat_ngram_size))
+    if config.bad_words_ids is not None:
+        words = [list(w) for w in config.bad_words_ids if eos is None or list(w) not in [[e] for e in eos]]
+        if words:
+            processors.append(lambda ids, scores: ban_bad_words(ids, scores, words))
+    if eos is not None and min_length > 0:
+        processors.append(lambda ids, scores: forbid_eos(ids, scores, min_length, eos))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(lambda ids, scores: scores / config.temperature)
+        if config.top_k:
+            processors.append(lambda ids, scores: top_k_filter(scores, config.top_k, keep))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(lambda ids, scores: top_p_filter(scores, config.top_p, keep))
+    return processors
+
+
+def apply_processors(processors, input_ids, scores):
+    """scores (B, V) through each processor in turn, f(input_ids (B, L), scores) -> scores: the next token's
+    logits (log-probabilities in beam search) as the reference's LogitsProcessorList turns them into the
+    scores a token is chosen from. No processors: the scores themselves, no work."""
+    for process in processors:
+        scores = process(input_ids, scores)
+    return scores
+
+
+def tokens_present(ids, V: int):
+    """ids (B, K) of token ids -> (B, V) bool: True at [b, v] where row b holds token v. Ids >= V, which the head
+    does not score (ImageGPT's SOS), are left out. Repeated ids count once."""
+    present = torch.zeros(ids.size(0), V + 1, dtype=torch.bool, device=ids.device)  # column V: "not scored"
+    return present.scatter_(1, ids.clamp(max=V), True)[:, :V]
+
+
+def repetition_penalty(input_ids, scores, penalty: float):
+    """Make the tokens already in each sequence less likely (CTRL, Keskar et al. 2019): input_ids (B, L), the
+    sequences so far, prompt included (padding too, as the reference); scores (B, V) -> (B, V), a new tensor.
+
+    Every token that occurs in row b, however often, has its score in row b moved against it once: a positive
+    score is divided by penalty, a negative one multiplied by it (penalty > 1 penalises, < 1 favours; 1 changes
+    nothing). Scores of tokens not in the row are unchanged. Token ids the scores have no column for (ImageGPT's
+    SOS) are ignored."""
+    seen = tokens_present(input_ids, scores.size(-1))  # (B, V)
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def no_repeat_ngram(input_ids, scores, n: int):
+    """Forbid every token that would complete an n-gram the row already holds (fairseq's no-repeat n-gram):
+    input_ids (B, L), the sequences so far, prompt included; scores (B, V) -> (B, V), a new tensor.
+
+    In row b, the last n - 1 tokens are the start of the next n-gram. Wherever those same n - 1 tokens occur
+    earlier in the row, followed by a token t, generating t would repeat that n-gram, so scores[b, t] becomes
+    -inf. With n = 1 every token already in the row is forbidden. While L < n no n-gram can be completed:
+    nothing changes. Tokens the scores have no column for are ignored."""
+    L = input_ids.size(1)
+    if L < n:
+        return scores
+    ngrams = input_ids.unfold(1, n, 1)  # (B, L - n + 1, n): every n-gram so far, a view
+    last = input_ids[:, L - n + 1:]  # (B, n - 1): what the next n-gram starts with
+    repeats = (ngrams[:, :, :-1] == last[:, None, :]).all(dim=-1)  # (B, L - n + 1): n-grams starting that way
+    V = scores.size(-1)
+    completing = torch.where(repeats, ngrams[:, :, -1], V)  # the token each such n-gram continues with; V: none
+    return scores.masked_fill(tokens_present(completing, V), float("-inf"))
+
+
+def ban_bad_words(input_ids, scores, bad_words_ids):
+    """Never generate any of the token sequences in bad_words_ids (a list of lists of token ids): input_ids
+    (B, L), the sequences so far, prompt included; scores (B, V) -> (B, V), a new tensor.
+
+    A one-token word is forbidden always: its score becomes -inf in every row. A longer word's last token is
+    forbidden in the rows whose last tokens are the rest of the word (the word minus its last token), so the
+    word is never completed; a word longer than L is skipped (as the reference)."""
+    banned = torch.zeros_like(scores, dtype=torch.bool)  # (B, V)
+    for word in bad_words_ids:
+        if len(word) == 1:
+            banned[:, word[0]] = True
+        elif len(word) <= input_ids.size(1):
+            prefix = torch.tensor(word[:-1], dtype=input_ids.dtype, device=input_ids.device)
+            banned[:, word[-1]] |= (input_ids[:, input_ids.size(1) - len(prefix):] == prefix).all(dim=1)
+    return scores.masked_fill(banned, float("-inf"))
+
+
+def forbid_eos(input_ids, scores, min_length: int, eos):
+    """Minimum length: while the sequences (input_ids (B, L), prompt included) are shorter than min_length tokens,
+    no eos token (eos: a tuple of ids) may be generated: their scores (B, V) become -inf, in a new tensor. From
+    L >= min_length on the scores are returned unchanged."""
+    if input_ids.size(1) >= min_length:
+        return scores
+    eos_ids = torch.tensor(eos, device=scores.device)[None]  # (1, E)
+    return scores.masked_fill(tokens_present(eos_ids, scores.size(-1)), float("-inf"))
+
+
+# --- Beam search ------------------------------------------------------------------------------------
+
+
+def reorder_cache(past_key_values, beam_idx):
+    """Beam search keeps the best beams each step: pick the cache rows of the beams that survived."""
+    if isinstance(past_key_values, StaticCache):
+        past_key_values.reorder(beam_idx)
+        return past_key_values
+    return tuple(
+        tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer_past)
+        for layer_past in past_key_values
+    )
+
+
+class _BeamHypotheses:
+    """The num_beams best finished sequences of one prompt, each scored by its sum of log-probabilities /
+    generated length ** length_penalty (the reference's BeamHypotheses). early_stopping says when the prompt is
+    done (is_done); max_new_tokens is the most new tokens a hypothesis can have, which early_stopping="never"
+    needs."""
+
+    def __init__(self, num_beams: int, length_penalty: float, early_stopping=False, max_new_tokens: int = 0):
+        self.num_beams, self.length_penalty = num_beams, length_penalty
+        self.early_stopping, self.max_new_tokens = early_stopping, max_new_tokens
+        self.beams: List[tuple] = []  # (score, tokens, beam_indices), in the order added (not sorted)
+        self.worst_score = 1e9
+
+    def add(self, tokens, sum_logprobs: float, generated_len: int, beam_indices=None):
+        """Keep the hypothesis if there is room, or if it beats the worst kept one, which then goes."""
+        score = sum_logprobs / (generated_len ** self.length_penalty)
+        if len(self.beams) < self.num_beams or score > self.worst_score:
+            self.beams.append((score, tokens, beam_indices))
+            if len(self.beams) > self.num_beams:
+                ranked = sorted((s, i) for i, (s, _, _) in enumerate(self.beams))  # worst first
+                del self.beams[ranked[0][1]]
+                self.worst_score = ranked[1][0]
+            else:
+                self.worst_score = min(score, self.worst_score)
+
+    def is_done(self, best_sum_logprobs: float, generated_len: int) -> bool:
+        """Done when num_beams hypotheses are kept and (early_stopping=True) at once; (False) when the best live
+        beam, scored at its present length, cannot beat the worst kept one; ("never") nor at any length it may
+        still reach (the longest, for a positive length penalty)."""
+        if len(self.beams) < self.num_beams:
+            return False
+        if self.early_stopping is True:
+            return True
+        if self.early_stopping == "never" and self.length_penalty > 0.0:
+            generated_len = self.max_new_tokens
+        return self.worst_score >= best_sum_logprobs / generated_len ** self.length_penalty
+
+
+def _beam_search(model, input_ids, attention_mask, options, past=None):
+    """Beam search as the reference does it; returns a GenerateBeamDecoderOnlyOutput whose sequences are
+    (B * num_return_sequences, length), length <= T + N.
+
+    options: the GenerationOptions, nb = options.num_beams, N = options.max_new_tokens. Each prompt keeps nb partial
+    sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (past: a StaticCache, or None
+    for tuples); each prompt's mask and positions serve all its beams). All beams start from the same prompt, so at
+    the first step only beam 0 may expand (the others start at -1e9). Each step takes log_softmax of every beam's
+    next-token logits, puts them through options.processors (apply_processors, with the beams' tokens so far), adds
+    the beam's summed score, and views the result (B, nb * V): every continuation (beam, token) of a prompt. From
+    these it takes K = max(2, 1 + number of eos ids) * nb candidates, best first: the top K, or with
+    options.do_sample K drawn without replacement from their softmax (options.generator), then sorted. Going down
+    that list: a continuation ending in an eos id is added to the prompt's _BeamHypotheses (options.length_penalty,
+    options.early_stopping; without the eos token, with generated length cur_len - T) only if it ranks among the
+    first nb; any other becomes a live beam, until nb are live. A prompt is done once its hypotheses say so (is_done
+    with the best candidate's score); a done prompt's beams carry options.pad (and, as the reference's, row 0's
+    cache: what they compute is never used). The cache is reordered to follow the surviving beams
+    (model._reorder_cache). The loop ends when all prompts are done or after N steps; then live beams of unfinished
+    prompts are added as hypotheses too. Each prompt's best options.num_return_sequences hypotheses, best first, are
+    written left-aligned into a options.pad-filled result of length min(longest + 1, T + N), each followed by the
+    first eos id where it is shorter than that. With options.output_scores, also scores (each step's processed
+    log-probabilities (B * nb, V)), sequences_scores (each hypothesis' score) and beam_indices (the row of the beam
+    each token came from, -1 after its end)."""
+    B, T = input_ids.shape
+    nb, N = options.num_beams, options.max_new_tokens
+    device = input_ids.device
+    tokens = input_ids.repeat_interleave(nb, dim=0)  # (B * nb, T)
+    attention_mask = attention_mask.repeat_interleave(nb, dim=0)
+    position_ids = _positions_from_mask(attention_mask)
+    beam_scores = torch.zeros(B, nb, device=device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: let only the first one expand at step one
+    beam_scores = beam_scores.view(-1)  # (B * nb,)
+    hyps = [_BeamHypotheses(nb, options.length_penalty, options.early_stopping, N) for _ in range(B)]
+    done = [False] * B
+    eos = options.eos or ()
+    K = max(2, 1 + len(eos)) * nb  # enough that nb survive even if every eos id is among the best
+    steps_scores = []
+    beam_indices = [()] * (B * nb) if options.output_scores else None  # per row: the rows its tokens came from
+    step_input = tokens
+    for _ in range(N):
+        out = model(step_input, past_key_values=past, attention_mask=attention_mask,
+                    position_ids=position_ids[:, -step_input.size(1):], use_cache=True)
+        scores = apply_processors(options.processors, tokens, F.log_softmax(out.logits[:, -1, :].float(), dim=-1))
+        if options.output_scores:
+            steps_scores.append(scores)
+        V = scores.size(-1)
+        candidates = (scores + beam_scores[:, None]).view(B, nb * V)  # every beam x token continuation
+        if options.do_sample:
+            top_ids = torch.multinomial(F.softmax(candidates, dim=-1), K, generator=options.generator)
+            top_scores, order = torch.sort(torch.gather(candidates, -1, top_ids), descending=True, dim=1)
+            top_ids = torch.gather(top_ids, -1, order)
+        else:
+            top_scores, top_ids = torch.topk(candidates, K, dim=1, largest=True, sorted=True)  # (B, K)
+        beam_of, token_of = top_ids // V, top_ids % V
+        cur_len = tokens.size(1) + 1
+        next_scores = torch.zeros(B, nb, device=device)
+        next_tokens = torch.zeros(B, nb, dtype=torch.long, device=device)
+        next_beams = torch.zeros(B, nb, dtype=torch.long, device=device)
+        for b in range(B):
+            if done[b]:  # this prompt is finished: its beams carry padding (and row 0's cache, as the reference)
+                next_tokens[b], next_beams[b] = options.pad, 0
+                continue
+            kept = 0
+            for rank in range(K):
+                source = b * nb + int(beam_of[b, rank])
+                token, score = int(token_of[b, rank]), float(top_scores[b, rank])
+                if token in eos:
+                    if rank < nb:  # a finished sequence counts only if it ranks among the top beams
+                        came_from = beam_indices[source] + (source,) if beam_indices is not None else None
+                        hyps[b].add(tokens[source].clone(), score, cur_len - T, came_from)
+                else:
+                    next_scores[b, kept], next_tokens[b, kept], next_beams[b, kept] = score, token, source
+                    kept += 1
+                if kept == nb:
+                    break
+            done[b] = done[b] or hyps[b].is_done(float(top_scores[b].max()), cur_len - T)
+        beam_idx = next_beams.view(-1)
+        beam_scores = next_scores.view(-1)
+        tokens = torch.cat([tokens[beam_idx], next_tokens.view(-1, 1)], dim=1)
+        past = model._reorder_cache(out.past_key_values, beam_idx)
+        if beam_indices is not None:
+            beam_indices = [beam_indices[i] + (i,) for i in beam_idx.tolist()]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B * nb, 1)], dim=1)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+        step_input = next_tokens.view(-1, 1)
+        if all(done):
+            break
+    # Beams still alive compete with the finished hypotheses on equal terms.
+    for b in range(B):
+        if not done[b]:
+            for i in range(nb):
+                source = b * nb + i
+                came_from = beam_indices[source] if beam_indices is not None else None
+                hyps[b].add(tokens[source], float(beam_scores[source]), tokens.size(1) - T, came_from)
+    best = []  # (score, tokens, beam_indices): each prompt's best num_return_sequences, best first
+    for b in range(B):
+        ranked = sorted(hyps[b].beams, key=lambda h: h[0])  # worst first; on a tie, the later added is better
+        best += [ranked.pop() for _ in range(options.num_return_sequences)]
+    length = min(max(len(h[1]) for h in best) + 1, T + N)
+    sequences = torch.full((len(best), length), options.pad if options.pad is not None else 0, dtype=torch.long,
+                           device=device)
+    for i, (_, seq, _) in enumerate(best):
+        sequences[i, : len(seq)] = seq
+        if len(seq) < length and options.eos is not None:
+            sequences[i, len(seq)] = options.eos[0]  # a hypothesis that finished ends with an eos token
+    if not options.output_scores:
+        return GenerateBeamDecoderOnlyOutput(sequences=sequences)
+    indices = torch.full((len(best), length), -1, dtype=torch.long, device=device)
+    for i, (_, _, came_from) in enumerate(best):
+        indices[i, : len(came_from)] = torch.tensor(came_from, dtype=torch.long)
+    return GenerateBeamDecoderOnlyOutput(
+        sequences=sequences, sequences_scores=torch.tensor([h[0] for h in best], device=device),
+        scores=tuple(steps_scores), beam_indices=indices)
 
 
 # --- Pruning heads ----------------------------------------------------------------------------------
@@ -1316,36 +1928,65 @@ def check_classification_labels(labels, input_shape, num_labels: int, problem_ty
         _check_indices("labels", labels.masked_fill(labels == -100, 0), num_labels, "num_labels", "class")
 
 
-def _check_generate_args(model, input_ids, options):
-    """generate()'s arguments, before any work: the prompts (B, T) and the GenerationOptions."""
+def _check_generate_args(model, input_ids, attention_mask, config) -> Tuple[int, int]:
+    """generate()'s prompts (B, T), their mask and lengths, before any work. Returns (N, the number of new tokens:
+    max_new_tokens if set, else max_length - T; the minimum length, prompt included: T + min_new_tokens if set,
+    else min_length)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a LongTensor of shape (B, T), got {shape}")
     if input_ids.size(0) == 0:
         raise _shape_error("input_ids", input_ids.shape, "(B, T) with B >= 1", "an empty batch: give a prompt")
-    if input_ids.size(1) == 0:
-        raise ValueError(f"input_ids is empty: start each row with the SOS token ({model.config.sos_token_id}), "
-                         "or pass input_ids=None to sample from SOS")
-    if not isinstance(options.max_new_tokens, int) or options.max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {options.max_new_tokens!r}")
-    # The last new token is sampled but never fed back, so it needs no position: SOS + n_positions pixels fit.
-    total = input_ids.size(1) + options.max_new_tokens
-    if total > model.config.n_positions + 1:
-        raise ValueError(
-            f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({options.max_new_tokens}) = {total} exceeds "
-            f"n_positions + 1 = {model.config.n_positions + 1} (SOS + one token per pixel); ask for fewer tokens"
-        )
-    if options.do_sample and not 0 < options.temperature < math.inf:  # nan fails both comparisons
-        raise ValueError(f"temperature must be > 0 and finite when sampling, got {options.temperature!r} "
-                         "(use do_sample=False for greedy)")
-    if options.top_k is not None and (not isinstance(options.top_k, int) or options.top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {options.top_k!r}")
-    if options.top_p is not None and not 0 < options.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {options.top_p!r}")
-    if not isinstance(options.num_samples, int) or options.num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {options.num_samples!r}")
-    check_generation_memory(model, input_ids.size(0) * options.num_samples, min(total, model.config.n_positions))
+    T = input_ids.size(1)
+    if T == 0:
+        raise ValueError("input_ids is empty: give at least one token per row, or input_ids=None to start from "
+                         f"bos_token_id ({model.generation_config.bos_token_id})")
+    if config.max_new_tokens is not None:
+        N, asked = config.max_new_tokens, f"prompt ({T} tokens) + max_new_tokens ({config.max_new_tokens})"
+    else:
+        N, asked = config.max_length - T, f"max_length ({config.max_length}, the prompt included)"
+        if N <= 0:  # the reference raises too
+            raise ValueError(f"max_length={config.max_length} counts the prompt, which is already {T} tokens: no "
+                             "room for a new one; pass max_new_tokens (new tokens only), or a larger max_length")
+    # The last new token is sampled but never fed back, so it needs no position: n_positions + 1 tokens fit.
+    if T + N > model.config.n_positions + 1:
+        raise ValueError(f"{asked} = {T + N} exceeds n_positions + 1 = "
+                         f"{model.config.n_positions + 1}; shorten the prompt or ask for fewer tokens")
+    if config.min_new_tokens is not None:
+        min_length, asked_min = T + config.min_new_tokens, f"min_new_tokens={config.min_new_tokens} (+ {T} prompt)"
+    else:
+        min_length, asked_min = config.min_length, f"min_length={config.min_length}"
+    if min_length > T + N:  # the reference warns, then stops at the maximum anyway
+        raise ValueError(f"{asked_min} asks for {min_length} tokens, more than the maximum {T + N} "
+                         f"(prompt {T} + {N} new): lower the minimum or raise the maximum")
+    if attention_mask is not None:
+        _check_left_padding(attention_mask, input_ids)
+    check_generation_memory(model, input_ids.size(0) * max(config.num_beams, config.num_return_sequences), T + N)
     _check_indices("input_ids", input_ids, model.config.vocab_size)
+    return N, min_length
+
+
+def _check_left_padding(attention_mask, input_ids, where: str = ""):
+    """generate()'s attention_mask: the shape of input_ids, 0/1, and in each row the padding (0) first, then the
+    prompt's tokens (1), at least one. Every row is continued from its last column, so a right-padded row would
+    be continued from its padding, a silently different answer: refused. `where` ends the messages (how the mask
+    was made, when generate() inferred it)."""
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise _shape_error("attention_mask", attention_mask.shape, tuple(input_ids.shape))
+    if not torch.all((attention_mask == 0) | (attention_mask == 1)):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.long()  # (B, T)
+    token_then_padding = mask[:, :-1] > mask[:, 1:]  # (B, T - 1): a 1 followed by a 0
+    bad = token_then_padding.any(dim=-1) | (mask[:, -1] == 0)  # (B,)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        if not mask[row].any():
+            raise ValueError(f"attention_mask row {row} is all 0: every prompt needs at least one token (1){where}")
+        column = int(token_then_padding[row].nonzero()[0]) + 1
+        raise ValueError(f"attention_mask row {row} has padding (0) at column {column}, after a token (1): generate() "
+                         "continues each row from its last column, so padding must come first: pad on the left"
+                         f"{where}")
+
 
 
 # --- Compiled decoding: generate(compile=True) -------------------------------------------------------
@@ -1417,12 +2058,19 @@ def mark_static(cache):
             torch._dynamo.mark_static_address(t)
 
 
-def _check_compile_args(model, compile, cache):
-    """generate(compile=...) before any work: a bool, with the static cache."""
+def _check_compile_args(model, compile, cache, num_beams):
+    """generate(compile=...) before any work: a bool, with the static cache, greedy or sampling, no device map."""
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {compile!r}")
-    if compile and cache != "static":
+    if not compile:
+        return
+    if cache != "static":
         raise ValueError(f'compile=True needs cache="static" (fixed shapes), got cache={cache!r}')
+    if num_beams > 1:
+        raise ValueError(f"compile=True does greedy decoding and sampling, not beam search (num_beams={num_beams}); "
+                         "pass compile=False for beam search")
+    if getattr(model.transformer, "device_map", None):
+        raise ValueError("compile=True runs the model on one device; deparallelize() it first")
 
 
 # --- Config validation and serialisation ------------------------------------------------------------
@@ -2281,7 +2929,8 @@ def shard_names(index_path: str, suffix: str) -> List[str]:
 def resolve_checkpoint(name_or_dir: str) -> str:
     """A local directory as it is; a released name (imagegpt-small, ...) or hub repo id (owner/name)
     downloaded into the cache unless already there: config.json, the weights (model.safetensors, its
-    shards, or pytorch_model.bin, whichever the repository has) and the palette (preprocessor_config.json)."""
+    shards, or pytorch_model.bin, whichever the repository has; with them generation_config.json if the
+    repository has one) and the palette (preprocessor_config.json)."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
     if os.path.lexists(name_or_dir):  # m/config.json would pass for a hub id: say what it is instead
@@ -2307,6 +2956,7 @@ def resolve_checkpoint(name_or_dir: str) -> str:
                         download(hub_url(repo_id, shard), os.path.join(local, shard))
                 elif not _download_if_present(repo_id, "pytorch_model.bin", local):
                     raise CheckpointError(f"{repo_id} has no model.safetensors, sharded index or pytorch_model.bin")
+            _download_if_present(repo_id, "generation_config.json", local)  # generate()'s defaults, if any
         if not any(os.path.exists(os.path.join(local, f)) for f in PALETTE_FILES):
             _download_if_present(repo_id, "preprocessor_config.json", local)  # the palette, if it has one
     except (urllib.error.URLError, OSError) as e:
@@ -2457,9 +3107,24 @@ def from_pretrained(cls, name_or_dir, dtype=None, device=None):
     missing = model.load_state_dict(separate_shared(state_dict), strict=False, assign=True).missing_keys
     finish_loading(model, config, missing)
     model.to(dtype=dtype, device=device)  # a no-op for tensors already in this dtype, on this device
+    generation_path = os.path.join(directory, "generation_config.json")
+    if hasattr(model, "generation_config") and os.path.exists(generation_path):
+        model.generation_config = read_generation_config(generation_path, model)
     if any(os.path.exists(os.path.join(directory, name)) for name in PALETTE_FILES):
         model.palette = load_palette(directory)
     return model.eval()
+
+
+def read_generation_config(path: str, model) -> GenerationConfig:
+    """generation_config.json beside a checkpoint's config.json: generate()'s defaults for this model, as the
+    reference reads them (fields it leaves out take GenerationConfig's defaults). A field of the wrong type or
+    range is a CheckpointError naming the file."""
+    generation_config = GenerationConfig.from_json_file(path)
+    try:
+        _check_generation_config(generation_config, model.lm_head.weight.size(0))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return generation_config
 
 
 @contextlib.contextmanager
@@ -2506,14 +3171,17 @@ def finish_loading(model: nn.Module, config: ImageGPTConfig, missing_keys: List[
 
 
 def save_pretrained(model: nn.Module, directory):
-    """Write config.json and model.safetensors in the layout Hugging Face transformers loads, and the
-    palette, when the model has one, beside them (preprocessor_config.json and kmeans_centers.npy)."""
+    """Write config.json and model.safetensors in the layout Hugging Face transformers loads (and, for the image
+    head, generation_config.json, generate()'s defaults), and the palette, when the model has one, beside them
+    (preprocessor_config.json and kmeans_centers.npy)."""
     os.makedirs(directory, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     state_dict = check_finite(model.state_dict(), f"save_pretrained({os.fspath(directory)!r})")  # never save what cannot be loaded
     save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:  # the heads that generate
+        model.generation_config.to_json_file(os.path.join(directory, "generation_config.json"))
     _write_atomically(os.path.join(directory, "config.json"),
                       (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     if model.palette is not None:
@@ -3686,7 +4354,7 @@ def write_samples(model, palette: torch.Tensor, path: str, count: int, seed: int
     seed every time, so grids from successive steps show the same random draws, as the model learns."""
     device = model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = generate(model, None, do_sample=True, num_samples=count, generator=generator)  # (count, 1 + N)
+    tokens = model.generate(None, num_samples=count, do_sample=True, top_k=0, generator=generator)  # (count, 1 + N)
     images = dequantise(tokens[:, 1:].cpu(), palette)  # drop SOS: (count, n, n, 3)
     write_png(path, image_grid(images, columns=min(count, 8), scale=scale))
 

@@ -26,6 +26,8 @@ IP = "tests/test_imagegpt_pixels.py::"
 IR = "tests/test_imagegpt_reference.py::"
 C = "tests/test_convert_tf.py::"
 G = "tests/test_gaps.py::"
+GP = "tests/test_generation_processors.py::"
+GR = "tests/test_generation_reference.py::"
 
 CHAPTERS = {
     "blocks": "Building blocks: the activation, Conv1D, the MLP",
@@ -38,6 +40,8 @@ CHAPTERS = {
     "text": "Text: streaming tokens to the screen",
     "pixels": "ImageGPT: its layer norm and activation, colour palettes, PNG filters, k-means",
     "tensorflow": "OpenAI's TensorFlow checkpoints: protobuf, the SSTable index, CRC32C",
+    "generate-processors": "Generation the reference's way: repetition penalty, n-gram blocking, bad words, "
+                           "minimum length",
 }
 
 REFERENCE_HEADS = R + "test_every_head_matches_reference_with_realistic_weights"
@@ -148,15 +152,17 @@ EXERCISES = [
            G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature",
            H + "test_batched_left_padded_generation_equals_one_prompt_at_a_time"],
           ["The first step feeds the whole prompt; every later step feeds only the new token, with past_key_values.",
-           "Temperature divides the logits before top-k and top-p; sample with torch.multinomial(..., "
-           "generator=options.generator), or take the argmax.",
+           "The scores are the float32 logits through apply_processors(options.processors, ...) (temperature, "
+           "top-k, top-p are among them); sample with torch.multinomial(..., generator=options.generator), or "
+           "take the argmax.",
            "Grow attention_mask by a column of ones and position_ids by last + 1 each step; finished rows get pad."]),
     write("beam-search", "Beam search with the cache", NG, ["_beam_search"], "generation", 3,
           [H + "test_beam_search_with_the_cache_equals_textbook_beam_search", R + "test_beam_search_equals_reference"],
-          ["Score every (beam, token) continuation: log_softmax + the beam's score, viewed (B, nb * V); topk 2 * nb.",
+          ["Score every (beam, token) continuation: log_softmax, then apply_processors, + the beam's score, "
+           "viewed (B, nb * V); keep the top max(2, 1 + number of eos ids) * nb.",
            "At the first step all beams are equal: give all but the first -1e9 so only one expands.",
-           "Reorder the cache, mask and positions by the surviving beams (model._reorder_cache); finished "
-           "hypotheses go to _BeamHypotheses."]),
+           "Reorder the cache by the surviving beams (model._reorder_cache; a prompt's mask and positions serve "
+           "all its beams); finished hypotheses go to _BeamHypotheses, the best num_return_sequences come out."]),
     write("prune-indices", "Which channels survive when heads are pruned", NG, ["find_pruneable_heads_and_indices"],
           "pruning", 2,
           [P + "test_pruning_heads_equals_masking_them", P + "test_pruning_in_steps_equals_pruning_at_once"],
@@ -357,24 +363,24 @@ EXERCISES += [
         [H + "test_top_k_filter_keeps_exactly_the_k_largest"],
         ["top_k=1 leaves no token at all.", "The k-th largest value itself must stay."]),
     bug("bug-top-p", "Top-p protects the wrong token", NG, "top_p_filter",
-        "remove_sorted[..., -1:] = False", "remove_sorted[..., :1] = False", "generation", 2,
+        "remove_sorted[..., -min_keep:] = False", "remove_sorted[..., :min_keep] = False", "generation", 2,
         [H + "test_top_p_filter_keeps_the_smallest_nucleus"],
         ["A small p can remove every token but the least likely.", "Sorted ascending: where is the most likely?"]),
-    bug("bug-temperature", "Temperature multiplies", NG, "_sample",
-        "logits = logits / options.temperature", "logits = logits * options.temperature", "generation", 1,
+    bug("bug-temperature", "Temperature multiplies", NG, "logits_processors",
+        "scores / config.temperature", "scores * config.temperature", "generation", 1,
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
         ["Low temperatures give wilder text, high ones greedier.", "softmax(logits / T)."]),
     bug("bug-softmax-axis", "Sampling probabilities along the wrong axis", NG, "_sample",
-        "F.softmax(logits, dim=-1)", "F.softmax(logits, dim=0)", "generation", 2,
+        "F.softmax(scores, dim=-1)", "F.softmax(scores, dim=0)", "generation", 2,
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
         ["Sampled tokens are allowed ones, but their frequencies are wrong.", "logits are (B, V)."]),
     bug("bug-cache-mask-zero", "Generated tokens are masked out", NG, "_sample",
-        "mask[:, length] = 1", "mask[:, length] = 0", "generation", 1,
+        "mask[:, length : length + 1] = 1", "mask[:, length : length + 1] = 0", "generation", 1,
         [H + "test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward"],
         ["Greedy generation differs from the argmax of a full forward from the second new token.",
          "What should the mask say about the tokens just generated?"]),
     bug("bug-eos-restart", "A finished sequence starts again", NG, "_sample",
-        "unfinished &= next_tokens != options.eos", "unfinished = next_tokens != options.eos", "generation", 2,
+        "unfinished &= ~torch.isin(next_tokens, eos)", "unfinished = ~torch.isin(next_tokens, eos)", "generation", 2,
         [H + "test_generation_stops_each_row_at_eos_and_pads_after_it"],
         ["With a pad token other than eos, text appears after the end.", "Once finished, always finished."]),
     bug("bug-beam-start", "All beams start alive", NG, "_beam_search",
@@ -500,4 +506,56 @@ EXERCISES += [
     bug("bug-int64-boundary", "int64 sign at the boundary", TF, "as_int64", "value >= 1 << 63", "value > 1 << 63",
         "tensorflow", 1, [G + "test_as_int64_is_twos_complement_at_the_boundaries"],
         ["Only -2^63 comes out wrong.", "Which values have the sign bit set?"]),
+    # --- generate(): the reference's logits processors (nanogpt2.py; imagegpt.py shares them) ----------------
+    write("repetition-penalty", "Repetition penalty: every token already seen, made less likely once", NG,
+          ["repetition_penalty"], "generate-processors", 1,
+          [GP + "test_repetition_penalty_moves_each_token_of_the_row_once",
+           GP + "test_each_steps_scores_are_the_logits_through_the_processors_with_the_tokens_so_far"],
+          ["Which tokens does row b hold? tokens_present(input_ids, V) answers with a (B, V) mask, once per token.",
+           "The penalised score: torch.where(scores < 0, scores * penalty, scores / penalty) (dividing a negative "
+           "score would raise it).",
+           "Keep the penalised score where the mask is True, the original elsewhere (torch.where again)."]),
+    write("no-repeat-ngram", "No repeated n-grams", NG, ["no_repeat_ngram"], "generate-processors", 2,
+          [GP + "test_no_repeat_ngram_forbids_exactly_the_tokens_that_repeat_an_ngram",
+           GP + "test_with_no_repeat_ngram_size_no_ngram_occurs_twice"],
+          ["input_ids.unfold(1, n, 1) gives every n-gram of each row, (B, L - n + 1, n), without a loop.",
+           "An n-gram matters when its first n - 1 tokens equal the row's last n - 1; its last token is then "
+           "forbidden. Compare with .all(dim=-1).",
+           "Turn the forbidden tokens into a (B, V) mask (tokens_present, with V for 'none') and masked_fill -inf."]),
+    write("bad-words", "Bad words are never completed", NG, ["ban_bad_words"], "generate-processors", 2,
+          [GP + "test_bad_words_forbid_the_tokens_that_would_complete_a_word",
+           GP + "test_with_bad_words_no_bad_word_is_ever_completed"],
+          ["Build a (B, V) bool mask of banned tokens, then one masked_fill with -inf.",
+           "A one-token word: banned in every row. A longer one: its last token is banned in the rows that end with "
+           "the rest of the word.",
+           "Compare input_ids[:, L - len(prefix):] with the prefix as a tensor, .all(dim=1): one bool per row."]),
+    write("min-length", "A minimum length: no eos too early", NG, ["forbid_eos"], "generate-processors", 1,
+          [GP + "test_forbid_eos_until_the_minimum_length",
+           GP + "test_with_a_minimum_length_eos_never_comes_before_it"],
+          ["The length that counts is input_ids.size(1), the prompt included.",
+           "Several eos ids may be given; some may be past the scores' width (tokens_present leaves those out).",
+           "From the minimum length on, return the scores untouched."]),
+    bug("bug-repetition-sign", "The repetition penalty rewards negative scores", NG, "repetition_penalty",
+        "torch.where(scores < 0, scores * penalty, scores / penalty)",
+        "torch.where(scores < 0, scores / penalty, scores * penalty)", "generate-processors", 1,
+        [GP + "test_repetition_penalty_moves_each_token_of_the_row_once"],
+        ["With penalty 1.2, repeated text gets more likely, not less.",
+         "Which way does multiplying move a negative score? And a positive one?"]),
+    bug("bug-ngram-late", "n-gram blocking starts one token late", NG, "no_repeat_ngram",
+        "    if L < n:\n        return scores", "    if L <= n:\n        return scores", "generate-processors", 2,
+        [GP + "test_no_repeat_ngram_forbids_exactly_the_tokens_that_repeat_an_ngram"],
+        ["A row exactly n tokens long may repeat its first n-gram.",
+         "With L tokens, what is the earliest L at which the next token can complete an n-gram seen before?"]),
+    bug("bug-bad-words-start", "Bad words matched at the start of the row", NG, "ban_bad_words",
+        "input_ids[:, input_ids.size(1) - len(prefix):]", "input_ids[:, :len(prefix)]", "generate-processors", 1,
+        [GP + "test_bad_words_forbid_the_tokens_that_would_complete_a_word",
+         GP + "test_with_bad_words_no_bad_word_is_ever_completed"],
+        ["One-token bad words are never generated; longer ones sometimes are.",
+         "The word is completed by the NEXT token: what must the row end with?"]),
+    bug("bug-min-length-late", "The minimum length holds one token too long", NG, "forbid_eos",
+        "if input_ids.size(1) >= min_length:", "if input_ids.size(1) > min_length:", "generate-processors", 1,
+        [GP + "test_forbid_eos_until_the_minimum_length",
+         GR + "test_greedy_with_each_option_equals_reference"],
+        ["With min_new_tokens=m, the earliest eos comes after m + 1 new tokens.",
+         "min_length counts the whole sequence: when it is already that long, eos is allowed."]),
 ]

@@ -360,7 +360,10 @@ def test_the_memory_limit_follows_the_variable(module, monkeypatch):
 ARGPARSE_MISTAKES = [
     (nanogpt2, ["sample", "--seed", "-1"], r"argument --seed: must be in \[0, 9223372036854775807\], got -1"),
     (nanogpt2, ["sample", "--seed", str(2 ** 64)], r"argument --seed: must be in \[0, 9223372036854775807\]"),
-    (nanogpt2, ["sample", "--num-samples", "0"], r"argument --num-samples: must be at least 1, got 0"),
+    (nanogpt2, ["sample", "--num-samples", "0"], r"argument --num-return-sequences/--num-samples: must be at least 1, got 0"),
+    (nanogpt2, ["sample", "--num-beams", "0"], r"argument --num-beams: must be at least 1, got 0"),
+    (nanogpt2, ["sample", "--no-repeat-ngram-size", "-1"], r"argument --no-repeat-ngram-size: must be at least 0"),
+    (nanogpt2, ["sample", "--repetition-penalty", "nan"], r"argument --repetition-penalty: must be a finite number"),
     (nanogpt2, ["sample", "--max-new-tokens", "-1"], r"argument --max-new-tokens: must be at least 0, got -1"),
     (nanogpt2, ["sample", "--top-k", "-5"], r"argument --top-k: must be at least 0, got -5"),
     (nanogpt2, ["sample", "--temperature", "nan"], r"argument --temperature: must be a finite number, got nan"),

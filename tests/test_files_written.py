@@ -225,7 +225,7 @@ def test_saved_files_get_the_mode_the_umask_gives(tmp_path, name, umask):
     module = MODULES[name]
     tiny_model(module, 0).save_pretrained(tmp_path / "model")
     written = modes(tmp_path / "model")
-    assert len(written) == (2 if module is nanogpt2 else 4)  # imagegpt adds the palette, in two layouts
+    assert len(written) == (3 if module is nanogpt2 else 5)  # generation_config.json; imagegpt adds the palette
     assert written == {n: 0o666 & ~umask for n in written}
     if module is imagegpt:
         imagegpt.write_png(tmp_path / "image.png", torch.zeros(2, 2, 3, dtype=torch.uint8))

@@ -147,12 +147,12 @@ def test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature(tem
 
 def test_beam_hypotheses_score_by_length_penalty():
     """A hypothesis scores sum_logprobs / length ** length_penalty: 0 prefers the short one here, 1 and 2 the
-    long one; the best num_beams are kept, best first."""
+    long one; only the best num_beams are kept."""
     for penalty, best in ((0.0, "short"), (1.0, "long"), (2.0, "long")):
         hyps = nanogpt2._BeamHypotheses(num_beams=1, length_penalty=penalty)
         hyps.add(torch.tensor([1, 2]), -2.0, 2)  # "short": -2 over 2 tokens
         hyps.add(torch.tensor([1, 2, 3, 4]), -3.0, 4)  # "long": -3 over 4 tokens
-        score, tokens = hyps.beams[0]
+        score, tokens, _ = max(hyps.beams, key=lambda h: h[0])
         assert len(hyps.beams) == 1 and len(tokens) == (2 if best == "short" else 4), f"length_penalty={penalty}"
         assert score == pytest.approx((-2.0 / 2 ** penalty) if best == "short" else (-3.0 / 4 ** penalty))
 

@@ -403,7 +403,9 @@ def test_generation_stops_each_row_at_eos_and_pads_after_it(device):
     prompt = random_ids(torch.Generator().manual_seed(3), config.vocab_size, (4, 3)).to(device)
     free = model.generate(prompt, max_new_tokens=8, stop_at_eos=False)
     eos, pad = int(free[0, 5]), (int(free[0, 5]) + 1) % config.vocab_size  # a token row 0 does emit
-    stopped = model.generate(prompt, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad)
+    # An explicit mask: without one, generate() (as the reference) would take pad tokens in the prompt for padding.
+    stopped = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, eos_token_id=eos,
+                             pad_token_id=pad)
     steps_to_finish = []
     for b in range(4):
         generated = free[b, 3:].tolist()
@@ -585,18 +587,17 @@ BAD_GENERATE_ARGS = [  # (keyword arguments for generate, the message); the defa
     (dict(input_ids=torch.ones(4, dtype=torch.long)), r"input_ids must be a LongTensor of shape \(B, T\), got \(4,\)"),
     (dict(input_ids=torch.ones(1, 0, dtype=torch.long)), r"input_ids is empty"),
     (dict(max_new_tokens=-1), r"max_new_tokens must be a non-negative integer, got -1"),
-    (dict(max_new_tokens=30), r"prompt \(3 tokens\) \+ max_new_tokens \(30\) = 33 exceeds n_positions=32"),
+    (dict(max_new_tokens=31), r"prompt \(3 tokens\) \+ max_new_tokens \(31\) = 34 exceeds n_positions \+ 1 = 33"),
     (dict(do_sample=True, temperature=0.0), r"temperature must be > 0"),
     (dict(do_sample=True, temperature=-1.0), r"temperature must be > 0 and finite when sampling, got -1.0"),
     (dict(do_sample=True, temperature=math.nan), r"temperature must be > 0 and finite when sampling, got nan"),
     (dict(do_sample=True, temperature=math.inf), r"temperature must be > 0 and finite when sampling, got inf"),
     (dict(do_sample=True, top_p=math.nan), r"top_p must be in \(0, 1\], got nan"),
     (dict(num_beams=2, length_penalty=math.nan), r"length_penalty must be a finite number, got nan"),
-    (dict(do_sample=True, top_k=0), r"top_k must be a positive integer"),
+    (dict(do_sample=True, top_k=-1), r"top_k must be a non-negative integer, got -1 \(0 or None: no top-k\)"),
     (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(num_beams=0), r"num_beams must be a positive integer"),
-    (dict(num_beams=2, do_sample=True), r"beam search is deterministic"),
     (dict(attention_mask=torch.ones(1, 4, dtype=torch.long)),
      r"attention_mask has shape \(1, 4\), expected \(1, 3\)"),
     (dict(attention_mask=torch.tensor([[0, 2, 1]])), r"attention_mask must hold only 0 \(padding\) and 1"),

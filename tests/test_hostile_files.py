@@ -130,7 +130,8 @@ def test_a_plain_sharded_folder_still_loads(module, tmp_path):
 
 
 @pytest.mark.parametrize("module", MODULES, ids=IDS)
-@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model-00002-of-00002.safetensors"])
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model-00002-of-00002.safetensors",
+                                  "generation_config.json"])
 def test_a_file_that_links_out_of_the_folder_is_refused(module, name, tmp_path):
     cls, model = tiny(module)
     folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
@@ -147,7 +148,7 @@ def test_a_file_that_links_out_of_the_folder_is_refused(module, name, tmp_path):
 
 @pytest.mark.parametrize("module", MODULES, ids=IDS)
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json", "model-00001-of-00002.safetensors",
-                                  "model.safetensors.index.json"])
+                                  "model.safetensors.index.json", "generation_config.json"])
 def test_a_fifo_or_device_in_place_of_a_file_is_refused_without_blocking(module, name, tmp_path):
     cls, model = tiny(module)
     if name.startswith("model-") or name.endswith("index.json"):

@@ -686,7 +686,7 @@ def test_bad_inputs_give_clear_errors_before_any_work(device):
         (dict(do_sample=True, temperature=math.nan), "temperature must be > 0 and finite when sampling, got nan"),
         (dict(do_sample=True, temperature=math.inf), "temperature must be > 0 and finite when sampling, got inf"),
         (dict(do_sample=True, top_p=math.nan), "top_p must be in \\(0, 1\\], got nan"),
-        (dict(top_k=0), "top_k"),
+        (dict(do_sample=True, top_k=-1), "top_k"),
         (dict(num_samples=0), "num_samples"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -200,7 +200,8 @@ def test_sample_help_exits_0_and_describes_every_option(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--prompt", "--prompt-file", "--max-new-tokens", "--temperature", "--top-k",
-                   "--top-p", "--num-samples", "--seed", "--device", "--dtype", "--compile"):
+                   "--top-p", "--num-samples", "--seed", "--device", "--dtype", "--compile", "--num-return-sequences",
+                   "--num-beams", "--repetition-penalty", "--no-repeat-ngram-size", "--min-new-tokens"):
         assert option in out, option
 
 
@@ -209,6 +210,9 @@ def test_sample_help_exits_0_and_describes_every_option(capsys):
     (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
     (["--max-new-tokens", "200"], "exceeds the model's 128 positions"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "--prompt-file /nonexistent/prompt.txt: no such file"),
+    (["--repetition-penalty", "0"], r"--repetition-penalty must be > 0 \(1 is none\), got 0.0"),
+    (["--min-new-tokens", "5", "--max-new-tokens", "3"], "--min-new-tokens 5 must be at most --max-new-tokens 3"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences 3 must be at most --num-beams 2"),
 ])
 def test_a_users_mistake_is_a_one_line_error_with_exit_status_2(steered, device, capsys, extra, message):
     assert nanogpt2.main(sample_args(steered[0], device, "--prompt", "Hello", *extra)) == 2
@@ -216,6 +220,61 @@ def test_a_users_mistake_is_a_one_line_error_with_exit_status_2(steered, device,
     lines = captured.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("nanogpt2.py: error:")
     assert re.search(message, lines[0]), lines[0]
+
+
+def seeded(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+CLI_OPTIONS = {  # the reference's options on the command line: (flags, the same as generate()'s keywords)
+    "beams": (["--temperature", "0", "--num-beams", "4", "--num-return-sequences", "2", "--max-new-tokens", "10"],
+              dict(num_beams=4, num_return_sequences=2, max_new_tokens=10)),
+    "penalties": (["--temperature", "0", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "2",
+                   "--max-new-tokens", "12"], dict(repetition_penalty=1.3, no_repeat_ngram_size=2, max_new_tokens=12)),
+    "beam_sampling": (["--temperature", "0.9", "--top-k", "20", "--num-beams", "3", "--seed", "7",
+                       "--max-new-tokens", "8"],
+                      dict(do_sample=True, temperature=0.9, top_k=20, num_beams=3, max_new_tokens=8, seed=7)),
+    "samples": (["--temperature", "1.0", "--top-k", "0", "--num-return-sequences", "3", "--seed", "3",
+                 "--no-repeat-ngram-size", "1", "--max-new-tokens", "6"],
+                dict(do_sample=True, top_k=0, num_return_sequences=3, no_repeat_ngram_size=1, max_new_tokens=6,
+                     seed=3)),
+}
+
+
+@pytest.mark.parametrize("case", CLI_OPTIONS)
+def test_the_references_options_print_what_generate_gives(realistic, device, capsys, case):
+    """--num-beams, --num-return-sequences, --repetition-penalty, --no-repeat-ngram-size (and sampling with a
+    seed): the text printed is generate()'s with the same options, each sequence as the batch format prints it
+    (one sequence alone is streamed)."""
+    directory, model = realistic
+    flags, options = CLI_OPTIONS[case]
+    options = dict(options)
+    if "seed" in options:
+        options["generator"] = seeded(device, options.pop("seed"))
+    ids = torch.tensor([nanogpt2.encode(PROMPT)], device=device)
+    tokens = model.to(device).generate(ids, **options)
+    texts = []
+    for row in tokens[:, ids.size(1):].tolist():
+        texts.append(PROMPT + nanogpt2.decode(row[: row.index(EOT)] if EOT in row else row))
+    if len(texts) == 1:
+        expected = texts[0] + "\n"
+    else:
+        expected = "".join(f"--- sample {i + 1} of prompt 1 ---\n{text}\n" for i, text in enumerate(texts))
+    assert len(set(texts)) == len(texts)  # the premise: distinct sequences, so the order is tested too
+    assert nanogpt2.main(sample_args(directory, device, "--prompt", PROMPT, *flags)) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_min_new_tokens_holds_endoftext_back(steered, device, capsys):
+    """The steered model ends "Hello" at once (test_output_stops_at_endoftext_without_printing_it); with
+    --min-new-tokens 3 it writes at least three tokens first, as generate(min_new_tokens=3) does."""
+    _, model = steered
+    args = sample_args(steered[0], device, "--prompt", "Hello", "--temperature", "0", "--max-new-tokens", "5",
+                       "--min-new-tokens", "3")
+    assert nanogpt2.main(args) == 0
+    expected = continuation(model, "Hello", device, max_new_tokens=5, min_new_tokens=3)
+    assert len(nanogpt2.encode(expected)) >= 3
+    assert capsys.readouterr().out == "Hello" + expected + "\n"
 
 
 def test_output_stops_at_endoftext_without_printing_it(steered, device, capsys):

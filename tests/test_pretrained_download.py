@@ -174,6 +174,11 @@ def logits(model, device):
         return model.to(device)(torch.tensor([PROMPT_IDS], device=device)).logits
 
 
+def weight_requests(hub):
+    """The (path, Range) of each request for model.safetensors, in order (generation_config.json follows them)."""
+    return [request for request in hub.requests if request[0].endswith("/model.safetensors")]
+
+
 def cached(*names):
     return os.path.join(os.environ["NANOGPT2_CACHE"], *REPO.split("/"), *names)
 
@@ -182,13 +187,14 @@ def test_download_shows_progress_and_loads_the_served_model(hub, checkpoint, cap
     directory, source = checkpoint
     hub.add(REPO, directory)
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
-    assert hub.names_requested() == ["config.json", "model.safetensors"]
+    assert hub.names_requested() == ["config.json", "model.safetensors", "generation_config.json"]
     assert torch.equal(logits(loaded, device), logits(source, device))  # same weights, same code: bit for bit
+    assert loaded.generation_config == source.generation_config
     err = capfd.readouterr().err
     size_mb = os.path.getsize(directory / "model.safetensors") / 1e6
     assert f"downloading model.safetensors: {size_mb:.1f} / {size_mb:.1f} MB (100%)" in err
     assert "downloading config.json" in err
-    assert sorted(os.listdir(cached())) == ["config.json", "model.safetensors"]  # no .part left behind
+    assert sorted(os.listdir(cached())) == ["config.json", "generation_config.json", "model.safetensors"]  # no .part
 
 
 def test_second_load_is_a_cache_hit_with_no_request_even_with_the_server_down(hub, checkpoint, device):
@@ -208,7 +214,8 @@ def test_released_names_map_to_their_hub_repositories(hub, checkpoint, device):
     hub.add("openai-community/gpt2", directory)
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained("gpt2", device=device)
     assert [path for path, _ in hub.requests] == ["/openai-community/gpt2/resolve/main/config.json",
-                                                  "/openai-community/gpt2/resolve/main/model.safetensors"]
+                                                  "/openai-community/gpt2/resolve/main/model.safetensors",
+                                                  "/openai-community/gpt2/resolve/main/generation_config.json"]
     assert torch.equal(logits(loaded, device), logits(source, device))
 
 
@@ -222,8 +229,9 @@ def test_interrupted_download_fails_clearly_then_resumes_with_a_range_request(hu
     assert not os.path.exists(cached("model.safetensors"))  # a partial file never looks like a cached one
     assert os.path.getsize(cached("model.safetensors.part")) == 1_000_000
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
-    assert hub.requests[-1] == (f"/{REPO}/resolve/main/model.safetensors", "bytes=1000000-")
-    assert hub.names_requested() == ["config.json", "model.safetensors", "model.safetensors"]  # config was cached
+    assert weight_requests(hub)[-1] == (f"/{REPO}/resolve/main/model.safetensors", "bytes=1000000-")
+    assert hub.names_requested() == ["config.json", "model.safetensors", "model.safetensors",  # config was cached
+                                     "generation_config.json"]
     assert not os.path.exists(cached("model.safetensors.part"))
     assert torch.equal(logits(loaded, device), logits(source, device))
 
@@ -239,7 +247,7 @@ def test_a_server_that_ignores_range_gets_the_whole_file_again(hub, checkpoint, 
         f.write(f'"{sha}"')
     hub.ignore_range = True
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
-    assert hub.requests[-1][1] == "bytes=36-"  # it asked to resume, got a 200 with the whole file
+    assert weight_requests(hub)[-1][1] == "bytes=36-"  # it asked to resume, got a 200 with the whole file
     assert torch.equal(logits(loaded, device), logits(source, device))
 
 
@@ -285,7 +293,8 @@ def test_sharded_checkpoint_is_fetched_through_its_index_when_there_is_no_single
     hub.add(REPO, shards)
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
     assert hub.names_requested() == ["config.json", "model.safetensors", "model.safetensors.index.json",
-                                     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+                                     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                     "generation_config.json"]  # (not served here: a 404, which is fine)
     assert torch.equal(logits(loaded, device), logits(source, device))
 
 
@@ -466,7 +475,8 @@ def test_a_206_reply_from_the_wrong_offset_is_never_spliced(hub, checkpoint, dev
         f.write(f'"{hashlib.sha256(body).hexdigest()}"')
     hub.wrong_range = True  # asked for bytes=1000-, it answers 206 with the file from byte 0
     loaded = nanogpt2.GPT2LMHeadModel.from_pretrained(REPO, device=device)
-    assert hub.requests[-2][1] == "bytes=1000-" and hub.requests[-1][1] is None  # then afresh, from zero
+    requests = weight_requests(hub)
+    assert requests[-2][1] == "bytes=1000-" and requests[-1][1] is None  # then afresh, from zero
     assert torch.equal(logits(loaded, device), logits(source, device))
 
 
