@@ -1549,6 +1549,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Below this, logits / temperature overflow to inf for logits of a few hundred, and sampling fails on NaN.
+MIN_TEMPERATURE = 1e-6
+
+
 def _check_generation_config(config: GenerationConfig, scored: int):
     """Each field's type and range, before any work: a ValueError naming the field, its value and what it may be.
     scored: how many tokens the head scores (token ids 0 .. scored - 1 can be generated)."""
@@ -1568,9 +1572,14 @@ def _check_generation_config(config: GenerationConfig, scored: int):
     for name in ("num_beams", "num_return_sequences"):
         if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
             raise bad(name, "a positive integer")
-    if config.do_sample and config.temperature is not None and not 0 < config.temperature < math.inf:
-        raise ValueError(f"temperature must be > 0 and finite when sampling, got {config.temperature!r} "
-                         "(use do_sample=False for greedy)")
+    for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):  # before any comparison
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), (int, float)) \
+                or isinstance(getattr(config, name), bool):
+            raise bad(name, "a number")
+    if config.do_sample and config.temperature is not None and not MIN_TEMPERATURE <= config.temperature < math.inf:
+        raise ValueError(f"temperature must be at least {MIN_TEMPERATURE} and finite when sampling, got "
+                         f"{config.temperature!r} (a smaller one overflows the scores to inf; for the most likely "
+                         "token every step, use do_sample=False)")
     if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 0):
         raise bad("top_k", "a non-negative integer", "0 or None: no top-k")
     if config.top_p is not None and not 0 < config.top_p <= 1:
@@ -1594,8 +1603,8 @@ def _check_generation_config(config: GenerationConfig, scored: int):
     if config.eos_token_id is not None and (not eos or not all(_is_int(t) and t >= 0 for t in eos)):
         raise bad("eos_token_id", "None, a token id or a non-empty list of token ids")
     for name in ("pad_token_id", "bos_token_id"):
-        if getattr(config, name) is not None and not _is_int(getattr(config, name)):
-            raise bad(name, "None or a token id")
+        if getattr(config, name) is not None and (not _is_int(getattr(config, name)) or getattr(config, name) < 0):
+            raise bad(name, "None or a token id (an integer >= 0)")
     words = config.bad_words_ids
     if words is not None and (not isinstance(words, (list, tuple)) or not words or not all(
             isinstance(w, (list, tuple)) and w and all(_is_int(t) and 0 <= t < scored for t in w) for w in words)):
@@ -1638,6 +1647,10 @@ def prepare_generation(model, input_ids, attention_mask, generation_config, kwar
                              f"not implement; set it to {UNSUPPORTED_GENERATION_FIELDS[name]!r} or remove it")
     scored = model.lm_head.weight.size(0)  # the token ids the head scores: 0 .. scored - 1
     _check_generation_config(config, scored)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__} {generator!r:.40}")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token must be a function called with each step's tokens, got {on_token!r:.40}")
     if on_token is not None and config.num_beams > 1:
         raise ValueError("on_token streams one token per row and step, but beam search reorders its rows each step; "
                          "pass num_beams=1 to stream (the reference's streamer refuses beams too)")
@@ -2147,6 +2160,9 @@ def check_model_inputs(
     past_length = 0
     if isinstance(past_key_values, StaticCache):
         past_length = past_key_values.length
+        if past_key_values.max_length > cfg.n_positions:  # its first update allocates every slot
+            raise ValueError(f"the StaticCache holds {past_key_values.max_length:,} positions, more than the model's "
+                             f"n_positions={cfg.n_positions}; make it with max_length <= {cfg.n_positions}")
         if past_length + T > past_key_values.max_length:
             raise ValueError(f"the StaticCache holds {past_key_values.max_length} positions, {past_length} of them "
                              f"filled: no room for {T} more; make it with a larger max_length")
@@ -2677,10 +2693,11 @@ def check_model_size(config):
 
 def check_generation_memory(model, rows: int, length: int):
     """generate() before it allocates: the key/value cache of `rows` sequences of `length` tokens (keys and values
-    of every layer, in the model's dtype) and one step's fp32 logits must fit in memory_limit()."""
+    of every layer, in the model's dtype) and one step's fp32 logits, with the few copies the processors and beam
+    search make of them (log-probabilities, processed scores, the beams' candidates), must fit in memory_limit()."""
     config = model.config
     itemsize = model.transformer.wte.weight.element_size()
-    needed = 2 * config.n_layer * rows * length * config.n_embd * itemsize + rows * config.vocab_size * 4
+    needed = 2 * config.n_layer * rows * length * config.n_embd * itemsize + 4 * rows * config.vocab_size * 4
     check_memory(needed, f"generating {rows:,} sequences of up to {length:,} tokens (their key/value cache)",
                  "ask for fewer samples or fewer new tokens")
 

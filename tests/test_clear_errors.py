@@ -386,3 +386,35 @@ def test_a_lock_that_is_a_fifo_is_taken_over_without_blocking(tmp_path):
         signal.alarm(0)
     assert lock.holder() == os_.getpid()
     lock.release()
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(do_sample=True, temperature=1e-45), ValueError, r"temperature must be at least 1e-06"),  # was NaN in torch
+    (dict(pad_token_id=-1), ValueError, r"pad_token_id must be None or a token id \(an integer >= 0\), got -1"),
+    (dict(do_sample=True, generator=5), TypeError, "generator must be a torch.Generator, got int 5"),
+    (dict(on_token=5), TypeError, "on_token must be a function"),
+    (dict(num_beams=2, length_penalty="x"), ValueError, "length_penalty must be a number, got 'x'"),
+    (dict(do_sample=True, top_p="0.5"), ValueError, "top_p must be a number"),
+])
+@pytest.mark.parametrize("name", MODULES)
+def test_generate_names_an_argument_of_the_wrong_kind_before_any_work(name, kwargs, error, message):
+    module = MODULES[name]
+    model = tiny(module)
+    ids = torch.tensor([[1, 2]]) if module is nanogpt2 else None
+    with pytest.raises(error, match=message):
+        model.generate(ids, max_new_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_static_cache_larger_than_the_model_is_refused_before_it_allocates(name):
+    module = MODULES[name]
+    model = tiny(module)
+    cache = module.StaticCache(max_length=10 ** 12)  # its first update would allocate every slot: terabytes
+    with pytest.raises(ValueError, match=r"the StaticCache holds 1,000,000,000,000 positions, more than the model's"):
+        model(torch.tensor([[1, 2]]), past_key_values=cache, use_cache=True)
+
+
+def test_generate_counts_the_beams_logits_before_it_allocates(monkeypatch):
+    monkeypatch.setenv("NANOGPT2_MAX_MEMORY_GB", "1")
+    with pytest.raises(ValueError, match=r"generating 10,000,000 sequences .* more than the 1.0 GB limit"):
+        tiny(nanogpt2).generate(torch.tensor([[1, 2]]), num_beams=10 ** 7, max_new_tokens=2)

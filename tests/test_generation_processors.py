@@ -330,7 +330,7 @@ BAD = [  # (generate's keywords, the error, its message); the prompt is 3 tokens
     (dict(bad_words_ids=[[1, 99]]), ValueError, r"bad_words_ids must be .* token ids in \[0, \d+\), got \[\[1, 99\]\]"),
     (dict(eos_token_id=-1), ValueError, r"eos_token_id must be None, a token id or a non-empty list"),
     (dict(eos_token_id=[]), ValueError, r"eos_token_id must be"),
-    (dict(pad_token_id=1.5), ValueError, r"pad_token_id must be None or a token id, got 1.5"),
+    (dict(pad_token_id=1.5), ValueError, r"pad_token_id must be None or a token id \(an integer >= 0\), got 1.5"),
     (dict(do_sample=True, top_k=-1), ValueError, r"top_k must be a non-negative integer, got -1"),
     (dict(num_beams=2, length_penalty=math.inf), ValueError, r"length_penalty must be a finite number, got inf"),
     (dict(num_beams=2, on_token=print), ValueError, r"on_token streams one token per row.*num_beams=1"),

@@ -682,9 +682,9 @@ def test_bad_inputs_give_clear_errors_before_any_work(device):
     for kwargs, message in [
         (dict(input_ids=ok, max_new_tokens=15), "exceeds n_positions \\+ 1 = 17"),
         (dict(input_ids=ok[0]), "shape \\(B, T\\)"),
-        (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
-        (dict(do_sample=True, temperature=math.nan), "temperature must be > 0 and finite when sampling, got nan"),
-        (dict(do_sample=True, temperature=math.inf), "temperature must be > 0 and finite when sampling, got inf"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be at least 1e-06"),
+        (dict(do_sample=True, temperature=math.nan), "temperature must be at least 1e-06 and finite when sampling, got nan"),
+        (dict(do_sample=True, temperature=math.inf), "temperature must be at least 1e-06 and finite when sampling, got inf"),
         (dict(do_sample=True, top_p=math.nan), "top_p must be in \\(0, 1\\], got nan"),
         (dict(do_sample=True, top_k=-1), "top_k"),
         (dict(num_samples=0), "num_samples"),
