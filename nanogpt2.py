@@ -2284,10 +2284,12 @@ def check_generation_memory(model, rows: int, length: int):
 # import anywhere at module level; a linter's E402 is expected).
 import argparse
 import codecs
+import collections
 import csv
 import errno
 import functools
 import hashlib
+import heapq
 import http.client
 import itertools
 import mmap
@@ -2302,6 +2304,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -3083,12 +3086,28 @@ for _cls in HEAD_CLASSES:
 # ----------------------------------------------------------------------------------------------------
 
 
-# GPT-2 reads byte-pair-encoded text: tiktoken's "gpt2" encoding is OpenAI's own 50,257-token vocabulary.
+# GPT-2 reads byte-pair-encoded text (BPE, Sennrich et al. 2016, on bytes as in the GPT-2 paper, section 2.2):
+#     1. special tokens are cut out first: the text <|endoftext|> becomes token 50256 (when allowed);
+#     2. the rest is cut into pieces by a pattern: a word with the space before it, a number, a run of other
+#        symbols, a run of whitespace; tokens never cross a piece's edges;
+#     3. each piece's UTF-8 bytes start as one token each (256 byte tokens), and the adjacent pair whose merged
+#        bytes have the lowest rank is merged, again and again, until no merged pair is in the vocabulary.
+# The 50,000 merges, in rank order, are OpenAI's vocab.bpe; with 256 bytes and <|endoftext|>, 50,257 tokens.
+# tiktoken does all this in Rust, fast: get_tokenizer() is what the model's tools use. The same three steps are
+# written out below in Python (BytePairEncoding: get_tokenizer("python")), proven to give tiktoken's tokens on any
+# text by tests/test_tokenizer.py; and train_bpe learns merges of its own from a text file (train --tokenizer bpe).
 EOT_TOKEN = 50256  # <|endoftext|>, which separated documents in training
 
 
-@functools.lru_cache(maxsize=1)
-def get_tokenizer():
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(kind: str = "tiktoken"):
+    """GPT-2's tokenizer: tiktoken's "gpt2" encoding (kind "tiktoken", the default: fast), or the same encoding
+    written out in this file (kind "python": a BytePairEncoding, with tiktoken's encode(text, allowed_special=...),
+    decode(ids) and decode_single_token_bytes(id)). Both give the same tokens for every text."""
+    if kind == "python":
+        return BytePairEncoding(read_merges(gpt2_merges_file(), sha256=GPT2_MERGES_SHA256), name="gpt2")
+    if kind != "tiktoken":
+        raise ValueError(f"get_tokenizer's kind is \"tiktoken\" (the default) or \"python\", got {kind!r}")
     import tiktoken  # imported here so the model code works without it
 
     try:
@@ -3179,6 +3198,416 @@ class StreamDecoder:
         """What is left at the end, as decode() gives it: an unfinished character becomes U+FFFD; "" when nothing
         is pending."""
         return self.utf8.decode(b"", final=True)
+
+
+# --- GPT-2's byte-pair encoding, written out ----------------------------------------------------------------
+#
+# Step 2's pattern, as GPT-2's encoder.py writes it (tiktoken's is the same, with possessive quantifiers):
+#     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# \p{L} is a letter and \p{N} a number, of any script; \s is whitespace. Python's re has no \p{...}, so the two
+# classes are spelt out as ranges of characters, made once from unicodedata's general categories (L...: letters,
+# N...: numbers), and \s as the 25 characters of Unicode's White_Space property: Python's own \s also takes
+# \x1c-\x1f, which tiktoken's regex does not.
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+# tiktoken's regex knows Unicode 16.0; Python 3.11's unicodedata knows 14.0 (3.12: 15.0, 3.13: 15.1). The letters
+# and numbers that Unicode 15.0 to 16.0 added (CJK ideographs of extensions H and I, Egyptian hieroglyphs, new
+# scripts' letters and digits) count as letters and numbers here too, so that the pieces are tiktoken's on any
+# Python from 3.11 on. Code points, in hexadecimal:
+NEWER_LETTERS = ("1C89-1C8A A7CB-A7CD A7DA-A7DC 105C0-105F3 10D4A-10D65 10D6F-10D85 10EC2-10EC4 1123F-11240 "
+                 "11380-11389 1138B 1138E 11390-113B5 113B7 113D1 113D3 11BC0-11BE0 11F02 11F04-11F10 11F12-11F33 "
+                 "1342F 13441-13446 13460-143FA 16100-1611D 16D40-16D6C 18CFF 1B132 1B155 1DF25-1DF2A 1E030-1E06D "
+                 "1E4D0-1E4EB 1E5D0-1E5ED 1E5F0 2B739 2EBF0-2EE5D 31350-323AF")
+NEWER_NUMBERS = ("10D40-10D49 116D0-116E3 11BF0-11BF9 11F50-11F59 16130-16139 16D70-16D79 1CCF0-1CCF9 1D2C0-1D2D3 "
+                 "1E4F0-1E4F9 1E5F1-1E5FA")
+
+
+@functools.lru_cache(maxsize=None)
+def letters_and_numbers() -> Tuple[str, str]:
+    """The bodies of two re character classes, \\p{L} and \\p{N} spelt out: every letter ("a-zA-Z\\xaa\\xb5...")
+    and every number ("0-9\\xb2\\xb3...") as ranges of consecutive characters (about 650 and 140 ranges). Made
+    once, from unicodedata (a third of a second), plus NEWER_LETTERS and NEWER_NUMBERS."""
+    major = [unicodedata.category(chr(cp))[0] for cp in range(sys.maxunicode + 1)]  # "L", "N", "P", "S", ...
+    for kind, newer in (("L", NEWER_LETTERS), ("N", NEWER_NUMBERS)):
+        for span in newer.split():
+            first, _, last = span.partition("-")
+            major[int(first, 16): int(last or first, 16) + 1] = kind * (int(last or first, 16) - int(first, 16) + 1)
+    classes = []
+    for kind in "LN":
+        ranges = [(m.start(), m.end() - 1) for m in re.finditer(f"{kind}+", "".join(major))]
+        classes.append("".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges))
+    return classes[0], classes[1]
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_split_pattern() -> "re.Pattern":
+    """GPT-2's pattern for the standard re module: \\p{L}, \\p{N} and \\s replaced by their characters
+    (letters_and_numbers, WHITESPACE); (?!\\S), "not followed by a non-space", is (?![^<whitespace>])."""
+    letters, numbers = letters_and_numbers()
+    space = re.escape(WHITESPACE)
+    return re.compile(f"'(?:s|t|re|ve|m|ll|d)| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
+                      f"|[{space}]+(?![^{space}])|[{space}]+")
+
+
+def split_into_pieces(text: str) -> List[str]:
+    """GPT-2's pre-tokenizer: text cut into the pieces that byte-pair merges never cross, in order; joined they give
+    back the text. At each position the first of these that matches is taken, as long as it goes:
+      1. a contraction, lower case only: 's 't 're 've 'm 'll 'd ("it's" -> "it", "'s"; "IT'S" -> "IT", "'", "S");
+      2. an optional space (" ", U+0020 only) and a run of letters of any script (" Hello", "naïve", " 東京");
+      3. an optional space and a run of numbers of any kind (" 2019", "٣", "½");
+      4. an optional space and a run of anything else but whitespace (" !?", " 🙂", "://");
+      5. a run of whitespace (WHITESPACE: spaces, tabs, newlines, U+00A0, U+3000, ...) that reaches the end of
+         the text, or else all of it but its last character: "a   b" -> "a", "  ", " b", so that the last space
+         goes with the word after it;
+      6. one whitespace character (a run of one before a non-space: "\\nb" -> "\\n", "b").
+    A letter is a character whose Unicode category is L..., a number N... (see letters_and_numbers)."""
+    return gpt2_split_pattern().findall(text)
+
+
+def merge_piece(piece: bytes, ranks: Dict[bytes, int]) -> List[int]:
+    """One piece's merge loop: piece's bytes start as one token each; then the adjacent pair whose merged bytes
+    have the lowest rank (ranks: a token's bytes -> its id, which is its rank) becomes one token, the leftmost
+    such pair if it occurs twice, again and again until no adjacent pair's merged bytes are in ranks. Returns
+    the token ids. A piece that is a token as a whole is that token at once (tiktoken does the same)."""
+    if piece in ranks:
+        return [ranks[piece]]
+    parts = [piece[i: i + 1] for i in range(len(piece))]
+    no_merge = len(ranks)  # a rank above every real one: this pair is no token
+    pair_ranks = [ranks.get(a + b, no_merge) for a, b in zip(parts, parts[1:])]  # pair_ranks[i]: parts i, i + 1
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best == no_merge:
+            break
+        i = pair_ranks.index(best)  # the leftmost pair of the lowest rank
+        parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:  # the pairs on either side of the merged token have changed
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], no_merge)
+        if i < len(pair_ranks):
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], no_merge)
+    return [ranks[part] for part in parts]
+
+
+# A vocab.bpe file writes each byte as one printable character, so that a token reads as a word on a line: the
+# printable characters of Latin-1 (all but the space) stand for their own byte ('a', '!', 'é'), and the 68 others,
+# in order, for chr(256), chr(257), ...: a space is 'Ġ', a newline 'Ċ', a tab 'ĉ'. The 256 byte tokens are
+# numbered in the same order: first the printable ones ('!' is token 0), then the others (a space is token 220).
+PRINTABLE_BYTES = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+BYTE_ORDER = PRINTABLE_BYTES + [b for b in range(256) if b not in PRINTABLE_BYTES]  # byte token id -> its byte
+BYTE_SYMBOLS = [chr(b) if b in PRINTABLE_BYTES else chr(256 + BYTE_ORDER.index(b) - len(PRINTABLE_BYTES))
+                for b in range(256)]  # byte -> the character vocab.bpe writes it as
+MAX_MERGES_BYTES = 64 << 20  # GPT-2's 50,000 merges take 456 kB
+BPE_CACHE_PIECES = 1 << 18  # pieces whose tokens an encoder remembers (English text repeats its words)
+
+
+class BytePairEncoding:
+    """A byte-level BPE tokenizer written out: GPT-2's (get_tokenizer("python")), or one that train_bpe learnt. Its
+    tokens are the 256 bytes (in BYTE_ORDER), then one per merge, in rank order, then <|endoftext|>: GPT-2's
+    50,000 merges make 50,257 tokens. The methods are tiktoken's: encode, encode_ordinary, decode,
+    decode_single_token_bytes, n_vocab, eot_token; pieces() shows the work, piece by piece.
+
+    merges: (left bytes, right bytes) in rank order; each side must already be a token (a byte, or an earlier
+    merge's bytes) and each merge must make new bytes, or it is a ValueError naming the merge."""
+
+    def __init__(self, merges: List[Tuple[bytes, bytes]], name: str = "bpe"):
+        self.name, self.merges = name, list(merges)
+        impossible = impossible_merge(self.merges)
+        if impossible is not None:
+            i, problem = impossible
+            raise ValueError(f"merge {i} ({merges[i][0]!r} + {merges[i][1]!r}) is impossible: {problem}")
+        self.tokens = [bytes([b]) for b in BYTE_ORDER] + [left + right for left, right in self.merges]  # id -> bytes
+        self.ranks = {token: i for i, token in enumerate(self.tokens)}  # token bytes -> id, which is its rank
+        self.eot_token = len(self.tokens)
+        self.special_tokens = {"<|endoftext|>": self.eot_token}
+        self.tokens.append(b"<|endoftext|>")
+        self.n_vocab = len(self.tokens)
+        self.cache: Dict[str, List[int]] = {}  # piece -> its token ids, for the BPE_CACHE_PIECES first pieces seen
+
+    def __repr__(self):
+        return f"<BytePairEncoding {self.name!r}: {len(self.merges):,} merges, {self.n_vocab:,} tokens>"
+
+    def encode(self, text: str, allowed_special=(), disallowed_special="all") -> List[int]:
+        """text -> token ids, as tiktoken's Encoding.encode. The special tokens named in allowed_special ("all":
+        every one) become their ids wherever their text occurs; the text of one that is not allowed is a
+        ValueError, unless disallowed_special leaves it out (disallowed_special=(): it is encoded as ordinary
+        text, "<|endoftext|>" then being 7 tokens)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
+        for special in sorted(disallowed):
+            if special in text:
+                raise ValueError(f"the text holds {special!r} (at character {text.index(special)}), a special token "
+                                 f"not allowed here: pass allowed_special={{{special!r}}} to encode it as its token, "
+                                 "or disallowed_special=() to encode it as ordinary text")
+        ids = []
+        for segment, is_special in self.segments(valid_unicode(text), allowed):
+            ids.extend([self.special_tokens[segment]] if is_special else self.encode_ordinary(segment))
+        return ids
+
+    def encode_ordinary(self, text: str) -> List[int]:
+        """text -> token ids, every character ordinary text (the text <|endoftext|> is 7 tokens): steps 2 and 3."""
+        ids, cache, ranks = [], self.cache, self.ranks
+        for piece in split_into_pieces(valid_unicode(text)):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = merge_piece(piece.encode("utf-8"), ranks)
+                if len(cache) < BPE_CACHE_PIECES:
+                    cache[piece] = piece_ids
+            ids.extend(piece_ids)
+        return ids
+
+    def segments(self, text: str, allowed) -> List[Tuple[str, bool]]:
+        """Step 1: text cut at the special tokens of `allowed` into (segment, is_special); empty segments left out."""
+        allowed = sorted(set(allowed) & self.special_tokens.keys(), key=len, reverse=True)
+        if not allowed:
+            return [(text, False)] if text else []
+        parts = re.split("(" + "|".join(map(re.escape, allowed)) + ")", text)  # text, special, text, special, ...
+        return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
+
+    def pieces(self, text: str, allowed_special="all") -> List[Tuple[str, List[int]]]:
+        """What encode does, shown: every piece of text (a special token is a piece of its own) with its token ids.
+        The ids, joined, are encode(text, allowed_special)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        shown = []
+        for segment, is_special in self.segments(valid_unicode(text), allowed):
+            if is_special:
+                shown.append((segment, [self.special_tokens[segment]]))
+            else:
+                shown += [(piece, self.encode_ordinary(piece)) for piece in split_into_pieces(segment)]
+        return shown
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.tokens[i] for i in token_ids(ids, self.n_vocab))
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        """Token ids -> text; bytes that are not valid UTF-8 become U+FFFD (errors="replace"), as tiktoken does."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """A token's bytes: a token can end in the middle of a character's UTF-8 bytes (see StreamDecoder)."""
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < self.n_vocab:
+            raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {self.n_vocab})")
+        return self.tokens[token]
+
+
+def impossible_merge(merges: List[Tuple[bytes, bytes]]) -> Optional[Tuple[int, str]]:
+    """(the index of the first merge that cannot be, and why), or None when every merge can be: each side must be a
+    token already (a byte, or the bytes of an earlier merge), and each merge must make bytes that are no token yet."""
+    known = {bytes([b]) for b in range(256)}
+    for i, (left, right) in enumerate(merges):
+        problem = ("its left side is no token yet" if left not in known else
+                   "its right side is no token yet" if right not in known else
+                   "an earlier merge made the same token" if left + right in known else "")
+        if problem:
+            return i, problem
+        known.add(left + right)
+    return None
+
+
+def valid_unicode(text: str) -> str:
+    """text as UTF-8 can store it: a str holding halves of UTF-16 surrogate pairs (a bad decode can leave them)
+    gets tiktoken's repair, each pair joined into its character and each lone half made U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# GPT-2's 50,000 merges: OpenAI's vocab.bpe, the file tiktoken itself reads for its "gpt2" encoding. tiktoken keeps
+# it in its cache folder (TIKTOKEN_CACHE_DIR, else DATA_GYM_CACHE_DIR, else <temp>/data-gym-cache) under the SHA-1 of
+# its address, and checks its SHA-256; so does gpt2_merges_file.
+GPT2_MERGES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def gpt2_merges_file() -> str:
+    """The path of GPT-2's vocab.bpe in tiktoken's cache; if it is not there yet, tiktoken is asked for GPT-2's
+    encoding, which downloads it there."""
+    folder = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR",
+                                                                 os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    path = os.path.join(folder, hashlib.sha1(GPT2_MERGES_URL.encode()).hexdigest())
+    if not os.path.exists(path):
+        get_tokenizer()
+    if not folder or not os.path.exists(path):
+        raise OSError(f"GPT-2's merges (vocab.bpe) are not in tiktoken's cache folder {folder!r}: point "
+                      "TIKTOKEN_CACHE_DIR at a folder holding them (this repository ships them: "
+                      "TIKTOKEN_CACHE_DIR=tests/fixtures/tiktoken)")
+    return path
+
+
+def read_merges(path, sha256: Optional[str] = None) -> List[Tuple[bytes, bytes]]:
+    """The merges of a file in vocab.bpe's format, in rank order: GPT-2's own, or one write_merges wrote. The
+    format (OpenAI's, and Hugging Face's merges.txt): the line "#version: 0.2", then one merge a line, in rank
+    order, its two tokens separated by one space, each written with BYTE_SYMBOLS ("Ġt he" is " t" + "he"), and a
+    newline at the end. A file over MAX_MERGES_BYTES, not in this format, or (sha256 given) with another SHA-256
+    is a ValueError naming it and, where there is one, the line."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_MERGES_BYTES + 1)
+    damaged = f"{path} is damaged (not a list of merges as vocab.bpe or train write it)"
+    if len(data) > MAX_MERGES_BYTES:
+        raise ValueError(f"{damaged}: it is over {MAX_MERGES_BYTES >> 20} MB (GPT-2's 50,000 merges take 456 kB)")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} is damaged: its SHA-256 is not {sha256}, GPT-2's vocab.bpe's; delete it, and "
+                         "tiktoken downloads it again")
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{damaged}: byte {e.start} is not UTF-8") from None
+    if lines[0] != "#version: 0.2" or lines[-1] != "":
+        raise ValueError(f"{damaged}: it must begin with the line '#version: 0.2' and end with a newline")
+    byte_of = {symbol: byte for byte, symbol in enumerate(BYTE_SYMBOLS)}
+    merges = []
+    for number, line in enumerate(lines[1:-1], start=2):
+        sides = line.split(" ")
+        if len(sides) != 2 or not all(sides) or any(c not in byte_of for c in sides[0] + sides[1]):
+            raise ValueError(f"{damaged}: line {number}, {line[:60]!r}, is not two tokens separated by one space")
+        merges.append(tuple(bytes(byte_of[c] for c in side) for side in sides))
+    impossible = impossible_merge(merges)
+    if impossible is not None:
+        i, problem = impossible
+        raise ValueError(f"{damaged}: line {i + 2}, {lines[i + 1][:60]!r}, is impossible: {problem}")
+    return merges
+
+
+def write_merges(path, merges: List[Tuple[bytes, bytes]]):
+    """The merges to path, atomically, in the format read_merges reads (GPT-2's vocab.bpe's)."""
+    lines = ["#version: 0.2"] + [" ".join("".join(BYTE_SYMBOLS[b] for b in side) for side in merge) for merge in merges]
+    _write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+# --- Training a byte-pair encoding on your own text --------------------------------------------------------
+#
+# train_bpe learns merges the way GPT-2's were learnt: the text is cut into pieces by the same pattern (so that no
+# token spans two words), each different piece is counted once with how often it occurs, and then, merge after
+# merge, the pair of adjacent tokens that occurs most often (within pieces, counted once per occurrence of the
+# piece) becomes a new token. Ties go to the pair whose bytes sort first (the left token's bytes, then the
+# right's), so that the result never depends on the order of a dict. A pair must occur twice: a token made from
+# something seen once would be memorised, not learnt. Counting every pair again after each merge takes minutes
+# on a few megabytes; PairCounts updates the counts of the pieces that hold the merged pair only, and keeps the
+# counts in a heap, where the most frequent is found at once.
+
+
+def merge_pair(word: List[int], pair: Tuple[int, int], new_id: int) -> List[int]:
+    """word (token ids) with every occurrence of pair replaced by new_id, from left to right, never overlapping:
+    merge_pair([5, 5, 5], (5, 5), 9) is [9, 5]. word itself is left as it is."""
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+class PairCounts:
+    """BPE training's state: each different piece of the text as token ids (words) with how often it occurs
+    (counts); how often each adjacent pair of token ids occurs (pairs: a pair inside a piece counts the piece's
+    count), the words that hold each pair (where), and a heap of (-count, left bytes, right bytes, pair) that
+    puts the next pair to merge first. One round of training: `counts.merge(counts.best_pair())`."""
+
+    def __init__(self, pieces: Dict[bytes, int]):
+        self.tokens = [bytes([b]) for b in BYTE_ORDER]  # token id -> its bytes, as BytePairEncoding numbers them
+        self.ids = {token: i for i, token in enumerate(self.tokens)}
+        self.words = [[self.ids[piece[i: i + 1]] for i in range(len(piece))] for piece in pieces]
+        self.counts = list(pieces.values())
+        self.pairs: Dict[Tuple[int, int], int] = collections.Counter()
+        self.where: Dict[Tuple[int, int], set] = collections.defaultdict(set)
+        for w, word in enumerate(self.words):
+            for pair in zip(word, word[1:]):
+                self.pairs[pair] += self.counts[w]
+                self.where[pair].add(w)
+        self.heap = [self.heap_entry(pair) for pair in self.pairs]
+        heapq.heapify(self.heap)
+
+    def heap_entry(self, pair: Tuple[int, int]) -> tuple:
+        """pair's place in the heap, smallest first: the most frequent, then the one whose bytes sort first."""
+        return (-self.pairs[pair], self.tokens[pair[0]], self.tokens[pair[1]], pair)
+
+    def best_pair(self) -> Optional[Tuple[int, int]]:
+        """The pair to merge next: the most frequent; among equally frequent ones, the one whose left token's bytes
+        sort first, then its right token's; None when no pair occurs twice. (merge adds a new heap entry whenever a
+        count changes; an entry whose count is out of date is dropped here.)"""
+        while self.heap:
+            minus_count, _, _, pair = self.heap[0]
+            if -minus_count == self.pairs.get(pair, 0):
+                return pair if -minus_count >= 2 else None
+            heapq.heappop(self.heap)
+        return None
+
+    def merge(self, pair: Tuple[int, int]) -> Tuple[int, bool]:
+        """One merge: pair becomes one token in every word that holds it, and the counts of the pairs in those words
+        are updated (those words only). Returns (the token's id, whether it is new): the next free id; or, in the
+        rare case that its bytes are a token already (made from another pair: "ab" + "c" after "a" + "bc"), that
+        token's id, which the encoder would merge the pair into too (merge_piece ranks bytes, not pairs)."""
+        token = self.tokens[pair[0]] + self.tokens[pair[1]]
+        new = token not in self.ids
+        if new:
+            self.ids[token] = len(self.tokens)
+            self.tokens.append(token)
+        token_id, changed = self.ids[token], collections.Counter()
+        for w in self.where.pop(pair):
+            word, count = self.words[w], self.counts[w]
+            merged = merge_pair(word, pair, token_id)
+            if len(merged) == len(word):  # an earlier merge took the pair out of this word: a stale entry of where
+                continue
+            for old in zip(word, word[1:]):
+                changed[old] -= count
+            for now in zip(merged, merged[1:]):
+                changed[now] += count
+                self.where[now].add(w)
+            self.words[w] = merged
+        for changed_pair, delta in changed.items():
+            if delta:
+                self.pairs[changed_pair] += delta
+                if self.pairs[changed_pair] > 0:
+                    heapq.heappush(self.heap, self.heap_entry(changed_pair))
+                else:
+                    del self.pairs[changed_pair]
+        return token_id, new
+
+
+def count_pieces(source) -> Dict[bytes, int]:
+    """Every different piece of a text (split_into_pieces; the text <|endoftext|> cut out first, as encode does),
+    as UTF-8 bytes, with how often it occurs. source: the text (a str), or a file (a pathlib.Path or other
+    os.PathLike) of UTF-8 text, read in parts."""
+    counts = collections.Counter()
+    for part in [valid_unicode(source)] if isinstance(source, str) else read_text_pieces(source):
+        for segment in part.split("<|endoftext|>"):
+            counts.update(split_into_pieces(segment))
+    return {piece.encode("utf-8"): count for piece, count in counts.items()}
+
+
+def train_bpe(source, vocab_size: int, option: str = "vocab_size") -> BytePairEncoding:
+    """A byte-level BPE of vocab_size tokens learnt from source (a str of text, or a pathlib.Path of a UTF-8 file):
+    256 byte tokens, vocab_size - 257 merges and <|endoftext|>, as GPT-2 counts its 50,257. Each merge is the
+    pair of adjacent tokens that occurs most often within the pieces (see the notes above PairCounts). A
+    vocab_size under 257, or more than the text supports (no pair occurs twice any more), is a ValueError that
+    names `option` (the command line passes "--vocab-size")."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"{option} must be an integer of at least 257 (the 256 byte tokens and <|endoftext|>), "
+                         f"got {vocab_size!r}")
+    name = "the text" if isinstance(source, str) else os.fspath(source)
+    pieces = count_pieces(source)
+    wanted = vocab_size - 257
+    at_most = sum(count * (len(piece) - 1) for piece, count in pieces.items()) // 2  # a merge removes 2+ tokens
+    too_many = f"{option} {vocab_size} is more than {name} supports"
+    if wanted > at_most:
+        raise ValueError(f"{too_many}: its {len(pieces):,} different pieces allow at most {at_most:,} merges of pairs "
+                         f"that occur twice, {257 + at_most:,} tokens; use a smaller {option} or a longer text")
+    counts, merges = PairCounts(pieces), []
+    while len(merges) < wanted:
+        pair = counts.best_pair()
+        if pair is None:
+            raise ValueError(f"{too_many}: after {len(merges):,} merges no pair of tokens occurs twice within a "
+                             f"piece, so it supports at most {257 + len(merges):,} tokens; use {option} "
+                             f"{257 + len(merges)} or less, or a longer text")
+        _, new = counts.merge(pair)
+        if new:
+            merges.append((counts.tokens[pair[0]], counts.tokens[pair[1]]))
+    return BytePairEncoding(merges, name=f"trained on {name}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3444,11 +3873,16 @@ class AdditionTask:
 def read_text_pieces(path, piece_chars: int = 1 << 20):
     """A UTF-8 text file in pieces of about piece_chars characters, each cut just before a run of spaces or
     newlines. GPT-2's BPE never joins a character to the whitespace after it, so tokenising the pieces
-    one at a time gives the tokens of the whole file, while only one piece is ever in memory."""
+    one at a time gives the tokens of the whole file, while only one piece is ever in memory. Bytes that are not
+    UTF-8 are a ValueError naming the file and the offset of the first bad byte."""
     with open(path, encoding="utf-8", newline="") as f:  # newline="": the text exactly as stored
         carry = ""
         while True:
-            chunk = f.read(piece_chars)
+            try:
+                chunk = f.read(piece_chars)
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} is not UTF-8 text: byte {first_bad_utf8_byte(path):,} (counting from 0) "
+                                 "is not part of a UTF-8 character; save it as UTF-8") from None
             text = carry + chunk
             if not chunk:  # end of file
                 if text:
@@ -3464,6 +3898,24 @@ def read_text_pieces(path, piece_chars: int = 1 << 20):
             carry = text[cut:]
 
 
+def first_bad_utf8_byte(path) -> Optional[int]:
+    """The offset in the file of the first byte that is not part of a valid UTF-8 character; None if there is none."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0  # offset: the bytes fed to the decoder so far
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            held = len(decoder.getstate()[0])  # the end of the last chunk, held back as an unfinished character
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:  # e.start counts from the held bytes' start
+                return offset - held + e.start
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:  # the file ends in the middle of a character
+            return offset - len(decoder.getstate()[0])
+    return None
+
+
 def characters_of(path) -> str:
     """Every character a text file uses, sorted: the vocabulary of a character-level model."""
     chars = set()
@@ -3477,14 +3929,11 @@ def tokenize_file(path, tokenizer, dest, piece_chars: int = 1 << 20) -> int:
     one piece at a time. Returns the number of tokens."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
     count = 0
-    try:
-        with _atomic_path(dest) as tmp, open(tmp, "wb") as out:
-            for text in read_text_pieces(path, piece_chars):
-                ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-                out.write(ids.tobytes())
-                count += len(ids)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    with _atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for text in read_text_pieces(path, piece_chars):
+            ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+            out.write(ids.tobytes())
+            count += len(ids)
     return count
 
 
