@@ -2115,12 +2115,19 @@ def validate_config(config):
 
 def check_tool_extras(config):
     """The config.json keys this file's tools write and read back (kept in `extra`): a character-level model's
-    characters (char_vocab: token i is its i-th character) and an addition model's digits (addition_digits)."""
+    characters (char_vocab: token i is its i-th character), the file beside config.json that holds the merges of
+    a model's own BPE (bpe_merges: "merges.txt") and an addition model's digits (addition_digits)."""
     chars = config.extra.get("char_vocab")
     if chars is not None and (not isinstance(chars, str) or len(chars) != config.vocab_size
                               or len(set(chars)) != len(chars)):
         raise ValueError(f"GPT2Config.extra's char_vocab must be a string of vocab_size ({config.vocab_size}) "
                          f"different characters, one per token, got {shown(chars)}")
+    merges = config.extra.get("bpe_merges")
+    if merges is not None and (not isinstance(merges, str) or not PLAIN_FILE_NAME.fullmatch(merges)
+                               or chars is not None or config.vocab_size < 257):
+        raise ValueError(f"GPT2Config.extra's bpe_merges must name a file beside config.json (a plain file name, as "
+                         f"train writes \"merges.txt\"), with no char_vocab and a vocab_size of 257 or more (256 bytes "
+                         f"and <|endoftext|>), got {shown(merges)} with vocab_size {config.vocab_size}")
     digits = config.extra.get("addition_digits")
     if digits is not None and not (is_kind(digits, int) and 1 <= digits <= 9):
         raise ValueError(f"GPT2Config.extra's addition_digits must be an integer in 1..9 (as train --digits), "
@@ -2294,6 +2301,7 @@ import http.client
 import itertools
 import mmap
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -3174,10 +3182,11 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) 
 class StreamDecoder:
     """Decodes one sequence's tokens as they arrive. A BPE token can end in the middle of a multi-byte
     character, so bytes go through an incremental UTF-8 decoder that holds back incomplete characters.
-    A character-level model (chars: its vocabulary string) needs none of that."""
+    A character-level model (chars: its vocabulary string) needs none of that. bpe: a model's own BPE (a
+    BytePairEncoding that train_bpe learnt), whose tokens' bytes are its own; by default GPT-2's."""
 
-    def __init__(self, chars: Optional[str] = None):
-        self.chars = chars
+    def __init__(self, chars: Optional[str] = None, bpe: Optional["BytePairEncoding"] = None):
+        self.chars, self.bpe = chars, bpe
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, token: int) -> str:
@@ -3186,12 +3195,14 @@ class StreamDecoder:
         (get_tokenizer().decode_single_token_bytes), and a token can end in the middle of a character, so bytes
         go through the incremental decoder self.utf8. With chars (a character-level model) a token is simply
         chars[token]. Everything returned, joined, plus flush(), equals decode() of all the tokens."""
-        vocab_size = len(self.chars) if self.chars is not None else EOT_TOKEN + 1
+        vocab_size = len(self.chars) if self.chars is not None else self.bpe.n_vocab if self.bpe else EOT_TOKEN + 1
         token = int(token) if isinstance(token, torch.Tensor) and token.numel() == 1 else token
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
             raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
         if self.chars is not None:
             return self.chars[int(token)]
+        if self.bpe is not None:
+            return self.utf8.decode(self.bpe.decode_single_token_bytes(int(token)))
         return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))
 
     def flush(self) -> str:
@@ -3652,7 +3663,8 @@ class AdditionDefaults:
 @dataclass
 class TextDefaults:
     """--data FILE: a new GPT-2 learns a text file."""
-    tokenizer: str = "gpt2"  # GPT-2's BPE; "char": one token per character of the file
+    tokenizer: str = "gpt2"  # GPT-2's BPE; "char": one token per character of the file; "bpe": a BPE learnt from it
+    vocab_size: int = 512  # --tokenizer bpe: 256 byte tokens + 255 merges + <|endoftext|>
     block_size: int = 256  # tokens per training window
     n_layer: int = 4
     n_head: int = 4
@@ -3722,17 +3734,21 @@ class Run:
             print(*lines, flush=True)
 
 
-# --- Tokenizers: characters, or GPT-2's BPE -----------------------------------------------------------
+# --- Tokenizers: characters, GPT-2's BPE, or a BPE trained on the text --------------------------------------
 
 
 class CharTokenizer:
     """One token per character of a fixed string, the vocabulary: token i is chars[i]. A model trained on
     characters keeps that string in its config.json ("char_vocab"), so whoever loads it can decode."""
 
+    kind = "char"
+    bpe = None
+
     def __init__(self, chars: str):
         self.chars = chars
         self.ids = {c: i for i, c in enumerate(chars)}
         self.vocab_size = len(chars)
+        self.describe = f"{len(chars)} characters"
 
     def encode(self, text: str) -> List[int]:
         unknown = set(text) - self.ids.keys()
@@ -3746,22 +3762,56 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """GPT-2's byte-pair encoding (Tokenizer) behind the same two methods."""
+    """A byte-pair encoding behind the same two methods: GPT-2's (tiktoken), or, given bpe, one that train_bpe
+    learnt from the text (--tokenizer bpe). A model trained with its own BPE keeps the merges beside its weights
+    (MERGES_FILE) and names that file in its config.json ("bpe_merges"). The text <|endoftext|> is its token."""
 
     chars = None
-    vocab_size = EOT_TOKEN + 1
+
+    def __init__(self, bpe: Optional[BytePairEncoding] = None):
+        self.bpe = bpe
+        self.kind = "gpt2" if bpe is None else "bpe"
+        self.vocab_size = EOT_TOKEN + 1 if bpe is None else bpe.n_vocab
+        self.eot_token = EOT_TOKEN if bpe is None else bpe.eot_token
+        self.describe = "GPT-2 BPE" if bpe is None else f"a BPE of {bpe.n_vocab:,} tokens trained on the text"
 
     def encode(self, text: str) -> List[int]:
-        return encode(text)
+        return encode(text) if self.bpe is None else self.bpe.encode(text, allowed_special={"<|endoftext|>"})
 
     def decode(self, ids) -> str:
-        return decode(ids)
+        return decode(ids) if self.bpe is None else self.bpe.decode(ids)
 
 
-def tokenizer_for(config: GPT2Config):
-    """The tokenizer a model was trained with: its characters if its config lists them, else GPT-2's BPE."""
+MERGES_FILE = "merges.txt"  # a trained BPE's merges, beside the model's config.json (write_merges' format)
+
+
+def tokenizer_for(config: GPT2Config, folder: Optional[str] = None):
+    """The tokenizer a model was trained with: its characters if its config lists them (char_vocab); its own BPE
+    if its config names a merges file (bpe_merges), read from folder, the model's; else GPT-2's BPE."""
     chars = config.extra.get("char_vocab")
-    return CharTokenizer(chars) if chars is not None else BPETokenizer()
+    if chars is not None:
+        return CharTokenizer(chars)
+    if config.extra.get("bpe_merges") is not None:
+        return BPETokenizer(read_trained_bpe(folder, config))
+    return BPETokenizer()
+
+
+def read_trained_bpe(folder: Optional[str], config: GPT2Config) -> BytePairEncoding:
+    """The BPE a model trained with --tokenizer bpe reads: the merges file its config.json names (bpe_merges),
+    beside it in folder. The file must be a regular file inside the folder, in read_merges' format, and make
+    exactly the model's vocab_size tokens; anything else is a ValueError naming the file."""
+    if folder is None:
+        raise ValueError("this model reads a BPE of its own (its config names bpe_merges), which is kept beside its "
+                         "config.json: load it from its folder")
+    path = file_named_in(folder, config.extra["bpe_merges"], os.path.join(folder, "config.json"))
+    if not os.path.lexists(path):
+        raise ValueError(f"{path} is missing: the model in {folder} was trained with a BPE of its own, kept in that "
+                         f"file; copy it back from the folder the model was trained in")
+    bpe = BytePairEncoding(read_merges(regular_file_in(folder, path)), name=f"{path}")
+    if bpe.n_vocab != config.vocab_size:
+        raise ValueError(f"{path} makes {bpe.n_vocab:,} tokens ({len(bpe.merges):,} merges), but the model in {folder} "
+                         f"has a vocabulary of {config.vocab_size:,}: the file is damaged or belongs to another model")
+    return bpe
 
 
 # --- The default task: addition, made on the fly --------------------------------------------------------
@@ -3985,33 +4035,58 @@ class TextData:
 
 
 def prepare_text_data(args, vocab, run: Run):
-    """Tokenise --data into out/tokens.bin (once: kept while the file, its size and date are unchanged) and
-    open it. vocab: "gpt2" for GPT-2's BPE, "char" for the file's own characters, or a string of characters
-    (a model that already has them). Returns (TextData, tokenizer)."""
+    """Tokenise --data into out/tokens.bin (once: kept while the file, its size and date, and the tokenizer are
+    unchanged) and open it. vocab: "gpt2" for GPT-2's BPE, "char" for the file's own characters, "bpe" for a BPE
+    of --vocab-size tokens learnt from the file now (train_bpe), or the tokenizer of a model that already has
+    one (a CharTokenizer or BPETokenizer). A BPE of the text's own is saved as out/merges.txt (MERGES_FILE),
+    beside the model. Returns (TextData, tokenizer)."""
     check_text_file(args.data)
     dest, meta_path = os.path.join(args.out, "tokens.bin"), os.path.join(args.out, "tokens.json")
+    merges_path = os.path.join(args.out, MERGES_FILE)
     source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
                   mtime_ns=os.stat(args.data).st_mtime_ns)
     if run.is_main:  # one process tokenises; the others wait at the barrier, then read its files
+        # None: the file's characters, listed only if the file is tokenised again
+        tokenizer = {"gpt2": BPETokenizer, "bpe": lambda: new_bpe_tokenizer(args), "char": lambda: None}.get(
+            vocab, lambda: vocab)()
+        bpe = tokenizer.bpe if tokenizer is not None else None
+        if bpe is not None:  # a BPE of its own: its merges beside the model, where its config.json says they are
+            write_merges(merges_path, bpe.merges)
+        merges_sha256 = file_sha256(merges_path) if bpe is not None else None
         meta = read_tokens_meta(meta_path) if os.path.exists(meta_path) and os.path.exists(dest) else None
-        same_vocab = meta is not None and (meta["char_vocab"] is None if vocab == "gpt2" else
-                                           meta["char_vocab"] is not None if vocab == "char" else
-                                           meta["char_vocab"] == vocab)
+        same_vocab = meta is not None and meta.get("merges_sha256") == merges_sha256 and (
+            meta["char_vocab"] is not None if tokenizer is None else meta["char_vocab"] == tokenizer.chars)
         if not same_vocab or meta["source"] != source:
-            chars = characters_of(args.data) if vocab == "char" else None if vocab == "gpt2" else vocab
-            tokenizer = CharTokenizer(chars) if chars is not None else BPETokenizer()
-            print(f"tokenising {args.data} ({'GPT-2 BPE' if chars is None else f'{len(chars)} characters'})...",
-                  flush=True)
+            tokenizer = tokenizer or CharTokenizer(characters_of(args.data))
+            print(f"tokenising {args.data} ({tokenizer.describe})...", flush=True)
             count = tokenize_file(args.data, tokenizer, dest)
             dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
-            meta = dict(source=source, char_vocab=chars, dtype=dtype, tokens=count)
+            meta = dict(source=source, char_vocab=tokenizer.chars, merges_sha256=merges_sha256, dtype=dtype,
+                        tokens=count)
             _write_atomically(meta_path, json.dumps(meta, indent=1).encode("utf-8"))
     if run.world_size > 1:
         dist.barrier()
     meta = read_tokens_meta(meta_path)
-    tokenizer = CharTokenizer(meta["char_vocab"]) if meta["char_vocab"] is not None else BPETokenizer()
+    if meta["char_vocab"] is not None:
+        tokenizer = CharTokenizer(meta["char_vocab"])
+    elif meta.get("merges_sha256") is not None:  # every process reads the merges that rank 0 wrote
+        tokenizer = BPETokenizer(BytePairEncoding(read_merges(regular_file_in(args.out, merges_path)),
+                                                  name=merges_path))
+    else:
+        tokenizer = BPETokenizer()
     data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
     return data, tokenizer
+
+
+def new_bpe_tokenizer(args) -> BPETokenizer:
+    """--tokenizer bpe: a BPE of --vocab-size tokens learnt from --data (train_bpe), with what it took."""
+    print(f"training a BPE of {args.vocab_size:,} tokens on {args.data}...", flush=True)
+    start = time.time()
+    bpe = train_bpe(pathlib.Path(args.data), args.vocab_size, option="--vocab-size")
+    print(f"learnt {len(bpe.merges):,} merges in {format_time(time.time() - start)}; the longest tokens: "
+          + ", ".join(repr(t.decode("utf-8", "replace")) for t in sorted(bpe.tokens[256:-1], key=len)[-5:]),
+          flush=True)
+    return BPETokenizer(bpe)
 
 
 def read_tokens_meta(path) -> dict:
@@ -4027,6 +4102,7 @@ def read_tokens_meta(path) -> dict:
     tokens = os.path.join(folder, "tokens.bin")
     if not (isinstance(meta, dict) and {"source", "char_vocab", "dtype", "tokens"} <= set(meta)
             and meta["dtype"] in ("uint16", "uint32") and isinstance(meta["char_vocab"], (str, type(None)))
+            and isinstance(meta.get("merges_sha256"), (str, type(None)))
             and type(meta["tokens"]) is int and os.path.isfile(tokens)
             and os.path.getsize(tokens) == meta["tokens"] * np.dtype(meta["dtype"]).itemsize):
         raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about tokens.bin); delete it and "
@@ -4162,6 +4238,9 @@ def fill_defaults(args):
     argparse could not check alone (its integer_option and float_option types): options that go together, and
     the ranges of the fractions and rates."""
     tasks = [CommonDefaults, AdditionDefaults if args.data is None else TextDefaults]
+    if args.vocab_size is not None and args.resume is None and args.tokenizer != "bpe":  # (resumed: the run's own)
+        raise ValueError("--vocab-size is the size of a BPE learnt from --data: it goes with --tokenizer bpe"
+                         + (f" (--init {args.init} keeps its model's own tokenizer)" if args.init is not None else ""))
     if args.init is not None:
         tasks.append(FineTuneDefaults)  # last: its values replace the task's
     defaults = {option.name: option.default for task in tasks for option in fields(task)}
@@ -4207,14 +4286,15 @@ def prepare_task(args, state, run: Run):
                 raise ValueError(f"--init {args.init} is not an addition model of {task.seq_len} positions or more; "
                                  "to fine-tune it, give a text file with --data")
         return task, task.tokenizer, task.seq_len, {"addition_digits": args.digits}
-    if state is not None:
-        vocab = tokenizer_for(GPT2Config.from_dict(state["config"])).chars or "gpt2"
+    if state is not None:  # the run's own tokenizer (a BPE of its own is in its folder: merges.txt)
+        vocab = tokenizer_for(GPT2Config.from_dict(state["config"]), args.out)
     elif args.init is not None:
-        init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
-        vocab = tokenizer_for(init_config).chars or "gpt2"
-        if args.tokenizer is not None and args.tokenizer != ("gpt2" if vocab == "gpt2" else "char"):
+        init_dir = resolve_checkpoint(args.init)
+        init_config = GPT2Config.from_json_file(os.path.join(init_dir, "config.json"))
+        vocab = tokenizer_for(init_config, init_dir)
+        if args.tokenizer is not None and args.tokenizer != vocab.kind:
             raise ValueError(f"--tokenizer {args.tokenizer} does not match --init {args.init}, which reads "
-                             f"{'GPT-2 BPE' if vocab == 'gpt2' else 'characters'}; drop --tokenizer")
+                             f"{vocab.describe}; drop --tokenizer")
         if args.block_size > init_config.n_positions:
             raise ValueError(f"--block-size {args.block_size} is longer than --init {args.init}'s "
                              f"{init_config.n_positions} positions")
@@ -4243,7 +4323,7 @@ def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> G
         model.config.extra.update(extra)
     else:
         # The token that ends a text: <|endoftext|>, or for characters a newline (which ends an addition problem).
-        eos = EOT_TOKEN if tokenizer.chars is None else tokenizer.ids.get("\n", 0)
+        eos = tokenizer.eot_token if tokenizer.chars is None else tokenizer.ids.get("\n", 0)
         config = GPT2Config(
             vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=args.n_embd, n_layer=args.n_layer,
             n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
@@ -4251,6 +4331,8 @@ def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> G
         )
         if tokenizer.chars is not None:
             config.extra["char_vocab"] = tokenizer.chars
+        if tokenizer.bpe is not None:  # its merges are in the run's folder (prepare_text_data wrote them)
+            config.extra["bpe_merges"] = MERGES_FILE
         model = GPT2LMHeadModel(config)
     return model.train()  # from_pretrained returns a model in eval mode: dropout back on
 
@@ -4826,7 +4908,8 @@ def report_run(args, summary, model, data, tokenizer, png, say):
     else:
         say("sample (temperature 0.8):", tokenizer.decode(sample_after(model, data)))
     say(f"saved to {args.out}: config.json + model.safetensors (load with GPT2LMHeadModel.from_pretrained("
-        f"{args.out!r})), training_state.pt (to --resume), log.csv" + (", loss.png" if png else ""))
+        f"{args.out!r})), " + (f"{MERGES_FILE} (its tokenizer), " if tokenizer.bpe is not None else "")
+        + "training_state.pt (to --resume), log.csv" + (", loss.png" if png else ""))
 
 
 def sample_after(model, data: TextData, new_tokens: int = 200) -> List[int]:
@@ -4905,7 +4988,7 @@ def eval_command(args):
     if stride > context:
         raise ValueError(f"--stride {stride} is longer than --context {context}: tokens between windows would "
                          "never be scored")
-    tokenizer = tokenizer_for(model.config)
+    tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:  # tokens on disk, memory-mapped: any size of file works
         n_tokens = tokenize_file(args.data, tokenizer, os.path.join(tmp, "tokens.bin"))
@@ -4917,14 +5000,17 @@ def eval_command(args):
         tokens = np.memmap(os.path.join(tmp, "tokens.bin"), mode="r",
                            dtype=np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32)
         total, count = sliding_window_loss(model, tokens, context, stride, args.batch_size)
+        # Every token but the first is scored: their bytes are the file's, less the first token's.
+        scored_bytes = os.path.getsize(args.data) - len(tokenizer.decode([int(tokens[0])]).encode("utf-8"))
         del tokens
     loss = total / count
-    kind = "GPT-2 BPE" if tokenizer.chars is None else "characters"
-    print(f"{args.model} on {args.data}: {n_tokens:,} tokens ({kind}); context {context}, stride {stride}: "
-          f"{len(sliding_windows(n_tokens, context, stride)):,} windows")
+    bits_per_byte = total / math.log(2) / max(scored_bytes, 1)
+    print(f"{args.model} on {args.data}: {n_tokens:,} tokens ({tokenizer.describe}); context {context}, stride "
+          f"{stride}: {len(sliding_windows(n_tokens, context, stride)):,} windows")
     print(f"scored {count:,} tokens: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.3f} "
-          f"({loss / math.log(2):.4f} bits/token) in {time.time() - start:.1f} s")
-    return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
+          f"({loss / math.log(2):.4f} bits/token; {bits_per_byte:.4f} bits per byte of text, which compares "
+          f"tokenizers) in {time.time() - start:.1f} s")
+    return dict(loss=loss, perplexity=math.exp(loss), tokens=count, bits_per_byte=bits_per_byte)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -4943,6 +5029,7 @@ TRAIN_EXAMPLES = """examples:
   python nanogpt2.py train --digits 3 --max-steps 1500 --time-budget 300   # 3-digit: ~98% in 2 min
   python nanogpt2.py train --resume out/addition-3digit --max-steps 2500   # train it further: 99.6%
   python nanogpt2.py train --data input.txt --tokenizer char --out out/shakespeare
+  python nanogpt2.py train --data input.txt --tokenizer bpe --vocab-size 512   # a BPE of its own, learnt first
   python nanogpt2.py train --data notes.txt --init gpt2 --block-size 512 --batch-size 4 --accum 8
   python nanogpt2.py train --resume out/shakespeare     # continue exactly where it stopped
   torchrun --nproc_per_node 8 nanogpt2.py train --data big.txt   # one process per GPU (DDP)
@@ -4984,7 +5071,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanogpt2.py",
         description="GPT-2 in one file. `sample` continues text with a pretrained or saved GPT-2; `train` trains\n"
-                    "one (with no options: a small GPT-2 that learns to add, in minutes on a CPU); `eval` scores one.",
+                    "one (with no options: a small GPT-2 that learns to add, in minutes on a CPU); `eval` scores one;\n"
+                    "`inspect` draws its attention; `tokenize` shows how a text becomes tokens.",
         epilog=CLI_EXAMPLES + TRAIN_EXAMPLES[len("examples:\n"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -5035,6 +5123,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=integer_option(1), default=5,
                          help="next-token guesses to print per position (default 5)")
     inspect.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    tokenize = commands.add_parser(
+        "tokenize", help="show how a tokenizer cuts a text: its pieces, their tokens and ids",
+        description="Show how GPT-2's tokenizer (or a model's own: --model) cuts a text: the pieces of its pattern, "
+                    "each piece's tokens with their ids, and, written as bytes b'...', the tokens that are not whole "
+                    "characters (a character's UTF-8 bytes can be split between tokens). GPT-2's is the encoder "
+                    "written out in nanogpt2.py, which gives tiktoken's tokens; <|endoftext|> is its token.",
+        epilog="examples:\n  python nanogpt2.py tokenize --text \"Hello world, naïve 🙂 2019\"\n"
+               "  python nanogpt2.py tokenize --model out/mytext --file notes.txt --limit 20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = tokenize.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="the text to tokenize")
+    what.add_argument("--file", metavar="PATH", help="a UTF-8 text file to tokenize")
+    tokenize.add_argument("--model", default=None,
+                          help="a model folder whose tokenizer to use: its own BPE (train --tokenizer bpe), its "
+                               "characters, or GPT-2's (default: GPT-2's)")
+    tokenize.add_argument("--limit", type=integer_option(0), default=100, metavar="N",
+                          help="pieces to show; 0: all (default 100; the counts are always of the whole text)")
     return parser
 
 
@@ -5067,9 +5173,12 @@ def add_train_parser(commands):
     data.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: the addition task)")
     data.add_argument("--digits", type=integer_option(1, 9), metavar="N",
                       help=f"addition: digits per operand {default_help('digits')}")
-    data.add_argument("--tokenizer", choices=["gpt2", "char"],
-                      help=f"--data: GPT-2's BPE or one token per character {default_help('tokenizer')}; --init: "
-                           "the model's own")
+    data.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"],
+                      help=f"--data: GPT-2's BPE, one token per character, or a BPE learnt from the file first (saved "
+                           f"beside the model as merges.txt) {default_help('tokenizer')}; --init: the model's own")
+    data.add_argument("--vocab-size", type=integer_option(257, why="256 byte tokens and <|endoftext|>"), metavar="N",
+                      help=f"--tokenizer bpe: tokens of the BPE learnt from --data, bytes and <|endoftext|> included "
+                           f"{default_help('vocab_size')}")
     data.add_argument("--block-size", type=integer_option(1), metavar="N",
                       help=f"--data: tokens per training window {default_help('block_size')}")
     data.add_argument("--val-fraction", type=float_option(), metavar="F",
@@ -5181,7 +5290,7 @@ def sample_command(args):
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     prompts = read_prompts(args)
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
-    tokenizer = tokenizer_for(model.config)  # GPT-2's BPE, or the characters a model was trained on
+    tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))  # GPT-2's BPE, its own, or characters
     eos = model.config.eos_token_id
     input_ids, attention_mask = encode_batch(prompts, pad_id=eos, encode_fn=tokenizer.encode)  # each prompt once
     generator = torch.Generator(device=device)
@@ -5209,7 +5318,7 @@ def sample_command(args):
     if input_ids.size(0) == 1:  # one sample: stream it token by token
         out.write(prompts[0])
         out.flush()
-        stream = StreamDecoder(tokenizer.chars)
+        stream = StreamDecoder(tokenizer.chars, tokenizer.bpe)
 
         def on_token(tokens):
             if int(tokens[0]) != eos:
@@ -5320,7 +5429,7 @@ def inspect_command(args):
     """python nanogpt2.py inspect: the attention picture, and each position's most likely next tokens."""
     device = resolve_device(args.device)
     model = GPT2LMHeadModel.from_pretrained(args.model, device=device)
-    tokenizer = tokenizer_for(model.config)
+    tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty: give at least one character to look at")
@@ -5341,6 +5450,56 @@ def inspect_command(args):
         print(f"{t:>4}  {text!r:<12} {guesses}")
 
 
+# --- Look inside: how a text becomes tokens --------------------------------------------------------------
+
+
+def tokenize_command(args):
+    """python nanogpt2.py tokenize: a text's pieces, each piece's tokens (id and text; b'...' for the bytes of a
+    token that is not whole characters), and the counts."""
+    if args.file is not None:
+        check_text_file(args.file, "--file")
+        text = "".join(read_text_pieces(args.file))
+    else:
+        text = args.text
+    if args.model is None or args.model in HUB_NAMES:  # every released GPT-2 reads GPT-2's BPE
+        tokenizer, what = BPETokenizer(get_tokenizer("python")), "GPT-2's BPE (written out; tiktoken's tokens)"
+    else:
+        folder = resolve_checkpoint(args.model)
+        tokenizer = tokenizer_for(GPT2Config.from_json_file(os.path.join(folder, "config.json")), folder)
+        what = f"{args.model}'s tokenizer, {tokenizer.describe}"
+    if tokenizer.chars is not None:  # one token per character: every character is its own piece
+        pieces = [(c, tokenizer.encode(c)) for c in text]
+        token_bytes = lambda token: tokenizer.chars[token].encode("utf-8")
+    else:
+        pieces = tokenizer.bpe.pieces(text, allowed_special={"<|endoftext|>"})
+        token_bytes = tokenizer.bpe.decode_single_token_bytes
+    n_tokens = sum(len(ids) for _, ids in pieces)
+    n_bytes = len(text.encode("utf-8"))
+    print(f"{what}: {tokenizer.vocab_size:,} tokens")
+    print(f"{len(text):,} characters, {n_bytes:,} bytes -> {len(pieces):,} pieces -> {n_tokens:,} tokens"
+          + (f" ({n_bytes / n_tokens:.2f} bytes per token)" if n_tokens else ""))
+    shown = pieces if args.limit == 0 else pieces[: args.limit]
+    width = min(max([len(repr(piece)) for piece, _ in shown] + [5]), 24)
+    print(f"{'piece':<{width}}  tokens (id text)")
+    for piece, ids in shown:
+        print(f"{repr(piece):<{width}}  " + "  ".join(f"{token} {token_text(token_bytes(token))}" for token in ids))
+    if len(shown) < len(pieces):
+        print(f"... and {len(pieces) - len(shown):,} more pieces (--limit 0 shows them all)")
+    else:
+        print("ids:", [token for _, ids in pieces for token in ids])
+    if any(token_text(token_bytes(token)).startswith("b") for _, ids in shown for token in ids):
+        print("b'...': a token whose bytes are not whole UTF-8 characters (a character's bytes are split between "
+              "tokens)")
+
+
+def token_text(raw: bytes) -> str:
+    """A token as the tokenize command shows it: its text in quotes, or b'...' if its bytes are not whole UTF-8
+    characters."""
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
 
 def main(argv=None):
     parser = build_parser()
@@ -5358,6 +5517,8 @@ def main(argv=None):
             eval_command(args)
         elif args.command == "inspect":
             inspect_command(args)
+        elif args.command == "tokenize":
+            tokenize_command(args)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed (train saves on the first Ctrl-C)
         sys.stdout.write("\n")
         if args.command == "train" and args.out is not None:
