@@ -4053,7 +4053,10 @@ def prepare_text_data(args, vocab, run: Run):
         if bpe is not None:  # a BPE of its own: its merges beside the model, where its config.json says they are
             write_merges(merges_path, bpe.merges)
         merges_sha256 = file_sha256(merges_path) if bpe is not None else None
-        meta = read_tokens_meta(meta_path) if os.path.exists(meta_path) and os.path.exists(dest) else None
+        # (tokens.bin may not match an out-of-date tokens.json: a run stopped between writing the two. It is made again;
+        # one that is up to date must match, which the read after the barrier checks.)
+        meta = read_tokens_meta(meta_path, check_size=False) if os.path.exists(meta_path) and os.path.exists(dest) \
+            else None
         same_vocab = meta is not None and meta.get("merges_sha256") == merges_sha256 and (
             meta["char_vocab"] is not None if tokenizer is None else meta["char_vocab"] == tokenizer.chars)
         if not same_vocab or meta["source"] != source:
@@ -4089,10 +4092,11 @@ def new_bpe_tokenizer(args) -> BPETokenizer:
     return BPETokenizer(bpe)
 
 
-def read_tokens_meta(path) -> dict:
+def read_tokens_meta(path, check_size: bool = True) -> dict:
     """out/tokens.json: what out/tokens.bin holds (the source file's path, size and date, the characters of a
-    character-level vocabulary, the dtype and the count). One that is not what prepare_text_data writes (cut
-    short, or edited) is a ValueError naming it, not a JSON traceback."""
+    character-level vocabulary or the SHA-256 of a trained BPE's merges.txt, the dtype and the count). One that is
+    not what prepare_text_data writes (cut short, or edited), or (check_size) whose count is not tokens.bin's size,
+    is a ValueError naming it, not a JSON traceback."""
     folder = os.path.dirname(path)
     try:
         with open(regular_file_in(folder, path), encoding="utf-8") as f:
@@ -4104,7 +4108,7 @@ def read_tokens_meta(path) -> dict:
             and meta["dtype"] in ("uint16", "uint32") and isinstance(meta["char_vocab"], (str, type(None)))
             and isinstance(meta.get("merges_sha256"), (str, type(None)))
             and type(meta["tokens"]) is int and os.path.isfile(tokens)
-            and os.path.getsize(tokens) == meta["tokens"] * np.dtype(meta["dtype"]).itemsize):
+            and (not check_size or os.path.getsize(tokens) == meta["tokens"] * np.dtype(meta["dtype"]).itemsize)):
         raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about tokens.bin); delete it and "
                          "tokens.bin beside it, and train makes both again from --data")
     return meta
@@ -5479,10 +5483,13 @@ def tokenize_command(args):
     print(f"{len(text):,} characters, {n_bytes:,} bytes -> {len(pieces):,} pieces -> {n_tokens:,} tokens"
           + (f" ({n_bytes / n_tokens:.2f} bytes per token)" if n_tokens else ""))
     shown = pieces if args.limit == 0 else pieces[: args.limit]
-    width = min(max([len(repr(piece)) for piece, _ in shown] + [5]), 24)
+    # (A wide character, 東 or 🙂, takes two columns of a terminal.)
+    columns = lambda s: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
+    width = min(max([columns(repr(piece)) for piece, _ in shown] + [5]), 24)
     print(f"{'piece':<{width}}  tokens (id text)")
     for piece, ids in shown:
-        print(f"{repr(piece):<{width}}  " + "  ".join(f"{token} {token_text(token_bytes(token))}" for token in ids))
+        print(repr(piece) + " " * (width - columns(repr(piece)) + 2)
+              + "  ".join(f"{token} {token_text(token_bytes(token))}" for token in ids))
     if len(shown) < len(pieces):
         print(f"... and {len(pieces) - len(shown):,} more pieces (--limit 0 shows them all)")
     else:
