@@ -3278,7 +3278,8 @@ def merge_piece(piece: bytes, ranks: Dict[bytes, int]) -> List[int]:
     """One piece's merge loop: piece's bytes start as one token each; then the adjacent pair whose merged bytes
     have the lowest rank (ranks: a token's bytes -> its id, which is its rank) becomes one token, the leftmost
     such pair if it occurs twice, again and again until no adjacent pair's merged bytes are in ranks. Returns
-    the token ids. A piece that is a token as a whole is that token at once (tiktoken does the same)."""
+    the token ids. A piece that is a token as a whole is that token at once, as tiktoken does: with GPT-2's merges
+    that only saves time (the bytes of each of its tokens merge back into that token)."""
     if piece in ranks:
         return [ranks[piece]]
     parts = [piece[i: i + 1] for i in range(len(piece))]

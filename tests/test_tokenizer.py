@@ -321,6 +321,13 @@ def test_ties_go_to_the_pair_whose_bytes_sort_first():
     assert nanogpt2.train_bpe("ab ab ba ba", 260).merges == [(b" ", b"b"), (b" b", b"a"), (b"a", b"b")]
 
 
+def test_the_text_endoftext_separates_documents_and_is_never_learnt():
+    # Learnt as text, "<|" would come first: (b"<", b"|") occurs as often as (b"a", b"b") and sorts before it.
+    assert nanogpt2.train_bpe("ab<|endoftext|>" * 10, 258).merges == [(b"a", b"b")]
+    with pytest.raises(ValueError, match="after 1 merges no pair of tokens occurs twice"):
+        nanogpt2.train_bpe("ab<|endoftext|>" * 10, 259)
+
+
 def trained_tiktoken(bpe):
     ranks = {token: i for i, token in enumerate(bpe.tokens[:-1])}
     return tiktoken.Encoding("trained", pat_str=r50k_pat_str, mergeable_ranks=ranks,
@@ -368,7 +375,8 @@ def test_vocab_sizes_that_cannot_be_are_one_line_naming_the_argument(tmp_path):
 
 @pytest.mark.parametrize("contents, offset", [(b"\xff", 0), (b"abc\xc3", 3), (b"\xc3\xa9\xe2\x82", 2),
                                               (b"x" * (1 << 20) + b"\xe2\x82\xac\xe2\x28", (1 << 20) + 3),
-                                              (b"x" * ((1 << 20) - 1) + b"\xe2\x82\xac\xff", (1 << 20) + 2)])
+                                              (b"x" * ((1 << 20) - 1) + b"\xe2\x82\xac\xff", (1 << 20) + 2)],
+                         ids=["first", "cut-short", "cut-short-later", "after-1MB", "euro-across-the-1MB-read"])
 def test_the_first_bad_utf8_byte_is_found_across_the_reads(tmp_path, contents, offset):
     path = tmp_path / "f"
     path.write_bytes(contents)
