@@ -3215,7 +3215,7 @@ class StreamDecoder:
 #
 # Step 2's pattern, as GPT-2's encoder.py writes it (tiktoken's is the same, with possessive quantifiers):
 #     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-# \p{L} is a letter and \p{N} a number, of any script; \s is whitespace. Python's re has no \p{...}, so the two
+# \p{L} is a letter and \p{N} a number, of any script; \s is whitespace. Python's re has no \p{...}, so the
 # classes are spelt out as ranges of characters, made once from unicodedata's general categories (L...: letters,
 # N...: numbers), and \s as the 25 characters of Unicode's White_Space property: Python's own \s also takes
 # \x1c-\x1f, which tiktoken's regex does not.
@@ -3233,30 +3233,37 @@ NEWER_NUMBERS = ("10D40-10D49 116D0-116E3 11BF0-11BF9 11F50-11F59 16130-16139 16
 
 
 @functools.lru_cache(maxsize=None)
-def letters_and_numbers() -> Tuple[str, str]:
-    """The bodies of two re character classes, \\p{L} and \\p{N} spelt out: every letter ("a-zA-Z\\xaa\\xb5...")
-    and every number ("0-9\\xb2\\xb3...") as ranges of consecutive characters (about 650 and 140 ranges). Made
-    once, from unicodedata (a third of a second), plus NEWER_LETTERS and NEWER_NUMBERS."""
-    major = [unicodedata.category(chr(cp))[0] for cp in range(sys.maxunicode + 1)]  # "L", "N", "P", "S", ...
-    for kind, newer in (("L", NEWER_LETTERS), ("N", NEWER_NUMBERS)):
+def character_classes() -> Tuple[str, str, str]:
+    """Three re expressions that each match one character: a letter (\\p{L}), a number (\\p{N}), and anything else
+    but whitespace ([^\\s\\p{L}\\p{N}]), every one of them listed as ranges of consecutive characters. Made once,
+    from unicodedata (a third of a second), plus NEWER_LETTERS and NEWER_NUMBERS.
+    Each is two classes, "[<ranges below U+10000>]|(?=[\\U00010000-\\U0010ffff])[<ranges above>]": re checks a class
+    that holds characters beyond U+FFFF range by range, hundreds of them for each character that is not in it, but
+    a class of the first 65,536 with one look-up, which makes encoding English text twice as fast."""
+    kind = [unicodedata.category(chr(cp))[0] for cp in range(sys.maxunicode + 1)]  # "L", "N", "P", "S", "Z", ...
+    for letter_or_number, newer in (("L", NEWER_LETTERS), ("N", NEWER_NUMBERS)):
         for span in newer.split():
-            first, _, last = span.partition("-")
-            major[int(first, 16): int(last or first, 16) + 1] = kind * (int(last or first, 16) - int(first, 16) + 1)
-    classes = []
-    for kind in "LN":
-        ranges = [(m.start(), m.end() - 1) for m in re.finditer(f"{kind}+", "".join(major))]
-        classes.append("".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges))
-    return classes[0], classes[1]
+            first, last = int(span.split("-")[0], 16), int(span.split("-")[-1], 16)
+            kind[first: last + 1] = letter_or_number * (last - first + 1)
+    kind = "".join("W" if chr(cp) in WHITESPACE else k if k in "LN" else "O" for cp, k in enumerate(kind))
+
+    def ranges(k: str, start: int, end: int) -> str:  # the characters of kind k in [start, end), as re ranges
+        return "".join(re.escape(chr(start + m.start())) + (f"-{re.escape(chr(start + m.end() - 1))}"
+                                                            if m.end() - m.start() > 1 else "")
+                       for m in re.finditer(f"{k}+", kind[start:end]))
+
+    return tuple(f"(?:[{ranges(k, 0, 0x10000)}]|(?=[\U00010000-\U0010ffff])[{ranges(k, 0x10000, 0x110000)}])"
+                 for k in "LNO")
 
 
 @functools.lru_cache(maxsize=None)
 def gpt2_split_pattern() -> "re.Pattern":
-    """GPT-2's pattern for the standard re module: \\p{L}, \\p{N} and \\s replaced by their characters
-    (letters_and_numbers, WHITESPACE); (?!\\S), "not followed by a non-space", is (?![^<whitespace>])."""
-    letters, numbers = letters_and_numbers()
+    """GPT-2's pattern for the standard re module: \\p{L}, \\p{N} and [^\\s\\p{L}\\p{N}] spelt out
+    (character_classes), \\s as the characters of WHITESPACE; (?!\\S), "not followed by a non-space", is
+    (?![^<whitespace>])."""
+    letter, number, other = character_classes()
     space = re.escape(WHITESPACE)
-    return re.compile(f"'(?:s|t|re|ve|m|ll|d)| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
-                      f"|[{space}]+(?![^{space}])|[{space}]+")
+    return re.compile(f"'(?:s|t|re|ve|m|ll|d)| ?{letter}+| ?{number}+| ?{other}+|[{space}]+(?![^{space}])|[{space}]+")
 
 
 def split_into_pieces(text: str) -> List[str]:
@@ -3270,7 +3277,7 @@ def split_into_pieces(text: str) -> List[str]:
          the text, or else all of it but its last character: "a   b" -> "a", "  ", " b", so that the last space
          goes with the word after it;
       6. one whitespace character (a run of one before a non-space: "\\nb" -> "\\n", "b").
-    A letter is a character whose Unicode category is L..., a number N... (see letters_and_numbers)."""
+    A letter is a character whose Unicode category is L..., a number N... (see character_classes)."""
     return gpt2_split_pattern().findall(text)
 
 
