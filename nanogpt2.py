@@ -28,11 +28,13 @@ data flows through it):
     Config validation and serialisation   validate, presets, config.json read/write
   Part III: files and tools
     Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained
-    Tokenizer                             tiktoken's GPT-2 byte-pair encoding
+    Tokenizer                             GPT-2's byte-pair encoding: tiktoken's, and the same written out (the
+                                          pattern, the merge loop, vocab.bpe); BPE training on your own text
     Training and evaluation               the addition task, text files (memory-mapped), AdamW, warmup +
                                           cosine, gradient accumulation, mixed precision, DDP, exact resume;
                                           sliding-window perplexity
-    Command line                          python nanogpt2.py train | sample --prompt "..." | eval (--help)
+    Command line                          python nanogpt2.py train | sample --prompt "..." | eval | inspect |
+                                          tokenize (--help)
 
 Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd, nh = number
 of heads, hs = head size (C // nh), V = vocab size, K = keys a query sees (P + T, or S for cross-attention).
@@ -3815,7 +3817,12 @@ def read_trained_bpe(folder: Optional[str], config: GPT2Config) -> BytePairEncod
     if not os.path.lexists(path):
         raise ValueError(f"{path} is missing: the model in {folder} was trained with a BPE of its own, kept in that "
                          f"file; copy it back from the folder the model was trained in")
-    bpe = BytePairEncoding(read_merges(regular_file_in(folder, path)), name=f"{path}")
+    try:
+        bpe = BytePairEncoding(read_merges(regular_file_in(folder, path)), name=f"{path}")
+    except CheckpointError:  # a link out of the folder, a FIFO: it says so itself
+        raise
+    except ValueError as e:
+        raise ValueError(f"{e}; copy it back from the folder the model was trained in") from None
     if bpe.n_vocab != config.vocab_size:
         raise ValueError(f"{path} makes {bpe.n_vocab:,} tokens ({len(bpe.merges):,} merges), but the model in {folder} "
                          f"has a vocabulary of {config.vocab_size:,}: the file is damaged or belongs to another model")
@@ -5035,6 +5042,7 @@ CLI_EXAMPLES = """examples:
   python nanogpt2.py sample --model gpt2-xl --prompt "..." --temperature 0   # greedy
   python nanogpt2.py sample --model ./my-checkpoint --prompt-file story.txt --num-samples 3
   python nanogpt2.py sample --prompt "Hello" --prompt "Goodbye"            # a batch of prompts
+  python nanogpt2.py tokenize --text "Hello world, naïve 🙂"               # how a text becomes tokens
 """
 TRAIN_EXAMPLES = """examples:
   python nanogpt2.py train                              # a small GPT-2 learns 2-digit addition, on a CPU
