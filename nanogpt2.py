@@ -3221,7 +3221,8 @@ class StreamDecoder:
 # classes are spelt out as ranges of characters, made once from unicodedata's general categories (L...: letters,
 # N...: numbers), and \s as the 25 characters of Unicode's White_Space property: Python's own \s also takes
 # \x1c-\x1f, which tiktoken's regex does not.
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))  # U+2000-U+200A
+              + "\u2028\u2029\u202f\u205f\u3000")
 # tiktoken's regex knows Unicode 16.0; Python 3.11's unicodedata knows 14.0 (3.12: 15.0, 3.13: 15.1). The letters
 # and numbers that Unicode 15.0 to 16.0 added (CJK ideographs of extensions H and I, Egyptian hieroglyphs, new
 # scripts' letters and digits) count as letters and numbers here too, so that the pieces are tiktoken's on any
