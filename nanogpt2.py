@@ -29,11 +29,13 @@ data flows through it):
     Config validation and serialisation   validate, presets, config.json read/write
   Part III: files and tools
     Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained
-    Tokenizer                             tiktoken's GPT-2 byte-pair encoding
+    Tokenizer                             GPT-2's byte-pair encoding: tiktoken's, and the same written out (the
+                                          pattern, the merge loop, vocab.bpe); BPE training on your own text
     Training and evaluation               the addition task, text files (memory-mapped), AdamW, warmup +
                                           cosine, gradient accumulation, mixed precision, DDP, exact resume;
                                           sliding-window perplexity
-    Command line                          python nanogpt2.py train | sample --prompt "..." | eval (--help)
+    Command line                          python nanogpt2.py train | sample --prompt "..." | eval | inspect |
+                                          tokenize (--help)
 
 Shapes in comments: B batch, T new tokens, P cached (past) tokens, S encoder tokens, C = n_embd, nh = number
 of heads, hs = head size (C // nh), V = vocab size, K = keys a query sees (P + T, or S for cross-attention).
@@ -2543,12 +2545,19 @@ def validate_config(config):
 
 def check_tool_extras(config):
     """The config.json keys this file's tools write and read back (kept in `extra`): a character-level model's
-    characters (char_vocab: token i is its i-th character) and an addition model's digits (addition_digits)."""
+    characters (char_vocab: token i is its i-th character), the file beside config.json that holds the merges of
+    a model's own BPE (bpe_merges: "merges.txt") and an addition model's digits (addition_digits)."""
     chars = config.extra.get("char_vocab")
     if chars is not None and (not isinstance(chars, str) or len(chars) != config.vocab_size
                               or len(set(chars)) != len(chars)):
         raise ValueError(f"GPT2Config.extra's char_vocab must be a string of vocab_size ({config.vocab_size}) "
                          f"different characters, one per token, got {shown(chars)}")
+    merges = config.extra.get("bpe_merges")
+    if merges is not None and (not isinstance(merges, str) or not PLAIN_FILE_NAME.fullmatch(merges)
+                               or chars is not None or config.vocab_size < 257):
+        raise ValueError(f"GPT2Config.extra's bpe_merges must name a file beside config.json (a plain file name, as "
+                         f"train writes \"merges.txt\"), with no char_vocab and a vocab_size of 257 or more (256 bytes "
+                         f"and <|endoftext|>), got {shown(merges)} with vocab_size {config.vocab_size}")
     digits = config.extra.get("addition_digits")
     if digits is not None and not (is_kind(digits, int) and 1 <= digits <= 9):
         raise ValueError(f"GPT2Config.extra's addition_digits must be an integer in 1..9 (as train --digits), "
@@ -2713,14 +2722,17 @@ def check_generation_memory(model, rows: int, length: int):
 # import anywhere at module level; a linter's E402 is expected).
 import argparse
 import codecs
+import collections
 import csv
 import errno
 import functools
 import hashlib
+import heapq
 import http.client
 import itertools
 import mmap
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -2731,6 +2743,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
@@ -3546,12 +3559,28 @@ for _cls in HEAD_CLASSES:
 # ----------------------------------------------------------------------------------------------------
 
 
-# GPT-2 reads byte-pair-encoded text: tiktoken's "gpt2" encoding is OpenAI's own 50,257-token vocabulary.
+# GPT-2 reads byte-pair-encoded text (BPE, Sennrich et al. 2016, on bytes as in the GPT-2 paper, section 2.2):
+#     1. special tokens are cut out first: the text <|endoftext|> becomes token 50256 (when allowed);
+#     2. the rest is cut into pieces by a pattern: a word with the space before it, a number, a run of other
+#        symbols, a run of whitespace; tokens never cross a piece's edges;
+#     3. each piece's UTF-8 bytes start as one token each (256 byte tokens), and the adjacent pair whose merged
+#        bytes have the lowest rank is merged, again and again, until no merged pair is in the vocabulary.
+# The 50,000 merges, in rank order, are OpenAI's vocab.bpe; with 256 bytes and <|endoftext|>, 50,257 tokens.
+# tiktoken does all this in Rust, fast: get_tokenizer() is what the model's tools use. The same three steps are
+# written out below in Python (BytePairEncoding: get_tokenizer("python")), proven to give tiktoken's tokens on any
+# text by tests/test_tokenizer.py; and train_bpe learns merges of its own from a text file (train --tokenizer bpe).
 EOT_TOKEN = 50256  # <|endoftext|>, which separated documents in training
 
 
-@functools.lru_cache(maxsize=1)
-def get_tokenizer():
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(kind: str = "tiktoken"):
+    """GPT-2's tokenizer: tiktoken's "gpt2" encoding (kind "tiktoken", the default: fast), or the same encoding
+    written out in this file (kind "python": a BytePairEncoding, with tiktoken's encode(text, allowed_special=...),
+    decode(ids) and decode_single_token_bytes(id)). Both give the same tokens for every text."""
+    if kind == "python":
+        return BytePairEncoding(read_merges(gpt2_merges_file(), sha256=GPT2_MERGES_SHA256), name="gpt2")
+    if kind != "tiktoken":
+        raise ValueError(f"get_tokenizer's kind is \"tiktoken\" (the default) or \"python\", got {kind!r}")
     import tiktoken  # imported here so the model code works without it
 
     try:
@@ -3618,10 +3647,11 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) 
 class StreamDecoder:
     """Decodes one sequence's tokens as they arrive. A BPE token can end in the middle of a multi-byte
     character, so bytes go through an incremental UTF-8 decoder that holds back incomplete characters.
-    A character-level model (chars: its vocabulary string) needs none of that."""
+    A character-level model (chars: its vocabulary string) needs none of that. bpe: a model's own BPE (a
+    BytePairEncoding that train_bpe learnt), whose tokens' bytes are its own; by default GPT-2's."""
 
-    def __init__(self, chars: Optional[str] = None):
-        self.chars = chars
+    def __init__(self, chars: Optional[str] = None, bpe: Optional["BytePairEncoding"] = None):
+        self.chars, self.bpe = chars, bpe
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, token: int) -> str:
@@ -3630,18 +3660,439 @@ class StreamDecoder:
         (get_tokenizer().decode_single_token_bytes), and a token can end in the middle of a character, so bytes
         go through the incremental decoder self.utf8. With chars (a character-level model) a token is simply
         chars[token]. Everything returned, joined, plus flush(), equals decode() of all the tokens."""
-        vocab_size = len(self.chars) if self.chars is not None else EOT_TOKEN + 1
+        vocab_size = len(self.chars) if self.chars is not None else self.bpe.n_vocab if self.bpe else EOT_TOKEN + 1
         token = int(token) if isinstance(token, torch.Tensor) and token.numel() == 1 else token
         if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
             raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
         if self.chars is not None:
             return self.chars[int(token)]
+        if self.bpe is not None:
+            return self.utf8.decode(self.bpe.decode_single_token_bytes(int(token)))
         return self.utf8.decode(get_tokenizer().decode_single_token_bytes(int(token)))
 
     def flush(self) -> str:
         """What is left at the end, as decode() gives it: an unfinished character becomes U+FFFD; "" when nothing
         is pending."""
         return self.utf8.decode(b"", final=True)
+
+
+# --- GPT-2's byte-pair encoding, written out ----------------------------------------------------------------
+#
+# Step 2's pattern, as GPT-2's encoder.py writes it (tiktoken's is the same, with possessive quantifiers):
+#     's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# \p{L} is a letter and \p{N} a number, of any script; \s is whitespace. Python's re has no \p{...}, so the
+# classes are spelt out as ranges of characters, made once from unicodedata's general categories (L...: letters,
+# N...: numbers), and \s as the 25 characters of Unicode's White_Space property: Python's own \s also takes
+# \x1c-\x1f, which tiktoken's regex does not.
+WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))  # U+2000-U+200A
+              + "\u2028\u2029\u202f\u205f\u3000")
+# tiktoken's regex knows Unicode 16.0; Python 3.11's unicodedata knows 14.0 (3.12: 15.0, 3.13: 15.1). The letters
+# and numbers that Unicode 15.0 to 16.0 added (CJK ideographs of extensions H and I, Egyptian hieroglyphs, new
+# scripts' letters and digits) count as letters and numbers here too, so that the pieces are tiktoken's on any
+# Python from 3.11 on. Code points, in hexadecimal:
+NEWER_LETTERS = ("1C89-1C8A A7CB-A7CD A7DA-A7DC 105C0-105F3 10D4A-10D65 10D6F-10D85 10EC2-10EC4 1123F-11240 "
+                 "11380-11389 1138B 1138E 11390-113B5 113B7 113D1 113D3 11BC0-11BE0 11F02 11F04-11F10 11F12-11F33 "
+                 "1342F 13441-13446 13460-143FA 16100-1611D 16D40-16D6C 18CFF 1B132 1B155 1DF25-1DF2A 1E030-1E06D "
+                 "1E4D0-1E4EB 1E5D0-1E5ED 1E5F0 2B739 2EBF0-2EE5D 31350-323AF")
+NEWER_NUMBERS = ("10D40-10D49 116D0-116E3 11BF0-11BF9 11F50-11F59 16130-16139 16D70-16D79 1CCF0-1CCF9 1D2C0-1D2D3 "
+                 "1E4F0-1E4F9 1E5F1-1E5FA")
+
+
+@functools.lru_cache(maxsize=None)
+def character_classes() -> Tuple[str, str, str]:
+    """Three re expressions that each match one character: a letter (\\p{L}), a number (\\p{N}), and anything else
+    but whitespace ([^\\s\\p{L}\\p{N}]), every one of them listed as ranges of consecutive characters. Made once,
+    from unicodedata (a third of a second), plus NEWER_LETTERS and NEWER_NUMBERS.
+    Each is two classes, "[<ranges below U+10000>]|(?=[\\U00010000-\\U0010ffff])[<ranges above>]": re checks a class
+    that holds characters beyond U+FFFF range by range, hundreds of them for each character that is not in it, but
+    a class of the first 65,536 with one look-up, which makes encoding English text twice as fast."""
+    kind = [unicodedata.category(chr(cp))[0] for cp in range(sys.maxunicode + 1)]  # "L", "N", "P", "S", "Z", ...
+    for letter_or_number, newer in (("L", NEWER_LETTERS), ("N", NEWER_NUMBERS)):
+        for span in newer.split():
+            first, last = int(span.split("-")[0], 16), int(span.split("-")[-1], 16)
+            kind[first: last + 1] = letter_or_number * (last - first + 1)
+    kind = "".join("W" if chr(cp) in WHITESPACE else k if k in "LN" else "O" for cp, k in enumerate(kind))
+
+    def ranges(k: str, start: int, end: int) -> str:  # the characters of kind k in [start, end), as re ranges
+        return "".join(re.escape(chr(start + m.start())) + (f"-{re.escape(chr(start + m.end() - 1))}"
+                                                            if m.end() - m.start() > 1 else "")
+                       for m in re.finditer(f"{k}+", kind[start:end]))
+
+    return tuple(f"(?:[{ranges(k, 0, 0x10000)}]|(?=[\U00010000-\U0010ffff])[{ranges(k, 0x10000, 0x110000)}])"
+                 for k in "LNO")
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_split_pattern() -> "re.Pattern":
+    """GPT-2's pattern for the standard re module: \\p{L}, \\p{N} and [^\\s\\p{L}\\p{N}] spelt out
+    (character_classes), \\s as the characters of WHITESPACE; (?!\\S), "not followed by a non-space", is
+    (?![^<whitespace>])."""
+    letter, number, other = character_classes()
+    space = re.escape(WHITESPACE)
+    return re.compile(f"'(?:s|t|re|ve|m|ll|d)| ?{letter}+| ?{number}+| ?{other}+|[{space}]+(?![^{space}])|[{space}]+")
+
+
+def split_into_pieces(text: str) -> List[str]:
+    """GPT-2's pre-tokenizer: text cut into the pieces that byte-pair merges never cross, in order; joined they give
+    back the text. At each position the first of these that matches is taken, as long as it goes:
+      1. a contraction, lower case only: 's 't 're 've 'm 'll 'd ("it's" -> "it", "'s"; "IT'S" -> "IT", "'", "S");
+      2. an optional space (" ", U+0020 only) and a run of letters of any script (" Hello", "naïve", " 東京");
+      3. an optional space and a run of numbers of any kind (" 2019", "٣", "½");
+      4. an optional space and a run of anything else but whitespace (" !?", " 🙂", "://");
+      5. a run of whitespace (WHITESPACE: spaces, tabs, newlines, U+00A0, U+3000, ...) that reaches the end of
+         the text, or else all of it but its last character: "a   b" -> "a", "  ", " b", so that the last space
+         goes with the word after it;
+      6. one whitespace character (a run of one before a non-space: "\\nb" -> "\\n", "b").
+    A letter is a character whose Unicode category is L..., a number N... (see character_classes)."""
+    return gpt2_split_pattern().findall(text)
+
+
+def merge_piece(piece: bytes, ranks: Dict[bytes, int]) -> List[int]:
+    """One piece's merge loop: piece's bytes start as one token each; then the adjacent pair whose merged bytes
+    have the lowest rank (ranks: a token's bytes -> its id, which is its rank) becomes one token, the leftmost
+    such pair if it occurs twice, again and again until no adjacent pair's merged bytes are in ranks. Returns
+    the token ids. A piece that is a token as a whole is that token at once, as tiktoken does: with GPT-2's merges
+    that only saves time (the bytes of each of its tokens merge back into that token)."""
+    if piece in ranks:
+        return [ranks[piece]]
+    parts = [piece[i: i + 1] for i in range(len(piece))]
+    no_merge = len(ranks)  # a rank above every real one: this pair is no token
+    pair_ranks = [ranks.get(a + b, no_merge) for a, b in zip(parts, parts[1:])]  # pair_ranks[i]: parts i, i + 1
+    while pair_ranks:
+        best = min(pair_ranks)
+        if best == no_merge:
+            break
+        i = pair_ranks.index(best)  # the leftmost pair of the lowest rank
+        parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:  # the pairs on either side of the merged token have changed
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], no_merge)
+        if i < len(pair_ranks):
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], no_merge)
+    return [ranks[part] for part in parts]
+
+
+# A vocab.bpe file writes each byte as one printable character, so that a token reads as a word on a line: the
+# printable characters of Latin-1 (all but the space) stand for their own byte ('a', '!', 'é'), and the 68 others,
+# in order, for chr(256), chr(257), ...: a space is 'Ġ', a newline 'Ċ', a tab 'ĉ'. The 256 byte tokens are
+# numbered in the same order: first the printable ones ('!' is token 0), then the others (a space is token 220).
+PRINTABLE_BYTES = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+BYTE_ORDER = PRINTABLE_BYTES + [b for b in range(256) if b not in PRINTABLE_BYTES]  # byte token id -> its byte
+BYTE_SYMBOLS = [chr(b) if b in PRINTABLE_BYTES else chr(256 + BYTE_ORDER.index(b) - len(PRINTABLE_BYTES))
+                for b in range(256)]  # byte -> the character vocab.bpe writes it as
+MAX_MERGES_BYTES = 64 << 20  # GPT-2's 50,000 merges take 456 kB
+BPE_CACHE_PIECES = 1 << 18  # pieces whose tokens an encoder remembers (English text repeats its words)
+
+
+class BytePairEncoding:
+    """A byte-level BPE tokenizer written out: GPT-2's (get_tokenizer("python")), or one that train_bpe learnt. Its
+    tokens are the 256 bytes (in BYTE_ORDER), then one per merge, in rank order, then <|endoftext|>: GPT-2's
+    50,000 merges make 50,257 tokens. The methods are tiktoken's: encode, encode_ordinary, decode,
+    decode_single_token_bytes, n_vocab, eot_token; pieces() shows the work, piece by piece.
+
+    merges: (left bytes, right bytes) in rank order; each side must already be a token (a byte, or an earlier
+    merge's bytes) and each merge must make new bytes, or it is a ValueError naming the merge."""
+
+    def __init__(self, merges: List[Tuple[bytes, bytes]], name: str = "bpe"):
+        self.name, self.merges = name, list(merges)
+        impossible = impossible_merge(self.merges)
+        if impossible is not None:
+            i, problem = impossible
+            raise ValueError(f"merge {i} ({merges[i][0]!r} + {merges[i][1]!r}) is impossible: {problem}")
+        self.tokens = [bytes([b]) for b in BYTE_ORDER] + [left + right for left, right in self.merges]  # id -> bytes
+        self.ranks = {token: i for i, token in enumerate(self.tokens)}  # token bytes -> id, which is its rank
+        self.eot_token = len(self.tokens)
+        self.special_tokens = {"<|endoftext|>": self.eot_token}
+        self.tokens.append(b"<|endoftext|>")
+        self.n_vocab = len(self.tokens)
+        self.cache: Dict[str, List[int]] = {}  # piece -> its token ids, for the BPE_CACHE_PIECES first pieces seen
+
+    def __repr__(self):
+        return f"<BytePairEncoding {self.name!r}: {len(self.merges):,} merges, {self.n_vocab:,} tokens>"
+
+    def encode(self, text: str, allowed_special=(), disallowed_special="all") -> List[int]:
+        """text -> token ids, as tiktoken's Encoding.encode. The special tokens named in allowed_special ("all":
+        every one) become their ids wherever their text occurs; the text of one that is not allowed is a
+        ValueError, unless disallowed_special leaves it out (disallowed_special=(): it is encoded as ordinary
+        text, "<|endoftext|>" then being 7 tokens)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__} {text!r:.60}")
+        for special in sorted(disallowed):
+            if special in text:
+                raise ValueError(f"the text holds {special!r} (at character {text.index(special)}), a special token "
+                                 f"not allowed here: pass allowed_special={{{special!r}}} to encode it as its token, "
+                                 "or disallowed_special=() to encode it as ordinary text")
+        ids = []
+        for segment, is_special in self.segments(valid_unicode(text), allowed):
+            ids.extend([self.special_tokens[segment]] if is_special else self.encode_ordinary(segment))
+        return ids
+
+    def encode_ordinary(self, text: str) -> List[int]:
+        """text -> token ids, every character ordinary text (the text <|endoftext|> is 7 tokens): steps 2 and 3."""
+        ids, cache, ranks = [], self.cache, self.ranks
+        for piece in split_into_pieces(valid_unicode(text)):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                piece_ids = merge_piece(piece.encode("utf-8"), ranks)
+                if len(cache) < BPE_CACHE_PIECES:
+                    cache[piece] = piece_ids
+            ids.extend(piece_ids)
+        return ids
+
+    def segments(self, text: str, allowed) -> List[Tuple[str, bool]]:
+        """Step 1: text cut at the special tokens of `allowed` into (segment, is_special); empty segments left out."""
+        allowed = sorted(set(allowed) & self.special_tokens.keys(), key=len, reverse=True)
+        if not allowed:
+            return [(text, False)] if text else []
+        parts = re.split("(" + "|".join(map(re.escape, allowed)) + ")", text)  # text, special, text, special, ...
+        return [(part, i % 2 == 1) for i, part in enumerate(parts) if part]
+
+    def pieces(self, text: str, allowed_special="all") -> List[Tuple[str, List[int]]]:
+        """What encode does, shown: every piece of text (a special token is a piece of its own) with its token ids.
+        The ids, joined, are encode(text, allowed_special)."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        shown = []
+        for segment, is_special in self.segments(valid_unicode(text), allowed):
+            if is_special:
+                shown.append((segment, [self.special_tokens[segment]]))
+            else:
+                shown += [(piece, self.encode_ordinary(piece)) for piece in split_into_pieces(segment)]
+        return shown
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.tokens[i] for i in token_ids(ids, self.n_vocab))
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        """Token ids -> text; bytes that are not valid UTF-8 become U+FFFD (errors="replace"), as tiktoken does."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """A token's bytes: a token can end in the middle of a character's UTF-8 bytes (see StreamDecoder)."""
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < self.n_vocab:
+            raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {self.n_vocab})")
+        return self.tokens[token]
+
+
+def impossible_merge(merges: List[Tuple[bytes, bytes]]) -> Optional[Tuple[int, str]]:
+    """(the index of the first merge that cannot be, and why), or None when every merge can be: each side must be a
+    token already (a byte, or the bytes of an earlier merge), and each merge must make bytes that are no token yet."""
+    known = {bytes([b]) for b in range(256)}
+    for i, (left, right) in enumerate(merges):
+        problem = ("its left side is no token yet" if left not in known else
+                   "its right side is no token yet" if right not in known else
+                   "an earlier merge made the same token" if left + right in known else "")
+        if problem:
+            return i, problem
+        known.add(left + right)
+    return None
+
+
+def valid_unicode(text: str) -> str:
+    """text as UTF-8 can store it: a str holding halves of UTF-16 surrogate pairs (a bad decode can leave them)
+    gets tiktoken's repair, each pair joined into its character and each lone half made U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+# GPT-2's 50,000 merges: OpenAI's vocab.bpe, the file tiktoken itself reads for its "gpt2" encoding. tiktoken keeps
+# it in its cache folder (TIKTOKEN_CACHE_DIR, else DATA_GYM_CACHE_DIR, else <temp>/data-gym-cache) under the SHA-1 of
+# its address, and checks its SHA-256; so does gpt2_merges_file.
+GPT2_MERGES_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"
+GPT2_MERGES_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def gpt2_merges_file() -> str:
+    """The path of GPT-2's vocab.bpe in tiktoken's cache; if it is not there yet, tiktoken is asked for GPT-2's
+    encoding, which downloads it there."""
+    folder = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR",
+                                                                 os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    path = os.path.join(folder, hashlib.sha1(GPT2_MERGES_URL.encode()).hexdigest())
+    if not os.path.exists(path):
+        get_tokenizer()
+    if not folder or not os.path.exists(path):
+        raise OSError(f"GPT-2's merges (vocab.bpe) are not in tiktoken's cache folder {folder!r}: point "
+                      "TIKTOKEN_CACHE_DIR at a folder holding them (this repository ships them: "
+                      "TIKTOKEN_CACHE_DIR=tests/fixtures/tiktoken)")
+    return path
+
+
+def read_merges(path, sha256: Optional[str] = None) -> List[Tuple[bytes, bytes]]:
+    """The merges of a file in vocab.bpe's format, in rank order: GPT-2's own, or one write_merges wrote. The
+    format (OpenAI's, and Hugging Face's merges.txt): the line "#version: 0.2", then one merge a line, in rank
+    order, its two tokens separated by one space, each written with BYTE_SYMBOLS ("Ġt he" is " t" + "he"), and a
+    newline at the end. A file over MAX_MERGES_BYTES, not in this format, or (sha256 given) with another SHA-256
+    is a ValueError naming it and, where there is one, the line."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_MERGES_BYTES + 1)
+    damaged = f"{path} is damaged (not a list of merges as vocab.bpe or train write it)"
+    if len(data) > MAX_MERGES_BYTES:
+        raise ValueError(f"{damaged}: it is over {MAX_MERGES_BYTES >> 20} MB (GPT-2's 50,000 merges take 456 kB)")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} is damaged: its SHA-256 is not {sha256}, GPT-2's vocab.bpe's; delete it, and "
+                         "tiktoken downloads it again")
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{damaged}: byte {e.start} is not UTF-8") from None
+    if lines[0] != "#version: 0.2" or lines[-1] != "":
+        raise ValueError(f"{damaged}: it must begin with the line '#version: 0.2' and end with a newline")
+    byte_of = {symbol: byte for byte, symbol in enumerate(BYTE_SYMBOLS)}
+    merges = []
+    for number, line in enumerate(lines[1:-1], start=2):
+        sides = line.split(" ")
+        if len(sides) != 2 or not all(sides) or any(c not in byte_of for c in sides[0] + sides[1]):
+            raise ValueError(f"{damaged}: line {number}, {line[:60]!r}, is not two tokens separated by one space")
+        merges.append(tuple(bytes(byte_of[c] for c in side) for side in sides))
+    impossible = impossible_merge(merges)
+    if impossible is not None:
+        i, problem = impossible
+        raise ValueError(f"{damaged}: line {i + 2}, {lines[i + 1][:60]!r}, is impossible: {problem}")
+    return merges
+
+
+def write_merges(path, merges: List[Tuple[bytes, bytes]]):
+    """The merges to path, atomically, in the format read_merges reads (GPT-2's vocab.bpe's)."""
+    lines = ["#version: 0.2"] + [" ".join("".join(BYTE_SYMBOLS[b] for b in side) for side in merge) for merge in merges]
+    _write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+# --- Training a byte-pair encoding on your own text --------------------------------------------------------
+#
+# train_bpe learns merges the way GPT-2's were learnt: the text is cut into pieces by the same pattern (so that no
+# token spans two words), each different piece is counted once with how often it occurs, and then, merge after
+# merge, the pair of adjacent tokens that occurs most often (within pieces, counted once per occurrence of the
+# piece) becomes a new token. Ties go to the pair whose bytes sort first (the left token's bytes, then the
+# right's), so that the result never depends on the order of a dict. A pair must occur twice: a token made from
+# something seen once would be memorised, not learnt. Counting every pair again after each merge takes minutes
+# on a few megabytes; PairCounts updates the counts of the pieces that hold the merged pair only, and keeps the
+# counts in a heap, where the most frequent is found at once.
+
+
+def merge_pair(word: List[int], pair: Tuple[int, int], new_id: int) -> List[int]:
+    """word (token ids) with every occurrence of pair replaced by new_id, from left to right, never overlapping:
+    merge_pair([5, 5, 5], (5, 5), 9) is [9, 5]. word itself is left as it is."""
+    merged, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == pair[0] and word[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(word[i])
+            i += 1
+    return merged
+
+
+class PairCounts:
+    """BPE training's state: each different piece of the text as token ids (words) with how often it occurs
+    (counts); how often each adjacent pair of token ids occurs (pairs: a pair inside a piece counts the piece's
+    count), the words that hold each pair (where), and a heap of (-count, left bytes, right bytes, pair) that
+    puts the next pair to merge first. One round of training: `counts.merge(counts.best_pair())`."""
+
+    def __init__(self, pieces: Dict[bytes, int]):
+        self.tokens = [bytes([b]) for b in BYTE_ORDER]  # token id -> its bytes, as BytePairEncoding numbers them
+        self.ids = {token: i for i, token in enumerate(self.tokens)}
+        self.words = [[self.ids[piece[i: i + 1]] for i in range(len(piece))] for piece in pieces]
+        self.counts = list(pieces.values())
+        self.pairs: Dict[Tuple[int, int], int] = collections.Counter()
+        self.where: Dict[Tuple[int, int], set] = collections.defaultdict(set)
+        for w, word in enumerate(self.words):
+            for pair in zip(word, word[1:]):
+                self.pairs[pair] += self.counts[w]
+                self.where[pair].add(w)
+        self.heap = [self.heap_entry(pair) for pair in self.pairs]
+        heapq.heapify(self.heap)
+
+    def heap_entry(self, pair: Tuple[int, int]) -> tuple:
+        """pair's place in the heap, smallest first: the most frequent, then the one whose bytes sort first."""
+        return (-self.pairs[pair], self.tokens[pair[0]], self.tokens[pair[1]], pair)
+
+    def best_pair(self) -> Optional[Tuple[int, int]]:
+        """The pair to merge next: the most frequent; among equally frequent ones, the one whose left token's bytes
+        sort first, then its right token's; None when no pair occurs twice. (merge adds a new heap entry whenever a
+        count changes; an entry whose count is out of date is dropped here.)"""
+        while self.heap:
+            minus_count, _, _, pair = self.heap[0]
+            if -minus_count == self.pairs.get(pair, 0):
+                return pair if -minus_count >= 2 else None
+            heapq.heappop(self.heap)
+        return None
+
+    def merge(self, pair: Tuple[int, int]) -> Tuple[int, bool]:
+        """One merge: pair becomes one token in every word that holds it, and the counts of the pairs in those words
+        are updated (those words only). Returns (the token's id, whether it is new): the next free id; or, in the
+        rare case that its bytes are a token already (made from another pair: "ab" + "c" after "a" + "bc"), that
+        token's id, which the encoder would merge the pair into too (merge_piece ranks bytes, not pairs)."""
+        token = self.tokens[pair[0]] + self.tokens[pair[1]]
+        new = token not in self.ids
+        if new:
+            self.ids[token] = len(self.tokens)
+            self.tokens.append(token)
+        token_id, changed = self.ids[token], collections.Counter()
+        for w in self.where.pop(pair):
+            word, count = self.words[w], self.counts[w]
+            merged = merge_pair(word, pair, token_id)
+            if len(merged) == len(word):  # an earlier merge took the pair out of this word: a stale entry of where
+                continue
+            for old in zip(word, word[1:]):
+                changed[old] -= count
+            for now in zip(merged, merged[1:]):
+                changed[now] += count
+                self.where[now].add(w)
+            self.words[w] = merged
+        for changed_pair, delta in changed.items():
+            if delta:
+                self.pairs[changed_pair] += delta
+                if self.pairs[changed_pair] > 0:
+                    heapq.heappush(self.heap, self.heap_entry(changed_pair))
+                else:
+                    del self.pairs[changed_pair]
+        return token_id, new
+
+
+def count_pieces(source) -> Dict[bytes, int]:
+    """Every different piece of a text (split_into_pieces; the text <|endoftext|> cut out first, as encode does),
+    as UTF-8 bytes, with how often it occurs. source: the text (a str), or a file (a pathlib.Path or other
+    os.PathLike) of UTF-8 text, read in parts."""
+    counts = collections.Counter()
+    for part in [valid_unicode(source)] if isinstance(source, str) else read_text_pieces(source):
+        for segment in part.split("<|endoftext|>"):
+            counts.update(split_into_pieces(segment))
+    return {piece.encode("utf-8"): count for piece, count in counts.items()}
+
+
+def train_bpe(source, vocab_size: int, option: str = "vocab_size") -> BytePairEncoding:
+    """A byte-level BPE of vocab_size tokens learnt from source (a str of text, or a pathlib.Path of a UTF-8 file):
+    256 byte tokens, vocab_size - 257 merges and <|endoftext|>, as GPT-2 counts its 50,257. Each merge is the
+    pair of adjacent tokens that occurs most often within the pieces (see the notes above PairCounts). A
+    vocab_size under 257, or more than the text supports (no pair occurs twice any more), is a ValueError that
+    names `option` (the command line passes "--vocab-size")."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"{option} must be an integer of at least 257 (the 256 byte tokens and <|endoftext|>), "
+                         f"got {vocab_size!r}")
+    name = "the text" if isinstance(source, str) else os.fspath(source)
+    pieces = count_pieces(source)
+    wanted = vocab_size - 257
+    at_most = sum(count * (len(piece) - 1) for piece, count in pieces.items()) // 2  # a merge removes 2+ tokens
+    too_many = f"{option} {vocab_size} is more than {name} supports"
+    if wanted > at_most:
+        raise ValueError(f"{too_many}: its {len(pieces):,} different pieces allow at most {at_most:,} merges of pairs "
+                         f"that occur twice, {257 + at_most:,} tokens; use a smaller {option} or a longer text")
+    counts, merges = PairCounts(pieces), []
+    while len(merges) < wanted:
+        pair = counts.best_pair()
+        if pair is None:
+            raise ValueError(f"{too_many}: after {len(merges):,} merges no pair of tokens occurs twice within a "
+                             f"piece, so it supports at most {257 + len(merges):,} tokens; use {option} "
+                             f"{257 + len(merges)} or less, or a longer text")
+        _, new = counts.merge(pair)
+        if new:
+            merges.append((counts.tokens[pair[0]], counts.tokens[pair[1]]))
+    return BytePairEncoding(merges, name=f"trained on {name}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3686,7 +4137,8 @@ class AdditionDefaults:
 @dataclass
 class TextDefaults:
     """--data FILE: a new GPT-2 learns a text file."""
-    tokenizer: str = "gpt2"  # GPT-2's BPE; "char": one token per character of the file
+    tokenizer: str = "gpt2"  # GPT-2's BPE; "char": one token per character of the file; "bpe": a BPE learnt from it
+    vocab_size: int = 512  # --tokenizer bpe: 256 byte tokens + 255 merges + <|endoftext|>
     block_size: int = 256  # tokens per training window
     n_layer: int = 4
     n_head: int = 4
@@ -3756,17 +4208,21 @@ class Run:
             print(*lines, flush=True)
 
 
-# --- Tokenizers: characters, or GPT-2's BPE -----------------------------------------------------------
+# --- Tokenizers: characters, GPT-2's BPE, or a BPE trained on the text --------------------------------------
 
 
 class CharTokenizer:
     """One token per character of a fixed string, the vocabulary: token i is chars[i]. A model trained on
     characters keeps that string in its config.json ("char_vocab"), so whoever loads it can decode."""
 
+    kind = "char"
+    bpe = None
+
     def __init__(self, chars: str):
         self.chars = chars
         self.ids = {c: i for i, c in enumerate(chars)}
         self.vocab_size = len(chars)
+        self.describe = f"{len(chars)} characters"
 
     def encode(self, text: str) -> List[int]:
         unknown = set(text) - self.ids.keys()
@@ -3780,22 +4236,61 @@ class CharTokenizer:
 
 
 class BPETokenizer:
-    """GPT-2's byte-pair encoding (Tokenizer) behind the same two methods."""
+    """A byte-pair encoding behind the same two methods: GPT-2's (tiktoken), or, given bpe, one that train_bpe
+    learnt from the text (--tokenizer bpe). A model trained with its own BPE keeps the merges beside its weights
+    (MERGES_FILE) and names that file in its config.json ("bpe_merges"). The text <|endoftext|> is its token."""
 
     chars = None
-    vocab_size = EOT_TOKEN + 1
+
+    def __init__(self, bpe: Optional[BytePairEncoding] = None):
+        self.bpe = bpe
+        self.kind = "gpt2" if bpe is None else "bpe"
+        self.vocab_size = EOT_TOKEN + 1 if bpe is None else bpe.n_vocab
+        self.eot_token = EOT_TOKEN if bpe is None else bpe.eot_token
+        self.describe = "GPT-2 BPE" if bpe is None else f"a BPE of {bpe.n_vocab:,} tokens trained on the text"
 
     def encode(self, text: str) -> List[int]:
-        return encode(text)
+        return encode(text) if self.bpe is None else self.bpe.encode(text, allowed_special={"<|endoftext|>"})
 
     def decode(self, ids) -> str:
-        return decode(ids)
+        return decode(ids) if self.bpe is None else self.bpe.decode(ids)
 
 
-def tokenizer_for(config: GPT2Config):
-    """The tokenizer a model was trained with: its characters if its config lists them, else GPT-2's BPE."""
+MERGES_FILE = "merges.txt"  # a trained BPE's merges, beside the model's config.json (write_merges' format)
+
+
+def tokenizer_for(config: GPT2Config, folder: Optional[str] = None):
+    """The tokenizer a model was trained with: its characters if its config lists them (char_vocab); its own BPE
+    if its config names a merges file (bpe_merges), read from folder, the model's; else GPT-2's BPE."""
     chars = config.extra.get("char_vocab")
-    return CharTokenizer(chars) if chars is not None else BPETokenizer()
+    if chars is not None:
+        return CharTokenizer(chars)
+    if config.extra.get("bpe_merges") is not None:
+        return BPETokenizer(read_trained_bpe(folder, config))
+    return BPETokenizer()
+
+
+def read_trained_bpe(folder: Optional[str], config: GPT2Config) -> BytePairEncoding:
+    """The BPE a model trained with --tokenizer bpe reads: the merges file its config.json names (bpe_merges),
+    beside it in folder. The file must be a regular file inside the folder, in read_merges' format, and make
+    exactly the model's vocab_size tokens; anything else is a ValueError naming the file."""
+    if folder is None:
+        raise ValueError("this model reads a BPE of its own (its config names bpe_merges), which is kept beside its "
+                         "config.json: load it from its folder")
+    path = file_named_in(folder, config.extra["bpe_merges"], os.path.join(folder, "config.json"))
+    if not os.path.lexists(path):
+        raise ValueError(f"{path} is missing: the model in {folder} was trained with a BPE of its own, kept in that "
+                         f"file; copy it back from the folder the model was trained in")
+    try:
+        bpe = BytePairEncoding(read_merges(regular_file_in(folder, path)), name=f"{path}")
+    except CheckpointError:  # a link out of the folder, a FIFO: it says so itself
+        raise
+    except ValueError as e:
+        raise ValueError(f"{e}; copy it back from the folder the model was trained in") from None
+    if bpe.n_vocab != config.vocab_size:
+        raise ValueError(f"{path} makes {bpe.n_vocab:,} tokens ({len(bpe.merges):,} merges), but the model in {folder} "
+                         f"has a vocabulary of {config.vocab_size:,}: the file is damaged or belongs to another model")
+    return bpe
 
 
 # --- The default task: addition, made on the fly --------------------------------------------------------
@@ -3907,11 +4402,16 @@ class AdditionTask:
 def read_text_pieces(path, piece_chars: int = 1 << 20):
     """A UTF-8 text file in pieces of about piece_chars characters, each cut just before a run of spaces or
     newlines. GPT-2's BPE never joins a character to the whitespace after it, so tokenising the pieces
-    one at a time gives the tokens of the whole file, while only one piece is ever in memory."""
+    one at a time gives the tokens of the whole file, while only one piece is ever in memory. Bytes that are not
+    UTF-8 are a ValueError naming the file and the offset of the first bad byte."""
     with open(path, encoding="utf-8", newline="") as f:  # newline="": the text exactly as stored
         carry = ""
         while True:
-            chunk = f.read(piece_chars)
+            try:
+                chunk = f.read(piece_chars)
+            except UnicodeDecodeError:
+                raise ValueError(f"{path} is not UTF-8 text: byte {first_bad_utf8_byte(path):,} (counting from 0) "
+                                 "is not part of a UTF-8 character; save it as UTF-8") from None
             text = carry + chunk
             if not chunk:  # end of file
                 if text:
@@ -3927,6 +4427,24 @@ def read_text_pieces(path, piece_chars: int = 1 << 20):
             carry = text[cut:]
 
 
+def first_bad_utf8_byte(path) -> Optional[int]:
+    """The offset in the file of the first byte that is not part of a valid UTF-8 character; None if there is none."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0  # offset: the bytes fed to the decoder so far
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            held = len(decoder.getstate()[0])  # the end of the last chunk, held back as an unfinished character
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:  # e.start counts from the held bytes' start
+                return offset - held + e.start
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:  # the file ends in the middle of a character
+            return offset - len(decoder.getstate()[0])
+    return None
+
+
 def characters_of(path) -> str:
     """Every character a text file uses, sorted: the vocabulary of a character-level model."""
     chars = set()
@@ -3940,14 +4458,11 @@ def tokenize_file(path, tokenizer, dest, piece_chars: int = 1 << 20) -> int:
     one piece at a time. Returns the number of tokens."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
     count = 0
-    try:
-        with _atomic_path(dest) as tmp, open(tmp, "wb") as out:
-            for text in read_text_pieces(path, piece_chars):
-                ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-                out.write(ids.tobytes())
-                count += len(ids)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    with _atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for text in read_text_pieces(path, piece_chars):
+            ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+            out.write(ids.tobytes())
+            count += len(ids)
     return count
 
 
@@ -3999,45 +4514,71 @@ class TextData:
 
 
 def prepare_text_data(args, vocab, run: Run):
-    """Tokenise --data into out/tokens.bin (once: kept while the file, its size and date are unchanged) and
-    open it. vocab: "gpt2" for GPT-2's BPE, "char" for the file's own characters, or a string of characters
-    (a model that already has them). Returns (TextData, tokenizer)."""
+    """Tokenise --data into out/tokens.bin (once: kept while the file, its size and date, and the tokenizer are
+    unchanged) and open it. vocab: "gpt2" for GPT-2's BPE, "char" for the file's own characters, "bpe" for a BPE
+    of --vocab-size tokens learnt from the file now (train_bpe), or the tokenizer of a model that already has
+    one (a CharTokenizer or BPETokenizer). A BPE of the text's own is saved as out/merges.txt (MERGES_FILE),
+    beside the model. Returns (TextData, tokenizer)."""
     check_text_file(args.data)
     dest, meta_path = os.path.join(args.out, "tokens.bin"), os.path.join(args.out, "tokens.json")
+    merges_path = os.path.join(args.out, MERGES_FILE)
     source = dict(path=os.path.abspath(args.data), size=os.path.getsize(args.data),
                   mtime_ns=os.stat(args.data).st_mtime_ns)
     if run.is_main:  # one process tokenises; the others wait at the barrier, then read its files
+        # None: the file's characters, listed only if the file is tokenised again
+        tokenizer = {"gpt2": BPETokenizer, "bpe": lambda: new_bpe_tokenizer(args), "char": lambda: None}.get(
+            vocab, lambda: vocab)()
+        bpe = tokenizer.bpe if tokenizer is not None else None
+        if bpe is not None:  # a BPE of its own: its merges beside the model, where its config.json says they are
+            write_merges(merges_path, bpe.merges)
+        merges_sha256 = file_sha256(merges_path) if bpe is not None else None
         meta = None
         if os.path.lexists(meta_path) or os.path.lexists(dest):
-            try:  # the two files are a cache of --data's tokens: one that is damaged is made again
-                meta = read_tokens_meta(meta_path)
+            try:  # the two files are a cache of --data's tokens: one that is damaged, or out of date (a run
+                meta = read_tokens_meta(meta_path)  # stopped between writing the two), is made again
             except ValueError as e:
                 print(f"note: {e}; tokenising --data again", file=sys.stderr)
-        same_vocab = meta is not None and (meta["char_vocab"] is None if vocab == "gpt2" else
-                                           meta["char_vocab"] is not None if vocab == "char" else
-                                           meta["char_vocab"] == vocab)
+        same_vocab = meta is not None and meta.get("merges_sha256") == merges_sha256 and (
+            meta["char_vocab"] is not None if tokenizer is None else meta["char_vocab"] == tokenizer.chars)
         if not same_vocab or meta["source"] != source:
-            chars = characters_of(args.data) if vocab == "char" else None if vocab == "gpt2" else vocab
-            tokenizer = CharTokenizer(chars) if chars is not None else BPETokenizer()
-            print(f"tokenising {args.data} ({'GPT-2 BPE' if chars is None else f'{len(chars)} characters'})...",
-                  flush=True)
+            tokenizer = tokenizer or CharTokenizer(characters_of(args.data))
+            print(f"tokenising {args.data} ({tokenizer.describe})...", flush=True)
             count = tokenize_file(args.data, tokenizer, dest)
             dtype = "uint16" if tokenizer.vocab_size <= 2 ** 16 else "uint32"
-            meta = dict(source=source, char_vocab=chars, dtype=dtype, tokens=count)
+            meta = dict(source=source, char_vocab=tokenizer.chars, merges_sha256=merges_sha256, dtype=dtype,
+                        tokens=count)
             _write_atomically(meta_path, json.dumps(meta, indent=1).encode("utf-8"))
     if run.world_size > 1:
         dist.barrier()
     meta = read_tokens_meta(meta_path)
-    tokenizer = CharTokenizer(meta["char_vocab"]) if meta["char_vocab"] is not None else BPETokenizer()
+    if meta["char_vocab"] is not None:
+        tokenizer = CharTokenizer(meta["char_vocab"])
+    elif meta.get("merges_sha256") is not None:  # every process reads the merges that rank 0 wrote
+        tokenizer = BPETokenizer(BytePairEncoding(read_merges(regular_file_in(args.out, merges_path)),
+                                                  name=merges_path))
+    else:
+        tokenizer = BPETokenizer()
     data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
     return data, tokenizer
 
 
+def new_bpe_tokenizer(args) -> BPETokenizer:
+    """--tokenizer bpe: a BPE of --vocab-size tokens learnt from --data (train_bpe), with what it took."""
+    print(f"training a BPE of {args.vocab_size:,} tokens on {args.data}...", flush=True)
+    start = time.time()
+    bpe = train_bpe(pathlib.Path(args.data), args.vocab_size, option="--vocab-size")
+    print(f"learnt {len(bpe.merges):,} merges in {format_time(time.time() - start)}; the longest tokens: "
+          + ", ".join(repr(t.decode("utf-8", "replace")) for t in sorted(bpe.tokens[256:-1], key=len)[-5:]),
+          flush=True)
+    return BPETokenizer(bpe)
+
+
 def read_tokens_meta(path) -> dict:
     """out/tokens.json: what out/tokens.bin holds (the source file's path, size and date, the characters of a
-    character-level vocabulary, the dtype and the count). One that is not what prepare_text_data writes (cut
-    short, edited, or left describing an older tokens.bin by a run killed between the two renames) is a
-    ValueError naming it, not a JSON traceback: prepare_text_data then tokenises --data again."""
+    character-level vocabulary or the SHA-256 of a trained BPE's merges.txt, the dtype and the count). One that is
+    not what prepare_text_data writes (cut short, edited, or left describing an older tokens.bin by a run killed
+    between the two renames) is a ValueError naming it, not a JSON traceback: prepare_text_data then tokenises
+    --data again."""
     folder = os.path.dirname(path)
     try:
         with open(regular_file_in(folder, path), encoding="utf-8") as f:
@@ -4047,6 +4588,7 @@ def read_tokens_meta(path) -> dict:
     tokens = os.path.join(folder, "tokens.bin")
     if not (isinstance(meta, dict) and {"source", "char_vocab", "dtype", "tokens"} <= set(meta)
             and meta["dtype"] in ("uint16", "uint32") and isinstance(meta["char_vocab"], (str, type(None)))
+            and isinstance(meta.get("merges_sha256"), (str, type(None)))
             and type(meta["tokens"]) is int and os.path.isfile(tokens)
             and os.path.getsize(tokens) == meta["tokens"] * np.dtype(meta["dtype"]).itemsize):
         raise ValueError(f"{path} is damaged (it is not the JSON `train` writes about the tokens.bin beside it); "
@@ -4182,6 +4724,9 @@ def fill_defaults(args):
     argparse could not check alone (its integer_option and float_option types): options that go together, and
     the ranges of the fractions and rates."""
     tasks = [CommonDefaults, AdditionDefaults if args.data is None else TextDefaults]
+    if args.vocab_size is not None and args.resume is None and args.tokenizer != "bpe":  # (resumed: the run's own)
+        raise ValueError("--vocab-size is the size of a BPE learnt from --data: it goes with --tokenizer bpe"
+                         + (f" (--init {args.init} keeps its model's own tokenizer)" if args.init is not None else ""))
     if args.init is not None:
         tasks.append(FineTuneDefaults)  # last: its values replace the task's
     defaults = {option.name: option.default for task in tasks for option in fields(task)}
@@ -4227,14 +4772,15 @@ def prepare_task(args, state, run: Run):
                 raise ValueError(f"--init {args.init} is not an addition model of {task.seq_len} positions or more; "
                                  "to fine-tune it, give a text file with --data")
         return task, task.tokenizer, task.seq_len, {"addition_digits": args.digits}
-    if state is not None:
-        vocab = tokenizer_for(GPT2Config.from_dict(state["config"])).chars or "gpt2"
+    if state is not None:  # the run's own tokenizer (a BPE of its own is in its folder: merges.txt)
+        vocab = tokenizer_for(GPT2Config.from_dict(state["config"]), args.out)
     elif args.init is not None:
-        init_config = GPT2Config.from_json_file(os.path.join(resolve_checkpoint(args.init), "config.json"))
-        vocab = tokenizer_for(init_config).chars or "gpt2"
-        if args.tokenizer is not None and args.tokenizer != ("gpt2" if vocab == "gpt2" else "char"):
+        init_dir = resolve_checkpoint(args.init)
+        init_config = GPT2Config.from_json_file(os.path.join(init_dir, "config.json"))
+        vocab = tokenizer_for(init_config, init_dir)
+        if args.tokenizer is not None and args.tokenizer != vocab.kind:
             raise ValueError(f"--tokenizer {args.tokenizer} does not match --init {args.init}, which reads "
-                             f"{'GPT-2 BPE' if vocab == 'gpt2' else 'characters'}; drop --tokenizer")
+                             f"{vocab.describe}; drop --tokenizer")
         if args.block_size > init_config.n_positions:
             raise ValueError(f"--block-size {args.block_size} is longer than --init {args.init}'s "
                              f"{init_config.n_positions} positions")
@@ -4263,7 +4809,7 @@ def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> G
         model.config.extra.update(extra)
     else:
         # The token that ends a text: <|endoftext|>, or for characters a newline (which ends an addition problem).
-        eos = EOT_TOKEN if tokenizer.chars is None else tokenizer.ids.get("\n", 0)
+        eos = tokenizer.eot_token if tokenizer.chars is None else tokenizer.ids.get("\n", 0)
         config = GPT2Config(
             vocab_size=tokenizer.vocab_size, n_positions=n_positions, n_embd=args.n_embd, n_layer=args.n_layer,
             n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
@@ -4271,6 +4817,8 @@ def build_model(args, tokenizer, n_positions: int, extra: dict, state=None) -> G
         )
         if tokenizer.chars is not None:
             config.extra["char_vocab"] = tokenizer.chars
+        if tokenizer.bpe is not None:  # its merges are in the run's folder (prepare_text_data wrote them)
+            config.extra["bpe_merges"] = MERGES_FILE
         model = GPT2LMHeadModel(config)
     return model.train()  # from_pretrained returns a model in eval mode: dropout back on
 
@@ -4869,7 +5417,8 @@ def report_run(args, summary, model, data, tokenizer, png, say):
     else:
         say("sample (temperature 0.8):", tokenizer.decode(sample_after(model, data)))
     say(f"saved to {args.out}: config.json + model.safetensors (load with GPT2LMHeadModel.from_pretrained("
-        f"{args.out!r})), training_state.pt (to --resume), log.csv" + (", loss.png" if png else ""))
+        f"{args.out!r})), " + (f"{MERGES_FILE} (its tokenizer), " if tokenizer.bpe is not None else "")
+        + "training_state.pt (to --resume), log.csv" + (", loss.png" if png else ""))
 
 
 def sample_after(model, data: TextData, new_tokens: int = 200) -> List[int]:
@@ -4948,7 +5497,7 @@ def eval_command(args):
     if stride > context:
         raise ValueError(f"--stride {stride} is longer than --context {context}: tokens between windows would "
                          "never be scored")
-    tokenizer = tokenizer_for(model.config)
+    tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:  # tokens on disk, memory-mapped: any size of file works
         n_tokens = tokenize_file(args.data, tokenizer, os.path.join(tmp, "tokens.bin"))
@@ -4960,14 +5509,17 @@ def eval_command(args):
         tokens = np.memmap(os.path.join(tmp, "tokens.bin"), mode="r",
                            dtype=np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32)
         total, count = sliding_window_loss(model, tokens, context, stride, args.batch_size)
+        # Every token but the first is scored: their bytes are the file's, less the first token's.
+        scored_bytes = os.path.getsize(args.data) - len(tokenizer.decode([int(tokens[0])]).encode("utf-8"))
         del tokens
     loss = total / count
-    kind = "GPT-2 BPE" if tokenizer.chars is None else "characters"
-    print(f"{args.model} on {args.data}: {n_tokens:,} tokens ({kind}); context {context}, stride {stride}: "
-          f"{len(sliding_windows(n_tokens, context, stride)):,} windows")
+    bits_per_byte = total / math.log(2) / max(scored_bytes, 1)
+    print(f"{args.model} on {args.data}: {n_tokens:,} tokens ({tokenizer.describe}); context {context}, stride "
+          f"{stride}: {len(sliding_windows(n_tokens, context, stride)):,} windows")
     print(f"scored {count:,} tokens: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.3f} "
-          f"({loss / math.log(2):.4f} bits/token) in {time.time() - start:.1f} s")
-    return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
+          f"({loss / math.log(2):.4f} bits/token; {bits_per_byte:.4f} bits per byte of text, which compares "
+          f"tokenizers) in {time.time() - start:.1f} s")
+    return dict(loss=loss, perplexity=math.exp(loss), tokens=count, bits_per_byte=bits_per_byte)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -4982,12 +5534,14 @@ CLI_EXAMPLES = """examples:
   python nanogpt2.py sample --prompt "Hello" --prompt "Goodbye"            # a batch of prompts
   python nanogpt2.py sample --prompt "..." --temperature 0 --num-beams 5 --num-return-sequences 3  # 3 best beams
   python nanogpt2.py sample --prompt "..." --no-repeat-ngram-size 2 --repetition-penalty 1.2 --min-new-tokens 20
+  python nanogpt2.py tokenize --text "Hello world, naïve 🙂"               # how a text becomes tokens
 """
 TRAIN_EXAMPLES = """examples:
   python nanogpt2.py train                              # a small GPT-2 learns 2-digit addition, on a CPU
   python nanogpt2.py train --digits 3 --max-steps 1500 --time-budget 300   # 3-digit: ~98% in 2 min
   python nanogpt2.py train --resume out/addition-3digit --max-steps 2500   # train it further: 99.6%
   python nanogpt2.py train --data input.txt --tokenizer char --out out/shakespeare
+  python nanogpt2.py train --data input.txt --tokenizer bpe --vocab-size 512   # a BPE of its own, learnt first
   python nanogpt2.py train --data notes.txt --init gpt2 --block-size 512 --batch-size 4 --accum 8
   python nanogpt2.py train --resume out/shakespeare     # continue exactly where it stopped
   torchrun --nproc_per_node 8 nanogpt2.py train --data big.txt   # one process per GPU (DDP)
@@ -5029,7 +5583,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nanogpt2.py",
         description="GPT-2 in one file. `sample` continues text with a pretrained or saved GPT-2; `train` trains\n"
-                    "one (with no options: a small GPT-2 that learns to add, in minutes on a CPU); `eval` scores one.",
+                    "one (with no options: a small GPT-2 that learns to add, in minutes on a CPU); `eval` scores one;\n"
+                    "`inspect` draws its attention; `tokenize` shows how a text becomes tokens.",
         epilog=CLI_EXAMPLES + TRAIN_EXAMPLES[len("examples:\n"):], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -5093,6 +5648,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=integer_option(1), default=5,
                          help="next-token guesses to print per position (default 5)")
     inspect.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    tokenize = commands.add_parser(
+        "tokenize", help="show how a tokenizer cuts a text: its pieces, their tokens and ids",
+        description="Show how GPT-2's tokenizer (or a model's own: --model) cuts a text: the pieces of its pattern, "
+                    "each piece's tokens with their ids, and, written as bytes b'...', the tokens that are not whole "
+                    "characters (a character's UTF-8 bytes can be split between tokens). GPT-2's is the encoder "
+                    "written out in nanogpt2.py, which gives tiktoken's tokens; <|endoftext|> is its token.",
+        epilog="examples:\n  python nanogpt2.py tokenize --text \"Hello world, naïve 🙂 2019\"\n"
+               "  python nanogpt2.py tokenize --model out/mytext --file notes.txt --limit 20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = tokenize.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="the text to tokenize")
+    what.add_argument("--file", metavar="PATH", help="a UTF-8 text file to tokenize")
+    tokenize.add_argument("--model", default=None,
+                          help="a model folder whose tokenizer to use: its own BPE (train --tokenizer bpe), its "
+                               "characters, or GPT-2's (default: GPT-2's)")
+    tokenize.add_argument("--limit", type=integer_option(0), default=100, metavar="N",
+                          help="pieces to show; 0: all (default 100; the counts are always of the whole text)")
     return parser
 
 
@@ -5125,9 +5698,12 @@ def add_train_parser(commands):
     data.add_argument("--data", metavar="PATH", help="a UTF-8 text file (default: the addition task)")
     data.add_argument("--digits", type=integer_option(1, 9), metavar="N",
                       help=f"addition: digits per operand {default_help('digits')}")
-    data.add_argument("--tokenizer", choices=["gpt2", "char"],
-                      help=f"--data: GPT-2's BPE or one token per character {default_help('tokenizer')}; --init: "
-                           "the model's own")
+    data.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"],
+                      help=f"--data: GPT-2's BPE, one token per character, or a BPE learnt from the file first (saved "
+                           f"beside the model as merges.txt) {default_help('tokenizer')}; --init: the model's own")
+    data.add_argument("--vocab-size", type=integer_option(257, why="256 byte tokens and <|endoftext|>"), metavar="N",
+                      help=f"--tokenizer bpe: tokens of the BPE learnt from --data, bytes and <|endoftext|> included "
+                           f"{default_help('vocab_size')}")
     data.add_argument("--block-size", type=integer_option(1), metavar="N",
                       help=f"--data: tokens per training window {default_help('block_size')}")
     data.add_argument("--val-fraction", type=float_option(), metavar="F",
@@ -5259,7 +5835,7 @@ def sample_command(args):
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32")
     prompts = read_prompts(args)
     model = GPT2LMHeadModel.from_pretrained(args.model, dtype=dtype, device=device)
-    tokenizer = tokenizer_for(model.config)  # GPT-2's BPE, or the characters a model was trained on
+    tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))  # GPT-2's BPE, its own, or characters
     eos = model.config.eos_token_id
     input_ids, attention_mask = encode_batch(prompts, pad_id=eos, encode_fn=tokenizer.encode)  # each prompt once
     beams = args.num_beams > 1  # beam search returns the best num_samples beams of each prompt
@@ -5295,7 +5871,7 @@ def sample_command(args):
     if input_ids.size(0) == 1 and not beams:  # one sample: stream it token by token
         out.write(prompts[0])
         out.flush()
-        stream = StreamDecoder(tokenizer.chars)
+        stream = StreamDecoder(tokenizer.chars, tokenizer.bpe)
 
         def on_token(tokens):
             if int(tokens[0]) != eos:
@@ -5424,7 +6000,7 @@ def inspect_command(args):
     """python nanogpt2.py inspect: the attention picture, and each position's most likely next tokens."""
     device = resolve_device(args.device)
     model = GPT2LMHeadModel.from_pretrained(args.model, device=device)
-    tokenizer = tokenizer_for(model.config)
+    tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty: give at least one character to look at")
@@ -5450,6 +6026,59 @@ def inspect_command(args):
         print(f"{t:>4}  {text!r:<12} {guesses}")
 
 
+# --- Look inside: how a text becomes tokens --------------------------------------------------------------
+
+
+def tokenize_command(args):
+    """python nanogpt2.py tokenize: a text's pieces, each piece's tokens (id and text; b'...' for the bytes of a
+    token that is not whole characters), and the counts."""
+    if args.file is not None:
+        check_text_file(args.file, "--file")
+        text = "".join(read_text_pieces(args.file))
+    else:
+        text = args.text
+    if args.model is None or args.model in HUB_NAMES:  # every released GPT-2 reads GPT-2's BPE
+        tokenizer, what = BPETokenizer(get_tokenizer("python")), "GPT-2's BPE (written out; tiktoken's tokens)"
+    else:
+        folder = resolve_checkpoint(args.model)
+        tokenizer = tokenizer_for(GPT2Config.from_json_file(os.path.join(folder, "config.json")), folder)
+        what = f"{args.model}'s tokenizer, {tokenizer.describe}"
+    if tokenizer.chars is not None:  # one token per character: every character is its own piece
+        pieces = [(c, tokenizer.encode(c)) for c in text]
+        token_bytes = lambda token: tokenizer.chars[token].encode("utf-8")
+    else:
+        pieces = tokenizer.bpe.pieces(text, allowed_special={"<|endoftext|>"})
+        token_bytes = tokenizer.bpe.decode_single_token_bytes
+    n_tokens = sum(len(ids) for _, ids in pieces)
+    n_bytes = len(text.encode("utf-8"))
+    print(f"{what}: {tokenizer.vocab_size:,} tokens")
+    print(f"{len(text):,} characters, {n_bytes:,} bytes -> {len(pieces):,} pieces -> {n_tokens:,} tokens"
+          + (f" ({n_bytes / n_tokens:.2f} bytes per token)" if n_tokens else ""))
+    shown = pieces if args.limit == 0 else pieces[: args.limit]
+    # (A wide character, 東 or 🙂, takes two columns of a terminal.)
+    columns = lambda s: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
+    width = min(max([columns(repr(piece)) for piece, _ in shown] + [5]), 24)
+    print(f"{'piece':<{width}}  tokens (id text)")
+    for piece, ids in shown:
+        print(repr(piece) + " " * (width - columns(repr(piece)) + 2)
+              + "  ".join(f"{token} {token_text(token_bytes(token))}" for token in ids))
+    if len(shown) < len(pieces):
+        print(f"... and {len(pieces) - len(shown):,} more pieces (--limit 0 shows them all)")
+    else:
+        print("ids:", [token for _, ids in pieces for token in ids])
+    if any(token_text(token_bytes(token)).startswith("b") for _, ids in shown for token in ids):
+        print("b'...': a token whose bytes are not whole UTF-8 characters (a character's bytes are split between "
+              "tokens)")
+
+
+def token_text(raw: bytes) -> str:
+    """A token as the tokenize command shows it: its text in quotes, or b'...' if its bytes are not whole UTF-8
+    characters."""
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return repr(raw)
+
 
 def main(argv=None):
     parser = build_parser()
@@ -5467,6 +6096,8 @@ def main(argv=None):
             eval_command(args)
         elif args.command == "inspect":
             inspect_command(args)
+        elif args.command == "tokenize":
+            tokenize_command(args)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, keep what was printed (train saves on the first Ctrl-C)
         sys.stdout.write("\n")
         if args.command == "train" and args.out is not None:

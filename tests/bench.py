@@ -2,7 +2,8 @@
 
     python tests/bench.py                      # everything, CPU, one thread (a few minutes)
     python tests/bench.py --quick              # smaller runs, fewer repetitions (about a minute)
-    python tests/bench.py --only decode,load   # a subset: limits, decode, forward, train, load, imagegpt, train-gpu
+    python tests/bench.py --only decode,load   # a subset: limits, decode, forward, train, load, imagegpt, tokenizer,
+                                               # train-gpu
     python tests/bench.py --compile            # also ours' generate(..., compile=True) (decode, imagegpt)
     python tests/bench.py --device cuda        # the same on a GPU, and GPT-2 124M training at T=1024 (train-gpu)
     python tests/bench.py --only train-gpu     # on a CPU: a tiny smoke run of the train-gpu code
@@ -19,6 +20,8 @@ Each speed is also put next to what the machine can do at best, measured first:
   - matrix multiply throughput (fp32 GEMM, GFLOP/s), which bounds the forward pass and training.
 train-gpu instead reports model FLOPs utilisation (MFU): the FLOPs a training step needs, per second, as a
 share of the GPU's peak bf16 throughput from its data sheet (--peak-tflops).
+The tokenizer section times nanogpt2.py's written-out BPE encoder against tiktoken (Rust) on English text, and
+train_bpe learning 2,000 merges from 10 MB of text (the targets: at least 1 MB/s, at most 60 s).
 """
 
 import argparse
@@ -27,8 +30,10 @@ import json
 import os
 import resource
 import statistics
+import pathlib
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -46,7 +51,7 @@ try:
 except ImportError:  # the table then shows our figures only
     transformers = None
 
-SECTIONS = ("limits", "decode", "forward", "train", "load", "imagegpt", "train-gpu")
+SECTIONS = ("limits", "decode", "forward", "train", "load", "imagegpt", "tokenizer", "train-gpu")
 
 
 def default_sections(device_type: str):
@@ -345,6 +350,72 @@ def bench_imagegpt(device, reps, new_tokens, limits, compile=False, dtype=torch.
     return rows
 
 
+# --- The tokenizer: the written-out BPE against tiktoken, and BPE training ---------------------------------
+
+
+def english_text() -> str:
+    """English prose every Python has: the reference manual's topics that help() shows (pydoc_data.topics; 0.47 MB
+    in Python 3.11), or this repository's README.md where a Python was installed without them."""
+    try:
+        from pydoc_data.topics import topics
+        return "".join(topics[key] for key in sorted(topics))
+    except ImportError:
+        return (pathlib.Path(ROOT) / "README.md").read_text(encoding="utf-8")
+
+
+def library_text(n_bytes: int) -> str:
+    """The first n_bytes of the standard library's own .py files (sorted paths; no tests, no site-packages):
+    code, comments and docstrings, the same on every machine with the same Python."""
+    parts, total = [], 0
+    for path in sorted(pathlib.Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if {"site-packages", "test", "tests", "idlelib"} & set(path.parts):
+            continue
+        try:
+            raw = path.read_bytes()
+            raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        parts.append(raw)
+        total += len(raw)
+        if total >= n_bytes:
+            break
+    return b"".join(parts)[:n_bytes].decode("utf-8", errors="ignore")  # (a character cut at the end is dropped)
+
+
+def bench_tokenizer(reps, english_bytes=None, train_bytes=10_000_000, merges=2000):
+    """Encoding English text with nanogpt2.py's written-out BPE (get_tokenizer("python"), its cache of pieces
+    emptied before every run: each run starts cold) against tiktoken's Rust (one thread: tiktoken's encode is
+    single-threaded), and train_bpe learning `merges` merges from train_bytes of the standard library's source
+    (one run, timed whole: reading the file, counting its pieces, the merges). Prints MB/s."""
+    cpu = torch.device("cpu")
+    text = english_text()
+    if english_bytes is not None:
+        text = text.encode("utf-8")[:english_bytes].decode("utf-8", errors="ignore")
+    ours, theirs = nanogpt2.get_tokenizer("python"), nanogpt2.get_tokenizer()
+    assert ours.encode(text, disallowed_special=()) == theirs.encode(text, disallowed_special=())
+
+    def encode_ours():
+        ours.cache.clear()
+        ours.encode(text, disallowed_special=())
+
+    t_ours, t_theirs = interleaved(encode_ours, lambda: theirs.encode(text, disallowed_special=()), reps, cpu)
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"  tokenizer: encoding {mb:.2f} MB of English: written out {mb / t_ours:.2f} MB/s, tiktoken "
+          f"{mb / t_theirs:.2f} MB/s", flush=True)
+    rows = [row(f"tokenizer: encode {mb:.2f} MB of English (vs tiktoken)", t_ours, t_theirs)]
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "library.txt"
+        path.write_text(library_text(train_bytes), encoding="utf-8")
+        start = time.perf_counter()
+        bpe = nanogpt2.train_bpe(path, 257 + merges)
+        seconds = time.perf_counter() - start
+    print(f"  tokenizer: train_bpe learnt {len(bpe.merges):,} merges from {train_bytes / 1e6:.1f} MB in "
+          f"{seconds:.1f} s (the target: 60 s for 2,000 merges on 10 MB)", flush=True)
+    rows.append(row(f"tokenizer: train_bpe, {merges:,} merges on {train_bytes / 1e6:g} MB (no reference)", seconds,
+                    None))
+    return rows
+
+
 # --- Loading, in fresh processes ------------------------------------------------------------------------
 
 # Run as `python -c LOAD_SCRIPT which directory device`: imports first (not timed, not counted), then one
@@ -448,6 +519,8 @@ def print_table(rows, header):
     print("speed-up = transformers / ours (above 1: ours is faster, or for memory, uses less); "
           "'of the limit' = the fastest the machine allows / our time\n"
           "(roofline: every weight read once per step at full bandwidth, or the matmuls at full GEMM speed)")
+    if any(r["name"].startswith("tokenizer") for r in rows):
+        print("tokenizer rows: the reference column is tiktoken (Rust), not transformers")
     if any(r["best_of"] == "MFU" for r in rows):
         print("MFU: a training step's FLOPs (per token: 6 per matmul parameter, plus 12 * n_layer * n_embd * T for "
               "attention) per second, over the peak printed with the train-gpu section")
@@ -518,6 +591,9 @@ def main(argv=None):
         rows += progress(bench_imagegpt(device, reps, 2 * new_tokens, limits, args.compile, dtype))
     if "load" in only:
         rows += progress(bench_load(device, reps))
+    if "tokenizer" in only:
+        rows += progress(bench_tokenizer(reps, 50_000 if args.quick else None, 1_000_000 if args.quick else 10_000_000,
+                                         200 if args.quick else 2000))
     print_table(rows, header + f", load average {os.getloadavg()[0]:.2f} at the end")
 
 

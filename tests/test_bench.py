@@ -9,7 +9,7 @@ import bench
 
 
 def test_train_gpu_is_in_the_defaults_on_cuda_only():
-    assert bench.default_sections("cpu") == ["limits", "decode", "forward", "train", "load", "imagegpt"]
+    assert bench.default_sections("cpu") == ["limits", "decode", "forward", "train", "load", "imagegpt", "tokenizer"]
     assert bench.default_sections("cuda")[-1] == "train-gpu"
     args, only = bench.parse_args([])
     assert only == bench.default_sections("cpu") and not args.compile
@@ -46,3 +46,13 @@ def test_train_gpu_smoke_run_on_cpu(capsys):
     step = rows[0]
     assert "compiled" in step["name"] and step["ours"] > 0 and step["best_of"] == "MFU"
     assert 0 < step["fraction"]
+
+
+def test_tokenizer_section_times_both_encoders_and_a_small_training(capsys):
+    rows = bench.bench_tokenizer(1, english_bytes=20_000, train_bytes=100_000, merges=20)
+    out = capsys.readouterr().out
+    assert "written out" in out and "MB/s, tiktoken" in out and "learnt 20 merges from 0.1 MB" in out
+    encode, train = rows
+    assert "vs tiktoken" in encode["name"] and encode["ours"] > 0 and encode["theirs"] > 0
+    assert "train_bpe, 20 merges" in train["name"] and train["ours"] > 0 and train["theirs"] is None
+    assert bench.parse_args(["--only", "tokenizer"])[1] == ["tokenizer"]
