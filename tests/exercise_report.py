@@ -1,7 +1,8 @@
 """The pytest plugin behind `python tests/exercises.py check`: it reports each grading test as one JSON line,
 with a failure already put in plain words, so the exercise tool never reads pytest's or hypothesis's text.
 
-tests/exercises.py runs the grading tests in a subprocess with `-p exercise_report` and these variables:
+tests/exercises.py runs the grading tests in a subprocess (its address space capped by setrlimit before it starts)
+with `-p exercise_report` and these variables:
     EXERCISE_REPORT      the file to append the JSON lines to
     EXERCISE_SOURCES     the folder holding the student's files being graded (NANOGPT2_STUDENT_DIR)
     EXERCISE_TIME_LIMIT  seconds; when they run out, every thread's stack goes to EXERCISE_REPORT + ".stack" and

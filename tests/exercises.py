@@ -489,7 +489,10 @@ def launch(task, limits):
     for name, text in task["texts"].items():
         with open(os.path.join(src, name), "w", encoding="utf-8") as f:
             f.write(text)
+    # CUDA_VISIBLE_DEVICES="": grading runs on the CPU, the same on every machine (a CUDA context would also
+    # reserve more address space than the memory cap allows).
     env = dict(os.environ, NANOGPT2_STUDENT_DIR=src, EXERCISE_SOURCES=src, HYPOTHESIS_PROFILE="grading",
+               CUDA_VISIBLE_DEVICES="",
                EXERCISE_REPORT=os.path.join(tmp, "report.jsonl"), EXERCISE_TIME_LIMIT=str(limits.time),
                PYTHONPATH=os.pathsep.join([TESTS_DIR, *filter(None, [os.environ.get("PYTHONPATH")])]))
     output = open(os.path.join(tmp, "output.txt"), "w", encoding="utf-8")
@@ -586,15 +589,18 @@ def summarise(task, limits):
                                                                                                 task)]
     elif failed is not None:
         result["test"] = failed["test"]
-        result["message"] = [f"{test_name(failed['test'], failed['failure'])} failed:", *explain(failed["failure"], task)]
+        result["message"] = [f"{test_label(failed['test'])} failed:", *explain(failed["failure"], task)]
     elif stopped:
         result["status"] = "error"
-        result["message"] = [f"stopped after {limits.time:g} s" + (f", while running {test_name(running)}"
-                                                                    if running else "") + ": " + where_stuck(stack, task)]
+        during = f", while running {test_label(running)}" if running else ""
+        result["message"] = [f"stopped after {limits.time:g} s{during}: {where_stuck(stack, task)}"]
     elif code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
         result["status"] = "error"
-        result["message"] = [f"the test process died ({name})" + (f" while running {test_name(running)}" if running
+        result["message"] = [f"the test process died ({name})" + (f" while running {test_label(running)}" if running
                                                                   else "") + f": over the {limits.memory:g} GiB "
                              "memory cap, or a crash inside torch?"]
     elif not ran:
@@ -620,7 +626,7 @@ def last_line(output):
     return lines[-1].strip()[:300] if lines else "no output"
 
 
-def test_name(node_id, failure=None):
+def test_label(node_id):
     """'test_x[cpu] (tests/test_y.py)'."""
     path, _, name = node_id.partition("::")
     return f"{name} ({path})"
@@ -637,6 +643,8 @@ COMMON_MISTAKES = [
      "it ran out of memory (each exercise may use {memory:g} GiB): is a tensor far bigger than it should be?"),
     (r"'NoneType' object", "a value is None where something else was expected: is a `return` missing?"),
     (r"Expected all tensors to be on the same device", "a new tensor made without device=... of the inputs"),
+    (r"failed to map segment|cannot allocate memory in static TLS",
+     "the memory cap ({memory:g} GiB) is too small for torch on this machine: raise --memory-limit"),
 ]
 
 
@@ -722,12 +730,19 @@ def make_task(state, column, ex_id, together, limits):
             "notes": notes, "student_texts": state["texts"], "memory": limits.memory}
 
 
-def grade_folder(state, names, together, limits):
-    """The units of one folder, and the tasks that will grade them; cells that need no run are filled now."""
+def grade_folder(state, names, together, limits, only=None):
+    """The columns of one folder (all, or those --only picks), the tasks that will grade them, and the cells
+    that need no run, filled now."""
     cells, tasks = {}, []
     if state["error"] is not None:
         return [], tasks, cells
-    for column, ex_id, problem in units_of(state, names):
+    units = units_of(state, names)
+    columns = [u[0] for u in units]
+    if only:
+        columns = parse_only(only, state, columns)
+    for column, ex_id, problem in units:
+        if column not in columns:
+            continue
         if problem is not None:
             cells[column] = {"status": "error", "message": problem, "passed": 0, "total": 0}
         elif ex_id is None:
@@ -735,16 +750,16 @@ def grade_folder(state, names, together, limits):
         elif BY_ID[ex_id]["file"] in state["broken"]:
             cells[column] = {"status": "error", "message": state["broken"][BY_ID[ex_id]["file"]], "passed": 0,
                              "total": 0, "broken": True}
-        elif any(q_missing(state, ex_id)):
-            missing = ", ".join(q_missing(state, ex_id))
-            cells[column] = {"status": "fail", "message": f"your {BY_ID[ex_id]['file']} has no {missing} (renamed or "
-                                                          "deleted?)", "passed": 0, "total": 0}
+        elif missing_functions(state, ex_id):
+            cells[column] = {"status": "fail", "message": f"your {BY_ID[ex_id]['file']} has no "
+                             f"{', '.join(missing_functions(state, ex_id))} (renamed or deleted?)", "passed": 0,
+                             "total": 0}
         else:
             tasks.append(make_task(state, column, ex_id, together, limits))
-    return [u[0] for u in units_of(state, names)], tasks, cells
+    return columns, tasks, cells
 
 
-def q_missing(state, ex_id):
+def missing_functions(state, ex_id):
     ex = BY_ID[ex_id]
     text = state["texts"][ex["file"]]
     missing = []
@@ -783,11 +798,7 @@ def check(folder, only=None, together=False, hint=False, jobs=None, limits=None,
     state = load_folder(folder)
     if state["error"] is not None:
         raise ExerciseError(f"{folder}: {state['error']}")
-    columns, tasks, cells = grade_folder(state, assignment, together, limits)
-    if only:
-        columns = parse_only(only, state, columns)
-        tasks = [t for t in tasks if t["column"] in columns]
-        cells = {c: cell for c, cell in cells.items() if c in columns}
+    columns, tasks, cells = grade_folder(state, assignment, together, limits, only)
     if not columns:
         raise ExerciseError(f"{folder}: nothing to grade (its {MANIFEST} lists no exercises)")
     for name, reason in state["broken"].items():
@@ -797,7 +808,7 @@ def check(folder, only=None, together=False, hint=False, jobs=None, limits=None,
     by_column = {t["column"]: t for t in tasks}
     printed = []
 
-    def show(upto):  # print the cells in ladder order as soon as every one before them is known
+    def show():  # print the cells in ladder order as soon as every one before them is known
         for column in columns[len(printed):]:
             if column not in cells:
                 return
@@ -806,9 +817,9 @@ def check(folder, only=None, together=False, hint=False, jobs=None, limits=None,
 
     def done(task):
         cells[task["column"]] = task["result"]
-        show(None)
+        show()
 
-    show(None)
+    show()
     run_tasks(tasks, jobs or default_jobs(len(tasks)), limits, done=done)
     if hint:
         write_atomically(os.path.join(folder, MANIFEST), json.dumps(state["manifest"], indent=1) + "\n")
@@ -838,15 +849,23 @@ def report_cell(state, column, cell, hint, out):
     if cell["status"] in ("pass", "not started") or cell.get("broken"):
         return
     for line in cell["message"].splitlines():
-        print(f"      {line}", file=out)
+        print(wrap(line), file=out)
     if hint and cell["status"] == "fail" and ex_id in BY_ID:
         hints = BY_ID[ex_id]["hints"]
         shown = state["manifest"]["hints_shown"].get(ex_id, 0)
         if shown < len(hints):
-            print(f"      hint {shown + 1} of {len(hints)}: {hints[shown]}", file=out)
+            print(wrap(f"hint {shown + 1} of {len(hints)}: {hints[shown]}"), file=out)
             state["manifest"]["hints_shown"][ex_id] = shown + 1
         else:
             print(f"      no more hints; `python tests/exercises.py solution {ex_id}` shows the answer", file=out)
+
+
+def wrap(line, width=116):
+    """A line of a report, indented under its exercise and folded at the width; code (indented) is never folded."""
+    if line.startswith(" ") or len(line) + 6 <= width:
+        return "      " + line
+    return "\n".join(textwrap.wrap(line, width, initial_indent="      ", subsequent_indent="        ",
+                                   break_on_hyphens=False, break_long_words=False))
 
 
 def default_jobs(n):
@@ -913,9 +932,10 @@ def gradescope_results(state, columns, cells, weights):
         cell = cells.get(column, {"status": "error", "message": state["error"] or ""})
         w = weight_of(column, weights)
         passed = cell["status"] == "pass"
-        output = cell["status"] if not cell["message"] else f"{cell['status']}:\n{cell['message']}"
+        words = {"pass": "passed", "fail": "failed", "error": "could not be graded", "not started": "not started"}
+        output = words[cell["status"]] + (f":\n{cell['message']}" if cell["message"] else ".")
         if cell.get("total"):
-            output = f"{cell['passed']} of {cell['total']} tests pass. {output}"
+            output = f"{cell['passed']} of {cell['total']} grading tests pass; {output}"
         tests.append({"name": f"{column}: {title_of(column)}", "score": w if passed else 0, "max_score": w,
                       "status": "passed" if passed else "failed", "output": output, "visibility": "visible"})
     result = {"score": sum(t["score"] for t in tests), "tests": tests}

@@ -20,6 +20,8 @@ def first_difference(actual, expected, allowed):
     bad = ~((actual - expected).abs() <= allowed)
     if not bad.any():
         return ""
+    if bad.numel() == 1:
+        return f"; got {actual.item():.6g}, expected {expected.item():.6g}"
     first = tuple(int(i) for i in bad.nonzero()[0])
     return (f"; {int(bad.sum())} of {bad.numel()} values differ, the first at index {first}: got "
             f"{actual[first].item():.6g}, expected {expected[first].item():.6g}")
