@@ -594,15 +594,16 @@ def summarise(task, limits):
         result["status"] = "error"
         during = f", while running {test_label(running)}" if running else ""
         result["message"] = [f"stopped after {limits.time:g} s{during}: {where_stuck(stack, task)}"]
-    elif code < 0:
+    elif code < 0 or running:
         try:
-            name = signal.Signals(-code).name
+            how = f"died ({signal.Signals(-code).name})" if code < 0 else f"exited with code {code}"
         except ValueError:
-            name = f"signal {-code}"
+            how = f"died (signal {-code})"
+        why = f"over the {limits.memory:g} GiB memory cap, or a crash inside torch?" if code < 0 else \
+            "does your code end the process (os._exit)?"
         result["status"] = "error"
-        result["message"] = [f"the test process died ({name})" + (f" while running {test_label(running)}" if running
-                                                                  else "") + f": over the {limits.memory:g} GiB "
-                             "memory cap, or a crash inside torch?"]
+        result["message"] = [f"the test process {how}" + (f" while running {test_label(running)}" if running else "")
+                             + f": {why}"]
     elif not ran:
         reasons = sorted({r["skip"] for r in results if r.get("skip")})
         result["status"] = "error"
