@@ -269,17 +269,36 @@ def describe_task(ex, source):
 
 
 def write_atomically(path, text):
-    """Write the whole file or nothing: a temporary file beside it, renamed over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    """Write the whole file or nothing: PATH.tmp<PID> beside it (opened like any new file, so the umask sets its
+    mode), renamed over it in one step; a leftover of a run that was killed is removed first (as nanogpt2.py's
+    saves do)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder):
+        found = re.fullmatch(re.escape(name) + r"\.tmp(\d+)", entry)
+        if found and not process_alive(int(found.group(1))):
+            try:
+                os.remove(os.path.join(folder, entry))
+            except FileNotFoundError:
+                pass
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
-            os.unlink(tmp)
+            os.remove(tmp)
         raise
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start(names, out, student=None):
@@ -806,7 +825,6 @@ def check(folder, only=None, together=False, hint=False, jobs=None, limits=None,
         hit = [c for c in columns if cells.get(c, {}).get("broken") and BY_ID[unit_id(state, c)]["file"] == name]
         if hit:
             print(f"{reason}\n  fix it first: until it parses, {', '.join(hit)} cannot be graded", file=out)
-    by_column = {t["column"]: t for t in tasks}
     printed = []
 
     def show():  # print the cells in ladder order as soon as every one before them is known
@@ -815,6 +833,7 @@ def check(folder, only=None, together=False, hint=False, jobs=None, limits=None,
                 return
             report_cell(state, column, cells[column], hint, out)
             printed.append(column)
+            out.flush()  # each result as it comes, even through a pipe
 
     def done(task):
         cells[task["column"]] = task["result"]

@@ -113,9 +113,10 @@ def test_ids_slots_and_chapters_are_unique_and_each_slot_is_one_chapters():
 
 
 def code_quoted_by(ex):
-    """Pieces of a hint that are the solution's code: a run of 12 or more characters, with brackets or operators
-    in it, shared with a line of the reference function (a write exercise) or with the fix (a bug). Names alone
-    (scale_attn_weights, CheckpointError) may be mentioned."""
+    """Pieces of a hint that are the solution's code: 12 characters or more, with a bracket or an operator among
+    them, found in a line of the reference function (a write exercise) or in the fix (a bug). Names alone
+    (scale_attn_weights, CheckpointError) may be mentioned. (Every such shared run holds a 12-character window
+    with its bracket or operator, so looking at the windows finds them all.)"""
     source = exercises.read_repo_file(ex["file"])
     if ex["kind"] == "bug":
         code = [old for _, old, _ in ex["edits"]]
@@ -125,26 +126,18 @@ def code_quoted_by(ex):
             node = exercises.find_function(exercises.parse(source), qualname)
             for stmt in node.body[1:] if ast.get_docstring(node) else node.body:
                 code += [line.split("  #")[0].strip() for line in ast.get_source_segment(source, stmt).splitlines()]
+    code = "\n".join(" ".join(line.split()) for line in code)
     quoted = []
     for hint in ex["hints"]:
         hint = " ".join(hint.split())
-        for line in (" ".join(c.split()) for c in code if c):
-            m = difflib_match(hint, line)
-            if len(m.strip()) >= 12 and re.search(r"[()\[\]=*/+<>]", m):
-                quoted.append(m)
+        quoted += [hint[i:i + 12] for i in range(len(hint) - 11)
+                   if re.search(r"[()\[\]=*/+<>]", hint[i:i + 12]) and hint[i:i + 12] in code]
     return quoted
-
-
-def difflib_match(a, b):
-    import difflib
-
-    m = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
-    return a[m.a:m.a + m.size]
 
 
 def test_no_hint_is_the_code():
     """Hints name the symptom, then the idea; `solution` is where the code is. (The catalogue before this test
-    quoted code in 22 exercises: `torch.cat((past_key, k), dim=-2)`, `cumsum(-1) - 1`, ...)"""
+    quoted code in 23 exercises: `torch.cat((past_key, k), dim=-2)`, `cumsum(-1) - 1`, ...)"""
     quoting = {ex["id"]: code_quoted_by(ex) for ex in EXERCISES}
     assert not {k: v for k, v in quoting.items() if v}
     leaky = dict(BY_ID["kv-cache"], hints=["The cached keys come first: torch.cat((past_key, k), dim=-2)."])
@@ -377,6 +370,9 @@ def test_the_gradebook_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with open(grades, newline="") as f:
         (row,) = csv.DictReader(f)
     assert (row["gelu"], row["points"], row["total"]) == ("error", "0", "3") and "no exercises.json" in row["notes"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(grades).st_mode & 0o777 == 0o666 & ~umask  # a gradebook a teacher can share, as any new file
 
 
 # --- Drills ------------------------------------------------------------------------------------------------------
