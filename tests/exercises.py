@@ -817,6 +817,9 @@ def check(folder, only=None, together=False, hint=False, jobs=None, limits=None,
     limits = limits or Limits()
     state = load_folder(folder)
     if state["error"] is not None:
+        if gradescope:  # the autograder still gets its results.json: zero, and why
+            write_atomically(gradescope, json.dumps(gradescope_results(state, assigned_columns(assignment), {}, {}),
+                                                    indent=1) + "\n")
         raise ExerciseError(f"{folder}: {state['error']}")
     columns, tasks, cells = grade_folder(state, assignment, together, limits, only)
     if not columns:
@@ -949,7 +952,7 @@ def gradescope_results(state, columns, cells, weights):
     """Gradescope's autograder results.json: the score, and one test per exercise with its own score."""
     tests = []
     for column in columns:
-        cell = cells.get(column, {"status": "error", "message": state["error"] or ""})
+        cell = cells.get(column, {"status": "error", "message": state["error"] or "", "passed": 0, "total": 0})
         w = weight_of(column, weights)
         passed = cell["status"] == "pass"
         words = {"pass": "passed", "fail": "failed", "error": "could not be graded", "not started": "not started"}

@@ -435,6 +435,10 @@ def test_bad_input_is_one_line_naming_the_argument(tmp_path):
         assert len(result.stderr.strip().splitlines()) <= (1 if "usage" not in result.stderr else 8), result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+    # Gradescope's autograder still gets a results.json for a submission it cannot grade: zero, and why.
+    result = run_cli("check", str(tmp_path), "--assignment", "gelu", "--gradescope", str(tmp_path / "r.json"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert result.returncode == 2 and report["score"] == 0 and "no exercises.json" in report["tests"][0]["output"]
 
 
 def test_a_bug_is_placed_by_section_and_its_solution_is_the_diff_that_fixes_it(tmp_path):
