@@ -166,28 +166,6 @@ def follow(old_lines, old_origin, new_lines):
     return origin
 
 
-def put_back(text, origin, reference, qualname):
-    """`text` with the function `qualname` replaced by its version in `reference`. `origin` holds, for each
-    line of `text`, its line number in the student's file (None for code put back) and follows the change."""
-    first, last = function_span(text, qualname)
-    lines = text.splitlines(keepends=True)
-    new = function_source(reference, qualname).splitlines(keepends=True)
-    return "".join(lines[:first] + new + lines[last + 1:]), origin[:first] + [None] * len(new) + origin[last + 1:]
-
-
-def undo_planted(text, origin, qualname, old, new):
-    """A planted bug's text put back to the reference's inside one function, if it is still there once.
-    Returns (text, origin, whether it was undone)."""
-    first, last = function_span(text, qualname)
-    lines = text.splitlines(keepends=True)
-    body = "".join(lines[first:last + 1])
-    if not new or body.count(new) != 1:
-        return text, origin, False
-    fixed = body.replace(new, old).splitlines(keepends=True)
-    span_origin = follow(lines[first:last + 1], origin[first:last + 1], fixed)
-    return "".join(lines[:first] + fixed + lines[last + 1:]), origin[:first] + span_origin + origin[last + 1:], True
-
-
 # --- Exercises, chapters and drills -----------------------------------------------------------------------------
 
 
@@ -391,27 +369,47 @@ def graded_copy(state, ex_id, together=False):
     """The files exercise `ex_id` is graded on: ({name: text}, {name: origin}, notes). Graded alone (the default),
     every other started exercise's functions hold the reference's code, so the exercise passes or fails on its
     own code; a planted bug that shares a function with this exercise has its text put back instead. `origin`
-    maps each line to the student's line number (None for code put back), to point at the student's line."""
+    maps each line to the student's line number (None for code put back), to point at the student's line.
+    Each file is parsed once: the functions are replaced from the bottom up, so that no span moves."""
     texts = dict(state["texts"])
     origins = {name: list(range(1, len(text.splitlines()) + 1)) for name, text in texts.items()}
     notes = []
     if together:
         return texts, origins, notes
     mine = set(BY_ID[ex_id]["functions"])
+    plans = {}  # file -> {qualname: "reference" or [(old, new) of planted bugs to undo]}
     for other in state["manifest"]["exercises"]:
         if other == ex_id or other not in BY_ID or BY_ID[other]["file"] not in texts:
             continue
-        ex, name = BY_ID[other], BY_ID[other]["file"]
-        reference = read_repo_file(name)
-        edits = [(q, None, None) for q in ex["functions"]] if ex["kind"] == "write" else ex["edits"]
-        for qualname, old, new in edits:
+        ex = BY_ID[other]
+        plan = plans.setdefault(ex["file"], {})
+        for qualname, old, new in [(q, None, None) for q in ex["functions"]] if ex["kind"] == "write" else ex["edits"]:
+            if qualname not in mine:
+                plan[qualname] = "reference"
+            elif old is not None:
+                plan.setdefault(qualname, []).append((old, new))
+    for name, plan in plans.items():
+        text, reference = texts[name], read_repo_file(name)
+        lines, origin, spans = text.splitlines(keepends=True), origins[name], []
+        for qualname, action in plan.items():
             try:
-                if qualname in mine and old is not None:
-                    texts[name], origins[name], _ = undo_planted(texts[name], origins[name], qualname, old, new)
-                elif qualname not in mine:
-                    texts[name], origins[name] = put_back(texts[name], origins[name], reference, qualname)
+                first, last = function_span(text, qualname)
+                if action == "reference":
+                    new_lines = function_source(reference, qualname).splitlines(keepends=True)
+                    spans.append((first, last, new_lines, [None] * len(new_lines)))
+                    continue
             except ExerciseError:
-                notes.append(f"{other}'s {qualname} is not in your {name}, so it could not be put back")
+                notes.append(f"{qualname} is not in your {name}, so the reference's could not be put back")
+                continue
+            body = "".join(lines[first:last + 1])
+            for old, new in action:
+                if new and body.count(new) == 1:
+                    body = body.replace(new, old)
+            new_lines = body.splitlines(keepends=True)
+            spans.append((first, last, new_lines, follow(lines[first:last + 1], origin[first:last + 1], new_lines)))
+        for first, last, new_lines, new_origin in sorted(spans, key=lambda span: span[0], reverse=True):
+            lines[first:last + 1], origin[first:last + 1] = new_lines, new_origin
+        texts[name] = "".join(lines)
     return texts, origins, notes
 
 
