@@ -36,9 +36,10 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("thorough", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("exercises", settings.get_profile("ci"),
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])
-# "grading" is what `exercises.py check` runs: "ci", shrinking to the smallest falsifying example to show the
-# student, without the explain phase (it writes patch files and costs seconds).
-settings.register_profile("grading", settings.get_profile("ci"),
+# "grading" is what `exercises.py check` runs: "ci", shrinking to the smallest failing example to show the
+# student, one failure only (never an exception group), without the explain phase (it writes patch files and
+# costs seconds).
+settings.register_profile("grading", settings.get_profile("ci"), report_multiple_bugs=False,
                           phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

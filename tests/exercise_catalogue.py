@@ -10,7 +10,10 @@ Each exercise is a dict:
     chapter     a group that `start CHAPTER` starts at once
     difficulty  1 (a few lines) to 3 (a page, with the cache or the shapes to get right)
     tests       the focused grading tests (pytest node ids, relative to the repository root)
-    hints       one to three, each saying more than the last
+    hints       one to three, each saying more than the last: the first names the symptom, the next the idea, a
+                third the common mistake; none is the code (`solution` is), and a test checks that none quotes it
+    weight      (optional) points in the gradebook; the difficulty when absent
+    slot        (set from SLOTS below) the drill slot of a bug: one of its variants is drawn per student
 
 Functions are found by name in the syntax tree, and a bug's old text must occur exactly once in its function:
 when the code changes so that an entry goes stale, tests/test_exercises.py says which and why.
@@ -63,219 +66,279 @@ EXERCISES = [
     # --- nanogpt2.py: write --------------------------------------------------------------------------------
     write("gelu", "GPT-2's GELU, the tanh approximation", NG, ["gelu_new_formula"], "blocks", 1,
           [G + "test_gelu_new_is_the_tanh_approximation", R + "test_activations_equal_reference"],
-          ["GELU(x) = x * Phi(x), Phi the standard normal CDF; GPT-2 approximates Phi(x) with a tanh.",
-           "0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), all elementwise with torch functions."]),
+          ["The test compares yours with GPT-2's formula at 2001 points from -8 to 8, to 1e-12: the exact erf GELU "
+           "(torch's default) differs from it by up to 1e-3, so it fails.",
+           "GELU(x) is x times the normal CDF of x; GPT-2 replaces that CDF by one half of (1 + tanh of a scaled "
+           "cubic polynomial in x). The docstring gives both constants.",
+           "Common slips: x^3 written with ^ (bitwise xor in Python), or the sqrt(2 / pi) factor applied to x alone "
+           "instead of to the whole polynomial."]),
     write("conv1d", "Conv1D: a linear layer with its weight stored (in, out)", NG, ["Conv1D.forward"], "blocks", 1,
           [G + "test_conv1d_is_x_times_weight_plus_bias", REFERENCE_HEADS],
-          ["The weight is (in, out), so it is x @ W + b, not x @ W.T + b as in nn.Linear.",
-           "x may have any number of leading dimensions: flatten them to (N, in), multiply, and view the result "
-           "back to x.shape[:-1] + (out,).",
-           "torch.addmm(bias, x2d, weight) does the multiply and the add in one call."]),
+          ["A matrix product that refuses the shapes, or an output that is transposed, means the weight was used the "
+           "nn.Linear way: here it is stored (in, out).",
+           "The output is x times the weight plus the bias, for any number of leading dimensions: fold them into "
+           "one, multiply, and unfold them again.",
+           "A common slip: multiplying by the weight's transpose; with a square layer the shapes still fit and only "
+           "the values are wrong."]),
     write("mlp", "The MLP: widen, activate, project back", NG, ["GPT2MLP.forward"], "blocks", 1,
           [REFERENCE_HEADS],
-          ["Four modules are ready in __init__: c_fc, act, c_proj, dropout.",
-           "The order is c_fc, then the activation, then c_proj, then dropout."]),
+          ["If the output's shape is right but its values are not, the four modules ran in the wrong order, or one "
+           "was skipped.",
+           "Widen with c_fc, apply the activation, project back with c_proj, then dropout: all four are made in "
+           "__init__."]),
     write("heads", "Splitting into heads and merging them back", NG,
           ["GPT2Attention.split_heads", "GPT2Attention.merge_heads"], "attention", 1,
           [G + "test_split_and_merge_heads_move_each_heads_channels", P + "test_attention_cores_agree"],
-          ["view (B, T, C) as (B, T, nh, hs) first; the head axis must then move in front of the tokens.",
-           "split: .view(B, T, -1, hs).transpose(1, 2); merge: the transpose back, then .contiguous() before "
-           ".view(B, T, nh * hs).",
-           "After pruning, nh * hs is self.split_size, not the config's n_embd."]),
+          ["If each head holds channels of several tokens, the head axis was made by a view alone: a view never "
+           "moves data.",
+           "Split: view the channels as (heads, head size), then swap the head axis with the token axis. Merge: undo "
+           "exactly that, in reverse order.",
+           "Common slips: a view straight after a transpose (the memory is out of order: make it contiguous first, "
+           "or reshape), and the width after pruning, which is self.split_size, not the config's n_embd."]),
     write("score-scale", "What the attention scores are multiplied by", NG, ["GPT2Attention.score_scale"],
           "attention", 1,
           [G + "test_score_scale_follows_both_config_flags", REFERENCE_HEADS],
-          ["Two config flags decide it: scale_attn_weights and scale_attn_by_inverse_layer_idx; both may be set.",
-           "1 / sqrt(head_dim) when scale_attn_weights; then divided again by (layer_idx + 1) when the other is "
-           "set (layers count from 0)."]),
+          ["The test tries all four settings of scale_attn_weights and scale_attn_by_inverse_layer_idx in layers 0, "
+           "1 and 2: note which flags the failing case has.",
+           "Start from 1; the first flag divides by the square root of the head size, the second divides again by "
+           "the layer's number counted from 1.",
+           "A common slip: the second flag replacing the first one's factor instead of multiplying with it."]),
     write("attention-core", "The attention core: scale, causal mask with a cache, padding, softmax", NG,
           ["GPT2Attention.explicit_attention"], "attention", 2,
           [P + "test_attention_cores_agree", P + "test_future_tokens_never_change_past_outputs",
            P + "test_one_forward_equals_prefill_plus_cached_steps", R + "test_left_padding_and_head_mask_match_reference"],
-          ["Scores are q @ k^T (B, nh, T, K) times score_scale(); masked scores become the dtype's minimum, then "
-           "softmax over the keys, then weights @ v.",
-           "With a cache, the T queries are the LAST T of K positions: the causal rows are self.bias[:, :, K - T:K, :K]. "
-           "Cross-attention has no causal mask at all.",
-           "The padding mask is additive: add it after the causal mask. Apply head_mask to the weights after "
-           "dropout, and with reorder_and_upcast_attn compute scores and softmax in float32 (autocast off), "
-           "scaling q before the matmul."]),
+          ["If the explicit core disagrees with SDPA only with a cache, the causal rows are wrong; only with "
+           "padding, the padding mask; always, the scale or the softmax's axis.",
+           "Scores are the queries times the keys transposed, times the factor score_scale gives; masked scores "
+           "become the dtype's minimum (not -inf); softmax over the keys; dropout; then the weighted sum of the "
+           "values.",
+           "With P cached tokens the T queries are the LAST T of the K key positions, so their rows of the causal "
+           "matrix start at K - T; cross-attention has no causal mask; the upcast path scales q first and works in "
+           "float32."]),
     write("kv-cache", "Attention's forward: projections, heads and the key/value cache", NG,
           ["GPT2Attention.forward"], "attention", 3,
           [P + "test_one_forward_equals_prefill_plus_cached_steps", R + "test_incremental_decoding_with_cache_matches_reference",
            R + "test_cross_attention_matches_reference", REFERENCE_HEADS],
-          ["c_attn gives q, k and v side by side: .split(self.split_size, dim=2). For cross-attention the query "
-           "comes from q_attn and k, v from the encoder's states.",
-           "The cached keys and values come BEFORE the new ones: torch.cat((past_key, k), dim=-2).",
-           "present is (k, v) only when use_cache; the explicit core runs when the caller wants the weights, masks "
-           "heads or asks for the upcast path, SDPA otherwise; merge the heads, then c_proj and resid_dropout."]),
+          ["If one forward is right but a prefill plus cached steps is not, look at how the cache is joined to the "
+           "new keys and values; if nothing is right, at how c_attn's output is split.",
+           "c_attn gives queries, keys and values side by side, each split_size wide; split each into heads. The "
+           "cached keys and values come first, in position order, then the new ones, along the token axis.",
+           "Then pick the core (the explicit one when weights are wanted, heads masked or the upcast path on; SDPA "
+           "otherwise), merge the heads, c_proj, resid_dropout; present only with use_cache. Cross-attention takes "
+           "its queries from q_attn and its keys and values from the encoder's states."]),
     write("padding-mask", "From a 0/1 padding mask to an additive mask", NG, ["padding_mask_to_additive"],
           "attention", 1,
           [P + "test_padded_positions_never_change_real_outputs", R + "test_left_padding_and_head_mask_match_reference"],
-          ["The result is added to scores of shape (B, nh, T, S): which axis of it are the keys?",
-           "(B, S) -> (B, 1, 1, S); 1 -> 0.0 and 0 -> torch.finfo(dtype).min."]),
+          ["If real tokens' outputs change when the padding changes, the mask hides queries instead of keys.",
+           "It is added to scores of shape (batch, heads, queries, keys): give the mask two size-1 axes so that it "
+           "broadcasts over heads and queries; kept keys add 0, padded keys the dtype's most negative number.",
+           "A common slip: -inf instead of the dtype's minimum; a row whose keys are all masked then gives NaN."]),
     write("positions", "Position ids of left-padded prompts", NG, ["_positions_from_mask"], "model", 1,
           [G + "test_positions_from_mask_count_real_tokens_only",
            H + "test_batched_left_padded_generation_equals_one_prompt_at_a_time"],
-          ["Each row's first real token is position 0, the next 1, ...: a running count of the mask.",
-           "cumsum(-1) - 1 along the row, then the padding slots set to 1 (masked_fill)."]),
+          ["If batched, left-padded generation differs from one prompt at a time, the real tokens' positions do not "
+           "start at 0.",
+           "A real token's position is the number of real tokens before it in its row: a running count of the mask, "
+           "minus one.",
+           "Padding slots get position 1 (nothing reads them); a common slip is leaving them negative, which the "
+           "position embedding refuses."]),
     write("block", "The transformer block, pre-norm", NG, ["GPT2Block.forward"], "model", 2,
           [REFERENCE_HEADS, R + "test_cross_attention_matches_reference"],
-          ["Each sub-block reads a layer-normed copy and ADDS its output to the residual stream.",
-           "ln_1 -> attn, ln_cross_attn -> crossattention (only with encoder states), ln_2 -> mlp.",
-           "attn returns (output, present, weights); return (hidden, present, self weights, cross weights)."]),
+          ["If every property holds but the outputs differ from the reference, look at which layer norm feeds which "
+           "sub-block, and at the residual additions.",
+           "Pre-norm: each sub-block reads a layer-normed copy of the stream and ADDS its output back: ln_1 then "
+           "attention, ln_cross_attn then cross-attention (only with encoder states), ln_2 then the MLP.",
+           "attn returns (output, present, weights); the block returns the stream, present, and the self- and "
+           "cross-attention weights."]),
     write("body", "The body's forward: embeddings, masks, the blocks, the final norm", NG, ["GPT2Model.forward"],
           "model", 3,
           [REFERENCE_HEADS, P + "test_one_forward_equals_prefill_plus_cached_steps",
            R + "test_left_padding_and_head_mask_match_reference", R + "test_incremental_decoding_with_cache_matches_reference"],
-          ["check_model_inputs gives (input_shape, past_length). Without position_ids, positions continue after the "
-           "past_length cached tokens.",
-           "token embeddings + position embeddings (+ token types through wte), dropout; the padding mask becomes "
-           "additive (padding_mask_to_additive) over past_length + T keys; head_mask becomes (n_layer, 1, nh, 1, 1).",
-           "Loop over self.h collecting presents, hidden states and attentions as asked; ln_f at the end; the "
-           "output's last_hidden_state has input_shape + (C,)."]),
+          ["If one forward is right but cached steps are not, the new tokens' positions do not continue after the "
+           "cached ones; if padding breaks it, the mask is not additive, or not as long as all the keys.",
+           "Embed tokens and positions (token types through the token embedding), add, dropout; the padding mask "
+           "becomes additive over the cached plus the new keys; head_mask is spread to one value per layer and head.",
+           "Loop over the blocks collecting presents, hidden states and attentions as asked, then the final layer "
+           "norm; last_hidden_state has the input's shape plus the channel axis."]),
     write("lm-loss", "The language-modelling loss, shifted, ignoring -100", NG, ["shifted_lm_loss"], "model", 1,
           [H + "test_lm_loss_equals_hand_computation"],
-          ["Position t's logits predict the label at t + 1: drop the last logits and the first label.",
-           "F.cross_entropy wants (N, V) and (N,): flatten, and pass ignore_index=-100."]),
+          ["If the loss is far too low, or is the loss of predicting the current token, the shift is missing or the "
+           "wrong way round.",
+           "Position t's logits predict the label at t + 1: leave out the last position's logits and the first "
+           "label, then take one cross-entropy over every remaining position.",
+           "Labels of -100 are skipped; cross-entropy wants the logits flattened to (positions, vocabulary) and the "
+           "labels to (positions,)."]),
     write("top-k", "Top-k filtering", NG, ["top_k_filter"], "generation", 1,
           [H + "test_top_k_filter_keeps_exactly_the_k_largest"],
-          ["Find each row's k-th largest value (torch.topk) and remove what is smaller.",
-           "k may exceed the vocabulary: clamp it. Ties with the k-th value stay."]),
+          ["If top_k=1 leaves no token, or ties with the k-th value are dropped, the comparison with the k-th value "
+           "is the wrong one.",
+           "Find each row's k-th largest value and set every logit smaller than it to -inf; the k-th itself and its "
+           "ties stay.",
+           "k may be larger than the vocabulary: clamp it first."]),
     write("top-p", "Top-p (nucleus) filtering", NG, ["top_p_filter"], "generation", 2,
           [H + "test_top_p_filter_keeps_the_smallest_nucleus"],
-          ["Sort, softmax, cumulative sum: the tokens to drop are the unlikely tail.",
-           "Sorted ascending, drop where the cumulative probability is <= 1 - p, but never the most likely token.",
-           "scatter the sorted decision back to vocabulary order before masked_fill."]),
+          ["If a small p removes the most likely token, or a large p keeps too few, look at which end of the sorted "
+           "probabilities you cut.",
+           "Sort the probabilities, take their running sum, and drop the unlikely tail whose total is at most 1 - p; "
+           "the most likely token always stays.",
+           "The decision is made in sorted order: put it back into vocabulary order before masking."]),
     write("sample-loop", "The generation loop with the cache", NG, ["_sample"], "generation", 3,
           [H + "test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward",
            H + "test_generation_stops_each_row_at_eos_and_pads_after_it",
            G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature",
            H + "test_batched_left_padded_generation_equals_one_prompt_at_a_time"],
-          ["The first step feeds the whole prompt; every later step feeds only the new token, with past_key_values.",
-           "The scores are the float32 logits through apply_processors(options.processors, ...) (temperature, "
-           "top-k, top-p are among them); sample with torch.multinomial(..., generator=options.generator), or "
-           "take the argmax.",
-           "Grow attention_mask by a column of ones and position_ids by last + 1 each step; finished rows get pad."]),
+          ["If greedy generation differs from the argmax of a full forward from the second new token on, the cache, "
+           "the mask or the positions fall out of step.",
+           "The first step feeds the whole prompt; later steps feed only the new token, with the cache; each step "
+           "the mask grows by one real column and the positions by one.",
+           "Temperature divides the logits before top-k and top-p; sample with the options' generator (or take the "
+           "argmax); a row that has finished gets the pad token from then on."]),
     write("beam-search", "Beam search with the cache", NG, ["_beam_search"], "generation", 3,
           [H + "test_beam_search_with_the_cache_equals_textbook_beam_search", R + "test_beam_search_equals_reference"],
-          ["Score every (beam, token) continuation: log_softmax, then apply_processors, + the beam's score, "
-           "viewed (B, nb * V); keep the top max(2, 1 + number of eos ids) * nb.",
-           "At the first step all beams are equal: give all but the first -1e9 so only one expands.",
-           "Reorder the cache by the surviving beams (model._reorder_cache; a prompt's mask and positions serve "
-           "all its beams); finished hypotheses go to _BeamHypotheses, the best num_return_sequences come out."]),
+          ["Beams that come out as copies of each other mean every beam expanded at the first step; results that "
+           "differ from recomputing each beam mean the cache did not follow its beam.",
+           "Score each (beam, token) continuation as the beam's score plus the token's log-probability, and rank all "
+           "the beams of a prompt together, keeping twice as many as beams in case some finish.",
+           "At the first step only one beam may expand (they all hold the same prompt); after choosing, reorder the "
+           "cache, the mask and the positions by the surviving beams; finished ones go to _BeamHypotheses."]),
     write("prune-indices", "Which channels survive when heads are pruned", NG, ["find_pruneable_heads_and_indices"],
           "pruning", 2,
           [P + "test_pruning_heads_equals_masking_them", P + "test_pruning_in_steps_equals_pruning_at_once"],
-          ["Build a (heads still here, head size) grid of ones and zero the rows of the heads to prune.",
-           "Head numbers are the original ones: after earlier pruning, a head sits further left by one row per "
-           "smaller head already pruned."]),
+          ["If pruning in two steps differs from pruning at once, earlier pruning was forgotten.",
+           "Make a grid of ones, a row per head still here and a column per channel of a head; zero the rows of the "
+           "heads to prune; the kept channels are where it is one.",
+           "Head numbers are the original model's: after earlier pruning a head sits one row further up for each "
+           "smaller head already gone."]),
     write("prune-heads", "Pruning heads: cutting Conv1D layers", NG,
           ["prune_attention_heads", "prune_conv1d_layer"], "pruning", 2,
           [P + "test_pruning_heads_equals_masking_them", P + "test_pruning_in_steps_equals_pruning_at_once",
            P + "test_pruning_shrinks_shapes_and_twice_is_a_noop"],
-          ["c_attn holds q, k and v side by side, each split_size wide: the kept index is needed in each of them.",
-           "c_proj loses input rows (dim 0) and keeps its bias; c_attn loses output columns (dim 1) and bias entries.",
-           "Update num_heads, split_size and pruned_heads afterwards."]),
+          ["If the first pruning works but the second does not, a width of the original model was used.",
+           "c_attn holds queries, keys and values side by side, each split_size wide: keep the same channels in each "
+           "third. c_proj loses input rows and keeps its bias; c_attn loses output columns and their bias entries.",
+           "Afterwards update num_heads, split_size and pruned_heads, so that the next pruning starts from the new "
+           "widths."]),
     write("safetensors-header", "Reading a safetensors header, trusting nothing", NG, ["read_safetensors_header"],
           "files", 2,
           [S + "test_save_then_load_round_trips_any_collection_of_shapes", S + "test_any_truncation_is_a_checkpoint_error",
            S + "test_empty_and_tiny_files_are_checkpoint_errors", S + "test_offsets_outside_the_data_are_a_checkpoint_error",
            S + "test_overlapping_tensors_are_a_checkpoint_error", S + "test_a_dtype_that_is_not_a_string_is_a_checkpoint_error",
            S + "test_header_json_python_cannot_parse_is_a_checkpoint_error"],
-          ["8 bytes little-endian header length (struct '<Q'), then that many bytes of UTF-8 JSON.",
-           "Every check raises CheckpointError: length within the file, JSON an object, dtype known, shape a list "
-           "of sizes, offsets inside the data and matching shape x itemsize.",
-           "Sort the (begin, end) spans and compare each with the next to find overlaps."]),
+          ["The tests hand it truncated, lying and overlapping files: each must give a CheckpointError, never a "
+           "struct, JSON or index error.",
+           "The file starts with the header's length (8 bytes, little-endian), then that many bytes of JSON. Trust "
+           "nothing: check the length against the file, that the JSON is an object, each dtype, shape and pair of "
+           "offsets.",
+           "Offsets count from the start of the data, must fit inside it and match the shape times the item size; to "
+           "find overlaps, sort the spans and compare neighbours."]),
     write("lr-schedule", "The learning-rate schedule: warmup, then a cosine", NG, ["learning_rate"], "training", 1,
           [T + "test_schedule_warms_up_then_follows_a_cosine_down_to_a_tenth"],
-          ["Two factors multiply peak: a linear warmup and a cosine decay.",
-           "warmup = min(1, (step + 1) / warmup_steps); the cosine goes from 1 at progress 0 to 0.1 at progress 1."]),
+          ["If the first step learns nothing, or the last steps learn nothing, look at where the warmup starts and "
+           "where the cosine ends.",
+           "Two factors multiply the peak rate: a linear warmup that reaches 1 after warmup_steps (step 0 already "
+           "gets its share), and a cosine that goes from 1 down to one tenth over the run."]),
     write("adamw-groups", "AdamW with weight decay on matrices only", NG, ["configure_optimizer"], "training", 1,
           [T + "test_weight_decay_goes_to_matrices_only_and_each_parameter_once"],
-          ["Two parameter groups; a tied matrix must appear once (model.parameters() already deduplicates).",
-           "p.dim() >= 2 decays; biases and layer-norm gains get weight_decay 0; betas (0.9, 0.95)."]),
+          ["If biases or layer norms decay, or a parameter appears twice, the groups are built wrongly.",
+           "Two groups: matrices (two or more dimensions) with weight decay, the rest without; each parameter once, "
+           "a tied matrix too; AdamW's betas are (0.9, 0.95)."]),
     write("train-step", "One optimiser step over micro-batches", NG, ["train_step"], "training", 3,
           [T + "test_micro_batches_with_accumulation_equal_one_bigger_batch", G + "test_train_step_clips_the_gradient_norm",
            G + "test_each_train_step_starts_from_zero_gradients"],
-          ["Normalise each micro-batch's summed loss by the number of targets (not -100) in the whole batch.",
-           "scaler.scale(loss).backward() per micro-batch; then unscale, clip (grad_clip 0 = no clipping), "
-           "scaler.step, scaler.update, zero the gradients.",
-           "Return (total loss, the norm clip_grad_norm_ returns, before clipping)."]),
+          ["If k micro-batches differ from one batch k times larger, each micro-batch was normalised on its own "
+           "instead of by the whole batch's number of targets.",
+           "Sum each micro-batch's loss, divide by the targets (labels not -100) of the whole batch, backward "
+           "through the scaler; then unscale, clip (0 means no clipping), step, update and clear the gradients.",
+           "Return the total loss and the gradient norm measured before clipping."]),
     write("sliding-windows", "The windows of a sliding-window evaluation", NG, ["sliding_windows"], "training", 2,
           [G + "test_sliding_windows_score_every_token_once",
            T + "test_eval_perplexity_matches_a_hand_computed_sliding_window"],
-          ["Windows begin at 0, stride, 2 * stride, ... and hold up to context tokens.",
-           "Each window scores from max(end of the previous window, begin + 1); stop once a window reaches the end."]),
+          ["If some tokens are scored twice or never, the windows' scored ranges overlap or leave gaps.",
+           "Windows begin at multiples of the stride and hold up to context tokens; each scores from where the "
+           "previous one stopped (never its own first token); stop once a window reaches the end."]),
     write("sliding-loss", "Perplexity with a sliding window", NG, ["sliding_window_loss"], "training", 2,
           [T + "test_eval_perplexity_matches_a_hand_computed_sliding_window"],
-          ["Run the body on each window; the logits at position t predict token t + 1.",
-           "Only the scored tokens count: targets x[:, offset:], logits from positions offset - 1 .. length - 2; "
-           "sum the cross-entropy (reduction='sum') and count the targets."]),
+          ["If perplexity is far too high, the logits and the targets are one position out of step.",
+           "Run the body on each window; only the scored tokens count, each predicted by the position before it; sum "
+           "the cross-entropy and count the targets."]),
     write("stream-decoder", "Streaming tokens as text, multi-byte characters split across tokens", NG,
           ["StreamDecoder.__call__", "StreamDecoder.flush"], "text", 2,
           [G + "test_stream_decoder_equals_decode_for_any_text"],
-          ["A token's bytes may end in the middle of a UTF-8 character: hold those bytes back.",
-           "self.utf8 is an incremental decoder: feed it get_tokenizer().decode_single_token_bytes(token); flush "
-           "with final=True."]),
+          ["If emoji and accented text show U+FFFD, a token's bytes ended inside a character and were decoded on "
+           "their own.",
+           "Feed each token's bytes to the incremental UTF-8 decoder kept in self.utf8: it holds back an unfinished "
+           "character until its last bytes arrive; flush tells it that the text has ended."]),
     # --- imagegpt.py: write --------------------------------------------------------------------------------
     write("igpt-layernorm", "ImageGPT's layer norm: an RMS norm", IG, ["ImageGPTLayerNorm.forward"], "pixels", 1,
           [I + "test_layer_norm_divides_by_root_mean_square_without_centring",
            IR + "test_every_head_matches_reference_with_realistic_weights"],
-          ["No mean is subtracted and there is no bias.",
-           "x / sqrt(mean(x^2 over the last axis) + eps) * weight."]),
+          ["If the outputs have zero mean, the mean was subtracted: ImageGPT's norm does not do that.",
+           "Divide by the square root of (the mean square over the last axis plus eps), then multiply by the weight; "
+           "there is no bias."]),
     write("quick-gelu", "quick_gelu", IG, ["quick_gelu"], "pixels", 1, [IR + "test_activations_equal_reference"],
-          ["A sigmoid stands in for the normal CDF.", "x * sigmoid(1.702 x)."]),
+          ["If your curve equals SiLU, the sigmoid's argument is not scaled.",
+           "A sigmoid stands in for the normal CDF: x times the sigmoid of x scaled by the docstring's constant."]),
     write("nearest-colour", "The nearest palette colour of each pixel", IG, ["nearest_colour"], "pixels", 2,
           [IP + "test_quantise_picks_the_nearest_colour", IP + "test_nearest_colour_works_in_chunks",
            IR + "test_quantise_equals_reference_colour_quantize"],
-          ["Squared distance |x - c|^2 = |x|^2 - 2 x.c + |c|^2, for all pixels and colours at once: (n, K).",
-           "Compute in float64 in chunks of `chunk` pixels; argmin over colours; an empty input gives an empty "
-           "LongTensor."]),
+          ["If pixels go to colours that are not the nearest, a term of the expanded distance is wrong.",
+           "The squared distance expands into |x|^2 - 2 x.c + |c|^2: all pixels against all colours is then one "
+           "matrix product; take the smallest along the colours.",
+           "Work in float64 and in chunks of `chunk` pixels; an empty input gives an empty LongTensor."]),
     write("dequantise", "Colour tokens back to pixels", IG, ["dequantise"], "pixels", 1,
           [G + "test_dequantise_rounds_each_colour_to_the_nearest_byte", IP + "test_bad_palettes_and_tokens_are_refused",
            IP + "test_dequantise_then_quantise_returns_the_tokens_for_any_palette"],
-          ["Check the palette (_check_palette) and that the last axis is a square number of tokens, within the palette.",
-           "colours = round(127.5 * (palette + 1)) as uint8; index them with the tokens and view (..., n, n, 3)."]),
+          ["If colours sometimes come out one shade too dark, values were truncated instead of rounded.",
+           "Check the palette and the tokens first; each colour in [-1, 1] maps to a byte by scaling to [0, 255] and "
+           "rounding; index with the tokens and shape the result as square images."]),
     write("paeth", "PNG's Paeth predictor", IG, ["_paeth"], "pixels", 1,
           [G + "test_paeth_breaks_ties_left_then_above_then_upper_left", IP + "test_png_reader_undoes_every_filter_type"],
-          ["p = a + b - c; pick whichever of a, b, c is nearest p.",
-           "Ties go in the order a, then b, then c."]),
+          ["If only a few pixels of some PNGs are wrong, the tie-break is wrong.",
+           "Predict p = left + above - upper left, and return whichever of the three is nearest to p; ties go to "
+           "left, then above, then upper left."]),
     write("png-filter", "Undoing a PNG row filter", IG, ["_unfilter_row"], "pixels", 2,
           [G + "test_png_filters_undo_any_random_image", IP + "test_png_reader_undoes_every_filter_type"],
-          ["Each byte = stored byte + prediction, mod 256; the left neighbour is bpp bytes back, and 0 before the row "
-           "starts.",
-           "Average and Paeth use the byte just rebuilt to the left, so they go byte by byte in order."]),
+          ["If the second pixel of each row goes wrong, or colour images but not grey ones, the left neighbour is "
+           "the wrong byte.",
+           "Each byte is the stored byte plus a prediction, mod 256; the left neighbour is one pixel (bpp bytes) "
+           "back, 0 before the row starts; Average and Paeth use bytes already rebuilt, so they go byte by byte."]),
     write("kmeans-step", "One round of k-means", IG, ["kmeans_step"], "pixels", 2,
           [G + "test_kmeans_step_moves_centres_to_means_and_empty_ones_to_the_worst_pixels",
            IP + "test_kmeans_with_more_colours_than_the_images_hold_has_no_stray_colours"],
-          ["Assign with nearest_colour, then per-centre sums (index_add_) and counts (bincount).",
-           "Empty centres go to the pixels with the largest squared error to their OLD centre (topk)."]),
+          ["If the palette has colours that no pixel uses, empty centres were left where they were.",
+           "Assign each pixel to its nearest centre, move each centre to its pixels' mean (sums and counts per "
+           "centre); an empty centre goes to the pixel worst served by its OLD centre."]),
     # --- convert_tf.py: write ------------------------------------------------------------------------------
     write("varint", "Protobuf varints", TF, ["read_varint"], "tensorflow", 1,
           [G + "test_read_varint_decodes_what_a_textbook_encoder_wrote", G + "test_read_varint_known_bytes_and_errors",
            C + "test_reader_returns_exactly_what_tensorflow_wrote"],
-          ["7 bits per byte, low bits first; the high bit says another byte follows.",
-           "Raise CheckpointError on running out of bytes, and after 10 bytes."]),
+          ["If numbers up to 127 are right but bigger ones are not, the groups are shifted by the wrong amount.",
+           "Each byte carries 7 bits, the lowest group first, and its high bit says that another byte follows; "
+           "running out of bytes, or more than 10 of them, is a CheckpointError."]),
     write("proto-fields", "Protobuf fields by wire type", TF, ["proto_fields"], "tensorflow", 2,
           [G + "test_proto_fields_reads_every_wire_type", C + "test_reader_returns_exactly_what_tensorflow_wrote"],
-          ["Each field starts with a varint key: field number = key >> 3, wire type = key & 7.",
-           "0: varint; 1: 8 bytes little-endian; 5: 4 bytes; 2: a varint length then those bytes. Anything else, "
-           "or running past the end, is a CheckpointError."]),
+          ["If messages with fixed-width fields go wrong, the sizes of wire types 1 and 5 are mixed up.",
+           "Each field starts with a varint key: the field number in its high bits, the wire type in its low 3; type "
+           "0 is a varint, 1 eight bytes, 5 four bytes, 2 a length and then that many bytes. Anything else, or "
+           "running past the end, is a CheckpointError."]),
     write("block-entries", "An SSTable block's prefix-compressed keys", TF, ["block_entries"], "tensorflow", 2,
           [G + "test_block_entries_undo_prefix_compression", C + "test_reader_returns_exactly_what_tensorflow_wrote",
            C + "test_index_of_several_blocks_and_checkpoint_of_several_shards_are_walked"],
-          ["The block ends with the restart offsets (uint32 each) and their count (uint32).",
-           "Each entry: varints shared, unshared, value length; key = previous key[:shared] + the unshared bytes."]),
+          ["If the names after the first in a block are garbled, the prefix compression is undone wrongly.",
+           "The block ends with the restart offsets and their count (4 bytes each); each entry holds three varints "
+           "(shared, unshared, value length); its key is the previous key's first `shared` bytes plus the unshared "
+           "bytes."]),
     write("mask-crc", "Masked CRC32C", TF, ["mask_crc"], "tensorflow", 1,
           [G + "test_mask_crc_is_leveldbs_rotation_plus_constant", C + "test_reader_returns_exactly_what_tensorflow_wrote"],
-          ["Rotate the 32-bit CRC right by 15 bits, then add 0xA282EAD8, all mod 2^32."]),
+          ["If every block fails its CRC check, the rotation or the constant is wrong.",
+           "Rotate the 32-bit CRC right by 15 bits, then add LevelDB's constant (in the docstring), all mod 2^32."]),
     write("crc-bytes", "CRC32C, one byte at a time", TF, ["crc32c"], "tensorflow", 1,
           [C + "test_crc32c_matches_the_standard_check_value", C + "test_fast_crc32c_equals_the_textbook_loop",
            C + "test_reader_returns_exactly_what_tensorflow_wrote"],
-          ["CRC_TABLE[i] is what the 8 low bits i leave behind when shifted out: look up (register ^ byte)'s low "
-           "8 bits and XOR the entry with the register shifted right by 8.",
-           "register = CRC_TABLE[(register ^ byte) & 0xFF] ^ (register >> 8), from 0xFFFFFFFF; return "
-           "register ^ 0xFFFFFFFF."]),
+          ["If the standard check value (of b'123456789') is wrong, look at the starting and final values, then at "
+           "the table lookup.",
+           "Start from all ones; for each byte, XOR it into the register's low byte, look that up in CRC_TABLE and "
+           "XOR the entry with the register shifted right by 8; invert at the end."]),
 ]
 
 # --- Planted bugs ------------------------------------------------------------------------------------------------
@@ -369,7 +432,8 @@ EXERCISES += [
     bug("bug-temperature", "Temperature multiplies", NG, "logits_processors",
         "scores / config.temperature", "scores * config.temperature", "generation", 1,
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
-        ["Low temperatures give wilder text, high ones greedier.", "softmax(logits / T)."]),
+        ["Low temperatures give wilder text, high ones greedier.",
+         "A low temperature must sharpen the distribution: what should it do to the logits?"]),
     bug("bug-softmax-axis", "Sampling probabilities along the wrong axis", NG, "_sample",
         "F.softmax(scores, dim=-1)", "F.softmax(scores, dim=0)", "generation", 2,
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
@@ -395,7 +459,8 @@ EXERCISES += [
     bug("bug-length-penalty", "The length penalty is ignored", NG, "_BeamHypotheses.add",
         "sum_logprobs / (generated_len ** self.length_penalty)", "sum_logprobs / generated_len", "generation", 1,
         [G + "test_beam_hypotheses_score_by_length_penalty", R + "test_beam_search_equals_reference"],
-        ["length_penalty=1 is fine; other values are not.", "score = sum of log-probabilities / length ** penalty."]),
+        ["length_penalty=1 is fine; other values are not.",
+         "The penalty is an exponent, on the length."]),
     bug("bug-prune-offset", "Pruning forgets earlier pruning", NG, "find_pruneable_heads_and_indices",
         "head = head - sum(1 for h in already_pruned if h < head)", "head = head", "pruning", 2,
         [P + "test_pruning_in_steps_equals_pruning_at_once"],
@@ -502,7 +567,8 @@ EXERCISES += [
     bug("bug-mask-rotation", "The CRC mask rotates the wrong way", TF, "mask_crc",
         "(crc >> 15) | (crc << 17)", "(crc >> 17) | (crc << 15)", "tensorflow", 1,
         [G + "test_mask_crc_is_leveldbs_rotation_plus_constant", C + "test_reader_returns_exactly_what_tensorflow_wrote"],
-        ["Every block fails its CRC check.", "Rotate right by 15."]),
+        ["Every block fails its CRC check.",
+         "Which way, and by how many bits, does LevelDB rotate?"]),
     bug("bug-int64-boundary", "int64 sign at the boundary", TF, "as_int64", "value >= 1 << 63", "value > 1 << 63",
         "tensorflow", 1, [G + "test_as_int64_is_twos_complement_at_the_boundaries"],
         ["Only -2^63 comes out wrong.", "Which values have the sign bit set?"]),
@@ -559,3 +625,51 @@ EXERCISES += [
         ["With min_new_tokens=m, the earliest eos comes after m + 1 new tokens.",
          "min_length counts the whole sequence: when it is already that long, eos is allowed."]),
 ]
+
+# --- Drill slots: per-student bug hunts ----------------------------------------------------------------------------
+# `start CHAPTER-bugs --student NAME` plants, for each slot of the chapter, ONE of its variants, drawn from a hash
+# of the name, so that neighbours hunt different bugs. The title is what the student is told (the variant's own
+# title would give it away); the gradebook has one column per slot. Bugs in no slot are planted for everyone.
+
+SLOTS = {
+    "attention-scale": dict(title="Attention's scores are scaled wrongly somewhere",
+                            variants=["bug-missing-scale", "bug-upcast-scale", "bug-inverse-layer-scale"]),
+    "attention-cache": dict(title="Attention with the key/value cache goes wrong somewhere",
+                            variants=["bug-cache-mask", "bug-sdpa-cache-mask", "bug-cache-order"]),
+    "attention-heads": dict(title="Queries, keys, values or heads are mixed up somewhere",
+                            variants=["bug-swapped-qkv", "bug-split-heads", "bug-merge-heads"]),
+    "model-layers": dict(title="The block or the body builds or uses a layer wrongly",
+                         variants=["bug-n-inner", "bug-block-norm", "bug-ln-epsilon"]),
+    "model-positions": dict(title="Position ids go wrong somewhere",
+                            variants=["bug-cache-positions", "bug-mask-positions"]),
+    "sampling": dict(title="Sampling the next token goes wrong somewhere",
+                     variants=["bug-top-k", "bug-top-p", "bug-temperature", "bug-softmax-axis"]),
+    "generation-loop": dict(title="The generation loop goes wrong after the first token",
+                            variants=["bug-cache-mask-zero", "bug-eos-restart"]),
+    "beams": dict(title="Beam search goes wrong somewhere",
+                        variants=["bug-beam-start", "bug-beam-cache", "bug-length-penalty"]),
+    "pruning-steps": dict(title="Pruning heads goes wrong somewhere", variants=["bug-prune-offset", "bug-prune-width"]),
+    "safetensors": dict(title="The safetensors reader trusts a header it should not",
+                        variants=["bug-safetensors-offsets", "bug-safetensors-overlap"]),
+    "schedule-optimiser": dict(title="The schedule or the optimiser's set-up is wrong",
+                               variants=["bug-warmup", "bug-cosine-floor", "bug-decay-everything"]),
+    "optimiser-step": dict(title="One training step goes wrong somewhere",
+                       variants=["bug-grad-clip", "bug-micro-batch-mean", "bug-zero-grad"]),
+    "sliding-window": dict(title="Sliding-window evaluation counts wrongly",
+                           variants=["bug-window-overlap", "bug-window-logits"]),
+    "colours": dict(title="Colours go wrong between pixels and tokens",
+                    variants=["bug-nearest-colour", "bug-quantise-order", "bug-dequantise-round", "bug-kmeans-empty"]),
+    "png-filters": dict(title="Some PNG files are read wrongly",
+                        variants=["bug-paeth-ties", "bug-average-left", "bug-sub-channels"]),
+    "igpt-layers": dict(title="ImageGPT's norm or activation is not ImageGPT's",
+                        variants=["bug-igpt-ln-centred", "bug-quick-gelu"]),
+    "protobuf": dict(title="Protobuf is decoded wrongly somewhere",
+                     variants=["bug-varint-shift", "bug-fixed-sizes", "bug-int64-boundary"]),
+    "sstable": dict(title="The SSTable index or its checksums are read wrongly",
+                    variants=["bug-shared-key", "bug-mask-rotation"]),
+}
+
+for _slot, _entry in SLOTS.items():
+    for _ex in EXERCISES:
+        if _ex["id"] in _entry["variants"]:
+            _ex["slot"] = _slot

@@ -398,8 +398,9 @@ def varint(n):
 def test_read_varint_decodes_what_a_textbook_encoder_wrote(numbers):
     buf, pos = b"".join(varint(n) for n in numbers), 0
     for n in numbers:
+        start = pos
         value, pos = convert_tf.read_varint(buf, pos, "test")
-        assert value == n
+        assert value == n, f"read_varint of the bytes {buf[start:pos].hex(' ')} gave {value}, expected {n}"
     assert pos == len(buf)
 
 

@@ -29,7 +29,7 @@ from nanogpt2 import (
     GPT2LMHeadModel,
     GPT2Model,
 )
-from helpers import examples
+from helpers import examples, first_difference
 
 # The hand computations below sum in another order than PyTorch's fused losses: fp32 rounding only.
 FP32_TOL = 1e-5
@@ -99,10 +99,13 @@ def assert_close(actual, expected, tol, why):
     """|actual - expected| <= tol * max(1, |expected|), elementwise maximum: a tolerance relative to scale."""
     actual = torch.as_tensor(actual).detach().float().cpu()
     expected = torch.as_tensor(expected).detach().float().cpu()
-    assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, \
+        f"{why}: shapes differ: got {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert err <= tol * scale, f"max difference {err:.3g} > {tol:g} x scale {scale:.3g} ({why})"
+    assert err <= tol * scale, \
+        f"{why}: max difference {err:.3g} > {tol:g} x scale {scale:.3g}" + \
+        first_difference(actual, expected, tol * scale)
 
 
 def nll(logits, target):
@@ -243,9 +246,9 @@ def test_top_k_filter_keeps_exactly_the_k_largest(device, rows, k):
     kept = nanogpt2.top_k_filter(logits, k)
     for row, out in zip(rows, kept.tolist()):
         kth_largest = sorted(row, reverse=True)[min(k, len(row)) - 1]
-        for value, result in zip(row, out):
-            # The k largest keep their value (ties with the k-th all kept); every other logit becomes -inf.
-            assert result == (value if value >= kth_largest else -math.inf)
+        # The k largest keep their value (ties with the k-th all kept); every other logit becomes -inf.
+        expected = [value if value >= kth_largest else -math.inf for value in row]
+        assert out == expected, f"top_k_filter({row}, k={k}) gave {out}, expected {expected}"
 
 
 @examples(25)
@@ -394,7 +397,8 @@ def test_beam_search_with_the_cache_equals_textbook_beam_search(device, config, 
         expected, gap = textbook_beam_search(model, prompts[b].tolist(), num_beams, steps=8)
         # Scores within fp32 rounding of each other may rank either way: such a case proves nothing.
         assume(gap > 1e-4)
-        assert found[b, 3:].tolist() == expected, f"prompt {b}"
+        assert found[b, 3:].tolist() == expected, \
+            f"prompt {b}: beam search with the cache gave {found[b, 3:].tolist()}, textbook beam search {expected}"
 
 
 def test_generation_stops_each_row_at_eos_and_pads_after_it(device):

@@ -39,7 +39,7 @@ from imagegpt import (
     StaticCache,
     generate,
 )
-from helpers import examples
+from helpers import examples, first_difference
 
 # fp32 keeps ~7 significant digits; a few layers of reordered sums lose about one more. A real bug here moves
 # outputs by 1e-1 of their scale or more.
@@ -133,13 +133,16 @@ def to(device, **tensors):
 
 def assert_close(actual, expected, tol, why):
     """max |actual - expected| <= tol * max(1, max |expected|): a tolerance relative to the outputs' scale."""
-    assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, \
+        f"{why}: shapes differ: got {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()  # exact for every dtype
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
-    assert err <= tol * scale, f"max difference {err:.3g} > {tol:g} x scale {scale:.3g} ({why})"
+    assert err <= tol * scale, \
+        f"{why}: max difference {err:.3g} > {tol:g} x scale {scale:.3g}" + \
+        first_difference(actual, expected, tol * scale)
 
 
 # --- causal masking ----------------------------------------------------------------------------------

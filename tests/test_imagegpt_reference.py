@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import imagegpt
+from helpers import first_difference
 
 transformers = pytest.importorskip("transformers")
 if not transformers.__version__.startswith("4.46."):  # the pinned reference (requirements.txt)
@@ -74,13 +75,15 @@ def on(device, tensors: dict):
 
 
 def assert_close(actual, expected, tol=RTOL, name="output"):
-    assert actual.shape == expected.shape, f"{name}: shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, \
+        f"{name}: shapes differ: got {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, \
-        f"{name} differs from the reference: max difference {err:.3g} > {tol:g} x scale {scale:.3g}"
+        f"{name} differs from the reference: max difference {err:.3g} > {tol:g} x scale {scale:.3g}" + \
+        first_difference(actual, expected, tol * scale)
 
 
 def assert_outputs_match(hf_out, our_out, real=None):

@@ -37,7 +37,7 @@ from nanogpt2 import (
     GPT2Model,
     StaticCache,
 )
-from helpers import examples
+from helpers import examples, first_difference
 
 # fp32 keeps ~7 significant digits; a few layers of reordered sums (cache vs no cache, SDPA vs explicit)
 # lose about one more: the worst seen over 2,500 examples of each property is 1.4e-6 of the outputs' scale.
@@ -147,13 +147,16 @@ def to(device, **tensors):
 
 def assert_close(actual, expected, tol, why):
     """max |actual - expected| <= tol * max(1, max |expected|): a tolerance relative to the outputs' scale."""
-    assert actual.shape == expected.shape, f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, \
+        f"{why}: shapes differ: got {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if expected.numel() == 0:
         return
     actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
     scale = max(1.0, expected.abs().max().item())
     err = (actual - expected).abs().max().item()
-    assert err <= tol * scale, f"max difference {err:.3g} > {tol:g} x scale {scale:.3g} ({why})"
+    assert err <= tol * scale, \
+        f"{why}: max difference {err:.3g} > {tol:g} x scale {scale:.3g}" + \
+        first_difference(actual, expected, tol * scale)
 
 
 # --- causal masking ----------------------------------------------------------------------------------
