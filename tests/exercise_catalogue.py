@@ -577,30 +577,34 @@ EXERCISES += [
           ["repetition_penalty"], "generate-processors", 1,
           [GP + "test_repetition_penalty_moves_each_token_of_the_row_once",
            GP + "test_each_steps_scores_are_the_logits_through_the_processors_with_the_tokens_so_far"],
-          ["Which tokens does row b hold? tokens_present(input_ids, V) answers with a (B, V) mask, once per token.",
-           "The penalised score: torch.where(scores < 0, scores * penalty, scores / penalty) (dividing a negative "
-           "score would raise it).",
-           "Keep the penalised score where the mask is True, the original elsewhere (torch.where again)."]),
+          ["If a token seen twice is pushed down twice as far, you penalise occurrences, not tokens: the reference "
+           "moves each token of the row once.",
+           "Find which tokens each row holds (a (B, V) mask; tokens_present makes one), then change only those scores.",
+           "Dividing a negative score by a penalty above 1 raises it: negative scores are multiplied instead."]),
     write("no-repeat-ngram", "No repeated n-grams", NG, ["no_repeat_ngram"], "generate-processors", 2,
           [GP + "test_no_repeat_ngram_forbids_exactly_the_tokens_that_repeat_an_ngram",
            GP + "test_with_no_repeat_ngram_size_no_ngram_occurs_twice"],
-          ["input_ids.unfold(1, n, 1) gives every n-gram of each row, (B, L - n + 1, n), without a loop.",
-           "An n-gram matters when its first n - 1 tokens equal the row's last n - 1; its last token is then "
-           "forbidden. Compare with .all(dim=-1).",
-           "Turn the forbidden tokens into a (B, V) mask (tokens_present, with V for 'none') and masked_fill -inf."]),
+          ["If an n-gram still repeats, look at which token you forbid: the one that would complete an n-gram the "
+           "row already holds.",
+           "Every n-gram of the row whose first n - 1 tokens equal the row's last n - 1 tokens forbids its last "
+           "token; a sliding window over the row gives them all without a loop.",
+           "A row shorter than n cannot repeat anything yet; forbidden scores become -inf, not a large negative."]),
     write("bad-words", "Bad words are never completed", NG, ["ban_bad_words"], "generate-processors", 2,
           [GP + "test_bad_words_forbid_the_tokens_that_would_complete_a_word",
            GP + "test_with_bad_words_no_bad_word_is_ever_completed"],
-          ["Build a (B, V) bool mask of banned tokens, then one masked_fill with -inf.",
-           "A one-token word: banned in every row. A longer one: its last token is banned in the rows that end with "
-           "the rest of the word.",
-           "Compare input_ids[:, L - len(prefix):] with the prefix as a tensor, .all(dim=1): one bool per row."]),
+          ["If one-token bad words are blocked but longer ones still appear, the rows' endings are not compared "
+           "with the right part of the word.",
+           "A word is completed by the next token: ban its last token in the rows that already end with the rest "
+           "of it (a one-token word: in every row).",
+           "Compare the row's last tokens, not its first; gather every banned token in one (B, V) mask, then set "
+           "those scores to -inf once."]),
     write("min-length", "A minimum length: no eos too early", NG, ["forbid_eos"], "generate-processors", 1,
           [GP + "test_forbid_eos_until_the_minimum_length",
            GP + "test_with_a_minimum_length_eos_never_comes_before_it"],
-          ["The length that counts is input_ids.size(1), the prompt included.",
-           "Several eos ids may be given; some may be past the scores' width (tokens_present leaves those out).",
-           "From the minimum length on, return the scores untouched."]),
+          ["If eos comes one token early or late, check which length you compare: the whole sequence so far, "
+           "prompt included.",
+           "Below the minimum, every eos id's score is -inf; from the minimum on, the scores are untouched.",
+           "Several eos ids may be given, and some may lie beyond the scores' width: forbid only those that exist."]),
     bug("bug-repetition-sign", "The repetition penalty rewards negative scores", NG, "repetition_penalty",
         "torch.where(scores < 0, scores * penalty, scores / penalty)",
         "torch.where(scores < 0, scores / penalty, scores * penalty)", "generate-processors", 1,
