@@ -174,12 +174,13 @@ def test_the_pieces_of_gpt2s_pattern(text, pieces):
 
 
 def pieces_message(text, got, expected):
-    """A wrong cut in plain words: the text, the pieces expected and got, and the first piece that differs."""
+    """A wrong cut in plain words: the text, the pieces got and expected, and the first piece that differs."""
     first = next((i for i, (g, e) in enumerate(zip(got, expected)) if g != e), min(len(got), len(expected)))
-    return (f"split_into_pieces({text!r}) gave {len(got)} pieces, GPT-2's pattern (tiktoken's) gives "
-            f"{len(expected)}:\n    got:      {got!r}\n    expected: {expected!r}\n"
-            f"the first difference is piece {first}: got {got[first] if first < len(got) else 'nothing'!r}, expected "
-            f"{expected[first] if first < len(expected) else 'nothing'!r}")
+    return (f"split_into_pieces({text!r}) gave the wrong pieces:\n"
+            f"    got:      {got!r}\n"
+            f"    expected: {expected!r}  (GPT-2's pattern, as tiktoken cuts the text)\n"
+            f"    the first difference is piece {first}: got {got[first] if first < len(got) else 'nothing'!r}, "
+            f"expected {expected[first] if first < len(expected) else 'nothing'!r}")
 
 
 # tiktoken's own pattern for GPT-2 (possessive quantifiers, \p{L} and \p{N}), run by the regex module as tiktoken's
@@ -252,7 +253,7 @@ def test_merge_piece_gives_tiktokens_tokens_for_every_piece(text):
         got = nanogpt2.merge_piece(piece.encode("utf-8"), ranks)
         assert got == expected, (f"merge_piece({piece.encode('utf-8')!r}, GPT-2's ranks), the piece {piece!r} of "
                                  f"the text, gave\n    {shown_tokens(got)}\nbut tiktoken's tokens for it are\n"
-                                 f"    {shown_tokens(expected)}")
+                                 f"    {shown_tokens(expected)}\n(a token's id is its rank: the lower, the earlier its merge)")
 
 
 # --- Special tokens, bad arguments ----------------------------------------------------------------------
@@ -415,6 +416,10 @@ def replaced(word, pair, new_id):
     return out
 
 
+def times(n):
+    return f"{n} time" if n == 1 else f"{n} times"
+
+
 def pair_counts_of(counts):
     """Every adjacent pair of counts.words counted again from scratch, each occurrence counting its word's count."""
     pairs = collections.Counter()
@@ -442,8 +447,8 @@ def test_each_round_merges_the_most_frequent_pair_and_counts_the_pairs_again(tex
         expected = best if best is not None and pairs[best] >= 2 else None
         got = counts.best_pair()
         assert got == expected, (
-            f"round {round}: best_pair() gave {shown(got)}" + (f" (it occurs {pairs[got]} times)" if got else "") +
-            f", but the pair to merge is {shown(expected)}" + (f" ({pairs[expected]} times)" if expected else
+            f"round {round}: best_pair() gave {shown(got)}" + (f" (it occurs {times(pairs[got])})" if got else "") +
+            f", but the pair to merge is {shown(expected)}" + (f" ({times(pairs[expected])})" if expected else
                                                                " (no pair occurs twice)") +
             f"; the most frequent pairs now: {[(shown(p), n) for p, n in pairs.most_common(4)]}")
         if expected is None:
@@ -464,7 +469,7 @@ def test_each_round_merges_the_most_frequent_pair_and_counts_the_pairs_again(tex
                        key=lambda p: (counts.tokens[p[0]], counts.tokens[p[1]]))
         assert not wrong, (
             f"round {round}: after merge({shown(expected)}), {len(wrong)} pair counts are wrong; e.g. "
-            + "; ".join(f"{shown(p)} is counted {kept.get(p, 0)} times, but the words hold it {pairs.get(p, 0)} times"
+            + "; ".join(f"{shown(p)} is counted {times(kept.get(p, 0))}, but the words hold it {times(pairs.get(p, 0))}"
                         for p in wrong[:3]))
 
 
