@@ -20,7 +20,7 @@ import unicodedata
 import pytest
 import regex  # tiktoken's own dependency: its pattern, as tiktoken's Python side runs it
 import tiktoken
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -246,6 +246,7 @@ def shown_tokens(ids):
 
 @examples(100)
 @given(known_texts)
+@example("Zzzz... Aaaaah!!!!!! 2222")  # pieces that hold the same pair twice or more: the leftmost merges first
 def test_merge_piece_gives_tiktokens_tokens_for_every_piece(text):
     """Each piece of the text (cut by tiktoken's own pattern) merged with GPT-2's ranks: tiktoken's tokens."""
     ranks = ours().ranks
@@ -431,6 +432,7 @@ def pair_counts_of(counts):
 
 @examples(50)
 @given(small_texts)
+@example("ab ab ba ba")  # a tie in the first round, of pairs that occur exactly twice
 def test_each_round_merges_the_most_frequent_pair_and_counts_the_pairs_again(text):
     """Training one round at a time, against the definition: best_pair() is the most frequent pair of the words as
     they are now (ties: the left token's bytes, then the right's, sort first; None when no pair occurs twice), and
