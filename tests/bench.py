@@ -42,6 +42,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The tokenizer rows need tiktoken's GPT-2 files, which it downloads on first use; the suite ships the same
+# files (checked by their sha256), so an offline machine runs the bench too. A cache you set wins.
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, "tests", "fixtures", "tiktoken"))
 
 import imagegpt  # noqa: E402
 import nanogpt2  # noqa: E402
