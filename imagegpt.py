@@ -439,46 +439,43 @@ class ImageGPTAttention(nn.Module):
 
 
 class StaticCache:
-    """A key/value cache allocated once for a whole generation: per layer, keys and values of shape
-    (B, nh, max_length, hs), written in place as tokens arrive; attention reads the filled part.
+    """A key/value cache allocated once for a whole generation, and written in place.
 
-    The reference's cache, which forward also takes and returns, is a tuple of (k, v) per layer that grows
-    by concatenation: every step copies the whole cache to add one token to it, O(T^2) bytes over a
-    generation and fresh memory each step. Here a step writes only its own T keys and values. Pass a
-    StaticCache(max_length) as past_key_values, empty or filled by earlier calls; forward fills it further
-    and returns the same object as past_key_values. generate() uses one by default. It is for inference
-    (under torch.no_grad): writing in place into tensors autograd has saved would break a backward pass.
+    Per layer, keys and values of shape (B, nh, max_length, hs), made at the layer's first write. A forward
+    of T new tokens writes them after the P filled positions and attention reads the P + T filled ones:
+    one token's copy per step, where the reference's tuples grow by concatenation (the whole cache copied,
+    into new memory, every step). Pass StaticCache(max_length) as past_key_values, empty or filled by
+    earlier calls; forward fills it and returns it as past_key_values. For inference (torch.no_grad):
+    writing in place into tensors autograd saved would break the backward pass.
     """
 
     def __init__(self, max_length: int):
         self.max_length = max_length
-        self.length = 0  # positions filled: the same in every layer between forward calls (ImageGPTModel advances it)
-        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
+        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs)
         self.values: Dict[Optional[int], torch.Tensor] = {}
-        # Fixed shapes, for a compiled decoding step (generate(compile=True)): when write_at is a LongTensor
-        # (T,) of slots, update writes there and returns every slot, so that each step has the same shapes
-        # whatever the length; the attention mask must then hide the slots not written yet.
-        self.write_at: Optional[torch.Tensor] = None
+        self.filled: Dict[Optional[int], int] = {}  # layer -> positions written (all equal between forwards)
 
+    @property
+    def length(self) -> int:
+        """P: the positions filled, in every layer, between forward calls."""
+        return next(iter(self.filled.values()), 0)
 
     @property
     def batch_size(self) -> Optional[int]:
         return next(iter(self.keys.values())).size(0) if self.keys else None
 
     def update(self, layer: Optional[int], k, v):
-        """Write layer's new keys and values k, v (B, nh, T, hs) after the P filled positions; return the keys
-        and values of all P + T positions, (B, nh, P + T, hs) each: views of the cache, not copies."""
-        if layer not in self.keys:  # made here, on the layer's device and dtype, with its number of heads
+        """Write a layer's keys and values of T new positions, k and v (B, nh, T, hs), after its P filled
+        ones. Returns the keys and values of all P + T, (B, nh, P + T, hs) each: views, not copies."""
+        if layer not in self.keys:  # made at the first write, on k's device and dtype, with its heads
             B, nh, _, hs = k.shape
             self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
             self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
-        if self.write_at is not None:  # fixed shapes: write the given slots, read all max_length
-            self.keys[layer].index_copy_(2, self.write_at, k)
-            self.values[layer].index_copy_(2, self.write_at, v)
-            return self.keys[layer], self.values[layer]  # (B, nh, max_length, hs)
-        P, T = self.length, k.size(-2)
+            self.filled[layer] = 0
+        P, T = self.filled[layer], k.size(-2)
         self.keys[layer][:, :, P : P + T] = k
         self.values[layer][:, :, P : P + T] = v
+        self.filled[layer] = P + T
         return self.keys[layer][:, :, : P + T], self.values[layer][:, :, : P + T]
 
     def reorder(self, beam_idx):
@@ -488,8 +485,9 @@ class StaticCache:
             self.values[layer] = self.values[layer].index_select(0, beam_idx.to(self.values[layer].device))
 
     def to_tuple(self) -> tuple:
-        """The same keys and values in the reference's layout: per layer (k, v), each (B, nh, length, hs)."""
-        return tuple((self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]) for i in sorted(self.keys))
+        """The same keys and values in the reference's layout: per layer (k, v), each (B, nh, P, hs)."""
+        return tuple((self.keys[i][:, :, : self.filled[i]], self.values[i][:, :, : self.filled[i]])
+                     for i in sorted(self.keys))
 
 
 def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -718,8 +716,7 @@ class ImageGPTModel(nn.Module):
                 if cfg.add_cross_attention:
                     all_cross_attentions += (cross_weights,)
 
-        if static:  # every layer has written its T new positions
-            past_key_values.length += T
+        if static:  # written in place: the same object goes back
             presents = past_key_values if use_cache else None
         hidden_states = self.ln_f(hidden_states)
         hidden_states = hidden_states.view(input_shape + (hidden_states.size(-1),))  # (..., T, C)
@@ -871,164 +868,86 @@ def _positions_from_mask(attention_mask):
     return position_ids.masked_fill(attention_mask == 0, 1)
 
 
-@dataclass
-class GenerationOptions:
-    """What the decoding loops read, resolved and checked by prepare_generation (Part II) from the model's
-    GenerationConfig and generate()'s keywords: one object rather than a dozen parameters."""
-
-    max_new_tokens: int  # N: at most this many new tokens per row
-    do_sample: bool  # draw from the softmax of the processed scores; False takes the argmax
-    processors: list  # f(tokens so far (B, L), scores (B, V)) -> scores, in the reference's order (Part II)
-    eos: Optional[Tuple[int, ...]]  # a row that emits one of these is finished; None never stops early
-    pad: Optional[int]  # what a finished row carries from then on
-    num_beams: int = 1  # > 1: beam search, with this many beams per prompt
-    num_return_sequences: int = 1  # beam search: the best this many hypotheses of each prompt
-    length_penalty: float = 1.0  # beam search: a hypothesis scores sum of log-probabilities / length**penalty
-    early_stopping: object = False  # beam search: True, False or "never" (see _BeamHypotheses.is_done)
-    output_scores: bool = False  # keep each step's processed scores
-    return_dict_in_generate: bool = False  # return the Generate...Output rather than the tokens alone
-    generator: Optional[torch.Generator] = None  # for the draws; None: torch's global generator, as the reference
-    on_token: Optional[Callable] = None  # on_token(tokens (B,)) after each step, for streaming
-
-
 @torch.no_grad()
-def generate(
-    model: "ImageGPTForCausalImageModeling",
-    input_ids=None,
-    generation_config=None,
-    attention_mask=None,
-    generator: Optional[torch.Generator] = None,
-    on_token=None,
-    stop_at_eos: bool = True,
-    cache: str = "static",
-    compile: bool = False,
-    **kwargs,
-):
-    """Sample or complete images pixel by pixel, reusing the key/value cache so every step runs the model on one
-    new token only.
+def generate(model: "ImageGPTForCausalImageModeling", input_ids=None, generation_config=None, attention_mask=None, **kwargs):
+    """Sample or complete images pixel by pixel: the reference's generate() (transformers 4.46.3), with its
+    arguments, defaults and tokens, in greedy decoding, sampling and beam search.
 
-    input_ids (B, T): the prompts, each starting with SOS (vocab_size - 1) followed by the pixels already known
-    (the top rows of an image, in raster order); None means one prompt of just SOS, an unconditional sample.
-    Returns a LongTensor (B * num_return_sequences, T + number of new tokens); drop the first column (SOS) to get
-    pixels. By default the image is completed: the model's generation_config has max_length = n_positions + 1
-    (SOS + one token per pixel), where the reference's default is 20 tokens; its other defaults are the
-    reference's (transformers 4.46.3): greedy, or with do_sample=True top_k=50 unless told otherwise.
-
-    The reference's generate() arguments, with its meaning and tokens: kwargs are fields of GenerationConfig
-    (Part II), which override generation_config (default: model.generation_config):
-      lengths      max_length (the prompt included), max_new_tokens (wins when both are given), min_length,
-                   min_new_tokens (eos, if the model is given one, is forbidden until then)
-      strategy     greedy by default; do_sample=True draws from the softmax; num_beams > 1: beam search, with
-                   length_penalty, early_stopping (True, False or "never") and num_return_sequences
-      sampling     temperature=1.0, top_k=50 (0 or None: off), top_p=1.0; num_return_sequences per prompt
-      repetition   repetition_penalty, no_repeat_ngram_size, bad_words_ids (see logits_processors)
-      tokens       eos_token_id (none by default: an image never ends early), pad_token_id, bos_token_id (SOS)
-      outputs      return_dict_in_generate=True returns GenerateDecoderOnlyOutput (sequences, scores) or, for
-                   beams, GenerateBeamDecoderOnlyOutput (also sequences_scores, beam_indices); output_scores=True
-                   fills in the scores
-    attention_mask (B, T): 0 on left padding, for prompts of different lengths (padding anywhere else is
-    refused). Every argument is checked before any work (prepare_generation).
-    Beyond the reference: generator, a torch.Generator for the draws (default: torch's global one, as the
-    reference); on_token(tokens (B,)) after each step, for progress; stop_at_eos=False; cache="static" (the
-    default) keeps keys and values in a StaticCache, written in place, cache="tuple" in the reference's growing
-    tuples; compile=True runs each step after the prompt through torch.compile (see compiled_decode_step), with
-    fixed shapes: the first call compiles, for a minute or more; later calls with the same shapes reuse it.
+    input_ids (B, T): the prompts, each SOS (vocab_size - 1) then the pixels already known (the top rows of
+    an image, in raster order); None is one prompt of SOS alone, an unconditional sample. attention_mask
+    (B, T): 0 on left padding, for prompts of different lengths (padding anywhere else is refused).
+    kwargs: fields of GenerationConfig (max_new_tokens, do_sample, top_k, num_beams, ...: Part II lists
+    them), over generation_config (default model.generation_config: the reference's, but starting from SOS
+    and completing the image, max_length = n_positions + 1), and generate()'s own: generator (a
+    torch.Generator for the draws), on_token(tokens (B,)) after each step, stop_at_eos=False, cache="tuple"
+    (the reference's growing tuples; default "static", a StaticCache) and compile=True (Part II). Every
+    argument is checked before any work (prepare_generation): a ValueError or TypeError naming it.
+    Returns a LongTensor (B * num_return_sequences, T + new tokens), SOS first; with
+    return_dict_in_generate=True a GenerateDecoderOnlyOutput (GenerateBeamDecoderOnlyOutput for beams).
     """
-    input_ids, attention_mask, options = prepare_generation(  # Part II: the defaults and the checks
-        model, input_ids, attention_mask, generation_config, kwargs, generator, on_token, stop_at_eos)
-    if cache not in ("static", "tuple"):
-        raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
-    _check_compile_args(model, compile, cache, options.num_beams)
+    input_ids, attention_mask, options = prepare_generation(  # Part II: the defaults, every check
+        model, input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config, **kwargs)
     was_training = model.training
     model.eval()  # no dropout while generating
     try:
-        # One slot per token fed to the model: the last new token is never fed back, so SOS + n_positions fit.
-        slots = min(input_ids.size(1) + options.max_new_tokens, model.config.n_positions)
-        past = StaticCache(slots) if cache == "static" else None
         if options.num_beams > 1:
-            out = _beam_search(model, input_ids, attention_mask, options, past)  # Part II
-        elif not compile:
-            out = _sample(model, input_ids, attention_mask, options, past)
+            out = _beam_search(model, input_ids, attention_mask, options)  # Part II
         else:
-            with compile_settings(input_ids.device):
-                out = _sample(model, input_ids, attention_mask, options, past, compiled_decode_step(model))
+            out = _sample(model, input_ids, attention_mask, options)
     finally:
         model.train(was_training)
     return out if options.return_dict_in_generate else out.sequences
 
 
-def next_token_logits(model, hidden):
-    """The LM head on the last hidden states only, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than
-    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the kernel streams it
-    once for every row of the batch (measured on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16).
-    Only the last position's logits are needed to choose the next token, so the prompt's others are skipped."""
-    weight = model.lm_head.weight  # (V, C)
-    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
+def decode_step(model, tokens, positions, mask, cache):
+    """One step of generation: the body on the T tokens not cached yet, then the LM head on the last one.
+
+    tokens, positions (B, T); mask (B, P + T) of 0/1, or None when nothing is padded; cache: the P earlier
+    tokens' keys and values (None, a StaticCache or the reference's tuples: past_key_values). Only the last
+    position's logits choose the next token, so the head skips the others.
+    Returns (the next token's logits (B, V), the cache holding all P + T tokens).
+    """
+    out = model.transformer(tokens, past_key_values=cache, position_ids=positions, attention_mask=mask,
+                            use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1]), out.past_key_values  # (B, C) -> (B, V)
 
 
-def _sample(model, input_ids, attention_mask, options, past=None, decode_step=None):
-    """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
+def _sample(model, input_ids, attention_mask, options):
+    """Greedy decoding or sampling with the key/value cache: generate()'s loop when num_beams is 1.
 
-    input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. options: the
-    GenerationOptions, N = options.max_new_tokens. past: a StaticCache with S = min(T0 + N, n_positions) slots
-    (the last new token is never fed back), or None for the reference's tuple cache. Tokens are allocated once,
-    (B, T0 + N), the mask and positions (B, S), and filled in rather than concatenated a column at a time: the
-    mask's new columns are ones, and the new tokens' positions continue from each row's last prompt position
-    (positions come from _positions_from_mask). The first step runs the body on the whole prompt, later steps
-    on the one new token per row, with past_key_values, the mask up to the current length (none at all when
-    nothing is padded) and the position ids, use_cache=True. The next token's logits (next_token_logits, as
-    float32) become scores through options.processors (apply_processors, with the tokens so far (B, length));
-    then the argmax when not options.do_sample, else one torch.multinomial draw per row from their softmax,
-    using options.generator. With options.eos not None, rows already finished get options.pad
-    instead, a row that emits an eos token is finished from then on, and the loop stops once every row is
-    finished. After each step call options.on_token(next_tokens (B,)) if given. Returns a
-    GenerateDecoderOnlyOutput: sequences (B, T0 + number of steps run), and, with options.output_scores, scores,
-    a tuple of each step's processed scores (B, V).
-    decode_step (generate(compile=True)): the steps after the prompt run decode_step(model, tokens (B, 1),
-    positions (B, 1), mask (B, S), past) instead, with fixed shapes: past.write_at holds the slot to write, and
-    the mask hides the slots not generated yet (it gets each new column's 1 as the token is written).
+    input_ids, attention_mask (B, T0): the prompts, left-padded, 0 on padding (checked by generate()).
+    options: GenerationOptions (Part II); options.step computes each step's logits as decode_step does
+    (Part II picks it: decode_step with a faster head by default, a compiled one for compile=True).
+    Runs options.max_new_tokens (N) steps, fewer if every row has emitted an eos id; a finished row
+    carries options.pad from then on. Returns GenerateDecoderOnlyOutput: sequences (B, T0 + steps run),
+    and with options.output_scores each step's processed scores (B, V).
     """
     B, T0 = input_ids.shape
     N = options.max_new_tokens
-    S = min(T0 + N, model.config.n_positions)  # slots: every token but the last new one is fed to the model
-    tokens = input_ids.new_zeros(B, T0 + N)  # (B, T0 + N): prompt, then the new tokens
-    tokens[:, :T0] = input_ids
-    mask = attention_mask.new_zeros(B, S)  # 1 on the tokens so far (but padding), 0 on the slots to come
-    mask[:, :T0] = attention_mask
-    positions = torch.arange(S, device=input_ids.device).repeat(B, 1)  # (B, S)
-    positions[:, :T0] = _positions_from_mask(attention_mask)
-    positions[:, T0:] += positions[:, T0 - 1 : T0] - (T0 - 1)  # new tokens continue from each row's last
-    padded = not bool(attention_mask.all())  # without padding no mask is needed: a mask of ones masks nothing
+    S = min(T0 + N, model.config.n_positions)  # cache slots: every token but the last new one is fed back
+    tokens = F.pad(input_ids, (0, N))  # (B, T0) -> (B, T0 + N): the prompts, then room for new tokens
+    mask = F.pad(attention_mask, (0, S - T0), value=1)  # (B, T0) -> (B, S): new tokens are never padding
+    positions = _positions_from_mask(mask)  # (B, S): each row counts its own tokens, new ones included
+    padded = not bool(attention_mask.all())  # no padding: no mask at all (a mask of ones masks nothing)
     eos = torch.tensor(options.eos, device=input_ids.device) if options.eos is not None else None
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    cache = StaticCache(S) if options.cache == "static" else None
     steps_scores = []
-    start, length = 0, T0  # tokens[:, start:length] are not cached yet
+    start, length = 0, T0  # tokens[:, start:length] are not in the cache yet
     for _ in range(N):
-        if decode_step is not None and start > 0:  # compiled, fixed shapes: the new token, every slot
-            past.write_at.fill_(start)  # a tensor, so that the compiled step does not change with the length
-            logits = decode_step(model, tokens[:, start:length], positions[:, start:length], mask, past)
-            past.length = length
-        else:
-            out = model.transformer(tokens[:, start:length], past_key_values=past,
-                                    position_ids=positions[:, start:length],
-                                    attention_mask=mask[:, :length] if padded else None, use_cache=True)
-            past = out.past_key_values
-            logits = next_token_logits(model, out.last_hidden_state[:, -1])  # (B, V): the next token's
-            if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
-                past.write_at = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-                mark_static(past)
+        logits, cache = options.step(model, tokens[:, start:length], positions[:, start:length],
+                                     mask[:, :length] if padded else None, cache)  # (B, V)
         scores = apply_processors(options.processors, tokens[:, :length], logits.float())  # Part II
         if options.output_scores:
             steps_scores.append(scores)
         if options.do_sample:
             probs = F.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)  # (B,)
+            next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)
         else:
             next_tokens = scores.argmax(dim=-1)  # (B,)
         if eos is not None:
             next_tokens = torch.where(unfinished, next_tokens, options.pad)  # finished rows carry padding
         tokens[:, length] = next_tokens
-        mask[:, length : length + 1] = 1  # (the last new token has no slot: nothing to set)
         start, length = length, length + 1
         if options.on_token is not None:
             options.on_token(next_tokens)
@@ -1036,8 +955,8 @@ def _sample(model, input_ids, attention_mask, options, past=None, decode_step=No
             unfinished &= ~torch.isin(next_tokens, eos)
             if not unfinished.any():
                 break
-    return GenerateDecoderOnlyOutput(sequences=tokens[:, :length],
-                                     scores=tuple(steps_scores) if options.output_scores else None)
+    scores = tuple(steps_scores) if options.output_scores else None
+    return GenerateDecoderOnlyOutput(sequences=tokens[:, :length], scores=scores)
 
 
 # ====================================================================================================
@@ -1358,8 +1277,32 @@ def _check_generation_config(config: GenerationConfig, scored: int):
         raise bad("bad_words_ids", f"None or a non-empty list of non-empty lists of token ids in [0, {scored})")
 
 
-def prepare_generation(model, input_ids, attention_mask, generation_config, kwargs, generator=None, on_token=None,
-                       stop_at_eos=True):
+@dataclass
+class GenerationOptions:
+    """What the decoding loops (_sample in Part I, _beam_search) read, resolved and checked by
+    prepare_generation from the model's GenerationConfig and generate()'s keywords: one object rather than a
+    dozen parameters."""
+
+    max_new_tokens: int  # N: at most this many new tokens per row
+    do_sample: bool  # draw from the softmax of the processed scores; False takes the argmax
+    processors: list  # f(tokens so far (B, L), scores (B, V)) -> scores, in the reference's order (Part II)
+    eos: Optional[Tuple[int, ...]]  # a row that emits one of these is finished; None never stops early
+    pad: Optional[int]  # what a finished row carries from then on
+    num_beams: int = 1  # > 1: beam search, with this many beams per prompt
+    num_return_sequences: int = 1  # beam search: the best this many hypotheses of each prompt
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum of log-probabilities / length**penalty
+    early_stopping: object = False  # beam search: True, False or "never" (see _BeamHypotheses.is_done)
+    output_scores: bool = False  # keep each step's processed scores
+    return_dict_in_generate: bool = False  # return the Generate...Output rather than the tokens alone
+    generator: Optional[torch.Generator] = None  # for the draws; None: torch's global generator, as the reference
+    on_token: Optional[Callable] = None  # on_token(tokens (B,)) after each step, for streaming
+    cache: str = "static"  # "static": a StaticCache, written in place; "tuple": the reference's growing tuples
+    # One decoding step, with decode_step's contract: fast_decode_step, or fixed_shape_step for compile=True.
+    step: Optional[Callable] = None
+
+
+def prepare_generation(model, input_ids=None, attention_mask=None, generation_config=None, generator=None,
+                       on_token=None, stop_at_eos=True, cache="static", compile=False, **kwargs):
     """generate()'s arguments -> (input_ids, attention_mask, GenerationOptions), as the reference prepares them,
     everything checked before any work.
 
@@ -1370,7 +1313,9 @@ def prepare_generation(model, input_ids, attention_mask, generation_config, kwar
     not an eos id, else ones (as the reference). Lengths: N = max_new_tokens if set, else max_length - T; eos is
     forbidden until min_new_tokens new tokens, else min_length tokens. For greedy decoding and sampling, each
     prompt and its mask are repeated num_return_sequences times (rows grouped by prompt); beam search expands
-    its own. The processors come from logits_processors. Returns the prompts and mask on the model's device.
+    its own. The processors come from logits_processors. cache is "static" or "tuple"; compile=True (greedy
+    decoding and sampling, with the static cache) makes the step fixed_shape_step, else fast_decode_step.
+    Returns the prompts and mask on the model's device.
     """
     names = {f.name for f in fields(GenerationConfig)} - {"extra"}
     for name in kwargs:
@@ -1424,12 +1369,16 @@ def prepare_generation(model, input_ids, attention_mask, generation_config, kwar
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
     # beam sampling keeps enough tokens that a beam can continue even if all the eos ids are among them
     keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
+    if cache not in ("static", "tuple"):
+        raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
+    _check_compile_args(model, compile, cache, config.num_beams)
     options = GenerationOptions(
         max_new_tokens=N, do_sample=config.do_sample, processors=logits_processors(config, min_length, eos, keep),
         eos=eos if stop_at_eos else None, pad=pad, num_beams=config.num_beams,
         num_return_sequences=config.num_return_sequences, length_penalty=config.length_penalty,
         early_stopping=config.early_stopping, output_scores=config.output_scores,
         return_dict_in_generate=config.return_dict_in_generate, generator=generator, on_token=on_token,
+        cache=cache, step=fixed_shape_step if compile else fast_decode_step,
     )
     return input_ids, attention_mask, options
 
@@ -1597,13 +1546,13 @@ class _BeamHypotheses:
         return self.worst_score >= best_sum_logprobs / generated_len ** self.length_penalty
 
 
-def _beam_search(model, input_ids, attention_mask, options, past=None):
+def _beam_search(model, input_ids, attention_mask, options):
     """Beam search as the reference does it; returns a GenerateBeamDecoderOnlyOutput whose sequences are
     (B * num_return_sequences, length), length <= T + N.
 
     options: the GenerationOptions, nb = options.num_beams, N = options.max_new_tokens. Each prompt keeps nb partial
-    sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (past: a StaticCache, or None
-    for tuples); each prompt's mask and positions serve all its beams). All beams start from the same prompt, so at
+    sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (a StaticCache, or tuples for
+    options.cache="tuple"); each prompt's mask and positions serve all its beams). All beams start from the same prompt, so at
     the first step only beam 0 may expand (the others start at -1e9). Each step takes log_softmax of every beam's
     next-token logits, puts them through options.processors (apply_processors, with the beams' tokens so far), adds
     the beam's summed score, and views the result (B, nb * V): every continuation (beam, token) of a prompt. From
@@ -1635,6 +1584,7 @@ def _beam_search(model, input_ids, attention_mask, options, past=None):
     K = max(2, 1 + len(eos)) * nb  # enough that nb survive even if every eos id is among the best
     steps_scores = []
     beam_indices = [()] * (B * nb) if options.output_scores else None  # per row: the rows its tokens came from
+    past = StaticCache(min(T + N, model.config.n_positions)) if options.cache == "static" else None
     step_input = tokens
     for _ in range(N):
         out = model(step_input, past_key_values=past, attention_mask=attention_mask,
@@ -2005,14 +1955,73 @@ def _check_left_padding(attention_mask, input_ids, where: str = ""):
 
 
 
-# --- Compiled decoding: generate(compile=True) -------------------------------------------------------
+# --- Faster decoding: the head's layout, and generate(compile=True) ---------------------------------------
+
+
+def next_token_logits(model, hidden):
+    """The LM head on the last hidden states, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than lm_head's
+    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the CPU kernel streams
+    it once for every row of the batch (on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16). A test
+    checks it equals lm_head (tests/test_fast_paths.py); bench.py's decode rows time the whole step both ways."""
+    weight = model.lm_head.weight  # (V, C)
+    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
+
+
+def fast_decode_step(model, tokens, positions, mask, cache):
+    """Part I's decode_step with next_token_logits as the head: the step generate() runs by default, with
+    decode_step's arguments and results (and the same logits, to fp32 rounding)."""
+    out = model.transformer(tokens, past_key_values=cache, position_ids=positions, attention_mask=mask,
+                            use_cache=True)
+    return next_token_logits(model, out.last_hidden_state[:, -1]), out.past_key_values  # (B, V)
+
+
+class FixedShapeCache(StaticCache):
+    """A StaticCache whose writes, once the prompt is in, never change a tensor's shape, so that
+    torch.compile makes one graph for every decoding step (generate(compile=True)).
+
+    The prompt is written as a StaticCache writes it. Then fix_shapes() sets write_at, a LongTensor (1,) of
+    the slot to write (a tensor, so that the slot changes without the graph changing), and `visible`, the
+    (B, max_length) 0/1 mask of the slots attention may read: from then on update() writes the one new
+    token's keys and values at write_at and returns every slot, the empty ones hidden by `visible`.
+    """
+
+    def __init__(self, max_length: int):
+        super().__init__(max_length)
+        self.write_at: Optional[torch.Tensor] = None  # None until fix_shapes: the prompt's growing writes
+        self.visible: Optional[torch.Tensor] = None  # (B, max_length): 1 on the real tokens written so far
+        self.decode: Optional[Callable] = None  # the compiled decode_one_token that reads this cache
+
+    def update(self, layer: Optional[int], k, v):
+        if self.write_at is None:  # the prompt, any length
+            return super().update(layer, k, v)
+        self.keys[layer].index_copy_(2, self.write_at, k)  # k (B, nh, 1, hs) into slot write_at
+        self.values[layer].index_copy_(2, self.write_at, v)
+        return self.keys[layer], self.values[layer]  # (B, nh, max_length, hs): every slot
+
+    def fix_shapes(self, mask):
+        """After the prompt (P = length tokens; mask (B, P) of 0/1, or None for no padding): fixed shapes."""
+        keys = next(iter(self.keys.values()))
+        self.visible = torch.zeros(keys.size(0), self.max_length, dtype=torch.long, device=keys.device)
+        self.visible[:, : self.length] = 1 if mask is None else mask
+        self.write_at = torch.zeros(1, dtype=torch.long, device=keys.device)
+        mark_static(self)
+
+    def next_slot(self):
+        """Point write_at at slot P = length, for the next token, and let attention see it."""
+        self.write_at.fill_(self.length)
+        self.visible[:, self.length] = 1
+
+    def advance(self):
+        """The token at write_at is written in every layer: P grows by one."""
+        for layer in self.filled:
+            self.filled[layer] += 1
 
 
 def decode_one_token(model, tokens, positions, mask, cache):
     """One decoding step with shapes that never change, so that torch.compile makes one graph for every
     step: tokens and positions (B, 1), mask (B, L) of 0/1 over every slot of the cache (0 on padding and on
-    the slots not written yet), cache a StaticCache of L slots whose write_at is set. Returns the next
-    token's logits (B, V).
+    the slots not written yet), cache a FixedShapeCache of L slots after fix_shapes (its write_at set).
+    Returns the next token's logits (B, V).
 
     The body's forward without its checks and options: embeddings, the blocks (each writes its keys and
     values at cache.write_at and attends over all L slots, the mask hiding the empty ones), ln_f, the head.
@@ -2072,6 +2081,23 @@ def mark_static(cache):
     if cache.write_at.device.type == "cuda":
         for t in (*cache.keys.values(), *cache.values.values(), cache.write_at):
             torch._dynamo.mark_static_address(t)
+
+
+def fixed_shape_step(model, tokens, positions, mask, cache):
+    """generate(compile=True)'s decoding step, with decode_step's arguments and results. The prompt runs
+    eagerly (fast_decode_step: any length) into a FixedShapeCache; every later token runs through
+    compiled_decode_step(model), whose shapes never change: it writes slot cache.write_at and reads every
+    slot, cache.visible hiding the ones not written yet (the loop's own mask is not needed then)."""
+    if not isinstance(cache, FixedShapeCache):  # the prompt: made from the loop's empty StaticCache
+        logits, cache = fast_decode_step(model, tokens, positions, mask, FixedShapeCache(cache.max_length))
+        cache.fix_shapes(mask)
+        cache.decode = compiled_decode_step(model)
+        return logits, cache
+    cache.next_slot()
+    with compile_settings(tokens.device):
+        logits = cache.decode(model, tokens, positions, cache.visible, cache)  # (B, V)
+    cache.advance()
+    return logits, cache
 
 
 def _check_compile_args(model, compile, cache, num_beams):

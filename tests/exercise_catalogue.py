@@ -189,10 +189,12 @@ EXERCISES = [
            H + "test_batched_left_padded_generation_equals_one_prompt_at_a_time"],
           ["If greedy generation differs from the argmax of a full forward from the second new token on, the cache, "
            "the mask or the positions fall out of step.",
-           "The first step feeds the whole prompt; later steps feed only the new token, with the cache; each step "
-           "the mask grows by one real column and the positions by one.",
-           "Temperature divides the logits before top-k and top-p; sample with the options' generator (or take the "
-           "argmax); a row that has finished gets the pad token from then on."]),
+           "The first step feeds the whole prompt; later steps feed only the new token, with the cache the step "
+           "gave back. Make the mask and the positions once, for every slot: new tokens are real tokens, and their "
+           "positions continue each row's own count.",
+           "options.step gives the logits and the cache; the processors (temperature, top-k and top-p among them) "
+           "turn the logits into scores; sample with the options' generator (or take the argmax); a row that has "
+           "finished gets the pad token from then on."]),
     write("beam-search", "Beam search with the cache", NG, ["_beam_search"], "generation", 3,
           [H + "test_beam_search_with_the_cache_equals_textbook_beam_search", R + "test_beam_search_equals_reference"],
           ["Beams that come out as copies of each other mean every beam expanded at the first step; results that "
@@ -439,7 +441,7 @@ EXERCISES += [
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
         ["Sampled tokens are allowed ones, but their frequencies are wrong.", "logits are (B, V)."]),
     bug("bug-cache-mask-zero", "Generated tokens are masked out", NG, "_sample",
-        "mask[:, length : length + 1] = 1", "mask[:, length : length + 1] = 0", "generation", 1,
+        "(0, S - T0), value=1)", "(0, S - T0), value=0)", "generation", 1,
         [H + "test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward"],
         ["Greedy generation differs from the argmax of a full forward from the second new token.",
          "What should the mask say about the tokens just generated?"]),
