@@ -31,6 +31,7 @@ C = "tests/test_convert_tf.py::"
 G = "tests/test_gaps.py::"
 GP = "tests/test_generation_processors.py::"
 GR = "tests/test_generation_reference.py::"
+TK = "tests/test_tokenizer.py::"
 
 CHAPTERS = {
     "blocks": "Building blocks: the activation, Conv1D, the MLP",
@@ -45,6 +46,7 @@ CHAPTERS = {
     "tensorflow": "OpenAI's TensorFlow checkpoints: protobuf, the SSTable index, CRC32C",
     "generate-processors": "Generation the reference's way: repetition penalty, n-gram blocking, bad words, "
                            "minimum length",
+    "tokenizer": "GPT-2's tokenizer: the pre-tokenizer, one piece's merge loop, one round of BPE training",
 }
 
 REFERENCE_HEADS = R + "test_every_head_matches_reference_with_realistic_weights"
@@ -632,6 +634,99 @@ EXERCISES += [
          "min_length counts the whole sequence: when it is already that long, eos is allowed."]),
 ]
 
+# --- The tokenizer: GPT-2's byte-level BPE written out (nanogpt2.py, Part III), graded against tiktoken ------------
+
+PIECES = TK + "test_the_pieces_of_gpt2s_pattern"
+PIECES_PROPERTY = TK + "test_split_into_pieces_cuts_text_where_tiktokens_own_pattern_cuts_it"
+ENCODER = TK + "test_written_out_encoder_gives_tiktokens_tokens_on_arbitrary_text"
+MERGE_LOOP = TK + "test_merge_loop_merges_the_lowest_rank_first_and_the_leftmost_of_equals"
+MERGE_PROPERTY = TK + "test_merge_piece_gives_tiktokens_tokens_for_every_piece"
+ROUND = TK + "test_each_round_merges_the_most_frequent_pair_and_counts_the_pairs_again"
+TIES = TK + "test_ties_go_to_the_pair_whose_bytes_sort_first"
+TRAINING = TK + "test_incremental_training_gives_the_merges_of_the_definition"
+
+EXERCISES += [
+    write("pre-tokenizer", "GPT-2's pre-tokenizer: text cut into the pieces that merges never cross", NG,
+          ["gpt2_split_pattern", "split_into_pieces"], "tokenizer", 2,
+          [PIECES, PIECES_PROPERTY, TK + "test_every_kind_of_character_is_cut_where_tiktoken_cuts_it", ENCODER],
+          ["The failing case shows the text, your pieces and GPT-2's (tiktoken's): look at whether it goes wrong at "
+           "a run of whitespace, a contraction in capitals, or a letter or digit of another script.",
+           "GPT-2's pattern is in the comment above WHITESPACE; Python's re has no \\p{L}, but character_classes "
+           "gives a letter, a number and 'anything else but whitespace' as re expressions, and WHITESPACE lists the "
+           "whitespace. At each position the first alternative that matches wins; findall gives the pieces in order.",
+           "Common slips: the optional space before a word, number or symbol is the plain space only; a run of "
+           "whitespace before a word leaves its last character to that word (a negative lookahead), unless the run "
+           "ends the text; Python's own \\s also takes \\x1c to \\x1f, which GPT-2's does not."]),
+    write("merge-loop", "One piece's merge loop: the lowest rank first", NG, ["merge_piece"], "tokenizer", 2,
+          [MERGE_LOOP, MERGE_PROPERTY, ENCODER],
+          ["If words that are one token whole come out right but other pieces do not, look at which pair you merge "
+           "first; if only pieces with a repeated pair go wrong, at which of two equal pairs.",
+           "Start from one part per byte. Each round, find the adjacent pair whose joined bytes have the lowest rank "
+           "in ranks and join it; stop when no adjacent pair's bytes are in ranks. The ids are the final parts' "
+           "ranks.",
+           "A lower rank is an earlier merge, so it goes first; of equal pairs the leftmost; after a merge only the "
+           "pairs on either side of the new part change, so there is no need to look at every pair again."]),
+    write("merge-pair", "One merge in one word: every occurrence of a pair becomes the new token", NG,
+          ["merge_pair"], "tokenizer", 1,
+          [TK + "test_merge_pair_replaces_each_occurrence_from_left_to_right", TRAINING],
+          ["If three equal tokens in a row become two new tokens, or the list you were given has changed, overlapping "
+           "pairs were both merged, or the word was edited in place.",
+           "Walk the word from the left into a new list: where the pair starts, add the new id and step past both "
+           "tokens; anywhere else, copy one token and step one."]),
+    write("bpe-round", "One round of BPE training: the most frequent pair, merged, the counts kept up to date", NG,
+          ["PairCounts.best_pair", "PairCounts.merge"], "tokenizer", 3,
+          [ROUND, TIES, TRAINING, TK + "test_the_text_endoftext_separates_documents_and_is_never_learnt",
+           TK + "test_a_trained_bpe_encodes_as_tiktoken_encodes_with_its_merges"],
+          ["The first test names the round where best_pair chose another pair than the definition, or the pair "
+           "counts that were wrong after a merge: is it a tie, a pair seen exactly twice, or a neighbour of the "
+           "merged pair?",
+           "best_pair: the heap's smallest entry is the next pair, unless its count is not the pair's count now "
+           "(then it is stale: drop it); a pair must occur at least twice. merge: the new token's bytes (or the "
+           "token they already are), then in each word that holds the pair, its old pairs taken off the counts and "
+           "its new pairs added.",
+           "Common slips: a changed count with no new heap entry, so best_pair never sees it; a word in `where` "
+           "that no longer holds the pair (an earlier merge took it); counts that fall to zero left in pairs."]),
+    bug("bug-rank-max", "The merge loop merges the highest rank first", NG, "merge_piece",
+        "best = min(pair_ranks)", "best = max(pair_ranks)", "tokenizer", 1,
+        [MERGE_LOOP, MERGE_PROPERTY, ENCODER],
+        ["Words that are one token whole are right; other pieces stay as single bytes or split oddly.",
+         "A rank is a merge's place in the list: which merge was learnt first?"]),
+    bug("bug-merge-rightmost", "Of two equal pairs, the rightmost merges first", NG, "merge_piece",
+        "i = pair_ranks.index(best)", "i = len(pair_ranks) - 1 - pair_ranks[::-1].index(best)", "tokenizer", 2,
+        [MERGE_LOOP, MERGE_PROPERTY],
+        ["Only pieces that hold the same pair twice, like 'bbb', go wrong.",
+         "Two pairs of the same rank: which one does GPT-2 merge?"]),
+    bug("bug-space-lookahead", "A run of spaces keeps its last space", NG, "gpt2_split_pattern",
+        "|[{space}]+(?![^{space}])", "", "tokenizer", 1, [PIECES, PIECES_PROPERTY],
+        ["A run of spaces before a word stays whole: the word should get the run's last space.",
+         "Which alternative of the pattern lets a run of whitespace stop one character early, and when?"]),
+    bug("bug-space-joins", "Any whitespace joins the word after it", NG, "gpt2_split_pattern",
+        "| ?{letter}+", "|[{space}]?{letter}+", "tokenizer", 2, [PIECES, PIECES_PROPERTY],
+        ["A tab, a newline or an ideographic space before a word becomes part of the word's piece.",
+         "Which characters may stand before a word in its piece?"]),
+    bug("bug-number-space", "The space before a number is cut off", NG, "gpt2_split_pattern",
+        "| ?{number}+", "|{number}+", "tokenizer", 1, [PIECES, PIECES_PROPERTY],
+        ["' 2019' gives two pieces, a space and '2019'.", "Letters, numbers and symbols each take an optional space."]),
+    bug("bug-tie-ids", "Training breaks ties by token id", NG, "PairCounts.heap_entry",
+        "self.tokens[pair[0]], self.tokens[pair[1]], pair)", "pair[0], pair[1], pair)",
+        "tokenizer", 2, [ROUND, TIES],
+        ["'ab ab ba ba' learns 'ab' first; the definition learns ' b' first.",
+         "Ties go to the pair whose bytes sort first: are the tokens' ids in the order of their bytes?"]),
+    bug("bug-pair-twice", "Pairs that occur exactly twice are never merged", NG, "PairCounts.best_pair",
+        ">= 2 else None", "> 2 else None", "tokenizer", 1, [ROUND, TIES, TRAINING],
+        ["Training stops too early: a text in which every pair occurs twice learns nothing.",
+         "How often must a pair occur to be merged?"]),
+    bug("bug-forgotten-pairs", "A merge never takes the old pairs off the counts", NG, "PairCounts.merge",
+        "            for old in zip(word, word[1:]):\n                changed[old] -= count\n", "", "tokenizer", 2,
+        [ROUND, TRAINING],
+        ["After the first merge, the merged pair still counts as often as before.",
+         "A merge takes pairs out of a word as well as putting new ones in."]),
+    bug("bug-merge-overlap", "merge_pair merges overlapping pairs", NG, "merge_pair", "i += 2", "i += 1",
+        "tokenizer", 1, [TK + "test_merge_pair_replaces_each_occurrence_from_left_to_right", TRAINING],
+        ["Three equal tokens in a row, merged as a pair of two, give two new tokens.",
+         "After a merge, where does the next comparison start?"]),
+]
+
 # --- Drill slots: per-student bug hunts ----------------------------------------------------------------------------
 # `start CHAPTER-bugs --student NAME` plants, for each slot of the chapter, ONE of its variants, drawn from a hash
 # of the name, so that neighbours hunt different bugs. The title is what the student is told (the variant's own
@@ -673,6 +768,12 @@ SLOTS = {
                      variants=["bug-varint-shift", "bug-fixed-sizes", "bug-int64-boundary"]),
     "sstable": dict(title="The SSTable index or its checksums are read wrongly",
                     variants=["bug-shared-key", "bug-mask-rotation"]),
+    "pieces": dict(title="Text is cut into pieces wrongly somewhere",
+                   variants=["bug-space-lookahead", "bug-space-joins", "bug-number-space"]),
+    "merge-order": dict(title="A piece's bytes are merged in the wrong order",
+                        variants=["bug-rank-max", "bug-merge-rightmost"]),
+    "bpe-training": dict(title="BPE training learns the wrong merges somewhere",
+                         variants=["bug-tie-ids", "bug-pair-twice", "bug-forgotten-pairs", "bug-merge-overlap"]),
 }
 
 for _slot, _entry in SLOTS.items():

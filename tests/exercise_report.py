@@ -53,8 +53,10 @@ def emit(record):
 # --- Putting values and exceptions in plain words ----------------------------------------------------------
 
 
-def short(text, limit=300):
-    text = " ".join(str(text).split()) if "\n" not in str(text) else str(text)
+def short(text, limit=300, fold=True):
+    """text cut to `limit` characters; one line of it (fold) with its runs of whitespace made one space. A repr is
+    never folded: its spaces are the value's ('a   b' is not 'a b')."""
+    text = " ".join(str(text).split()) if fold and "\n" not in str(text) else str(text)
     return text if len(text) <= limit else text[:limit - 20] + f"... ({len(text)} characters)"
 
 
@@ -92,7 +94,7 @@ def render(value):
     if np is not None and isinstance(value, np.ndarray):
         return f"array({value.tolist()}, {value.dtype})" if value.size <= 24 else \
             f"array of shape {value.shape}, {value.dtype}"
-    return short(repr(value))
+    return short(repr(value), fold=False)
 
 
 def innermost(error):

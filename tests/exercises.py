@@ -130,16 +130,22 @@ def plant_bug(source, qualname, old, new):
     return "".join(lines[:first]) + body.replace(old, new) + "".join(lines[last + 1:])
 
 
-BANNER = re.compile(r"^# (?:--- )?((?:\d+\. )?[A-Z][^-\n]*?)(?: -+)?$")
+BANNER = re.compile(r"^# --- (.+?) -{3,}$")  # "# --- Attention -----", "# --- 2. Protobuf by hand -----"
+RULE = re.compile(r"^# -{10,}$")  # a part's title stands between two of these
 
 
 def section_of(source, qualname):
-    """The title of the last section banner above the function ('Attention', 'Protobuf by hand', ...)."""
+    """The title of the last section banner above the function ('Attention', '2. Protobuf by hand', "GPT-2's
+    byte-pair encoding, written out"), or of the part it is in ('Tokenizer'); a comment is never a banner."""
     first, _ = function_span(source, qualname)
-    for line in reversed(source.splitlines()[:first]):
-        m = BANNER.match(line.rstrip())
-        if m and not line.startswith("# ---------"):
+    lines = [line.rstrip() for line in source.splitlines()]
+    for i in range(first - 1, -1, -1):
+        m = BANNER.match(lines[i])
+        if m:
             return m.group(1).strip()
+        if 0 < i < len(lines) - 1 and lines[i].startswith("# ") and RULE.match(lines[i - 1]) and \
+                RULE.match(lines[i + 1]):
+            return lines[i][2:].strip()
     return "the top of the file"
 
 

@@ -18,8 +18,9 @@ import pathlib
 import unicodedata
 
 import pytest
+import regex  # tiktoken's own dependency: its pattern, as tiktoken's Python side runs it
 import tiktoken
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -145,8 +146,7 @@ def test_every_kind_of_character_is_cut_where_tiktoken_cuts_it():
     """Each character after a letter, a number, a symbol and a tab: one piece with it, or two, as tiktoken's regex
     decides. The characters: every letter and number that Unicode 15.0-16.0 added (NEWER_LETTERS, NEWER_NUMBERS),
     every whitespace and look-alike, and every 89th code point (every one under HYPOTHESIS_PROFILE=thorough)."""
-    chosen = {cp for span in (nanogpt2.NEWER_LETTERS + " " + nanogpt2.NEWER_NUMBERS).split()
-              for cp in range(int(span.split("-")[0], 16), int(span.split("-")[-1], 16) + 1)}
+    chosen = set(NEWER_CODE_POINTS)
     chosen |= {ord(c) for c in SPACES} | set(range(0x80, 0x110000, 1 if THOROUGH else 89))
     characters = [chr(cp) for cp in sorted(chosen) if unicodedata.category(chr(cp)) != "Cs"]
     strings = [before + c for c in characters for before in PROBES.values()]
@@ -169,15 +169,92 @@ def test_every_kind_of_character_is_cut_where_tiktoken_cuts_it():
     ("👍🏽!? ok", ["👍🏽!?", " ok"]),
 ])
 def test_the_pieces_of_gpt2s_pattern(text, pieces):
-    assert nanogpt2.split_into_pieces(text) == pieces
+    got = nanogpt2.split_into_pieces(text)
+    assert got == pieces, pieces_message(text, got, pieces)
+
+
+def pieces_message(text, got, expected):
+    """A wrong cut in plain words: the text, the pieces got and expected, and the first piece that differs."""
+    first = next((i for i, (g, e) in enumerate(zip(got, expected)) if g != e), min(len(got), len(expected)))
+    return (f"split_into_pieces({text!r}) gave the wrong pieces:\n"
+            f"    got:      {got!r}\n"
+            f"    expected: {expected!r}  (GPT-2's pattern, as tiktoken cuts the text)\n"
+            f"    the first difference is piece {first}: got {got[first] if first < len(got) else 'nothing'!r}, "
+            f"expected {expected[first] if first < len(expected) else 'nothing'!r}")
+
+
+# tiktoken's own pattern for GPT-2 (possessive quantifiers, \p{L} and \p{N}), run by the regex module as tiktoken's
+# Python side runs it. The regex module may know a newer Unicode than tiktoken's Rust regex (16.0): the texts below
+# keep only characters that this Python's unicodedata or NEWER_LETTERS / NEWER_NUMBERS know, on which the three
+# agree (test_every_kind_of_character_is_cut_where_tiktoken_cuts_it checks the Rust side, character by character).
+GPT2_PATTERN = regex.compile(r50k_pat_str)
+NEWER_CODE_POINTS = frozenset(cp for span in (nanogpt2.NEWER_LETTERS + " " + nanogpt2.NEWER_NUMBERS).split()
+                              for cp in range(int(span.split("-")[0], 16), int(span.split("-")[-1], 16) + 1))
+
+
+def known_characters(text):
+    return "".join(c for c in text if unicodedata.category(c) != "Cn" or ord(c) in NEWER_CODE_POINTS)
+
+
+known_texts = texts.map(known_characters)
+
+
+@examples(100)
+@given(known_texts)
+def test_split_into_pieces_cuts_text_where_tiktokens_own_pattern_cuts_it(text):
+    expected = GPT2_PATTERN.findall(text)
+    got = nanogpt2.split_into_pieces(text)
+    assert got == expected, pieces_message(text, got, expected)
 
 
 def test_merge_loop_merges_the_lowest_rank_first_and_the_leftmost_of_equals():
     a, b, ab, bb = 0, 1, 2, 3
     ranks = {b"a": a, b"b": b, b"ab": ab, b"bb": bb}
-    assert nanogpt2.merge_piece(b"abb", ranks) == [ab, b]  # "ab" (rank 2) before "bb" (rank 3)
-    assert nanogpt2.merge_piece(b"bbb", ranks) == [bb, b]  # the leftmost "bb" first
-    assert nanogpt2.merge_piece(b"", ranks) == []
+    for piece, expected, why in ((b"abb", [ab, b], '"ab" (rank 2) merges before "bb" (rank 3)'),
+                                 (b"bbb", [bb, b], 'of two "bb" of the same rank, the leftmost merges first'),
+                                 (b"ab", [ab], "a piece that is one token"),
+                                 (b"ba", [b, a], '"ba" is no token: nothing merges'),
+                                 (b"", [], "an empty piece has no tokens")):
+        got = nanogpt2.merge_piece(piece, ranks)
+        assert got == expected, (f"merge_piece({piece!r}, ranks={ranks}) gave {got}, expected {expected}: {why}")
+
+
+def tiktokens_pieces(text):
+    """[(piece, tiktoken's token ids for it)] of text: the pieces of tiktoken's pattern, and tiktoken's tokens of the
+    whole text cut where each piece's bytes end (tokens never cross pieces)."""
+    tk = tiktokens()
+    ids, at, pieces = tk.encode_ordinary(text), 0, []
+    for piece in GPT2_PATTERN.findall(text):
+        left, piece_ids = len(piece.encode("utf-8")), []
+        while left > 0:
+            piece_ids.append(ids[at])
+            left -= len(tk.decode_single_token_bytes(ids[at]))
+            at += 1
+        assert left == 0, f"a token of tiktoken's crosses the end of the piece {piece!r}: the test is wrong"
+        pieces.append((piece, piece_ids))
+    assert at == len(ids)
+    return pieces
+
+
+def shown_tokens(ids):
+    """Token ids with their bytes, for a message: [18435 b' Hello', 0 b'!']."""
+    try:
+        return "[" + ", ".join(f"{i} {ours().decode_single_token_bytes(i)!r}" for i in ids) + "]"
+    except Exception:  # not a list of token ids: shown as it is
+        return repr(ids)
+
+
+@examples(100)
+@given(known_texts)
+@example("Zzzz... Aaaaah!!!!!! 2222")  # pieces that hold the same pair twice or more: the leftmost merges first
+def test_merge_piece_gives_tiktokens_tokens_for_every_piece(text):
+    """Each piece of the text (cut by tiktoken's own pattern) merged with GPT-2's ranks: tiktoken's tokens."""
+    ranks = ours().ranks
+    for piece, expected in tiktokens_pieces(nanogpt2.valid_unicode(text)):
+        got = nanogpt2.merge_piece(piece.encode("utf-8"), ranks)
+        assert got == expected, (f"merge_piece({piece.encode('utf-8')!r}, GPT-2's ranks), the piece {piece!r} of "
+                                 f"the text, gave\n    {shown_tokens(got)}\nbut tiktoken's tokens for it are\n"
+                                 f"    {shown_tokens(expected)}\n(a token's id is its rank: the lower, the earlier its merge)")
 
 
 # --- Special tokens, bad arguments ----------------------------------------------------------------------
@@ -313,6 +390,89 @@ def test_incremental_training_gives_the_merges_of_the_definition(text):
     assert merges == naive_training(text, 400)[:len(merges)]
     if len(merges) < 400:  # ran out: the definition runs out at the same merge
         assert len(naive_training(text, 400)) == len(merges)
+
+
+@examples(100)
+@given(st.lists(st.integers(0, 3), max_size=12), st.tuples(st.integers(0, 3), st.integers(0, 3)))
+def test_merge_pair_replaces_each_occurrence_from_left_to_right(word, pair):
+    """merge_pair against bytes.replace, which replaces from left to right, never overlapping (token ids 0-3 and the
+    new token 9 as bytes)."""
+    before = list(word)
+    expected = list(bytes(word).replace(bytes(pair), bytes([9])))
+    got = nanogpt2.merge_pair(word, pair, 9)
+    assert got == expected, f"merge_pair({before}, {pair}, 9) gave {got}, expected {expected}"
+    assert word == before, f"merge_pair({before}, {pair}, 9) changed the list it was given into {word}"
+
+
+def replaced(word, pair, new_id):
+    """word with each occurrence of pair replaced by new_id, from the left, never overlapping (the definition)."""
+    out, i = [], 0
+    while i < len(word):
+        if tuple(word[i: i + 2]) == tuple(pair):
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def times(n):
+    return f"{n} time" if n == 1 else f"{n} times"
+
+
+def pair_counts_of(counts):
+    """Every adjacent pair of counts.words counted again from scratch, each occurrence counting its word's count."""
+    pairs = collections.Counter()
+    for word, count in zip(counts.words, counts.counts):
+        for pair in zip(word, word[1:]):
+            pairs[pair] += count
+    return pairs
+
+
+@examples(50)
+@given(small_texts)
+@example("ab ab ba ba")  # a tie in the first round, of pairs that occur exactly twice
+def test_each_round_merges_the_most_frequent_pair_and_counts_the_pairs_again(text):
+    """Training one round at a time, against the definition: best_pair() is the most frequent pair of the words as
+    they are now (ties: the left token's bytes, then the right's, sort first; None when no pair occurs twice), and
+    after merge(pair) every word holds the new token where it held the pair (from the left, never overlapping)
+    and the counts of pairs are those of the words counted again."""
+    counts = nanogpt2.PairCounts(nanogpt2.count_pieces(text))
+
+    def shown(pair):
+        return None if pair is None else tuple(counts.tokens[t] for t in pair)
+
+    for round in range(1, 81):
+        pairs = pair_counts_of(counts)
+        best = min(pairs, key=lambda p: (-pairs[p], counts.tokens[p[0]], counts.tokens[p[1]]), default=None)
+        expected = best if best is not None and pairs[best] >= 2 else None
+        got = counts.best_pair()
+        assert got == expected, (
+            f"round {round}: best_pair() gave {shown(got)}" + (f" (it occurs {times(pairs[got])})" if got else "") +
+            f", but the pair to merge is {shown(expected)}" + (f" ({times(pairs[expected])})" if expected else
+                                                               " (no pair occurs twice)") +
+            f"; the most frequent pairs now: {[(shown(p), n) for p, n in pairs.most_common(4)]}")
+        if expected is None:
+            break
+        words = [list(word) for word in counts.words]
+        token_id, _ = counts.merge(expected)
+        assert counts.tokens[token_id] == counts.tokens[expected[0]] + counts.tokens[expected[1]], (
+            f"round {round}: merge({shown(expected)}) returned token {token_id}, whose bytes are "
+            f"{counts.tokens[token_id]!r}")
+        for word, now in zip(words, counts.words):
+            merged = replaced(word, expected, token_id)
+            assert list(now) == merged, (
+                f"round {round}: merge({shown(expected)}) made the word {[counts.tokens[t] for t in word]} "
+                f"{[counts.tokens[t] for t in now]}, expected {[counts.tokens[t] for t in merged]}")
+        pairs = pair_counts_of(counts)
+        kept = {pair: n for pair, n in counts.pairs.items() if n}
+        wrong = sorted((pair for pair in set(pairs) | set(kept) if pairs.get(pair, 0) != kept.get(pair, 0)),
+                       key=lambda p: (counts.tokens[p[0]], counts.tokens[p[1]]))
+        assert not wrong, (
+            f"round {round}: after merge({shown(expected)}), {len(wrong)} pair counts are wrong; e.g. "
+            + "; ".join(f"{shown(p)} is counted {times(kept.get(p, 0))}, but the words hold it {times(pairs.get(p, 0))}"
+                        for p in wrong[:3]))
 
 
 def test_ties_go_to_the_pair_whose_bytes_sort_first():
