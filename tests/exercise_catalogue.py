@@ -152,14 +152,15 @@ EXERCISES = [
            "attention, ln_cross_attn then cross-attention (only with encoder states), ln_2 then the MLP.",
            "attn returns (output, present, weights); the block returns the stream, present, and the self- and "
            "cross-attention weights."]),
-    write("body", "The body's forward: embeddings, masks, the blocks, the final norm", NG, ["GPT2Model.forward"],
-          "model", 3,
+    write("body", "The body's forward: embeddings, masks, the blocks, the final norm", NG,
+          ["GPT2Model.embed", "layer_cache", "GPT2Model.forward"], "model", 3,
           [REFERENCE_HEADS, P + "test_one_forward_equals_prefill_plus_cached_steps",
            R + "test_left_padding_and_head_mask_match_reference", R + "test_incremental_decoding_with_cache_matches_reference"],
           ["If one forward is right but cached steps are not, the new tokens' positions do not continue after the "
            "cached ones; if padding breaks it, the mask is not additive, or not as long as all the keys.",
-           "Embed tokens and positions (token types through the token embedding), add, dropout; the padding mask "
-           "becomes additive over the cached plus the new keys; head_mask is spread to one value per layer and head.",
+           "embed: tokens and positions (token types through the token embedding), added, then dropout. forward: the "
+           "padding mask becomes additive over the cached plus the new keys; head_mask is spread to one value per "
+           "layer and head; layer_cache gives each block its part of the cache.",
            "Loop over the blocks collecting presents, hidden states and attentions as asked, then the final layer "
            "norm; last_hidden_state has the input's shape plus the channel axis."]),
     write("lm-loss", "The language-modelling loss, shifted, ignoring -100", NG, ["shifted_lm_loss"], "model", 1,
@@ -394,7 +395,7 @@ EXERCISES += [
         "mask[:, None, None, :]", "mask[:, None, :, None]", "attention", 2,
         [P + "test_padded_positions_never_change_real_outputs", R + "test_left_padding_and_head_mask_match_reference"],
         ["Real tokens' outputs change when padding changes.", "Scores are (B, nh, queries, keys)."]),
-    bug("bug-cache-positions", "Positions restart at 0 with a cache", NG, "GPT2Model.forward",
+    bug("bug-cache-positions", "Positions restart at 0 with a cache", NG, "GPT2Model.embed",
         "torch.arange(past_length, past_length + T", "torch.arange(0, T", "model", 1,
         [P + "test_one_forward_equals_prefill_plus_cached_steps", R + "test_incremental_decoding_with_cache_matches_reference"],
         ["Cached generation differs from a full forward from the second step on.",
