@@ -19,13 +19,15 @@ data flows through it):
   Part II: what the reference also has
     The other heads                       double heads, sequence/token classification, question answering
     Output dataclasses                    what each forward returns (out.logits, out[0], to_tuple())
-    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length
+    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length,
+                                          top-k, top-p
     Beam search                           generate(num_beams=...)
     Pruning heads                         prune_heads, as the reference does it
     Head masks, device maps, gradient checkpointing
                                           parallelize(), head_mask, checkpointing helpers
     Input checks                          every shape and range checked before any work
-    Compiled decoding                     generate(compile=True): one fixed-shape step, torch.compile'd
+    Faster decoding                       generate()'s default step (the head as (W @ h^T)^T); compile=True:
+                                          a fixed-shape cache and step, torch.compile'd
     Config validation and serialisation   validate, presets, config.json read/write
   Part III: files and tools
     Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained
