@@ -30,12 +30,14 @@ data flows through it):
   Part II: what the reference also has
     The other heads                       ImageGPTForImageClassification (average pooling)
     Output dataclasses                    what each forward returns (out.logits, out[0], to_tuple())
-    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length
+    Generation options and processors     GenerationConfig; repetition penalty, n-grams, bad words, min length,
+                                          top-k, top-p
     Beam search                           generate(num_beams=...)
     Pruning heads                         prune_heads, as the reference does it
     Head masks, gradient checkpointing    head_mask and checkpointing helpers
     Input checks                          every shape and range checked before any work
-    Compiled decoding                     generate(compile=True): one fixed-shape step, torch.compile'd
+    Faster decoding                       generate()'s default step (the head as (W @ h^T)^T); compile=True:
+                                          a fixed-shape cache and step, torch.compile'd
     Config validation and serialisation   validate, presets, config.json read/write
   Part III: files and tools
     Loading and saving                    safetensors by hand, the hub, from_pretrained, save_pretrained, the
@@ -69,26 +71,24 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
-# ====================================================================================================
+# ==================================================================================================
 # Part I: the model
 #
 # Config, Conv1D and activations, attention (with its cache and masks), MLP and block, the body, the
 # LM head, sampling: everything a forward pass and generation run through, in the order data flows.
-# ====================================================================================================
+# What a class leaves to Part II comes last in it: one-line methods marked `# in Part II`.
+# ==================================================================================================
 
 
-# --- Config -----------------------------------------------------------------------------------------
+# --- Config ---------------------------------------------------------------------------------------
 
 
 @dataclass
 class ImageGPTConfig:
-    """Every hyperparameter of an ImageGPT model, with Hugging Face's names and defaults (those of
-    openai/imagegpt-small, 76M parameters).
-
-    Fields Hugging Face keeps on its base config class (num_labels, problem_type, ...) are written here
-    too, so that one dataclass says everything a model reads. Keys of a config.json that this class does
-    not know are kept in `extra` and written back unchanged.
-    """
+    """Every hyperparameter of an ImageGPT model, with Hugging Face's names and defaults
+    (openai/imagegpt-small's, 76M parameters), those of its base config class (num_labels,
+    problem_type, ...) included. Keys of a config.json that this class does not know are kept in
+    `extra` and written back unchanged."""
 
     vocab_size: int = 512 + 1  # 512 colours + the start-of-sequence token (SOS = vocab_size - 1)
     n_positions: int = 32 * 32  # one position per pixel of a 32 x 32 image
@@ -106,13 +106,13 @@ class ImageGPTConfig:
     scale_attn_weights: bool = True  # divide scores by sqrt(hs)
     scale_attn_by_inverse_layer_idx: bool = False  # also divide by (layer index + 1), for stability
     reorder_and_upcast_attn: bool = False  # scores and softmax in fp32 even under autocast
-    add_cross_attention: bool = False  # a cross-attention sub-block in every block (encoder-decoder use)
+    add_cross_attention: bool = False  # a cross-attention sub-block in each block (encoder-decoder)
     use_cache: bool = True
     # Heads.
     num_labels: int = 2
     problem_type: Optional[str] = None
-    tie_word_embeddings: bool = False  # the head predicts n_colours colours, the embedding holds n_colours + 1 tokens
-    # Heads removed by prune_heads, {layer: [head, ...]}, so that a saved pruned model rebuilds its shapes.
+    tie_word_embeddings: bool = False  # the head has n_colours rows, the embedding n_colours + 1
+    # Heads removed by prune_heads, {layer: [head, ...]}: a saved pruned model rebuilds its shapes.
     pruned_heads: Dict[int, List[int]] = field(default_factory=dict)
     output_attentions: bool = False
     output_hidden_states: bool = False
@@ -122,82 +122,54 @@ class ImageGPTConfig:
         self.validate()
 
     # Hugging Face's generic names for the same numbers.
-    @property
-    def hidden_size(self) -> int:
-        return self.n_embd
+    hidden_size = property(lambda self: self.n_embd)
+    num_attention_heads = property(lambda self: self.n_head)
+    num_hidden_layers = property(lambda self: self.n_layer)
+    max_position_embeddings = property(lambda self: self.n_positions)
 
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layer
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.n_positions
-
-    # ImageGPT's own numbers.
-    @property
-    def sos_token_id(self) -> int:
-        """The start-of-sequence token: the last row of the token embedding, never predicted by the head."""
-        return self.vocab_size - 1
-
-    @property
-    def n_colours(self) -> int:
-        return self.vocab_size - 1
+    # ImageGPT's own numbers. SOS, the last row of the token embedding, is never predicted.
+    sos_token_id = property(lambda self: self.vocab_size - 1)
+    n_colours = property(lambda self: self.vocab_size - 1)
 
     @property
     def n_px(self) -> int:
         """The side of the square images the model was trained on (n_positions = n_px * n_px)."""
         side = math.isqrt(self.n_positions)
         if side * side != self.n_positions:
-            raise ValueError(f"n_positions={self.n_positions} is not a square number, so it is no n_px x n_px image")
+            raise ValueError(f"n_positions={self.n_positions} is not a square number, so it is no "
+                             "n_px x n_px image")
         return side
 
-    def validate(self):
-        """Check every field, raising ValueError naming the first bad one.
-        Written out in Part II, in validate_config."""
+    # --- in Part II: validation, presets (the released sizes), config.json ------------------------
+    def validate(self):  # raises ValueError naming the first bad field
         return validate_config(self)  # in Part II
-
-    # --- presets and config.json -------------------------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ImageGPTConfig":
-        """A config of one of the released sizes (see PRESETS), with overrides.
-        Written out in Part II, in config_from_preset."""
         return config_from_preset(cls, name, **overrides)  # in Part II
 
     @classmethod
-    def from_dict(cls, config_dict: dict) -> "ImageGPTConfig":
-        """Build from a Hugging Face config dict; unknown keys are kept in `extra`.
-        Written out in Part II, in config_from_dict."""
+    def from_dict(cls, config_dict: dict) -> "ImageGPTConfig":  # unknown keys are kept in `extra`
         return config_from_dict(cls, config_dict)  # in Part II
 
     def to_dict(self) -> dict:
-        """The Hugging Face config.json dict, `extra` included: written out in Part II, in config_to_dict."""
         return config_to_dict(self)  # in Part II
 
     @classmethod
     def from_json_file(cls, path) -> "ImageGPTConfig":
-        """Read a Hugging Face config.json: written out in Part II, in config_from_json_file."""
         return config_from_json_file(cls, path)  # in Part II
 
-    def to_json_file(self, path):
-        """Write config.json (atomically): written out in Part II, in config_to_json_file."""
+    def to_json_file(self, path):  # atomically
         return config_to_json_file(self, path)  # in Part II
 
 
-# --- Conv1D, layer norm and activations -------------------------------------------------------------
+# --- Conv1D, layer norm and activations -----------------------------------------------------------
 
 
 class Conv1D(nn.Module):
-    """A linear layer with its weight stored transposed, (in, out), as OpenAI's TensorFlow code stored it.
-
-    The name is historical: it is the 1x1 convolution of the original code, which is just x @ W + b.
-    Keeping the (in, out) layout is what lets OpenAI's and Hugging Face's checkpoints load unchanged.
-    """
+    """A linear layer with its weight stored transposed, (in, out), as OpenAI's TensorFlow code did:
+    the 1x1 convolution of the original code, which is just x @ W + b. The (in, out) layout is what
+    lets OpenAI's and Hugging Face's checkpoints load unchanged."""
 
     def __init__(self, nf: int, nx: int):
         super().__init__()
@@ -207,19 +179,18 @@ class Conv1D(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
+        """x (..., nx), any number of leading dimensions -> x @ weight + bias, (..., nf). weight is
+        stored (nx, nf), so there is no transpose."""
         out_shape = x.shape[:-1] + (self.nf,)
-        x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (N, in) @ (in, out) + b
+        x = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)  # (N, in) @ (in, out)
         return x.view(out_shape)
 
 
 class ImageGPTLayerNorm(nn.Module):
-    """ImageGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight, with no mean subtraction and no bias
-    (what is now called an RMS norm). OpenAI's image-gpt code normalised this way; a standard LayerNorm
-    here changes a pretrained model's outputs completely.
-
-    The reference multiplies by `weight.data`, which hides the weight from autograd, so its layer norm
-    weights never train; here they do. The forward numbers are the same.
-    """
+    """ImageGPT's layer norm: x / sqrt(mean(x^2) + eps) * weight, no mean subtracted and no bias
+    (an RMS norm), as OpenAI's image-gpt code normalised: a standard LayerNorm changes a pretrained
+    model's outputs completely. The reference's `weight.data` hides the weight from autograd, so it
+    never trains; here it does, with the same forward numbers."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -227,23 +198,24 @@ class ImageGPTLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x):
-        """x (..., C) -> (..., C): x / sqrt(mean(x^2 over the last axis) + eps) * weight. No mean is subtracted
-        and there is no bias (an RMS norm)."""
-        rms = torch.sqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + self.eps)  # (B, T, C) -> (B, T, 1)
+        """x (..., C) -> (..., C): x / sqrt(mean(x^2 over the last axis) + eps) * weight. No mean is
+        subtracted and there is no bias (an RMS norm)."""
+        rms = torch.sqrt(torch.mean(torch.square(x), dim=-1, keepdim=True) + self.eps)  # (B, T, 1)
         return x / rms * self.weight
 
 
 def gelu_new_formula(x):
-    """GPT-2's GELU, the tanh approximation OpenAI trained with, as the paper writes it:
-    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). Using exact erf GELU instead changes the logits of
-    a pretrained model by ~1e-3, far more than the 1e-5 we match the reference to."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    """GPT-2's GELU, the tanh approximation OpenAI trained with, elementwise on any shape and dtype:
+    0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))). The exact erf GELU changes a
+    pretrained model's logits by ~1e-3, far more than the 1e-5 we match the reference to."""
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+    return 0.5 * x * (1.0 + torch.tanh(inner))
 
 
 def gelu_new(x):
-    """gelu_new_formula through PyTorch's fused kernel: the same function (a test checks they agree to
-    fp32 rounding), computed in one pass over memory, forward and backward, where the formula takes about
-    eight elementwise passes, each reading and writing a (B, T, 4C) tensor and keeping it for the backward."""
+    """gelu_new_formula through PyTorch's fused kernel: the same function (a test checks they agree
+    to fp32 rounding) in one pass over memory, where the formula takes about eight elementwise
+    passes over a (B, T, 4C) tensor, each kept for the backward."""
     return F.gelu(x, approximate="tanh")
 
 
@@ -252,31 +224,22 @@ def gelu_fast(x):
 
 
 def quick_gelu(x):
-    """x * sigmoid(1.702 x), elementwise on a tensor of any shape: the cheaper GELU approximation ImageGPT was
-    trained with (CLIP uses it too). It differs from the exact GELU by up to ~0.02, so a pretrained model
-    needs exactly this one."""
+    """x * sigmoid(1.702 x), elementwise on a tensor of any shape: the cheaper GELU approximation
+    ImageGPT was trained with (CLIP uses it too). It differs from the exact GELU by up to ~0.02, so
+    a pretrained model needs exactly this one."""
     return x * torch.sigmoid(1.702 * x)
 
 
 # Every activation a config may name, by its Hugging Face name.
 ACTIVATIONS = {
-    "gelu_new": gelu_new,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": gelu_fast,
-    "gelu": F.gelu,  # exact, with erf
-    "quick_gelu": quick_gelu,
-    "relu": F.relu,
-    "leaky_relu": F.leaky_relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "mish": F.mish,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "linear": lambda x: x,
+    "gelu_new": gelu_new, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": gelu_fast, "gelu": F.gelu, "quick_gelu": quick_gelu,  # "gelu": the exact one, erf
+    "relu": F.relu, "leaky_relu": F.leaky_relu, "silu": F.silu, "swish": F.silu, "mish": F.mish,
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "linear": lambda x: x,
 }
 
 
-# --- Attention --------------------------------------------------------------------------------------
+# --- Attention ------------------------------------------------------------------------------------
 
 
 def causal_mask(n_positions: int, device=None) -> torch.Tensor:
@@ -287,15 +250,15 @@ def causal_mask(n_positions: int, device=None) -> torch.Tensor:
 
 class ImageGPTAttention(nn.Module):
     """Multi-head attention: causal self-attention, or (is_cross_attention=True) attention from the
-    decoder's tokens to an encoder's outputs. ImageGPT's attention is GPT-2's, unchanged.
+    decoder's tokens to an encoder's outputs. ImageGPT's attention is GPT-2's, unchanged. Each
+    pixel's query is compared with every visible key, and the softmax of the scores weights the
+    values. Self-attention is causal: a pixel sees itself and the pixels before it in raster order
+    (the rows above, and the pixels to its left), never after. Earlier pixels' keys and values can
+    be passed back in (`layer_past`), so that one more pixel costs one pixel's work, not the
+    image's."""
 
-    Each pixel's query is compared with every visible key; the softmax of the scores weights the values.
-    Self-attention is causal: a pixel sees itself and the pixels before it in raster order (the rows
-    above, and the pixels to its left), never after. The keys and values of earlier pixels can be passed
-    back in (`layer_past`) so that generating one more pixel costs one pixel's work, not the image's.
-    """
-
-    def __init__(self, config: ImageGPTConfig, is_cross_attention: bool = False, layer_idx: Optional[int] = None):
+    def __init__(self, config: ImageGPTConfig, is_cross_attention: bool = False,
+                 layer_idx: Optional[int] = None):
         super().__init__()
         self.embed_dim = config.n_embd
         self.num_heads = config.n_head
@@ -307,7 +270,7 @@ class ImageGPTAttention(nn.Module):
         self.is_cross_attention = is_cross_attention
         self.layer_idx = layer_idx
         if is_cross_attention:
-            self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)  # keys and values from the encoder
+            self.c_attn = Conv1D(2 * self.embed_dim, self.embed_dim)  # the encoder's keys, values
             self.q_attn = Conv1D(self.embed_dim, self.embed_dim)  # queries from the decoder
         else:
             self.c_attn = Conv1D(3 * self.embed_dim, self.embed_dim)  # q, k and v in one matmul
@@ -315,71 +278,67 @@ class ImageGPTAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.attn_pdrop)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.pruned_heads = set()
-        # bias[0, 0, i, j] is True where query i may see key j (j <= i). Not saved in the state_dict:
-        # it is the same for every model of this n_positions.
+        # bias[0, 0, i, j]: may query i see key j (j <= i)? Not saved: the same for every model.
         self.register_buffer("bias", causal_mask(config.n_positions), persistent=False)
 
-    def prune_heads(self, heads):
-        """Remove whole heads from this layer's weights: written out in Part II, in prune_attention_heads."""
-        return prune_attention_heads(self, heads)  # in Part II
-
     def score_scale(self) -> float:
-        """What q @ k^T is multiplied by. 1/sqrt(hs) keeps the scores' variance near 1 whatever the head
-        size, so the softmax does not saturate; the per-layer factor steadies deep models in mixed precision."""
+        """What q @ k^T is multiplied by, a Python float: 1 / sqrt(head_dim) if scale_attn_weights
+        (else 1), further divided by (layer_idx + 1) if scale_attn_by_inverse_layer_idx (layers
+        count from 0). 1/sqrt(hs) keeps the scores' variance near 1 whatever the head size, so the
+        softmax does not saturate; the per-layer factor steadies deep models in mixed precision."""
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
         if self.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
         return scale
 
     def split_heads(self, x):
-        """(B, T, nh * hs) -> (B, nh, T, hs): the channels of each token cut into nh heads of hs = head_dim
-        channels (head h owns channels h * hs .. (h + 1) * hs - 1), with the head axis moved before the token
-        axis so that every head attends independently. nh is whatever width / hs gives (fewer after pruning)."""
+        """(B, T, nh * hs) -> (B, nh, T, hs): head h owns channels h * hs .. (h + 1) * hs - 1 of
+        each token (hs = head_dim), and the head axis comes before the token axis, so that every
+        head attends on its own. nh is whatever the width allows (fewer after pruning)."""
         B, T, _ = x.size()
         return x.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, T, nh*hs) -> (B, nh, T, hs)
 
     def merge_heads(self, y):
-        """The inverse of split_heads: (B, nh, T, hs) -> (B, T, nh * hs), head h's channels back at
-        h * hs .. (h + 1) * hs - 1 of each token. The result must be contiguous (c_proj reshapes it)."""
+        """The inverse of split_heads: (B, nh, T, hs) -> (B, T, nh * hs), contiguous."""
         B, _, T, _ = y.size()
-        return y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, nh, T, hs) -> (B, T, nh*hs)
+        return y.transpose(1, 2).contiguous().view(B, T, self.split_size)  # (B, T, nh*hs)
 
-    def forward(
-        self,
-        hidden_states,
-        layer_past=None,
-        attention_mask=None,
-        head_mask=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        use_cache=False,
-        output_attentions=False,
-    ):
-        """hidden_states (B, T, C); layer_past (k, v) each (B, nh, P, hs), or a StaticCache; attention_mask
-        (B, 1, 1, P + T) additive; head_mask (B or 1, nh, 1, 1) of 0/1. Returns (output (B, T, C), present
-        ((k, v) with the new tokens, or the StaticCache) or None, attention weights (B, nh, T, P + T) or None)."""
+    def forward(self, hidden_states, layer_past=None, attention_mask=None, head_mask=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False,
+                output_attentions=False):
+        """One attention layer with the key/value cache: (output (B, T, C), present, weights).
+
+        hidden_states (B, T, C): the new tokens. layer_past: the P earlier tokens' (key, value),
+        each (B, nh, P, hs), a StaticCache, or None. attention_mask: additive (B, 1, 1, P + T) or
+        None; head_mask: (B or 1, nh, 1, 1) of 0/1 or None. encoder_hidden_states (B, S, C), for
+        cross-attention only (else ValueError), give the keys and values, encoder_attention_mask the
+        mask. present, with use_cache: (k, v) of all P + T tokens, or the StaticCache; else None.
+        weights (B, nh, T, K) come from the explicit core only, which runs for output_attentions,
+        head_mask or reorder_and_upcast_attn.
+        """
         B, T, C = hidden_states.size()
         if encoder_hidden_states is not None:
             if not self.is_cross_attention:
                 raise ValueError("encoder_hidden_states were given to a self-attention layer")
             query = self.q_attn(hidden_states)  # (B, T, C)
-            key, value = self.c_attn(encoder_hidden_states).split(self.split_size, dim=2)  # 2 x (B, S, C)
-            attention_mask = encoder_attention_mask  # padding of the encoder's tokens; no causal mask
-        else:
-            query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)  # 3 x (B, T, C)
-        q, k, v = self.split_heads(query), self.split_heads(key), self.split_heads(value)  # (B, nh, T, hs)
+            key_value = self.c_attn(encoder_hidden_states)  # (B, S, 2C)
+            key, value = key_value.split(self.split_size, dim=2)  # (B, S, C) each
+            attention_mask = encoder_attention_mask  # the encoder's padding; no causal mask
+        else:  # q, k, v side by side: (B, T, C) each
+            query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        q, k, v = self.split_heads(query), self.split_heads(key), self.split_heads(value)
 
         static = isinstance(layer_past, StaticCache)
         if static:  # write the new keys and values into the preallocated cache, read all P + T
             k, v = layer_past.update(self.layer_idx, k, v)  # (B, nh, P + T, hs)
-        elif layer_past is not None:  # prepend the cached keys and values of the P earlier pixels
+        elif layer_past is not None:  # prepend the cached keys and values of the P earlier tokens
             past_key, past_value = layer_past
             k = torch.cat((past_key, k), dim=-2)  # (B, nh, P + T, hs)
             v = torch.cat((past_value, v), dim=-2)
         present = (layer_past if static else (k, v)) if use_cache else None
 
-        # One visible `if`: the explicit core when a caller wants the weights or masks heads (or asks for
-        # the fp32 upcast path); otherwise PyTorch's fused kernel, which never materialises (T, T) weights.
+        # The explicit core when a caller wants the weights, masks heads or asks for the fp32 path;
+        # otherwise PyTorch's fused kernel, which never materialises the (T, K) weights.
         if output_attentions or head_mask is not None or self.reorder_and_upcast_attn:
             y, weights = self.explicit_attention(q, k, v, attention_mask, head_mask)
         else:
@@ -390,17 +349,26 @@ class ImageGPTAttention(nn.Module):
         return y, present, weights
 
     def explicit_attention(self, q, k, v, attention_mask=None, head_mask=None):
-        """softmax(q k^T * scale + mask) v, every step written out. q (B, nh, T, hs), k and v (B, nh, K, hs)."""
+        """softmax(q k^T * score_scale() + masks) v, every step written out.
+
+        q (B, nh, T, hs): the T new queries; k, v (B, nh, K, hs): all keys and values, the K - T
+        cached ones first. Self-attention is causal: query i, at position K - T + i, sees the keys
+        up to that position (self.bias); masked scores become the dtype's minimum, not -inf.
+        Cross-attention has no causal mask. attention_mask (B, 1, 1, K), if given, is added. The
+        softmax, in v's dtype, goes through attn_dropout, then head_mask ((..., nh, 1, 1) of 0/1),
+        if given, multiplies it. reorder_and_upcast_attn: q scaled first, scores and softmax in
+        float32, autocast off. Returns (output (B, nh, T, hs), weights (B, nh, T, K)).
+        """
         if self.reorder_and_upcast_attn:
-            # Scores and softmax in fp32 even under autocast: in fp16, q @ k^T of a deep model overflows.
-            # The scale goes in before the matmul ("reorder"), which keeps the products smaller too.
-            with torch.autocast(q.device.type, enabled=False):
-                scores = torch.matmul(q.float() * self.score_scale(), k.float().transpose(-1, -2))  # (B, nh, T, K)
+            # In fp16, q @ k^T of a deep model overflows: fp32 even under autocast, and the scale
+            # goes in before the matmul ("reorder"), which keeps the products smaller too.
+            with torch.autocast(q.device.type, enabled=False):  # scores (B, nh, T, K) in float32
+                scores = torch.matmul(q.float() * self.score_scale(), k.float().transpose(-1, -2))
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.score_scale()  # (B, nh, T, K)
 
         if not self.is_cross_attention:
-            # The new T queries are the last T of the P + T positions: query i sits at position P + i.
+            # The new T queries are the last T of the P + T positions: query i sits at P + i.
             T, K = q.size(-2), k.size(-2)
             causal = self.bias[:, :, K - T : K, :K]  # (1, 1, T, K)
             scores = torch.where(causal, scores, torch.finfo(scores.dtype).min)
@@ -414,95 +382,94 @@ class ImageGPTAttention(nn.Module):
         return torch.matmul(weights, v), weights  # (B, nh, T, K) @ (B, nh, K, hs) -> (B, nh, T, hs)
 
     def sdpa_attention(self, q, k, v, attention_mask=None):
-        """The same maths through torch.nn.functional.scaled_dot_product_attention (flash or memory-
-        efficient kernels on GPUs). The reference ImageGPT has only the explicit core; this one is ours."""
+        """The same maths through F.scaled_dot_product_attention (flash or memory-efficient kernels
+        on GPUs); the reference ImageGPT has only the explicit core. Returns the output
+        (B, nh, T, hs) only."""
         T, K = q.size(-2), k.size(-2)
         dropout_p = self.attn_dropout.p if self.training else 0.0
         scale = self.score_scale()
+        sdpa = F.scaled_dot_product_attention  # the fused kernel
         if attention_mask is not None:
-            # The kernel wants the mask in q's dtype. Clamp first: float32's minimum is -inf in bfloat16,
-            # and a row of -inf (a padding query) would softmax to NaN.
+            # The kernel wants the mask in q's dtype. Clamp first: float32's minimum is -inf in
+            # bfloat16, and a row of -inf (a padding query) would softmax to NaN.
             attention_mask = attention_mask.clamp(min=torch.finfo(q.dtype).min).to(q.dtype)
         if self.is_cross_attention:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, scale=scale)
+            return sdpa(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, scale=scale)
         if attention_mask is None and T == K:  # no cache, no padding: the kernel's own causal mask
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
-        if attention_mask is None and T == 1:  # one new pixel sees every cached one: nothing to mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-        # With a cache (T < K) the causal mask is the bottom-right corner of the full one, which is_causal
-        # (top-left) does not give, so pass it in, with the padding mask added. Future keys get -inf and
-        # padding keys the dtype's minimum, so every row scores exactly as in the explicit core.
+            return sdpa(q, k, v, is_causal=True, dropout_p=dropout_p, scale=scale)
+        if attention_mask is None and T == 1:  # one new token sees every cached one: no mask
+            return sdpa(q, k, v, dropout_p=dropout_p, scale=scale)
+        # With a cache (T < K) the causal mask is the bottom-right corner of the full one, which
+        # is_causal (top-left) does not give: pass it in, padding added. Future keys get -inf,
+        # padding keys the dtype's minimum: every row scores exactly as in the explicit core.
         causal = self.bias[:, :, K - T : K, :K]  # (1, 1, T, K)
-        padding = attention_mask if attention_mask is not None else torch.zeros((), dtype=q.dtype, device=q.device)
+        padding = attention_mask if attention_mask is not None else q.new_zeros(())
         mask = torch.where(causal, padding, float("-inf"))  # (B or 1, 1, T, K)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+        return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+    # --- in Part II: pruning ---------------------------------------------------------------------
+    def prune_heads(self, heads):  # whole heads removed from this layer's weights
+        return prune_attention_heads(self, heads)  # in Part II
 
 
 class StaticCache:
-    """A key/value cache allocated once for a whole generation: per layer, keys and values of shape
-    (B, nh, max_length, hs), written in place as tokens arrive; attention reads the filled part.
+    """A key/value cache allocated once for a whole generation, and written in place.
 
-    The reference's cache, which forward also takes and returns, is a tuple of (k, v) per layer that grows
-    by concatenation: every step copies the whole cache to add one token to it, O(T^2) bytes over a
-    generation and fresh memory each step. Here a step writes only its own T keys and values. Pass a
-    StaticCache(max_length) as past_key_values, empty or filled by earlier calls; forward fills it further
-    and returns the same object as past_key_values. generate() uses one by default. It is for inference
-    (under torch.no_grad): writing in place into tensors autograd has saved would break a backward pass.
+    Per layer, keys and values (B, nh, max_length, hs), made at the layer's first write. T new
+    tokens are written after the P filled positions and attention reads the P + T: one token's copy
+    per step, where the reference's tuples grow by concatenation (all copied, every step). Pass
+    StaticCache(max_length) as past_key_values; forward fills it and returns it. Inference only
+    (torch.no_grad): writing in place into tensors autograd saved would break the backward pass.
     """
 
     def __init__(self, max_length: int):
         self.max_length = max_length
-        self.length = 0  # positions filled: the same in every layer between forward calls (ImageGPTModel advances it)
-        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs), made at its first write
+        self.keys: Dict[Optional[int], torch.Tensor] = {}  # layer -> (B, nh, max_length, hs)
         self.values: Dict[Optional[int], torch.Tensor] = {}
-        # Fixed shapes, for a compiled decoding step (generate(compile=True)): when write_at is a LongTensor
-        # (T,) of slots, update writes there and returns every slot, so that each step has the same shapes
-        # whatever the length; the attention mask must then hide the slots not written yet.
-        self.write_at: Optional[torch.Tensor] = None
+        self.filled: Dict[Optional[int], int] = {}  # layer -> positions written so far
 
+    @property
+    def length(self) -> int:
+        """P: the positions filled, the same in every layer between forward calls."""
+        return next(iter(self.filled.values()), 0)
 
     @property
     def batch_size(self) -> Optional[int]:
         return next(iter(self.keys.values())).size(0) if self.keys else None
 
     def update(self, layer: Optional[int], k, v):
-        """Write layer's new keys and values k, v (B, nh, T, hs) after the P filled positions; return the keys
-        and values of all P + T positions, (B, nh, P + T, hs) each: views of the cache, not copies."""
-        if layer not in self.keys:  # made here, on the layer's device and dtype, with its number of heads
+        """Write a layer's keys and values of T new positions, k and v (B, nh, T, hs), after its P
+        filled ones. Returns the keys and values of all P + T, (B, nh, P + T, hs) each: views."""
+        if layer not in self.keys:  # made at the first write: k's device, dtype and heads
             B, nh, _, hs = k.shape
             self.keys[layer] = k.new_zeros(B, nh, self.max_length, hs)
             self.values[layer] = v.new_zeros(B, nh, self.max_length, hs)
-        if self.write_at is not None:  # fixed shapes: write the given slots, read all max_length
-            self.keys[layer].index_copy_(2, self.write_at, k)
-            self.values[layer].index_copy_(2, self.write_at, v)
-            return self.keys[layer], self.values[layer]  # (B, nh, max_length, hs)
-        P, T = self.length, k.size(-2)
+            self.filled[layer] = 0
+        P, T = self.filled[layer], k.size(-2)
         self.keys[layer][:, :, P : P + T] = k
         self.values[layer][:, :, P : P + T] = v
+        self.filled[layer] = P + T
         return self.keys[layer][:, :, : P + T], self.values[layer][:, :, : P + T]
 
-    def reorder(self, beam_idx):
-        """Beam search: keep the cache rows of the beams that survived (beam_idx (B,), row indices)."""
-        for layer in self.keys:
-            self.keys[layer] = self.keys[layer].index_select(0, beam_idx.to(self.keys[layer].device))
-            self.values[layer] = self.values[layer].index_select(0, beam_idx.to(self.values[layer].device))
-
     def to_tuple(self) -> tuple:
-        """The same keys and values in the reference's layout: per layer (k, v), each (B, nh, length, hs)."""
-        return tuple((self.keys[i][:, :, : self.length], self.values[i][:, :, : self.length]) for i in sorted(self.keys))
+        """The reference's layout: per layer (k, v), each (B, nh, P, hs)."""
+        return tuple((self.keys[i][:, :, : self.filled[i]], self.values[i][:, :, : self.filled[i]])
+                     for i in sorted(self.keys))
 
 
 def padding_mask_to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) to add to attention scores.
+    """(B, S) of 1 = attend, 0 = padding -> (B, 1, 1, S) of `dtype`, to add to the scores
+    (B, nh, T, S): 0.0 on attended keys, the dtype's most negative number (torch.finfo(dtype).min)
+    on padding. It broadcasts over heads and queries: it masks keys, never queries.
 
-    Masked keys get the dtype's most negative number, not -inf, so that a row with every key masked
+    Masked keys get the dtype's minimum, not -inf, so that a row with every key masked
     (a padding query) gives a uniform softmax instead of NaN.
     """
-    mask = mask[:, None, None, :].to(dtype)  # (B, S) -> (B, 1, 1, S), broadcasts over heads and queries
+    mask = mask[:, None, None, :].to(dtype)  # (B, S) -> (B, 1, 1, S)
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
-# --- MLP and block ----------------------------------------------------------------------------------
+# --- MLP and block --------------------------------------------------------------------------------
 
 
 class ImageGPTMLP(nn.Module):
@@ -516,15 +483,15 @@ class ImageGPTMLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        """x (B, T, C) -> (B, T, C): c_fc widens each position to intermediate_size, the config's
+        activation (self.act), c_proj projects back to C, then dropout (resid_pdrop)."""
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, 4C) inside
 
 
 class ImageGPTBlock(nn.Module):
-    """One transformer block, pre-norm: x + attn(ln_1(x)), [+ cross_attn(ln_cross_attn(x))], + mlp(ln_2(x)).
-
-    GPT-2's block with ImageGPT's layer norm (no mean subtraction, no bias). The residual stream itself is
-    never normalised until ln_f, and gradients flow straight through it.
-    """
+    """One transformer block, pre-norm: each sub-block reads a layer norm of the residual stream x
+    and adds its output to x. GPT-2's block with ImageGPT's layer norm (no mean subtraction, no
+    bias): x itself is never normalised until ln_f, and gradients flow straight through it."""
 
     def __init__(self, config: ImageGPTConfig, layer_idx: Optional[int] = None):
         super().__init__()
@@ -533,58 +500,44 @@ class ImageGPTBlock(nn.Module):
         self.attn = ImageGPTAttention(config, layer_idx=layer_idx)
         self.ln_2 = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         if config.add_cross_attention:
-            self.crossattention = ImageGPTAttention(config, is_cross_attention=True, layer_idx=layer_idx)
+            self.crossattention = ImageGPTAttention(config, is_cross_attention=True,
+                                                layer_idx=layer_idx)
             self.ln_cross_attn = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = ImageGPTMLP(inner_dim, config)
 
-    def forward(
-        self,
-        hidden_states,
-        layer_past=None,
-        attention_mask=None,
-        head_mask=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        use_cache=False,
-        output_attentions=False,
-    ):
-        """Returns (hidden_states (B, T, C), present (k, v) or None, self-attention weights or None,
-        cross-attention weights or None)."""
+    def forward(self, hidden_states, layer_past=None, attention_mask=None, head_mask=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False,
+                output_attentions=False):
+        """One block on hidden_states (B, T, C), the residual stream x:
+            x = x + attn(ln_1(x))                     with layer_past, attention_mask, head_mask
+            x = x + crossattention(ln_cross_attn(x))  only with encoder_hidden_states (no cache)
+            x = x + mlp(ln_2(x))
+        Returns (x (B, T, C), present (see ImageGPTAttention) or None, self-attention weights or
+        None, cross-attention weights or None): the weights with output_attentions."""
         attn_out, present, self_weights = self.attn(
-            self.ln_1(hidden_states),
-            layer_past=layer_past,
-            attention_mask=attention_mask,
-            head_mask=head_mask,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-        )
+            self.ln_1(hidden_states), layer_past=layer_past, attention_mask=attention_mask,
+            head_mask=head_mask, use_cache=use_cache, output_attentions=output_attentions)
         hidden_states = hidden_states + attn_out
-
         cross_weights = None
-        if encoder_hidden_states is not None:
-            # The encoder's keys and values are recomputed every call, never cached: they do not grow.
+        if encoder_hidden_states is not None:  # the encoder's keys and values are never cached
             cross_out, _, cross_weights = self.crossattention(
-                self.ln_cross_attn(hidden_states),
-                head_mask=head_mask,
+                self.ln_cross_attn(hidden_states), head_mask=head_mask,
                 encoder_hidden_states=encoder_hidden_states,
-                encoder_attention_mask=encoder_attention_mask,
-                output_attentions=output_attentions,
-            )
+                encoder_attention_mask=encoder_attention_mask, output_attentions=output_attentions)
             hidden_states = hidden_states + cross_out
-
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, present, self_weights, cross_weights
 
 
-# --- The body ---------------------------------------------------------------------------------------
+# --- The body -------------------------------------------------------------------------------------
 
 
 def init_imagegpt_weights(module: nn.Module, config: ImageGPTConfig):
-    """ImageGPT's initialisation (GPT-2's), for one module (use with `model.apply`): N(0, 0.02) weights,
-    zero biases, unit layer norms, and each residual projection (c_proj) scaled by 1/sqrt(2 * n_layer),
-    since every block adds two of them to the residual stream and their variance would otherwise grow
-    with depth."""
-    # The random fills go through torch.nn.init, so that from_pretrained can skip them (without_random_init).
+    """ImageGPT's initialisation (GPT-2's), for one module (use with `model.apply`): N(0, 0.02)
+    weights, zero biases, unit layer norms, and each residual projection (c_proj) scaled by
+    1/sqrt(2 * n_layer): every block adds two of them to the residual stream, whose variance would
+    otherwise grow with depth. torch.nn.init fills them, so that from_pretrained can skip it
+    (without_random_init)."""
     if isinstance(module, (nn.Linear, Conv1D)):
         nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
         if module.bias is not None:
@@ -595,25 +548,35 @@ def init_imagegpt_weights(module: nn.Module, config: ImageGPTConfig):
         nn.init.ones_(module.weight)
     for name, p in module.named_parameters():
         if name == "c_proj.weight":  # ImageGPTAttention.c_proj and ImageGPTMLP.c_proj
-            nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
+            std = config.initializer_range / math.sqrt(2 * config.n_layer)
+            nn.init.normal_(p, mean=0.0, std=std)
+
+
+def layer_cache(past_key_values, i: int):
+    """Layer i's part of past_key_values: a StaticCache serves every layer, the reference's tuples
+    hold one (k, v) per layer."""
+    if past_key_values is None or isinstance(past_key_values, StaticCache):
+        return past_key_values
+    return past_key_values[i]
 
 
 class ImageGPTModel(nn.Module):
-    """The ImageGPT body: token (colour) + position (pixel) embeddings, n_layer blocks, a final layer norm.
-    It returns the last hidden states (B, T, C); the heads below turn them into predictions."""
+    """The ImageGPT body: token (colour) + position (pixel) embeddings, n_layer blocks, a final
+    layer norm. It returns the last hidden states (B, T, C); the heads below turn them into
+    predictions."""
 
     def __init__(self, config: ImageGPTConfig):
         super().__init__()
         config.validate()
         self.config = config
         self.embed_dim = config.n_embd
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # colour (and SOS) embeddings, (V, C)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # pixel position embeddings, (n_positions, C)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # colours and SOS, (V, C)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # pixels, (n_positions, C)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([ImageGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
         self.ln_f = ImageGPTLayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
-        self.palette = None  # (n_colours, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
+        self.palette = None  # (n_colours, 3) in [-1, 1], set by from_pretrained, not a weight
         self.apply(lambda module: init_imagegpt_weights(module, config))
         if config.pruned_heads:  # a config saved from a pruned model rebuilds the pruned shapes
             self.prune_heads({layer: heads for layer, heads in config.pruned_heads.items()})
@@ -628,407 +591,264 @@ class ImageGPTModel(nn.Module):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
-    def prune_heads(self, heads_to_prune: Dict[int, List[int]]):
-        """Remove attention heads, {layer: [head, ...]}: written out in Part II, in prune_model_heads."""
-        return prune_model_heads(self, heads_to_prune)  # in Part II
-
-    def gradient_checkpointing_enable(self):
-        """Trade compute for memory when training: keep only each block's input, recompute its insides
-        during the backward pass."""
-        self.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self):
-        self.gradient_checkpointing = False
-
-    # --- forward -------------------------------------------------------------------------------------
-
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        head_mask=None,
-        inputs_embeds=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=True,
-    ):
-        cfg = self.config
-        use_cache = cfg.use_cache if use_cache is None else use_cache
-        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
-        input_shape, past_length = check_model_inputs(  # Part II: every input checked before any work
-            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids,
-            head_mask, encoder_hidden_states, encoder_attention_mask,
-        )
-        T = input_shape[-1]
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # the cache would hold activations checkpointing is trying not to keep
-
-        # Leading dimensions beyond the batch are flattened into one batch, as the reference does.
+    def embed(self, input_ids, inputs_embeds, position_ids, token_type_ids, past_length: int):
+        """The T new tokens' embeddings, after dropout: (B, T, C), leading dimensions of input_ids
+        (..., T) or inputs_embeds (..., T, C) flattened into B. position_ids (..., T) default to
+        past_length .. past_length + T - 1, after the cached tokens; token_type_ids (..., T) add
+        wte(token_type_ids)."""
+        T = input_ids.size(-1) if input_ids is not None else inputs_embeds.size(-2)
         if input_ids is not None:
             input_ids = input_ids.reshape(-1, T)  # (..., T) -> (B, T)
             inputs_embeds = self.wte(input_ids.to(self.wte.weight.device))  # (B, T, C)
         else:
-            inputs_embeds = inputs_embeds.reshape(-1, T, self.embed_dim)
+            inputs_embeds = inputs_embeds.reshape(-1, T, self.embed_dim)  # (..., T, C) -> (B, T, C)
         device = inputs_embeds.device
-        if position_ids is None:  # the new pixels continue after the P cached ones
-            position_ids = torch.arange(past_length, past_length + T, device=device).unsqueeze(0)  # (1, T)
+        if position_ids is None:  # the new pixels continue after the P cached ones: (1, T)
+            position_ids = torch.arange(past_length, past_length + T, device=device).unsqueeze(0)
         else:
             position_ids = position_ids.reshape(-1, T).to(device)
         hidden_states = inputs_embeds + self.wpe(position_ids)  # (B, T, C) + (B or 1, T, C)
-        if token_type_ids is not None:  # as GPT-2: no segment table, segments reuse the token embeddings
+        if token_type_ids is not None:
             hidden_states = hidden_states + self.wte(token_type_ids.reshape(-1, T).to(device))
-        hidden_states = self.drop(hidden_states)
+        return self.drop(hidden_states)
 
-        if attention_mask is not None:  # (..., P + T) of 0/1 -> (B, 1, 1, P + T) additive
-            attention_mask = padding_mask_to_additive(attention_mask.reshape(-1, past_length + T), self.dtype)
-        if encoder_hidden_states is not None:
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None,
+                token_type_ids=None, position_ids=None, head_mask=None, inputs_embeds=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=True):
+        """Token ids (..., T), or inputs_embeds (..., T, C), -> the last hidden states (..., T, C),
+        in a BaseModelOutputWithPastAndCrossAttentions (its to_tuple() if not return_dict).
+        past_key_values: the P cached tokens' keys and values, per layer (k, v) each (B, nh, P, hs),
+        or a StaticCache. attention_mask (..., P + T), 0 on padding; head_mask (nh,) or
+        (n_layer, nh) of 0/1; options left None take the config's."""
+        cfg = self.config
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if output_attentions is None:
+            output_attentions = cfg.output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = cfg.output_hidden_states
+        input_shape, P = check_model_inputs(  # Part II: every input checked before any work
+            self, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids,
+            position_ids, head_mask, encoder_hidden_states, encoder_attention_mask)
+        T, checkpointing = input_shape[-1], self.gradient_checkpointing and self.training
+        use_cache = use_cache and not checkpointing  # a cache would keep what checkpointing drops
+        hidden_states = self.embed(input_ids, inputs_embeds, position_ids, token_type_ids, P)
+        if attention_mask is not None:  # (..., P + T) of 0/1 -> (B, 1, 1, P + T), added to scores
+            attention_mask = padding_mask_to_additive(attention_mask.reshape(-1, P + T), self.dtype)
+        if encoder_hidden_states is not None:  # (B, S) of 0/1, all ones by default -> (B, 1, 1, S)
             if encoder_attention_mask is None:
-                encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=device)
-            encoder_attention_mask = padding_mask_to_additive(encoder_attention_mask, self.dtype)  # (B, 1, 1, S)
-        head_mask = expand_head_mask(head_mask, cfg.n_layer, self.dtype)  # (n_layer, 1, nh, 1, 1) of 0/1, or None
-
-        static = isinstance(past_key_values, StaticCache)
+                encoder_attention_mask = hidden_states.new_ones(encoder_hidden_states.shape[:2])
+            encoder_attention_mask = padding_mask_to_additive(encoder_attention_mask, self.dtype)
+        head_mask = expand_head_mask(head_mask, cfg.n_layer, self.dtype)  # per layer
         presents = () if use_cache else None
         all_hidden_states = () if output_hidden_states else None
-        all_self_attentions = () if output_attentions else None
+        all_attentions = () if output_attentions else None
         all_cross_attentions = () if output_attentions and cfg.add_cross_attention else None
         for i, block in enumerate(self.h):
-            layer_past = past_key_values if static else past_key_values[i] if past_key_values is not None else None
-            layer_head_mask = head_mask[i] if head_mask is not None else None
-            layer_inputs = (attention_mask, layer_head_mask, encoder_hidden_states, encoder_attention_mask)
-            layer_inputs = to_device(layer_inputs, hidden_states.device)  # the masks follow the activations
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            if self.gradient_checkpointing and self.training:
-                outputs = checkpointed_block(block, hidden_states, layer_inputs, output_attentions)  # Part II
+            inputs = dict(layer_past=layer_cache(past_key_values, i), attention_mask=attention_mask,
+                          head_mask=head_mask[i], encoder_hidden_states=encoder_hidden_states,
+                          encoder_attention_mask=encoder_attention_mask, use_cache=use_cache,
+                          output_attentions=output_attentions)
+            inputs = to_device(inputs, hidden_states.device)  # Part II: masks follow activations
+            if checkpointing:  # Part II: the block's insides are recomputed in the backward pass
+                outputs = checkpointed_block(block, hidden_states, **inputs)
             else:
-                outputs = block(hidden_states, layer_past, *layer_inputs, use_cache, output_attentions)
+                outputs = block(hidden_states, **inputs)
             hidden_states, present, self_weights, cross_weights = outputs
-            if use_cache and not static:
-                presents += (present,)
+            if use_cache:  # a StaticCache is every layer's present: one object, written in place
+                presents = present if isinstance(present, StaticCache) else presents + (present,)
             if output_attentions:
-                all_self_attentions += (self_weights,)
+                all_attentions += (self_weights,)
                 if cfg.add_cross_attention:
                     all_cross_attentions += (cross_weights,)
-
-        if static:  # every layer has written its T new positions
-            past_key_values.length += T
-            presents = past_key_values if use_cache else None
         hidden_states = self.ln_f(hidden_states)
         hidden_states = hidden_states.view(input_shape + (hidden_states.size(-1),))  # (..., T, C)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         out = BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            past_key_values=presents,
-            hidden_states=all_hidden_states,
-            attentions=all_self_attentions,
-            cross_attentions=all_cross_attentions,
-        )
+            last_hidden_state=hidden_states, past_key_values=presents, attentions=all_attentions,
+            hidden_states=all_hidden_states, cross_attentions=all_cross_attentions)
         return out if return_dict else out.to_tuple()
 
+    # --- in Part II: pruning, gradient checkpointing --------------------------------------------
+    def prune_heads(self, heads_to_prune: Dict[int, List[int]]):
+        """Remove attention heads, {layer: [head, ...]} (prune_model_heads)."""
+        return prune_model_heads(self, heads_to_prune)  # in Part II
 
-# --- The LM head ------------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self):
+        """Training: recompute each block's insides in the backward pass (checkpointed_block)."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+
+# --- The LM head ----------------------------------------------------------------------------------
 
 
 def shifted_lm_loss(logits, labels):
-    """Next-pixel cross-entropy: position t's logits predict labels[t + 1]. Labels of -100 are ignored
-    (padding, or a prompt the loss should not count).
-
-    The labels are shifted, not the logits: labels[t + 1] moves to position t and the last position gets
-    -100, so the (..., T, V) logits are used in place instead of copied without their last row."""
+    """Next-pixel cross-entropy, a scalar: logits (..., T, V), labels (..., T) (on any device).
+    Position t's logits predict labels[t + 1], so the last position's logits and the first label are
+    not used. Labels of -100 are ignored (padding, or a prompt the loss should not count); the mean
+    is over the rest. The labels are shifted, not the logits, so that the logits are not copied."""
     labels = labels.to(logits.device)
-    shifted = F.pad(labels[..., 1:], (0, 1), value=-100)  # (..., T): the next label; nothing after the last
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=-100)
+    shifted = F.pad(labels[..., 1:], (0, 1), value=-100)  # (..., T): the next label; -100 last
+    flat_logits = logits.reshape(-1, logits.size(-1))  # (N, V)
+    return F.cross_entropy(flat_logits, shifted.reshape(-1), ignore_index=-100)
 
 
 class ImageGPTForCausalImageModeling(nn.Module):
-    """ImageGPT with its next-pixel head: logits over the n_colours = vocab_size - 1 colours for the next pixel.
+    """ImageGPT with its next-pixel head: logits over the n_colours = vocab_size - 1 colours.
 
-    Unlike GPT-2's, the head is not tied to the token embeddings, and it has no row for SOS: SOS only
-    ever starts a sequence, so the model is never asked to predict it.
+    Unlike GPT-2's, the head is not tied to the token embeddings, and it has no row for SOS: SOS
+    only ever starts a sequence, so the model is never asked to predict it.
     """
 
     def __init__(self, config: ImageGPTConfig):
         super().__init__()
         self.config = config
         self.transformer = ImageGPTModel(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)  # colours only, no SOS
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size - 1, bias=False)  # no SOS row
         init_imagegpt_weights(self.lm_head, config)
-        self.palette = None  # (n_colours, 3) colours in [-1, 1], set by from_pretrained; not part of the state_dict
-        # generate()'s defaults (Part II): the reference's, but starting from SOS and completing the image
-        # (SOS + one token per pixel) rather than stopping at 20 tokens; save_pretrained writes them down.
+        self.palette = None  # (n_colours, 3) in [-1, 1], set by from_pretrained, not a weight
+        # generate()'s defaults (Part II): the reference's, but starting from SOS and completing the
+        # image (SOS + one token per pixel) rather than stopping at 20 tokens.
         self.generation_config = GenerationConfig.from_model_config(
             config, bos_token_id=config.sos_token_id, max_length=config.n_positions + 1)
 
     def get_output_embeddings(self):
         return self.lm_head
 
-    def prune_heads(self, heads_to_prune):
-        self.transformer.prune_heads(heads_to_prune)
-
-    def forward(
-        self,
-        input_ids=None,
-        past_key_values=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        head_mask=None,
-        inputs_embeds=None,
-        encoder_hidden_states=None,
-        encoder_attention_mask=None,
-        labels=None,
-        use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=True,
-    ):
-        """labels (B, T): usually input_ids itself (SOS first); the shift happens inside, so the label at
-        position 0 is never read. Returns loss, logits (B, T, V - 1), ..."""
-        if labels is not None:
-            shape = _input_shape(input_ids, inputs_embeds)
-            if tuple(labels.shape) != tuple(shape):
-                raise _shape_error("labels", labels.shape, tuple(shape), "one label per input token")
-            predicted = labels[..., 1:]
-            _check_indices("labels (after the first position)", predicted.masked_fill(predicted == -100, 0),
-                           self.config.vocab_size - 1, "the number of colours", "colour")
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None,
+                token_type_ids=None, position_ids=None, head_mask=None, inputs_embeds=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=True):
+        """The body's arguments -> logits (..., T, V - 1) for the next pixel's colour at every
+        position, in a CausalLMOutputWithCrossAttentions (its to_tuple() if not return_dict). labels
+        (..., T): usually input_ids itself, SOS first (shifted inside: the label at position 0 is
+        never read), -100 where not counted; given, the loss is set."""
+        check_colour_labels(labels, _input_shape(input_ids, inputs_embeds), self.config)  # Part II
         body = self.transformer(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask,
             token_type_ids=token_type_ids, position_ids=position_ids, head_mask=head_mask,
             inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-        )
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         logits = self.lm_head(body.last_hidden_state)  # (B, T, C) -> (B, T, V - 1)
         loss = shifted_lm_loss(logits, labels) if labels is not None else None
         out = CausalLMOutputWithCrossAttentions(
-            loss=loss, logits=logits, past_key_values=body.past_key_values, hidden_states=body.hidden_states,
-            attentions=body.attentions, cross_attentions=body.cross_attentions,
-        )
+            loss=loss, logits=logits, past_key_values=body.past_key_values,
+            hidden_states=body.hidden_states, attentions=body.attentions,
+            cross_attentions=body.cross_attentions)
         return out if return_dict else out.to_tuple()
 
-    @staticmethod
-    def _reorder_cache(past_key_values, beam_idx):
-        """The cache's rows reordered to follow the surviving beams: written out in Part II, in reorder_cache."""
-        return reorder_cache(past_key_values, beam_idx)  # in Part II
-
     def generate(self, input_ids=None, num_samples: int = 1, **kwargs):
-        """Sample or complete images; see generate() under Sampling for every option. input_ids None starts from
-        SOS; num_samples repeats each prompt (and its attention_mask) that many times first, rows grouped by
-        prompt, whatever the decoding (for sampling, the same as num_return_sequences)."""
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-        if num_samples > 1:  # before the repeat: a huge num_samples is refused, not allocated
-            prompts = input_ids.size(0) if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
-            check_generation_memory(self, prompts * num_samples, self.config.n_positions)  # the cache holds at most that
-            if input_ids is None:
-                input_ids = torch.full((1, 1), kwargs.get("bos_token_id", self.generation_config.bos_token_id))
-            if isinstance(input_ids, torch.Tensor):
-                input_ids = input_ids.repeat_interleave(num_samples, dim=0)
-            if isinstance(kwargs.get("attention_mask"), torch.Tensor):
-                kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(num_samples, dim=0)
+        """Sample or complete images: generate(), each prompt (and its attention_mask) first
+        repeated num_samples times, rows grouped by prompt, whatever the decoding (for sampling, the
+        same as num_return_sequences). input_ids None starts from SOS."""
+        input_ids, kwargs = repeat_prompts(self, input_ids, num_samples, kwargs)  # Part II
         return generate(self, input_ids, **kwargs)
 
+    # --- in Part II: pruning, beam search's cache -----------------------------------------------
+    def prune_heads(self, heads_to_prune):
+        self.transformer.prune_heads(heads_to_prune)
 
-# --- Sampling ---------------------------------------------------------------------------------------
-
-
-def top_k_filter(logits, k: int, min_keep: int = 1):
-    """logits (B, V) -> (B, V): keep the k largest logits of each row (at least min_keep, at most all V); the rest
-    become -inf (probability 0). Ties at the k-th value are all kept. The input is not modified."""
-    k = min(max(k, min_keep), logits.size(-1))
-    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):  # the rows of the beams that survived
+        return reorder_cache(past_key_values, beam_idx)  # in Part II
 
 
-def top_p_filter(logits, p: float, min_keep: int = 1):
-    """Nucleus sampling: logits (B, V) -> (B, V). In each row, keep the smallest set of most likely tokens
-    whose probabilities (softmax of the row) sum to at least p; the rest become -inf. Put differently,
-    remove the least likely tokens whose probabilities together sum to at most 1 - p. The min_keep most likely
-    tokens are always kept, whatever p. The input is not modified."""
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)  # least likely first
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-    remove_sorted = cumulative <= (1 - p)  # the unlikely tail whose total mass is at most 1 - p
-    remove_sorted[..., -min_keep:] = False  # always keep the most likely tokens
-    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
-    return logits.masked_fill(remove, float("-inf"))
+# --- Sampling -------------------------------------------------------------------------------------
 
 
 def _positions_from_mask(attention_mask):
-    """attention_mask (B, T) of 0/1 (left-padded prompts) -> position_ids (B, T), long: each row's real tokens
-    are numbered 0, 1, 2, ... in order, counting real tokens only (a 0 in the middle does not advance the
-    count). Padding slots get position 1 (as the reference does); no real token ever attends to them, so any
-    valid index would do."""
+    """attention_mask (B, T) of 0/1 (left-padded prompts) -> position_ids (B, T), long: each row's
+    real tokens are numbered 0, 1, 2, ... in order, counting real tokens only (a 0 in the middle
+    does not advance the count). Padding slots get position 1, as the reference's: no real token
+    attends to them, so any valid index would do."""
     position_ids = attention_mask.long().cumsum(-1) - 1  # (B, T)
     return position_ids.masked_fill(attention_mask == 0, 1)
 
 
-@dataclass
-class GenerationOptions:
-    """What the decoding loops read, resolved and checked by prepare_generation (Part II) from the model's
-    GenerationConfig and generate()'s keywords: one object rather than a dozen parameters."""
-
-    max_new_tokens: int  # N: at most this many new tokens per row
-    do_sample: bool  # draw from the softmax of the processed scores; False takes the argmax
-    processors: list  # f(tokens so far (B, L), scores (B, V)) -> scores, in the reference's order (Part II)
-    eos: Optional[Tuple[int, ...]]  # a row that emits one of these is finished; None never stops early
-    pad: Optional[int]  # what a finished row carries from then on
-    num_beams: int = 1  # > 1: beam search, with this many beams per prompt
-    num_return_sequences: int = 1  # beam search: the best this many hypotheses of each prompt
-    length_penalty: float = 1.0  # beam search: a hypothesis scores sum of log-probabilities / length**penalty
-    early_stopping: object = False  # beam search: True, False or "never" (see _BeamHypotheses.is_done)
-    output_scores: bool = False  # keep each step's processed scores
-    return_dict_in_generate: bool = False  # return the Generate...Output rather than the tokens alone
-    generator: Optional[torch.Generator] = None  # for the draws; None: torch's global generator, as the reference
-    on_token: Optional[Callable] = None  # on_token(tokens (B,)) after each step, for streaming
-
-
 @torch.no_grad()
-def generate(
-    model: "ImageGPTForCausalImageModeling",
-    input_ids=None,
-    generation_config=None,
-    attention_mask=None,
-    generator: Optional[torch.Generator] = None,
-    on_token=None,
-    stop_at_eos: bool = True,
-    cache: str = "static",
-    compile: bool = False,
-    **kwargs,
-):
-    """Sample or complete images pixel by pixel, reusing the key/value cache so every step runs the model on one
-    new token only.
+def generate(model: "ImageGPTForCausalImageModeling", input_ids=None, generation_config=None,
+             attention_mask=None, **kwargs):
+    """Sample or complete images pixel by pixel: the reference's generate() (transformers 4.46.3),
+    with its arguments, defaults and tokens, in greedy decoding, sampling and beam search.
 
-    input_ids (B, T): the prompts, each starting with SOS (vocab_size - 1) followed by the pixels already known
-    (the top rows of an image, in raster order); None means one prompt of just SOS, an unconditional sample.
-    Returns a LongTensor (B * num_return_sequences, T + number of new tokens); drop the first column (SOS) to get
-    pixels. By default the image is completed: the model's generation_config has max_length = n_positions + 1
-    (SOS + one token per pixel), where the reference's default is 20 tokens; its other defaults are the
-    reference's (transformers 4.46.3): greedy, or with do_sample=True top_k=50 unless told otherwise.
-
-    The reference's generate() arguments, with its meaning and tokens: kwargs are fields of GenerationConfig
-    (Part II), which override generation_config (default: model.generation_config):
-      lengths      max_length (the prompt included), max_new_tokens (wins when both are given), min_length,
-                   min_new_tokens (eos, if the model is given one, is forbidden until then)
-      strategy     greedy by default; do_sample=True draws from the softmax; num_beams > 1: beam search, with
-                   length_penalty, early_stopping (True, False or "never") and num_return_sequences
-      sampling     temperature=1.0, top_k=50 (0 or None: off), top_p=1.0; num_return_sequences per prompt
-      repetition   repetition_penalty, no_repeat_ngram_size, bad_words_ids (see logits_processors)
-      tokens       eos_token_id (none by default: an image never ends early), pad_token_id, bos_token_id (SOS)
-      outputs      return_dict_in_generate=True returns GenerateDecoderOnlyOutput (sequences, scores) or, for
-                   beams, GenerateBeamDecoderOnlyOutput (also sequences_scores, beam_indices); output_scores=True
-                   fills in the scores
-    attention_mask (B, T): 0 on left padding, for prompts of different lengths (padding anywhere else is
-    refused). Every argument is checked before any work (prepare_generation).
-    Beyond the reference: generator, a torch.Generator for the draws (default: torch's global one, as the
-    reference); on_token(tokens (B,)) after each step, for progress; stop_at_eos=False; cache="static" (the
-    default) keeps keys and values in a StaticCache, written in place, cache="tuple" in the reference's growing
-    tuples; compile=True runs each step after the prompt through torch.compile (see compiled_decode_step), with
-    fixed shapes: the first call compiles, for a minute or more; later calls with the same shapes reuse it.
+    input_ids (B, T): the prompts, each SOS (vocab_size - 1) then the pixels already known, in
+    raster order; None is one prompt of SOS alone, an unconditional sample. attention_mask (B, T): 0
+    on left padding, for prompts of different lengths. kwargs: GenerationConfig's fields
+    (max_new_tokens, do_sample, top_k, num_beams, ...) over generation_config (default
+    model.generation_config: from SOS to a whole image), and generator, on_token, stop_at_eos,
+    cache, compile: see prepare_generation, which checks them all before any work. Returns a
+    LongTensor (B * num_return_sequences, T + new tokens), SOS first, or with
+    return_dict_in_generate a GenerateDecoderOnlyOutput (GenerateBeamDecoderOnlyOutput for beams).
     """
-    input_ids, attention_mask, options = prepare_generation(  # Part II: the defaults and the checks
-        model, input_ids, attention_mask, generation_config, kwargs, generator, on_token, stop_at_eos)
-    if cache not in ("static", "tuple"):
-        raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
-    _check_compile_args(model, compile, cache, options.num_beams)
+    input_ids, attention_mask, options = prepare_generation(  # Part II: the defaults, every check
+        model, input_ids=input_ids, attention_mask=attention_mask,
+        generation_config=generation_config, **kwargs)
     was_training = model.training
     model.eval()  # no dropout while generating
     try:
-        # One slot per token fed to the model: the last new token is never fed back, so SOS + n_positions fit.
-        slots = min(input_ids.size(1) + options.max_new_tokens, model.config.n_positions)
-        past = StaticCache(slots) if cache == "static" else None
         if options.num_beams > 1:
-            out = _beam_search(model, input_ids, attention_mask, options, past)  # Part II
-        elif not compile:
-            out = _sample(model, input_ids, attention_mask, options, past)
+            out = _beam_search(model, input_ids, attention_mask, options)  # Part II
         else:
-            with compile_settings(input_ids.device):
-                out = _sample(model, input_ids, attention_mask, options, past, compiled_decode_step(model))
+            out = _sample(model, input_ids, attention_mask, options)
     finally:
         model.train(was_training)
     return out if options.return_dict_in_generate else out.sequences
 
 
-def next_token_logits(model, hidden):
-    """The LM head on the last hidden states only, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than
-    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the kernel streams it
-    once for every row of the batch (measured on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16).
-    Only the last position's logits are needed to choose the next token, so the prompt's others are skipped."""
-    weight = model.lm_head.weight  # (V, C)
-    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
+def decode_step(model, tokens, positions, mask, cache):
+    """One step of generation: the body on the T tokens not cached yet, then the LM head on the
+    last, whose logits choose the next token. tokens, positions (B, T); mask (B, P + T) of 0/1, or
+    None when nothing is padded; cache: the P earlier tokens' past_key_values (None, a StaticCache
+    or the reference's tuples). Returns (the next token's logits (B, V), the cache of all P + T)."""
+    out = model.transformer(tokens, past_key_values=cache, position_ids=positions,
+                            attention_mask=mask, use_cache=True)
+    return model.lm_head(out.last_hidden_state[:, -1]), out.past_key_values  # (B, C) -> (B, V)
 
 
-def _sample(model, input_ids, attention_mask, options, past=None, decode_step=None):
-    """Greedy decoding or sampling, one token per step with the cache; generate() has checked the arguments.
+def _sample(model, input_ids, attention_mask, options):
+    """Greedy decoding or sampling with the key/value cache: generate()'s loop when num_beams is 1.
 
-    input_ids and attention_mask (B, T0): the prompts, left-padded, with 0 on padding. options: the
-    GenerationOptions, N = options.max_new_tokens. past: a StaticCache with S = min(T0 + N, n_positions) slots
-    (the last new token is never fed back), or None for the reference's tuple cache. Tokens are allocated once,
-    (B, T0 + N), the mask and positions (B, S), and filled in rather than concatenated a column at a time: the
-    mask's new columns are ones, and the new tokens' positions continue from each row's last prompt position
-    (positions come from _positions_from_mask). The first step runs the body on the whole prompt, later steps
-    on the one new token per row, with past_key_values, the mask up to the current length (none at all when
-    nothing is padded) and the position ids, use_cache=True. The next token's logits (next_token_logits, as
-    float32) become scores through options.processors (apply_processors, with the tokens so far (B, length));
-    then the argmax when not options.do_sample, else one torch.multinomial draw per row from their softmax,
-    using options.generator. With options.eos not None, rows already finished get options.pad
-    instead, a row that emits an eos token is finished from then on, and the loop stops once every row is
-    finished. After each step call options.on_token(next_tokens (B,)) if given. Returns a
-    GenerateDecoderOnlyOutput: sequences (B, T0 + number of steps run), and, with options.output_scores, scores,
-    a tuple of each step's processed scores (B, V).
-    decode_step (generate(compile=True)): the steps after the prompt run decode_step(model, tokens (B, 1),
-    positions (B, 1), mask (B, S), past) instead, with fixed shapes: past.write_at holds the slot to write, and
-    the mask hides the slots not generated yet (it gets each new column's 1 as the token is written).
+    input_ids, attention_mask (B, T0): the prompts, left-padded, 0 on padding (checked). options:
+    GenerationOptions (Part II); options.step(model, tokens, positions, mask, cache) is decode_step,
+    or a faster Part II step with its contract. Runs options.max_new_tokens (N) steps, fewer once
+    every row has emitted an eos id; a finished row carries options.pad. Returns
+    GenerateDecoderOnlyOutput: sequences (B, T0 + steps run), with options.output_scores each step's
+    scores (B, V).
     """
     B, T0 = input_ids.shape
     N = options.max_new_tokens
-    S = min(T0 + N, model.config.n_positions)  # slots: every token but the last new one is fed to the model
-    tokens = input_ids.new_zeros(B, T0 + N)  # (B, T0 + N): prompt, then the new tokens
-    tokens[:, :T0] = input_ids
-    mask = attention_mask.new_zeros(B, S)  # 1 on the tokens so far (but padding), 0 on the slots to come
-    mask[:, :T0] = attention_mask
-    positions = torch.arange(S, device=input_ids.device).repeat(B, 1)  # (B, S)
-    positions[:, :T0] = _positions_from_mask(attention_mask)
-    positions[:, T0:] += positions[:, T0 - 1 : T0] - (T0 - 1)  # new tokens continue from each row's last
-    padded = not bool(attention_mask.all())  # without padding no mask is needed: a mask of ones masks nothing
+    S = min(T0 + N, model.config.n_positions)  # cache slots: the last new token is never fed back
+    tokens = F.pad(input_ids, (0, N))  # (B, T0) -> (B, T0 + N): the prompts, room for new tokens
+    mask = F.pad(attention_mask, (0, S - T0), value=1)  # (B, S): new tokens are never padding
+    positions = _positions_from_mask(mask)  # (B, S): each row counts its own tokens, new ones too
+    padded = not bool(attention_mask.all())  # no padding, no mask (a mask of ones masks nothing)
     eos = torch.tensor(options.eos, device=input_ids.device) if options.eos is not None else None
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    cache = StaticCache(S) if options.cache == "static" else None
     steps_scores = []
-    start, length = 0, T0  # tokens[:, start:length] are not cached yet
+    start, length = 0, T0  # tokens[:, start:length] are not in the cache yet
     for _ in range(N):
-        if decode_step is not None and start > 0:  # compiled, fixed shapes: the new token, every slot
-            past.write_at.fill_(start)  # a tensor, so that the compiled step does not change with the length
-            logits = decode_step(model, tokens[:, start:length], positions[:, start:length], mask, past)
-            past.length = length
-        else:
-            out = model.transformer(tokens[:, start:length], past_key_values=past,
-                                    position_ids=positions[:, start:length],
-                                    attention_mask=mask[:, :length] if padded else None, use_cache=True)
-            past = out.past_key_values
-            logits = next_token_logits(model, out.last_hidden_state[:, -1])  # (B, V): the next token's
-            if decode_step is not None:  # the prompt is in the cache: fixed shapes from the next step on
-                past.write_at = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-                mark_static(past)
+        logits, cache = options.step(model, tokens[:, start:length], positions[:, start:length],
+                                     mask[:, :length] if padded else None, cache)  # (B, V)
         scores = apply_processors(options.processors, tokens[:, :length], logits.float())  # Part II
         if options.output_scores:
             steps_scores.append(scores)
         if options.do_sample:
             probs = F.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1, generator=options.generator).squeeze(1)  # (B,)
+            next_tokens = torch.multinomial(probs, 1, generator=options.generator).squeeze(1)
         else:
             next_tokens = scores.argmax(dim=-1)  # (B,)
         if eos is not None:
-            next_tokens = torch.where(unfinished, next_tokens, options.pad)  # finished rows carry padding
+            next_tokens = torch.where(unfinished, next_tokens, options.pad)  # finished: padding
         tokens[:, length] = next_tokens
-        mask[:, length : length + 1] = 1  # (the last new token has no slot: nothing to set)
         start, length = length, length + 1
         if options.on_token is not None:
             options.on_token(next_tokens)
@@ -1036,18 +856,18 @@ def _sample(model, input_ids, attention_mask, options, past=None, decode_step=No
             unfinished &= ~torch.isin(next_tokens, eos)
             if not unfinished.any():
                 break
-    return GenerateDecoderOnlyOutput(sequences=tokens[:, :length],
-                                     scores=tuple(steps_scores) if options.output_scores else None)
+    scores = tuple(steps_scores) if options.output_scores else None
+    return GenerateDecoderOnlyOutput(sequences=tokens[:, :length], scores=scores)
 
 
-# ====================================================================================================
+# ==================================================================================================
 # Part II: what the reference also has
 #
 # The other heads, the output dataclasses, generation's options and logits processors, beam search,
 # pruning, head masks, gradient checkpointing, input checks, compiled decoding, config validation and
 # serialisation: written out in full, out of a first reading's way. A method of a Part I class marked
 # `# in Part II` is one line that calls its body here.
-# ====================================================================================================
+# ==================================================================================================
 
 
 # --- The other heads --------------------------------------------------------------------------------
@@ -1358,8 +1178,32 @@ def _check_generation_config(config: GenerationConfig, scored: int):
         raise bad("bad_words_ids", f"None or a non-empty list of non-empty lists of token ids in [0, {scored})")
 
 
-def prepare_generation(model, input_ids, attention_mask, generation_config, kwargs, generator=None, on_token=None,
-                       stop_at_eos=True):
+@dataclass
+class GenerationOptions:
+    """What the decoding loops (_sample in Part I, _beam_search) read, resolved and checked by
+    prepare_generation from the model's GenerationConfig and generate()'s keywords: one object rather than a
+    dozen parameters."""
+
+    max_new_tokens: int  # N: at most this many new tokens per row
+    do_sample: bool  # draw from the softmax of the processed scores; False takes the argmax
+    processors: list  # f(tokens so far (B, L), scores (B, V)) -> scores, in the reference's order (Part II)
+    eos: Optional[Tuple[int, ...]]  # a row that emits one of these is finished; None never stops early
+    pad: Optional[int]  # what a finished row carries from then on
+    num_beams: int = 1  # > 1: beam search, with this many beams per prompt
+    num_return_sequences: int = 1  # beam search: the best this many hypotheses of each prompt
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum of log-probabilities / length**penalty
+    early_stopping: object = False  # beam search: True, False or "never" (see _BeamHypotheses.is_done)
+    output_scores: bool = False  # keep each step's processed scores
+    return_dict_in_generate: bool = False  # return the Generate...Output rather than the tokens alone
+    generator: Optional[torch.Generator] = None  # for the draws; None: torch's global generator, as the reference
+    on_token: Optional[Callable] = None  # on_token(tokens (B,)) after each step, for streaming
+    cache: str = "static"  # "static": a StaticCache, written in place; "tuple": the reference's growing tuples
+    # One decoding step, with decode_step's contract: fast_decode_step, or fixed_shape_step for compile=True.
+    step: Optional[Callable] = None
+
+
+def prepare_generation(model, input_ids=None, attention_mask=None, generation_config=None, generator=None,
+                       on_token=None, stop_at_eos=True, cache="static", compile=False, **kwargs):
     """generate()'s arguments -> (input_ids, attention_mask, GenerationOptions), as the reference prepares them,
     everything checked before any work.
 
@@ -1371,6 +1215,26 @@ def prepare_generation(model, input_ids, attention_mask, generation_config, kwar
     forbidden until min_new_tokens new tokens, else min_length tokens. For greedy decoding and sampling, each
     prompt and its mask are repeated num_return_sequences times (rows grouped by prompt); beam search expands
     its own. The processors come from logits_processors. Returns the prompts and mask on the model's device.
+
+    The GenerationConfig fields generate() takes as keywords, by what they set:
+      lengths      max_length=20 (the prompt included), max_new_tokens (wins when both are given),
+                   min_length, min_new_tokens (eos is forbidden until then)
+      strategy     greedy by default; do_sample=True draws from the softmax; num_beams > 1: beam search, with
+                   length_penalty, early_stopping (True, False or "never") and num_return_sequences
+      sampling     temperature=1.0, top_k=50 (0 or None: off), top_p=1.0; num_return_sequences per prompt
+      repetition   repetition_penalty, no_repeat_ngram_size, bad_words_ids (see logits_processors)
+      tokens       eos_token_id (an int or a list), pad_token_id (default: the first eos), bos_token_id (the
+                   prompt when input_ids is None)
+      outputs      return_dict_in_generate=True returns GenerateDecoderOnlyOutput (sequences, scores) or, for
+                   beams, GenerateBeamDecoderOnlyOutput (also sequences_scores, beam_indices); output_scores=True
+                   fills in the scores
+    And generate()'s own, beyond the reference: generator, a torch.Generator for the draws (default: torch's
+    global one, so that torch.manual_seed gives the reference's tokens); on_token(tokens (B,)) after each step,
+    for streaming; stop_at_eos=False never stops early; cache="static" (the default) keeps keys and values in a
+    StaticCache, written in place, cache="tuple" in the reference's growing tuples; compile=True (greedy decoding
+    and sampling, with the static cache) makes the step fixed_shape_step, which runs each step after the prompt
+    through torch.compile: the first call compiles, for a minute or more, later calls with the same shapes reuse
+    it. Otherwise the step is fast_decode_step (decode_step with a faster head).
     """
     names = {f.name for f in fields(GenerationConfig)} - {"extra"}
     for name in kwargs:
@@ -1424,12 +1288,16 @@ def prepare_generation(model, input_ids, attention_mask, generation_config, kwar
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
     # beam sampling keeps enough tokens that a beam can continue even if all the eos ids are among them
     keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
+    if cache not in ("static", "tuple"):
+        raise ValueError(f'cache must be "static" or "tuple", got {cache!r}')
+    _check_compile_args(model, compile, cache, config.num_beams)
     options = GenerationOptions(
         max_new_tokens=N, do_sample=config.do_sample, processors=logits_processors(config, min_length, eos, keep),
         eos=eos if stop_at_eos else None, pad=pad, num_beams=config.num_beams,
         num_return_sequences=config.num_return_sequences, length_penalty=config.length_penalty,
         early_stopping=config.early_stopping, output_scores=config.output_scores,
         return_dict_in_generate=config.return_dict_in_generate, generator=generator, on_token=on_token,
+        cache=cache, step=fixed_shape_step if compile else fast_decode_step,
     )
     return input_ids, attention_mask, options
 
@@ -1546,14 +1414,41 @@ def forbid_eos(input_ids, scores, min_length: int, eos):
     return scores.masked_fill(tokens_present(eos_ids, scores.size(-1)), float("-inf"))
 
 
+def top_k_filter(logits, k: int, min_keep: int = 1):
+    """logits (B, V) -> (B, V): keep the k largest logits of each row (at least min_keep, at most
+    V); the rest become -inf (probability 0). Ties at the k-th value are all kept. The input is not
+    modified."""
+    k = min(max(k, min_keep), logits.size(-1))
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits, p: float, min_keep: int = 1):
+    """Nucleus sampling: logits (B, V) -> (B, V). In each row, keep the smallest set of most likely
+    tokens whose probabilities (softmax of the row) sum to at least p; the rest become -inf: remove
+    the least likely tokens whose probabilities together sum to at most 1 - p. The min_keep most
+    likely tokens are always kept, whatever p. The input is not modified."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)  # least likely first
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    remove_sorted = cumulative <= (1 - p)  # the unlikely tail whose total mass is at most 1 - p
+    remove_sorted[..., -min_keep:] = False  # always keep the most likely tokens
+    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
 # --- Beam search ------------------------------------------------------------------------------------
 
 
 def reorder_cache(past_key_values, beam_idx):
-    """Beam search keeps the best beams each step: pick the cache rows of the beams that survived."""
+    """Beam search keeps the best beams each step: pick the cache rows of the beams that survived (beam_idx
+    (B,), row indices). A StaticCache is reordered in place, each layer's tensors replaced by their rows."""
     if isinstance(past_key_values, StaticCache):
-        past_key_values.reorder(beam_idx)
-        return past_key_values
+        cache = past_key_values
+        for layer in cache.keys:
+            rows = beam_idx.to(cache.keys[layer].device)
+            cache.keys[layer] = cache.keys[layer].index_select(0, rows)
+            cache.values[layer] = cache.values[layer].index_select(0, rows)
+        return cache
     return tuple(
         tuple(state.index_select(0, beam_idx.to(state.device)) for state in layer_past)
         for layer_past in past_key_values
@@ -1597,13 +1492,13 @@ class _BeamHypotheses:
         return self.worst_score >= best_sum_logprobs / generated_len ** self.length_penalty
 
 
-def _beam_search(model, input_ids, attention_mask, options, past=None):
+def _beam_search(model, input_ids, attention_mask, options):
     """Beam search as the reference does it; returns a GenerateBeamDecoderOnlyOutput whose sequences are
     (B * num_return_sequences, length), length <= T + N.
 
     options: the GenerationOptions, nb = options.num_beams, N = options.max_new_tokens. Each prompt keeps nb partial
-    sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (past: a StaticCache, or None
-    for tuples); each prompt's mask and positions serve all its beams). All beams start from the same prompt, so at
+    sequences (rows b * nb .. b * nb + nb - 1 of a (B * nb, ...) batch, with the cache (a StaticCache, or tuples for
+    options.cache="tuple"); each prompt's mask and positions serve all its beams). All beams start from the same prompt, so at
     the first step only beam 0 may expand (the others start at -1e9). Each step takes log_softmax of every beam's
     next-token logits, puts them through options.processors (apply_processors, with the beams' tokens so far), adds
     the beam's summed score, and views the result (B, nb * V): every continuation (beam, token) of a prompt. From
@@ -1635,6 +1530,7 @@ def _beam_search(model, input_ids, attention_mask, options, past=None):
     K = max(2, 1 + len(eos)) * nb  # enough that nb survive even if every eos id is among the best
     steps_scores = []
     beam_indices = [()] * (B * nb) if options.output_scores else None  # per row: the rows its tokens came from
+    past = StaticCache(min(T + N, model.config.n_positions)) if options.cache == "static" else None
     step_input = tokens
     for _ in range(N):
         out = model(step_input, past_key_values=past, attention_mask=attention_mask,
@@ -1788,23 +1684,24 @@ def prune_model_heads(model, heads_to_prune: Dict[int, List[int]]):
 
 def expand_head_mask(head_mask, n_layer: int, dtype):
     """head_mask (nh,) or (n_layer, nh) of 0/1 -> (n_layer, 1, nh, 1, 1): row i masks block i's heads and
-    broadcasts over the batch and the (T, K) attention weights. None stays None."""
+    broadcasts over the batch and the (T, K) attention weights. None gives n_layer Nones, as the reference's
+    get_head_mask, so that head_mask[i] is block i's either way."""
     if head_mask is None:
-        return None
+        return [None] * n_layer
     return head_mask.to(dtype).expand(n_layer, -1)[:, None, :, None, None]
 
 
-def to_device(tensors, device) -> tuple:
-    """The tensors among `tensors` on `device` (a no-op where they are already); None stays None."""
-    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
+def to_device(inputs: dict, device) -> dict:
+    """A block's keyword arguments with every tensor among them on `device` (a no-op where it is already);
+    anything else (None, a cache) as it is."""
+    return {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
 
 
-def checkpointed_block(block, hidden_states, layer_inputs, output_attentions):
-    """Run one block under gradient checkpointing: only its input is kept, and its insides are recomputed
-    during the backward pass. No cache (use_cache=False): it would hold the activations checkpointing drops."""
-    return torch.utils.checkpoint.checkpoint(
-        block, hidden_states, None, *layer_inputs, False, output_attentions, use_reentrant=False
-    )
+def checkpointed_block(block, hidden_states, layer_past=None, use_cache=False, **inputs):
+    """block(hidden_states, **inputs) under gradient checkpointing: only its input is kept, and its insides are
+    recomputed during the backward pass. Without a cache (layer_past and use_cache are ignored): it would hold
+    the activations checkpointing drops."""
+    return torch.utils.checkpoint.checkpoint(block, hidden_states, use_reentrant=False, **inputs)
 
 
 # --- Input checks -----------------------------------------------------------------------------------
@@ -2004,15 +1901,105 @@ def _check_left_padding(attention_mask, input_ids, where: str = ""):
                          f"{where}")
 
 
+def check_colour_labels(labels, shape, config):
+    """ImageGPTForCausalImageModeling's labels, before any work: None, or one per input token (`shape`), and
+    after the first position (never read: it is SOS's label) colours in [0, n_colours) or -100 (not counted)."""
+    if labels is None:
+        return
+    if tuple(labels.shape) != tuple(shape):
+        raise _shape_error("labels", labels.shape, tuple(shape), "one label per input token")
+    predicted = labels[..., 1:]
+    _check_indices("labels (after the first position)", predicted.masked_fill(predicted == -100, 0),
+                   config.vocab_size - 1, "the number of colours", "colour")
 
-# --- Compiled decoding: generate(compile=True) -------------------------------------------------------
+
+def repeat_prompts(model, input_ids, num_samples, kwargs):
+    """generate(num_samples=...): each prompt, and its attention_mask in kwargs, repeated num_samples times, rows
+    grouped by prompt (input_ids None is first one SOS prompt). Checked before any work: num_samples a positive
+    integer, and a cache for the repeated batch within memory. Returns (input_ids, kwargs)."""
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if num_samples == 1:
+        return input_ids, kwargs
+    # Before the repeat, so that a huge num_samples is refused, not allocated: the cache holds at most n_positions.
+    prompts = input_ids.size(0) if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
+    check_generation_memory(model, prompts * num_samples, model.config.n_positions)
+    if input_ids is None:
+        input_ids = torch.full((1, 1), kwargs.get("bos_token_id", model.generation_config.bos_token_id))
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.repeat_interleave(num_samples, dim=0)
+    if isinstance(kwargs.get("attention_mask"), torch.Tensor):
+        kwargs["attention_mask"] = kwargs["attention_mask"].repeat_interleave(num_samples, dim=0)
+    return input_ids, kwargs
+
+
+# --- Faster decoding: the head's layout, and generate(compile=True) ---------------------------------------
+
+
+def next_token_logits(model, hidden):
+    """The LM head on the last hidden states, hidden (B, C) -> (B, V), as (W @ h^T)^T rather than lm_head's
+    h @ W^T: the same products, but with the (V, C) weight as the matmul's left operand the CPU kernel streams
+    it once for every row of the batch (on one CPU thread: as fast at batch 1, 1.2-2x faster at 2-16). A test
+    checks it equals lm_head (tests/test_fast_paths.py); bench.py's decode rows time the whole step both ways."""
+    weight = model.lm_head.weight  # (V, C)
+    return (weight @ hidden.to(weight.device).T).T  # (V, C) @ (C, B) -> (V, B) -> (B, V)
+
+
+def fast_decode_step(model, tokens, positions, mask, cache):
+    """Part I's decode_step with next_token_logits as the head: the step generate() runs by default, with
+    decode_step's arguments and results (and the same logits, to fp32 rounding)."""
+    out = model.transformer(tokens, past_key_values=cache, position_ids=positions, attention_mask=mask,
+                            use_cache=True)
+    return next_token_logits(model, out.last_hidden_state[:, -1]), out.past_key_values  # (B, V)
+
+
+class FixedShapeCache(StaticCache):
+    """A StaticCache whose writes, once the prompt is in, never change a tensor's shape, so that
+    torch.compile makes one graph for every decoding step (generate(compile=True)).
+
+    The prompt is written as a StaticCache writes it. Then fix_shapes() sets write_at, a LongTensor (1,) of
+    the slot to write (a tensor, so that the slot changes without the graph changing), and `visible`, the
+    (B, max_length) 0/1 mask of the slots attention may read: from then on update() writes the one new
+    token's keys and values at write_at and returns every slot, the empty ones hidden by `visible`.
+    """
+
+    def __init__(self, max_length: int):
+        super().__init__(max_length)
+        self.write_at: Optional[torch.Tensor] = None  # None until fix_shapes: the prompt's growing writes
+        self.visible: Optional[torch.Tensor] = None  # (B, max_length): 1 on the real tokens written so far
+        self.decode: Optional[Callable] = None  # the compiled decode_one_token that reads this cache
+
+    def update(self, layer: Optional[int], k, v):
+        if self.write_at is None:  # the prompt, any length
+            return super().update(layer, k, v)
+        self.keys[layer].index_copy_(2, self.write_at, k)  # k (B, nh, 1, hs) into slot write_at
+        self.values[layer].index_copy_(2, self.write_at, v)
+        return self.keys[layer], self.values[layer]  # (B, nh, max_length, hs): every slot
+
+    def fix_shapes(self, mask):
+        """After the prompt (P = length tokens; mask (B, P) of 0/1, or None for no padding): fixed shapes."""
+        keys = next(iter(self.keys.values()))
+        self.visible = torch.zeros(keys.size(0), self.max_length, dtype=torch.long, device=keys.device)
+        self.visible[:, : self.length] = 1 if mask is None else mask
+        self.write_at = torch.zeros(1, dtype=torch.long, device=keys.device)
+        mark_static(self)
+
+    def next_slot(self):
+        """Point write_at at slot P = length, for the next token, and let attention see it."""
+        self.write_at.fill_(self.length)
+        self.visible[:, self.length] = 1
+
+    def advance(self):
+        """The token at write_at is written in every layer: P grows by one."""
+        for layer in self.filled:
+            self.filled[layer] += 1
 
 
 def decode_one_token(model, tokens, positions, mask, cache):
     """One decoding step with shapes that never change, so that torch.compile makes one graph for every
     step: tokens and positions (B, 1), mask (B, L) of 0/1 over every slot of the cache (0 on padding and on
-    the slots not written yet), cache a StaticCache of L slots whose write_at is set. Returns the next
-    token's logits (B, V).
+    the slots not written yet), cache a FixedShapeCache of L slots after fix_shapes (its write_at set).
+    Returns the next token's logits (B, V).
 
     The body's forward without its checks and options: embeddings, the blocks (each writes its keys and
     values at cache.write_at and attends over all L slots, the mask hiding the empty ones), ln_f, the head.
@@ -2072,6 +2059,23 @@ def mark_static(cache):
     if cache.write_at.device.type == "cuda":
         for t in (*cache.keys.values(), *cache.values.values(), cache.write_at):
             torch._dynamo.mark_static_address(t)
+
+
+def fixed_shape_step(model, tokens, positions, mask, cache):
+    """generate(compile=True)'s decoding step, with decode_step's arguments and results. The prompt runs
+    eagerly (fast_decode_step: any length) into a FixedShapeCache; every later token runs through
+    compiled_decode_step(model), whose shapes never change: it writes slot cache.write_at and reads every
+    slot, cache.visible hiding the ones not written yet (the loop's own mask is not needed then)."""
+    if not isinstance(cache, FixedShapeCache):  # the prompt: made from the loop's empty StaticCache
+        logits, cache = fast_decode_step(model, tokens, positions, mask, FixedShapeCache(cache.max_length))
+        cache.fix_shapes(mask)
+        cache.decode = compiled_decode_step(model)
+        return logits, cache
+    cache.next_slot()
+    with compile_settings(tokens.device):
+        logits = cache.decode(model, tokens, positions, cache.visible, cache)  # (B, V)
+    cache.advance()
+    return logits, cache
 
 
 def _check_compile_args(model, compile, cache, num_beams):
@@ -2372,12 +2376,12 @@ def check_generation_memory(model, rows: int, length: int):
                  "ask for fewer samples or fewer new tokens")
 
 
-# ====================================================================================================
+# ==================================================================================================
 # Part III: files and tools
 #
 # Loading and saving, pixels and tokens (the palette, PNG files), training and evaluation, the
 # command line; main() at the bottom.
-# ====================================================================================================
+# ==================================================================================================
 
 # Imported here rather than at the top, so that the model reads without them (Python allows an
 # import anywhere at module level; a linter's E402 is expected).

@@ -25,6 +25,7 @@ train_bpe learning 2,000 merges from 10 MB of text (the targets: at least 1 MB/s
 """
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -185,8 +186,8 @@ def matmul_params(model) -> int:
 
 
 def bench_decode(device, reps, new_tokens, limits, compile=False, dtype=torch.float32):
-    """Greedy decoding at batch 1 and 8; with compile, also ours' generate(..., compile=True) against the
-    reference's usual (eager) generate."""
+    """Greedy decoding at batch 1 and 8, ours with generate()'s default step and with Part I's plain one;
+    with compile, also ours' generate(..., compile=True) against the reference's usual (eager) generate."""
     ours, theirs = cast(gpt2_pair(device), dtype)
     ours.eval()
     rows = []
@@ -201,11 +202,23 @@ def bench_decode(device, reps, new_tokens, limits, compile=False, dtype=torch.fl
         best = best_decode_step(ours, batch, limits) * new_tokens if limits else None
         name = f"decode greedy, batch {batch}, {new_tokens} tokens"
         rows.append(row(name, t_ours, t_theirs, best, "of roofline"))
+        with torch.no_grad():  # the same, with Part I's decode_step: what the fast head is worth
+            t_plain, t_theirs = interleaved(plain_head(ours, prompt, mask, new_tokens), run_theirs, reps, device)
+        rows.append(row(f"{name}, lm_head (Part I's step)", t_plain, t_theirs, best, "of roofline"))
         if compile:
             run_compiled = lambda: ours.generate(prompt, max_new_tokens=new_tokens, attention_mask=mask,
                                                  stop_at_eos=False, compile=True)
             rows += compiled_rows(name, run_compiled, run_theirs, reps, device, best, "of roofline")
     return rows
+
+
+def plain_head(model, prompt, mask, new_tokens):
+    """Greedy decoding as Part I writes it, decode_step with lm_head, instead of generate()'s default step,
+    Part II's fast_decode_step, whose head is (W @ h^T)^T: the row beside the default one says what that buys."""
+    prompt, mask, options = nanogpt2.prepare_generation(model, input_ids=prompt, attention_mask=mask,
+                                                        max_new_tokens=new_tokens, stop_at_eos=False)
+    options = dataclasses.replace(options, step=nanogpt2.decode_step)
+    return lambda: nanogpt2._sample(model, prompt, mask, options)
 
 
 def compiled_rows(name, run_ours, run_theirs, reps, device, best, best_of):

@@ -152,14 +152,15 @@ EXERCISES = [
            "attention, ln_cross_attn then cross-attention (only with encoder states), ln_2 then the MLP.",
            "attn returns (output, present, weights); the block returns the stream, present, and the self- and "
            "cross-attention weights."]),
-    write("body", "The body's forward: embeddings, masks, the blocks, the final norm", NG, ["GPT2Model.forward"],
-          "model", 3,
+    write("body", "The body's forward: embeddings, masks, the blocks, the final norm", NG,
+          ["GPT2Model.embed", "layer_cache", "GPT2Model.forward"], "model", 3,
           [REFERENCE_HEADS, P + "test_one_forward_equals_prefill_plus_cached_steps",
            R + "test_left_padding_and_head_mask_match_reference", R + "test_incremental_decoding_with_cache_matches_reference"],
           ["If one forward is right but cached steps are not, the new tokens' positions do not continue after the "
            "cached ones; if padding breaks it, the mask is not additive, or not as long as all the keys.",
-           "Embed tokens and positions (token types through the token embedding), add, dropout; the padding mask "
-           "becomes additive over the cached plus the new keys; head_mask is spread to one value per layer and head.",
+           "embed: tokens and positions (token types through the token embedding), added, then dropout. forward: the "
+           "padding mask becomes additive over the cached plus the new keys; head_mask is spread to one value per "
+           "layer and head; layer_cache gives each block its part of the cache.",
            "Loop over the blocks collecting presents, hidden states and attentions as asked, then the final layer "
            "norm; last_hidden_state has the input's shape plus the channel axis."]),
     write("lm-loss", "The language-modelling loss, shifted, ignoring -100", NG, ["shifted_lm_loss"], "model", 1,
@@ -191,10 +192,12 @@ EXERCISES = [
            H + "test_batched_left_padded_generation_equals_one_prompt_at_a_time"],
           ["If greedy generation differs from the argmax of a full forward from the second new token on, the cache, "
            "the mask or the positions fall out of step.",
-           "The first step feeds the whole prompt; later steps feed only the new token, with the cache; each step "
-           "the mask grows by one real column and the positions by one.",
-           "Temperature divides the logits before top-k and top-p; sample with the options' generator (or take the "
-           "argmax); a row that has finished gets the pad token from then on."]),
+           "The first step feeds the whole prompt; later steps feed only the new token, with the cache the step "
+           "gave back. Make the mask and the positions once, for every slot: new tokens are real tokens, and their "
+           "positions continue each row's own count.",
+           "options.step gives the logits and the cache; the processors (temperature, top-k and top-p among them) "
+           "turn the logits into scores; sample with the options' generator (or take the argmax); a row that has "
+           "finished gets the pad token from then on."]),
     write("beam-search", "Beam search with the cache", NG, ["_beam_search"], "generation", 3,
           [H + "test_beam_search_with_the_cache_equals_textbook_beam_search", R + "test_beam_search_equals_reference"],
           ["Beams that come out as copies of each other mean every beam expanded at the first step; results that "
@@ -392,7 +395,7 @@ EXERCISES += [
         "mask[:, None, None, :]", "mask[:, None, :, None]", "attention", 2,
         [P + "test_padded_positions_never_change_real_outputs", R + "test_left_padding_and_head_mask_match_reference"],
         ["Real tokens' outputs change when padding changes.", "Scores are (B, nh, queries, keys)."]),
-    bug("bug-cache-positions", "Positions restart at 0 with a cache", NG, "GPT2Model.forward",
+    bug("bug-cache-positions", "Positions restart at 0 with a cache", NG, "GPT2Model.embed",
         "torch.arange(past_length, past_length + T", "torch.arange(0, T", "model", 1,
         [P + "test_one_forward_equals_prefill_plus_cached_steps", R + "test_incremental_decoding_with_cache_matches_reference"],
         ["Cached generation differs from a full forward from the second step on.",
@@ -441,7 +444,7 @@ EXERCISES += [
         [G + "test_sampling_draws_from_softmax_of_the_filtered_logits_over_temperature"],
         ["Sampled tokens are allowed ones, but their frequencies are wrong.", "logits are (B, V)."]),
     bug("bug-cache-mask-zero", "Generated tokens are masked out", NG, "_sample",
-        "mask[:, length : length + 1] = 1", "mask[:, length : length + 1] = 0", "generation", 1,
+        "(0, S - T0), value=1)", "(0, S - T0), value=0)", "generation", 1,
         [H + "test_greedy_generation_with_the_cache_picks_the_argmax_of_a_full_forward"],
         ["Greedy generation differs from the argmax of a full forward from the second new token.",
          "What should the mask say about the tokens just generated?"]),

@@ -1,6 +1,6 @@
 """generate(compile=True), in both files: the fixed-shape decoding step and its torch.compile wrapper.
 
-    fixed shapes      decode_one_token (every cache slot read, the mask hiding the empty ones) gives the
+    fixed shapes      decode_one_token (every slot of a FixedShapeCache read, the mask hiding the empty ones) gives the
                       logits of one ordinary forward, step after step, with padding and every attention option
     generate          compile=True feeds it the right tokens, positions, mask and slot: the same tokens as the
                       default path (greedy, seeded sampling, eos stops, left padding)
@@ -46,19 +46,21 @@ def tiny(module, seed=0, **overrides):
 
 def fixed_shape_logits(module, model, ids, mask, positions, prefill):
     """Prefill ids[:, :prefill] the ordinary way, then feed the rest one token a step through
-    decode_one_token with the cache in fixed-shape mode (T slots, all read every step); (B, T - prefill, V)."""
+    decode_one_token with a FixedShapeCache (T slots, all read every step); (B, T - prefill, V). The mask is
+    made here, not taken from the cache, so that the cache's bookkeeping is tested too (write_at, length)."""
     B, T = ids.shape
-    cache = module.StaticCache(T)
+    cache = module.FixedShapeCache(T)
     model.transformer(ids[:, :prefill], past_key_values=cache, attention_mask=mask[:, :prefill],
                       position_ids=positions[:, :prefill], use_cache=True)
-    cache.write_at = torch.zeros(1, dtype=torch.long, device=ids.device)
+    cache.fix_shapes(mask[:, :prefill])
     logits = []
     for s in range(prefill, T):
-        cache.write_at.fill_(s)
+        cache.next_slot()
+        assert int(cache.write_at) == s == cache.length
         visible = mask.clone()
         visible[:, s + 1 :] = 0  # the slots not written yet
         logits.append(module.decode_one_token(model, ids[:, s : s + 1], positions[:, s : s + 1], visible, cache))
-        cache.length = s + 1
+        cache.advance()
     return torch.stack(logits, dim=1)
 
 

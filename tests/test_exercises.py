@@ -445,7 +445,8 @@ def test_bad_input_is_one_line_naming_the_argument(tmp_path):
 
 def test_a_bug_is_placed_by_section_and_its_solution_is_the_diff_that_fixes_it(tmp_path):
     result = run_cli("start", "bug-top-k", "--out", str(tmp_path / "s"))
-    assert "section 'Sampling'" in result.stdout
+    # top_k_filter sits with the logits processors that call it (Part II), not in Part I's Sampling.
+    assert "section 'Generation: the reference's options and logits processors'" in result.stdout
     assert "logits <= kth_largest" in (tmp_path / "s" / "nanogpt2.py").read_text()
     diff = run_cli("solution", "bug-top-k").stdout
     assert "-    return logits.masked_fill(logits <= kth_largest" in diff
