@@ -15,7 +15,8 @@ Everything runs in a temporary folder; paths in the output are shown as a user's
 `~/gpt2-class`, `submissions/alice`). Timings in the logs are whatever this machine took: write down in the
 commit which machine and how busy it was.
 
-The tour names each definition with its file and line: `` `GPT2Attention.forward` ([nanogpt2.py:313](nanogpt2.py#L313)) ``.
+The tour names each definition with its file and line:
+`` `GPT2Attention.forward` ([nanogpt2.py:313](nanogpt2.py#L313)) `` (in docs/, the link is `../nanogpt2.py#L313`).
 A dotted name is found in the file's syntax tree (a module-level function, class or constant, or a class's method
 or attribute); a name written as a comment (`# Part II`, `# --- Beam search`) is the one line of the file that
 starts with it. tests/test_readme.py fails when a number is stale or a name is gone.
@@ -66,8 +67,9 @@ def replace_block(texts, name, body):
 
 # --- The tour: each definition it names, with its file and line -----------------------------------------------
 
-# `NAME` ([FILE:LINE](FILE#LLINE)), a space or a line break after the name: the two line numbers and the two file
-# names must agree.
+# `NAME` ([FILE:LINE](LINK#LLINE)), a space or a line break after the name. FILE is the file's path from the
+# repository's root, LINK the same file's path from the markdown file (`../nanogpt2.py` in docs/); the two line
+# numbers must agree.
 TOUR_REFERENCE = re.compile(r"`(?P<name>[^`\n]+)`(?P<gap>\s+)\(\[(?P<file>[\w./-]+\.py):(?P<line>\d+)\]"
                             r"\((?P<target>[\w./-]+\.py)#L(?P<anchor>\d+)\)\)")
 # Any link to a line of a file, so that one written in another form is not silently left unchecked.
@@ -75,7 +77,7 @@ LINE_LINK = re.compile(r"\]\((?P<target>[^)\s#]+)#L\d+\)")
 
 
 def tour_references(text):
-    """Every `NAME` ([FILE:LINE](FILE#LLINE)) in a markdown text: (name, file, line, link's file, link's line,
+    """Every `NAME` ([FILE:LINE](LINK#LLINE)) in a markdown text: (name, file, line, link's file, link's line,
     the match)."""
     return [(m["name"], m["file"], int(m["line"]), m["target"], int(m["anchor"]), m)
             for m in TOUR_REFERENCE.finditer(text)]
@@ -127,16 +129,18 @@ def find_line(path, name):
     return hits[0]
 
 
-def tour_problems(text, base=REPO):
+def tour_problems(text, base=REPO, root=REPO):
     """What is wrong with a markdown text's tour references, one line each: a stale line number, a name no
-    longer defined, a link that disagrees with its label, or a line link not written as a tour reference."""
+    longer defined, a link that disagrees with its label, or a line link not written as a tour reference.
+    base: the markdown file's folder (links are relative to it); root: the repository (labels are from it)."""
     problems = []
     for name, file, line, target, anchor, m in tour_references(text):
-        if file != target or line != anchor:
+        path = os.path.normpath(os.path.join(root, file))
+        if path != os.path.normpath(os.path.join(base, target)) or line != anchor:
             problems.append(f"{m.group(0)}: the label and the link disagree")
             continue
         try:
-            actual = find_line(os.path.join(base, file), name)
+            actual = find_line(path, name)
         except ValueError as e:
             problems.append(f"{m.group(0)}: {e}")
             continue
@@ -145,18 +149,19 @@ def tour_problems(text, base=REPO):
     spans = [m.span() for *_, m in tour_references(text)]
     for m in LINE_LINK.finditer(text):
         if not any(start <= m.start() < end for start, end in spans):
-            problems.append(f"{m.group(0)}: a line link outside the form `NAME` ([FILE:LINE](FILE#LLINE))")
+            problems.append(f"{m.group(0)}: a line link outside the form `NAME` ([FILE:LINE](LINK#LLINE))")
     return problems
 
 
 def remake_tour(texts):
-    """Every tour reference's line number, in README.md and docs/*.md, rewritten from the code."""
+    """Every tour reference's line number (and link), in README.md and docs/*.md, rewritten from the code."""
     for path, text in texts.items():
-        base = REPO if path == README else os.path.dirname(path)
+        base = os.path.dirname(path)
 
         def renumber(m):
-            line = find_line(os.path.join(base, m["file"]), m["name"])
-            return f"`{m['name']}`{m['gap']}([{m['file']}:{line}]({m['file']}#L{line}))"
+            line = find_line(os.path.join(REPO, m["file"]), m["name"])
+            link = os.path.relpath(os.path.join(REPO, m["file"]), base)
+            return f"`{m['name']}`{m['gap']}([{m['file']}:{line}]({link}#L{line}))"
 
         try:
             texts[path] = TOUR_REFERENCE.sub(renumber, text)
