@@ -154,20 +154,24 @@ def tour_problems(text, base=REPO, root=REPO):
 
 
 def remake_tour(texts):
-    """Every tour reference's line number (and link), in README.md and docs/*.md, rewritten from the code."""
+    """Every tour reference's line number (and link), in README.md and docs/*.md, rewritten from the code. A name
+    no longer found is left as it is and reported, one line each, for a person to correct: returns the texts and
+    that list."""
+    unfound = []
     for path, text in texts.items():
         base = os.path.dirname(path)
 
         def renumber(m):
-            line = find_line(os.path.join(REPO, m["file"]), m["name"])
+            try:
+                line = find_line(os.path.join(REPO, m["file"]), m["name"])
+            except ValueError as e:
+                unfound.append(f"{os.path.relpath(path, REPO)}: {e}")
+                return m.group(0)
             link = os.path.relpath(os.path.join(REPO, m["file"]), base)
             return f"`{m['name']}`{m['gap']}([{m['file']}:{line}]({link}#L{line}))"
 
-        try:
-            texts[path] = TOUR_REFERENCE.sub(renumber, text)
-        except ValueError as e:
-            raise SystemExit(f"{os.path.relpath(path, REPO)}: {e}: correct the tour by hand")
-    return texts
+        texts[path] = TOUR_REFERENCE.sub(renumber, text)
+    return texts, unfound
 
 
 def fenced(text, language="text"):
@@ -395,8 +399,9 @@ def main(argv):
         texts = remake_first_run(texts)
     if argv[0] in ("exercises", "all"):
         texts = remake_exercises(texts)
+    unfound = []
     if argv[0] in ("tour", "all"):
-        texts = remake_tour(texts)
+        texts, unfound = remake_tour(texts)
     changed = [path for path in texts if texts[path] != before[path]]
     for path in changed:
         tmp = path + ".tmp"
@@ -407,6 +412,9 @@ def main(argv):
     if argv[0] in ("first-run", "all"):
         shown.append("docs/addition-attention.png")
     print(f"rewrote {', '.join(shown)}" if shown else "nothing to change")
+    if unfound:
+        raise SystemExit("correct these tour references by hand (name a definition or banner that exists):\n  "
+                         + "\n  ".join(unfound))
 
 
 if __name__ == "__main__":
