@@ -1,5 +1,7 @@
-"""Remake README's logs and pictures from a real run of the current code, so that a student's run looks like them.
+"""Remake README's logs and pictures from a real run of the current code, so that a student's run looks like them;
+and keep the reading tour's line numbers true.
 
+    python docs/remake_readme.py tour        # rewrites the line number of every definition the tour names (instant)
     python docs/remake_readme.py first-run   # trains the default adder (1 to 3 minutes on 2 CPU cores), redraws
                                              # docs/addition-attention.png, rewrites the first-run log, the inspect
                                              # table and the walk-through of what the adder attends to
@@ -7,10 +9,17 @@
                                              # into a gradebook and Gradescope's results.json; rewrites those blocks
     python docs/remake_readme.py all
 
-Each remade block sits in README.md between `<!-- remake:NAME -->` and `<!-- /remake:NAME -->`; the prose
-around the blocks is written by hand. Everything runs in a temporary folder; paths in the output are shown as
-a user's would be (`out/addition-2digit`, `~/gpt2-class`, `submissions/alice`). Timings in the logs are whatever
-this machine took: write down in the commit which machine and how busy it was.
+Each remade block sits between `<!-- remake:NAME -->` and `<!-- /remake:NAME -->`, in README.md or in one of
+docs/*.md (the exercises' blocks are in docs/exercises.md); the prose around the blocks is written by hand.
+Everything runs in a temporary folder; paths in the output are shown as a user's would be (`out/addition-2digit`,
+`~/gpt2-class`, `submissions/alice`). Timings in the logs are whatever this machine took: write down in the
+commit which machine and how busy it was.
+
+The tour names each definition with its file and line:
+`` `GPT2Attention.forward` ([nanogpt2.py:313](nanogpt2.py#L313)) `` (in docs/, the link is `../nanogpt2.py#L313`).
+A dotted name is found in the file's syntax tree (a module-level function, class or constant, or a class's method
+or attribute); a name written as a comment (`# Part II`, `# --- Beam search`) is the one line of the file that
+starts with it. tests/test_readme.py fails when a number is stale or a name is gone.
 """
 
 import ast
@@ -40,11 +49,129 @@ def run(args, cwd, check=True, shown=None):
     return result
 
 
-def replace_block(text, name, body):
+def markdown_files():
+    """README.md and docs/*.md, the files whose blocks this script remakes."""
+    return [README] + sorted(os.path.join(DOCS, name) for name in os.listdir(DOCS) if name.endswith(".md"))
+
+
+def replace_block(texts, name, body):
+    """texts: {path: text} of the markdown files. The one holding the block NAME gets `body` in it."""
     pattern = re.compile(rf"(<!-- remake:{name} -->\n).*?(<!-- /remake:{name} -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"README.md has no <!-- remake:{name} --> ... <!-- /remake:{name} --> block")
-    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+    holders = [path for path, text in texts.items() if pattern.search(text)]
+    if len(holders) != 1:
+        raise SystemExit(f"<!-- remake:{name} --> ... <!-- /remake:{name} --> should be in one of README.md and "
+                         f"docs/*.md, found in {len(holders)}")
+    texts[holders[0]] = pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), texts[holders[0]])
+    return texts
+
+
+# --- The tour: each definition it names, with its file and line -----------------------------------------------
+
+# `NAME` ([FILE:LINE](LINK#LLINE)), a space or a line break after the name. FILE is the file's path from the
+# repository's root, LINK the same file's path from the markdown file (`../nanogpt2.py` in docs/); the two line
+# numbers must agree.
+TOUR_REFERENCE = re.compile(r"`(?P<name>[^`\n]+)`(?P<gap>\s+)\(\[(?P<file>[\w./-]+\.py):(?P<line>\d+)\]"
+                            r"\((?P<target>[\w./-]+\.py)#L(?P<anchor>\d+)\)\)")
+# Any link to a line of a file, so that one written in another form is not silently left unchecked.
+LINE_LINK = re.compile(r"\]\((?P<target>[^)\s#]+)#L\d+\)")
+
+
+def tour_references(text):
+    """Every `NAME` ([FILE:LINE](LINK#LLINE)) in a markdown text: (name, file, line, link's file, link's line,
+    the match)."""
+    return [(m["name"], m["file"], int(m["line"]), m["target"], int(m["anchor"]), m)
+            for m in TOUR_REFERENCE.finditer(text)]
+
+
+def definition_lines(path):
+    """{name: [line, ...]} of what a Python file defines: module-level functions, classes and assigned names,
+    and `Class.name` for each method, nested class and assigned name of a module-level class."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    found = {}
+
+    def names(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            return [node.name]
+        if isinstance(node, ast.Assign):
+            return [t.id for t in node.targets if isinstance(t, ast.Name)]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            return [node.target.id]
+        return []
+
+    for node in tree.body:
+        for name in names(node):
+            found.setdefault(name, []).append(node.lineno)
+        if isinstance(node, ast.ClassDef):
+            for member in node.body:
+                for name in names(member):
+                    found.setdefault(f"{node.name}.{name}", []).append(member.lineno)
+    return found
+
+
+def find_line(path, name):
+    """The line (from 1) where `name` is defined in the file at `path`, or a ValueError saying why there is none.
+    A name starting with "# " is a comment: the one line that is it, or starts with it followed by a space or
+    a colon (`# Part II` finds `# Part II: what the reference also has`)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{os.path.relpath(path, REPO)} does not exist")
+    if name.startswith("# "):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        hits = [i + 1 for i, line in enumerate(lines)
+                if line == name or (line.startswith(name) and line[len(name)] in " :")]
+    else:
+        hits = definition_lines(path).get(name, [])
+    if len(hits) != 1:
+        where = os.path.relpath(path, REPO)
+        raise ValueError(f"`{name}` is not in {where}" if not hits else
+                         f"`{name}` is in {where} {len(hits)} times (lines {', '.join(map(str, hits))})")
+    return hits[0]
+
+
+def tour_problems(text, base=REPO, root=REPO):
+    """What is wrong with a markdown text's tour references, one line each: a stale line number, a name no
+    longer defined, a link that disagrees with its label, or a line link not written as a tour reference.
+    base: the markdown file's folder (links are relative to it); root: the repository (labels are from it)."""
+    problems = []
+    for name, file, line, target, anchor, m in tour_references(text):
+        path = os.path.normpath(os.path.join(root, file))
+        if path != os.path.normpath(os.path.join(base, target)) or line != anchor:
+            problems.append(f"{m.group(0)}: the label and the link disagree")
+            continue
+        try:
+            actual = find_line(path, name)
+        except ValueError as e:
+            problems.append(f"{m.group(0)}: {e}")
+            continue
+        if actual != line:
+            problems.append(f"`{name}` is at {file}:{actual}, not {line} (python docs/remake_readme.py tour)")
+    spans = [m.span() for *_, m in tour_references(text)]
+    for m in LINE_LINK.finditer(text):
+        if not any(start <= m.start() < end for start, end in spans):
+            problems.append(f"{m.group(0)}: a line link outside the form `NAME` ([FILE:LINE](LINK#LLINE))")
+    return problems
+
+
+def remake_tour(texts):
+    """Every tour reference's line number (and link), in README.md and docs/*.md, rewritten from the code. A name
+    no longer found is left as it is and reported, one line each, for a person to correct: returns the texts and
+    that list."""
+    unfound = []
+    for path, text in texts.items():
+        base = os.path.dirname(path)
+
+        def renumber(m):
+            try:
+                line = find_line(os.path.join(REPO, m["file"]), m["name"])
+            except ValueError as e:
+                unfound.append(f"{os.path.relpath(path, REPO)}: {e}")
+                return m.group(0)
+            link = os.path.relpath(os.path.join(REPO, m["file"]), base)
+            return f"`{m['name']}`{m['gap']}([{m['file']}:{line}]({link}#L{line}))"
+
+        texts[path] = TOUR_REFERENCE.sub(renumber, text)
+    return texts, unfound
 
 
 def fenced(text, language="text"):
@@ -134,7 +261,7 @@ def walk_through(model_dir, prompt):
     return "\n".join(bullets)
 
 
-def remake_first_run(text):
+def remake_first_run(texts):
     with tempfile.TemporaryDirectory() as tmp:
         log = run([sys.executable, os.path.join(REPO, "nanogpt2.py"), "train"], cwd=tmp).stdout
         model_dir = os.path.join(tmp, "out", "addition-2digit")
@@ -147,12 +274,12 @@ def remake_first_run(text):
                        if PROMPT.index("=") <= int(line.split()[0]) < len(PROMPT) - 1]
         sample = run([sys.executable, os.path.join(REPO, "nanogpt2.py"), "sample", "--model", model_dir, "--prompt",
                       "12+34=", "--temperature", "0"], cwd=tmp).stdout
-        text = replace_block(text, "sample", fenced("$ python nanogpt2.py sample --model out/addition-2digit --prompt "
-                                                    '"12+34=" --temperature 0\n' + sample))
-        text = replace_block(text, "first-run-log", fenced(shorten_log(log)))
-        text = replace_block(text, "inspect-table", fenced("\n".join([rows[header], *answer_rows])))
-        text = replace_block(text, "walk-through", walk_through(model_dir, PROMPT))
-    return text
+        texts = replace_block(texts, "sample", fenced(
+            '$ python nanogpt2.py sample --model out/addition-2digit --prompt "12+34=" --temperature 0\n' + sample))
+        texts = replace_block(texts, "first-run-log", fenced(shorten_log(log)))
+        texts = replace_block(texts, "inspect-table", fenced("\n".join([rows[header], *answer_rows])))
+        texts = replace_block(texts, "walk-through", walk_through(model_dir, PROMPT))
+    return texts
 
 
 # --- The exercises: a student's session, drills, a class ----------------------------------------------------------
@@ -179,7 +306,7 @@ def edit(path, qualname, body):
         f.write("".join(lines[:node.body[0].end_lineno]) + body + "".join(lines[node.end_lineno:]))
 
 
-def remake_exercises(text):
+def remake_exercises(texts):
     import exercises
 
     with tempfile.TemporaryDirectory() as home:
@@ -188,14 +315,14 @@ def remake_exercises(text):
         path = os.path.join(student, "nanogpt2.py")
         edit(path, "shifted_lm_loss", "    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), "
                                       "labels.reshape(-1), ignore_index=-100)\n")
-        text = replace_block(text, "session-start", fenced(session[0]))
-        text = replace_block(text, "session-fail", fenced(exercises_cli("check", student, "--hint", cwd=home,
+        texts = replace_block(texts, "session-start", fenced(session[0]))
+        texts = replace_block(texts, "session-fail", fenced(exercises_cli("check", student, "--hint", cwd=home,
                                                                         home=home)))
         with open(path, encoding="utf-8") as f:
             mine = f.read()
         with open(path, "w", encoding="utf-8") as f:
             f.write(exercises.restore(mine, exercises.read_repo_file("nanogpt2.py"), ["shifted_lm_loss"]))
-        text = replace_block(text, "session-pass", fenced(exercises_cli("check", student, cwd=home, home=home)))
+        texts = replace_block(texts, "session-pass", fenced(exercises_cli("check", student, cwd=home, home=home)))
 
         chapter = os.path.join(home, "attention")
         exercises_cli("start", "attention", "--out", chapter, cwd=home)
@@ -204,7 +331,7 @@ def remake_exercises(text):
         with open(os.path.join(chapter, "nanogpt2.py"), "w", encoding="utf-8") as f:
             f.write(exercises.restore(mine, exercises.read_repo_file("nanogpt2.py"),
                                       ["GPT2Attention.split_heads", "GPT2Attention.merge_heads"]))
-        text = replace_block(text, "session-chapter", fenced(
+        texts = replace_block(texts, "session-chapter", fenced(
             exercises_cli("check", chapter, "--only", "heads", "kv-cache", cwd=home, home=home)))
 
         drills = [exercises_cli("start", "attention-bugs", "--student", name, "--out", os.path.join(home, folder),
@@ -213,7 +340,7 @@ def remake_exercises(text):
         for folder in ("ada", "alan"):  # what the teacher sees: the bug each name drew
             found = run(["grep", "-A3", '"drills"', os.path.join(home, folder, "exercises.json")], cwd=home).stdout
             drills.append(f"$ grep -A3 '\"drills\"' ~/{folder}/exercises.json\n{found}")
-        text = replace_block(text, "drills", fenced("\n".join(drills)))
+        texts = replace_block(texts, "drills", fenced("\n".join(drills)))
 
         submissions = os.path.join(home, "submissions")
         make_class(submissions)
@@ -224,10 +351,10 @@ def remake_exercises(text):
                                 "submissions/*")
         with open(os.path.join(home, "grades.csv"), encoding="utf-8") as f:
             table = f.read()
-        text = replace_block(text, "grade", fenced(graded) + "\n" + fenced(table, "csv"))
+        texts = replace_block(texts, "grade", fenced(graded) + "\n" + fenced(table, "csv"))
         with open(os.path.join(home, "gradescope", "alice", "results.json"), encoding="utf-8") as f:
-            text = replace_block(text, "gradescope", fenced(f.read(), "json"))
-    return text
+            texts = replace_block(texts, "gradescope", fenced(f.read(), "json"))
+    return texts
 
 
 def make_class(root):
@@ -261,19 +388,33 @@ def make_class(root):
 
 
 def main(argv):
-    if not argv or argv[0] not in ("first-run", "exercises", "all"):
+    if not argv or argv[0] not in ("tour", "first-run", "exercises", "all"):
         raise SystemExit(__doc__)
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
+    texts = {}
+    for path in markdown_files():
+        with open(path, encoding="utf-8") as f:
+            texts[path] = f.read()
+    before = dict(texts)
     if argv[0] in ("first-run", "all"):
-        text = remake_first_run(text)
+        texts = remake_first_run(texts)
     if argv[0] in ("exercises", "all"):
-        text = remake_exercises(text)
-    tmp = README + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, README)
-    print(f"rewrote {README}" + (" and docs/addition-attention.png" if argv[0] != "exercises" else ""))
+        texts = remake_exercises(texts)
+    unfound = []
+    if argv[0] in ("tour", "all"):
+        texts, unfound = remake_tour(texts)
+    changed = [path for path in texts if texts[path] != before[path]]
+    for path in changed:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(texts[path])
+        os.replace(tmp, path)
+    shown = [os.path.relpath(path, REPO) for path in changed]
+    if argv[0] in ("first-run", "all"):
+        shown.append("docs/addition-attention.png")
+    print(f"rewrote {', '.join(shown)}" if shown else "nothing to change")
+    if unfound:
+        raise SystemExit("correct these tour references by hand (name a definition or banner that exists):\n  "
+                         + "\n  ".join(unfound))
 
 
 if __name__ == "__main__":

@@ -1133,7 +1133,7 @@ def ladder():
 
 
 def ladder_text():
-    """What `list` prints (README's ladder is this text, and a test keeps it so)."""
+    """What `list` prints (docs/exercises.md's ladder is this text, and a test keeps it so)."""
     lines, chapter = [], None
     for row in ladder():
         if row["chapter"] != chapter:

@@ -1,7 +1,7 @@
 """The classroom exercises prove themselves: every entry of the catalogue applies to the code as it is now, every
 blanked function and every planted bug makes its grading tests fail (so the suite, which runs those tests, catches
-it too), and the command line does what README says, the way a class uses it: each exercise graded alone, every
-failure in plain words, a messy class graded into a gradebook, bug drills drawn per student.
+it too), and the command line does what docs/exercises.md says, the way a class uses it: each exercise graded alone,
+every failure in plain words, a messy class graded into a gradebook, bug drills drawn per student.
 
 The catch test runs every exercise's grading tests in two worker processes (torch imported once in each), on
 the "exercises" hypothesis profile: CI's derandomized examples, so a catch is never luck, without shrinking.
@@ -145,13 +145,13 @@ def test_no_hint_is_the_code():
     assert code_quoted_by(leaky), "the check itself must see code in a hint"
 
 
-def test_readme_ladder_is_what_list_prints():
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    m = re.search(r"<!-- the output of `python tests/exercises\.py list` -->\n```text\n(.*?)```", readme, re.S)
-    assert m, "README's ladder block (after its marker comment) is missing"
+def test_the_ladder_in_docs_is_what_list_prints():
+    with open(os.path.join(REPO, "docs", "exercises.md"), encoding="utf-8") as f:
+        doc = f.read()
+    m = re.search(r"<!-- the output of `python tests/exercises\.py list` -->\n```text\n(.*?)```", doc, re.S)
+    assert m, "docs/exercises.md's ladder block (after its marker comment) is missing"
     assert m.group(1).rstrip("\n") == exercises.ladder_text(), \
-        "README's ladder is stale: paste the output of `python tests/exercises.py list`"
+        "docs/exercises.md's ladder is stale: paste the output of `python tests/exercises.py list`"
     assert run_cli("list").stdout.rstrip("\n") == exercises.ladder_text()
 
 
