@@ -1711,9 +1711,9 @@ def _shape_error(name, got, expected, fix=""):
     return ValueError(f"{name} has shape {tuple(got)}, expected {expected}" + (f" ({fix})" if fix else ""))
 
 
-def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
+def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id", note=""):
     """Token ids (and other indices) must be integers in [0, limit): an embedding lookup outside it
-    crashes on the CPU and corrupts silently or asserts on a GPU."""
+    crashes on the CPU and corrupts silently or asserts on a GPU. note: said after the message."""
     if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
     # Not while torch.compile traces (train --compile): reading values back into Python would split the
@@ -1722,7 +1722,22 @@ def _check_indices(name, ids, limit, limit_name="vocab_size", what="token id"):
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= limit:
             bad = low if low < 0 else high
-            raise ValueError(f"{name} holds {what} {bad}, but {limit_name} is {limit} ({what}s must be in [0, {limit}))")
+            raise ValueError(f"{name} holds {what} {bad}, but {limit_name} is {limit} ({what}s must be in [0, {limit}))"
+                             + note)
+
+
+
+def check_token_ids(name, ids, wte: nn.Embedding, config):
+    """Token ids look up rows of the token embedding wte, so they must be below its number of rows. That is
+    config.vocab_size, unless the config was edited after the model was built: then the embedding is what a
+    lookup fails on (with torch's bare "index out of range in self"), and the message says the two disagree."""
+    rows = wte.num_embeddings
+    if rows == config.vocab_size:
+        _check_indices(name, ids, rows)
+    else:
+        _check_indices(name, ids, rows, "the token embedding's number of rows (wte.num_embeddings)",
+                       note=f"; config.vocab_size says {config.vocab_size}: it was changed after the model was "
+                            f"built, and the model still reads only ids below {rows}")
 
 
 def _input_shape(input_ids, inputs_embeds):
@@ -1744,7 +1759,7 @@ def check_model_inputs(
     if input_ids is not None:
         if input_ids.dim() < 1:
             raise _shape_error("input_ids", input_ids.shape, "(B, T)")
-        _check_indices("input_ids", input_ids, cfg.vocab_size)
+        check_token_ids("input_ids", input_ids, model.wte, cfg)
         input_shape = tuple(input_ids.shape)
     else:
         if inputs_embeds.dim() < 2 or inputs_embeds.size(-1) != cfg.n_embd:
@@ -1790,7 +1805,7 @@ def check_model_inputs(
     if token_type_ids is not None:
         if tuple(token_type_ids.shape) != input_shape:
             raise _shape_error("token_type_ids", token_type_ids.shape, input_shape)
-        _check_indices("token_type_ids", token_type_ids, cfg.vocab_size)
+        check_token_ids("token_type_ids", token_type_ids, model.wte, cfg)
     if position_ids is not None:
         if position_ids.size(-1) != T or position_ids.dim() > len(input_shape) or \
                 math.prod(position_ids.shape[:-1]) not in (1, batch):
@@ -1875,7 +1890,7 @@ def _check_generate_args(model, input_ids, attention_mask, config) -> Tuple[int,
     if attention_mask is not None:
         _check_left_padding(attention_mask, input_ids)
     check_generation_memory(model, input_ids.size(0) * max(config.num_beams, config.num_return_sequences), T + N)
-    _check_indices("input_ids", input_ids, model.config.vocab_size)
+    check_token_ids("input_ids", input_ids, model.transformer.wte, model.config)
     return N, min_length
 
 

@@ -418,3 +418,20 @@ def test_generate_counts_the_beams_logits_before_it_allocates(monkeypatch):
     monkeypatch.setenv("NANOGPT2_MAX_MEMORY_GB", "1")
     with pytest.raises(ValueError, match=r"generating 10,000,000 sequences .* more than the 1.0 GB limit"):
         tiny(nanogpt2).generate(torch.tensor([[1, 2]]), num_beams=10 ** 7, max_new_tokens=2)
+
+
+# --- Special token ids, caches and ids the model cannot read; output files checked before the work -------------
+
+@pytest.mark.parametrize("name", MODULES)
+def test_ids_are_checked_against_the_embedding_when_the_config_was_edited(name):
+    module = MODULES[name]
+    model = tiny(module)
+    rows = model.transformer.wte.num_embeddings
+    model.config.vocab_size = 10 ** 6  # edited after the model was built: the embedding still has `rows` rows
+    message = (rf"input_ids holds token id 999, but the token embedding's number of rows \(wte.num_embeddings\) is "
+               rf"{rows} .*config.vocab_size says 1000000: it was changed after the model was built")
+    with pytest.raises(ValueError, match=message):  # was torch's "index out of range in self"
+        model.generate(torch.tensor([[1, 999]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match=message):
+        model(torch.tensor([[1, 999]]))
+    assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=2).shape == (1, 4)  # as the reference: it runs
