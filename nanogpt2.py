@@ -2013,6 +2013,41 @@ def _input_shape(input_ids, inputs_embeds):
     return tuple(inputs_embeds.shape[:-1]) if inputs_embeds is not None else None
 
 
+def _check_cache_tuples(model, past_key_values, batch: int) -> int:
+    """The reference's cache layout, past_key_values: per layer a pair (keys, values), each (B, nh, P, hs), in
+    the dtype the layer computes in (its weights', or autocast's, which casts them itself). Anything else would
+    fail deep inside attention: a float64 cache of a float32 model in SDPA's "Expected query, key, and value to
+    have the same dtype". Returns P, the cached positions."""
+    cfg = model.config
+    if not isinstance(past_key_values, (tuple, list)):
+        raise TypeError(f"past_key_values must be a StaticCache or, per layer, a pair (keys, values) of tensors "
+                        f"(B, nh, P, hs), got {type(past_key_values).__name__}")
+    if len(past_key_values) != cfg.n_layer:
+        raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {cfg.n_layer}")
+    for i, layer in enumerate(past_key_values):
+        if not (isinstance(layer, (tuple, list)) and len(layer) == 2 and
+                all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer)):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in layer] \
+                if isinstance(layer, (tuple, list)) else type(layer).__name__
+            raise ValueError(f"past_key_values[{i}] must be a pair (keys, values) of tensors (B, nh, P, hs), "
+                             f"got {got}")
+    past_length = past_key_values[0][0].size(-2)
+    device_type = model.wte.weight.device.type
+    for i, (k, v) in enumerate(past_key_values):
+        nh = model.h[i].attn.num_heads
+        expected = (batch, nh, past_length, cfg.n_embd // cfg.n_head)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise _shape_error(f"past_key_values[{i}]", k.shape, f"(B, nh, P, hs) = {expected}")
+        dtype = model.h[i].attn.c_attn.weight.dtype  # the dtype of the new keys, values and queries
+        if k.dtype != dtype or v.dtype != dtype:
+            if torch.is_autocast_enabled(device_type) and k.is_floating_point() and v.is_floating_point():
+                continue  # autocast casts the attention's inputs to one dtype
+            raise ValueError(f"past_key_values[{i}] holds {k.dtype} keys and {v.dtype} values, but the model "
+                             f"computes in {dtype}; pass the cache a forward of this model returned, or convert it: "
+                             f"tuple((k.to({dtype}), v.to({dtype})) for k, v in past_key_values)")
+    return past_length
+
+
 def check_model_inputs(
     model, input_ids, inputs_embeds, past_key_values, attention_mask, token_type_ids, position_ids, head_mask,
     encoder_hidden_states, encoder_attention_mask,
@@ -2049,14 +2084,7 @@ def check_model_inputs(
             raise _shape_error("past_key_values (StaticCache)", (past_key_values.batch_size,), (batch,),
                                "one cache row per sequence")
     elif past_key_values is not None:
-        if len(past_key_values) != cfg.n_layer:
-            raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has {cfg.n_layer}")
-        past_length = past_key_values[0][0].size(-2)
-        for i, (k, v) in enumerate(past_key_values):
-            nh = model.h[i].attn.num_heads
-            expected = (batch, nh, past_length, cfg.n_embd // cfg.n_head)
-            if tuple(k.shape) != expected or tuple(v.shape) != expected:
-                raise _shape_error(f"past_key_values[{i}]", k.shape, f"(B, nh, P, hs) = {expected}")
+        past_length = _check_cache_tuples(model, past_key_values, batch)
     if past_length + T > cfg.n_positions:
         raise ValueError(
             f"the sequence is {past_length + T} tokens long ({past_length} cached + {T} new), but the model "

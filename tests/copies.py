@@ -125,7 +125,7 @@ SHARED = [
     'ModelOutput.__getitem__', 'BaseModelOutputWithPastAndCrossAttentions', 'CausalLMOutputWithCrossAttentions',
     'SequenceClassifierOutputWithPast', 'find_pruneable_heads_and_indices', 'prune_conv1d_layer',
     'prune_attention_heads', 'prune_model_heads', 'expand_head_mask', 'to_device', 'checkpointed_block',
-    '_shape_error', '_check_indices', 'check_token_ids', '_input_shape',
+    '_shape_error', '_check_indices', 'check_token_ids', '_input_shape', '_check_cache_tuples',
     'check_model_inputs', 'check_classification_labels',
     'PROBLEM_TYPES', 'FIELD_KINDS', 'OPTIONAL_KINDS', 'INT64_BOUND', 'FLOAT_MAX', 'shown', 'is_kind', 'is_index',
     'check_field_types', 'check_label_names', 'pruned_heads_from_json', 'config_from_dict', 'config_from_json_file',

@@ -423,6 +423,20 @@ def test_generate_counts_the_beams_logits_before_it_allocates(monkeypatch):
 # --- Special token ids, caches and ids the model cannot read; output files checked before the work -------------
 
 @pytest.mark.parametrize("name", MODULES)
+def test_a_cache_of_another_dtype_or_layout_is_named_before_attention(name):
+    module = MODULES[name]
+    model = tiny(module)
+    ids = torch.tensor([[1, 2, 3], [3, 2, 1]])
+    past = model(ids, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"past_key_values\[0\] holds torch.float64 keys and torch.float64 values, "
+                                         r"but the model computes in torch.float32; .*convert it"):
+        model(ids[:, :1], past_key_values=tuple((k.double(), v.double()) for k, v in past))  # was SDPA's error
+    with pytest.raises(ValueError, match=r"past_key_values\[0\] must be a pair \(keys, values\) of tensors"):
+        model(ids[:, :1], past_key_values=tuple((k,) for k, v in past))
+    assert model(ids[:, :1], past_key_values=past).logits.shape[:2] == (2, 1)
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_ids_are_checked_against_the_embedding_when_the_config_was_edited(name):
     module = MODULES[name]
     model = tiny(module)
