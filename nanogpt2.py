@@ -1435,6 +1435,8 @@ def prepare_generation(model, input_ids=None, attention_mask=None, generation_co
     forbidden until min_new_tokens new tokens, else min_length tokens. For greedy decoding and sampling, each
     prompt and its mask are repeated num_return_sequences times (rows grouped by prompt); beam search expands
     its own. The processors come from logits_processors. Returns the prompts and mask on the model's device.
+    A special token id the model would read must be one of its token embedding's rows: bos_token_id when it is
+    the prompt, the padding when a finished row can carry it into the next step (_check_pad_token).
 
     The GenerationConfig fields generate() takes as keywords, by what they set:
       lengths      max_length=20 (the prompt included), max_new_tokens (wins when both are given),
@@ -1488,10 +1490,16 @@ def prepare_generation(model, input_ids=None, attention_mask=None, generation_co
     eos = config.eos_token_id
     eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,) if eos is not None else None
     pad = config.pad_token_id if config.pad_token_id is not None else eos[0] if eos is not None else None
+    rows = model.transformer.wte.num_embeddings  # the token ids the model reads: 0 .. rows - 1
     if input_ids is None:
         if config.bos_token_id is None:
             raise ValueError("input_ids is None and the generation config has no bos_token_id to start from; "
                              "give a prompt")
+        if config.bos_token_id >= rows:  # the reference fails too, in the embedding, at the first step
+            source = _token_source("bos_token_id", kwargs, generation_config)
+            raise ValueError(f"bos_token_id {config.bos_token_id}{source} is not a token id of this model: ids are "
+                             f"in [0, {rows}); generation starts from it when input_ids is None: give a prompt, or "
+                             f"a bos_token_id below {rows}")
         input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long)
     N, min_length = _check_generate_args(model, input_ids, attention_mask, config)
     device = model.transformer.wte.weight.device
@@ -1506,6 +1514,9 @@ def prepare_generation(model, input_ids=None, attention_mask=None, generation_co
     if config.num_beams == 1 and config.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+    from_eos = config.pad_token_id is None  # then the padding is the first eos id
+    _check_pad_token(pad, rows, scored, input_ids.size(0), N, eos if stop_at_eos else None, from_eos,
+                     _token_source("eos_token_id" if from_eos else "pad_token_id", kwargs, generation_config))
     # beam sampling keeps enough tokens that a beam can continue even if all the eos ids are among them
     keep = (len(eos) + 1 if eos is not None else 2) if config.num_beams > 1 else 1
     if cache not in ("static", "tuple"):
@@ -1520,6 +1531,32 @@ def prepare_generation(model, input_ids=None, attention_mask=None, generation_co
         cache=cache, step=fixed_shape_step if compile else fast_decode_step,
     )
     return input_ids, attention_mask, options
+
+
+def _token_source(name: str, kwargs: dict, generation_config) -> str:
+    """Where generate() took a special token id from, for a message: nothing when the caller passed it."""
+    if name in kwargs:
+        return ""
+    if generation_config is not None and getattr(generation_config, name) is not None:
+        return " (from the generation_config passed to generate())"
+    return " (from the model's generation config: its generation_config.json, else config.json)"
+
+
+def _check_pad_token(pad, rows: int, scored: int, batch: int, N: int, eos, from_eos: bool, source: str):
+    """The padding a finished row carries must be a token id of the model (one of its embedding's `rows`) when
+    it can be fed back: with batch > 1 rows (prompts, for beam search), N > 1 new tokens and an eos id the head
+    can emit (one of its `scored`), a row that finishes before the others carries pad into the next step, where
+    the model looks it up; the reference fails there, mid-generation. Otherwise pad is at most written into the
+    result, as the reference does with any id, and an eos id the model never emits merely never stops a row:
+    neither is refused. pad: pad_token_id, or (from_eos) the first eos id when it is unset; eos: the eos ids
+    that stop a row (None: none); source: where pad came from (_token_source)."""
+    if pad is None or pad < rows or eos is None or not any(e < scored for e in eos) or batch < 2 or N < 2:
+        return
+    what = (f"pad_token_id is not set, so the padding is the first eos_token_id, {pad}{source}, which" if from_eos
+            else f"pad_token_id {pad}{source}")
+    raise ValueError(f"{what} is not a token id of this model: ids are in [0, {rows}); a row that finishes before "
+                     f"the others carries the padding into the next step, where the model reads it; pass a "
+                     f"pad_token_id below {rows}" + (", or correct eos_token_id" if from_eos else ""))
 
 
 def logits_processors(config: GenerationConfig, min_length: int, eos, keep: int = 1) -> list:
@@ -5819,6 +5856,11 @@ def sample_command(args):
     tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))  # GPT-2's BPE, its own, or characters
     eos = model.config.eos_token_id
     input_ids, attention_mask = encode_batch(prompts, pad_id=eos, encode_fn=tokenizer.encode)  # each prompt once
+    rows = model.transformer.wte.num_embeddings  # the token ids the model reads: 0 .. rows - 1
+    if eos is not None and eos >= rows and bool((input_ids == eos).any()):  # put there by encode_batch, to be read
+        raise ValueError(f"eos_token_id {eos} (from {os.path.join(resolve_checkpoint(args.model), 'config.json')}) "
+                         f"is not a token id of this model: ids are in [0, {rows}); sample pads the shorter prompts "
+                         "with it and starts an empty one from it; correct eos_token_id in config.json")
     beams = args.num_beams > 1  # beam search returns the best num_samples beams of each prompt
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())

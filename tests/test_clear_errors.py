@@ -423,6 +423,34 @@ def test_generate_counts_the_beams_logits_before_it_allocates(monkeypatch):
 # --- Special token ids, caches and ids the model cannot read; output files checked before the work -------------
 
 @pytest.mark.parametrize("name", MODULES)
+def test_special_token_ids_the_model_would_read_are_named_before_any_work(name):
+    module = MODULES[name]
+    model = tiny(module)  # 16 token ids (nanogpt2), 5 (imagegpt: 4 colours and SOS)
+    rows = model.transformer.wte.num_embeddings
+    ids = torch.tensor([[1, 2], [3, 0]])
+    first = model.generate(ids, max_new_tokens=1)[:, -1]  # row 0 finishes at once on this eos, row 1 does not
+    eos = int(first[0]) if first[0] != first[1] else pytest.fail("both rows chose the same token")
+    # A row that finishes early carries the padding into the next step (the reference fails there, mid-way).
+    with pytest.raises(ValueError, match=rf"^pad_token_id 1000000 is not a token id of this model: ids are in "
+                                         rf"\[0, {rows}\); a row that finishes before the others"):
+        model.generate(ids, max_new_tokens=3, eos_token_id=eos, pad_token_id=10 ** 6)
+    model.generation_config.eos_token_id = [10 ** 6, eos]  # e.g. from config.json; the padding is its first id
+    model.generation_config.pad_token_id = None
+    with pytest.raises(ValueError, match=r"^pad_token_id is not set, so the padding is the first eos_token_id, "
+                                         r"1000000 \(from the model's generation config: its generation_config.json, "
+                                         r"else config.json\), which is not a token id of this model"):
+        model.generate(ids, max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"^bos_token_id 1000000 is not a token id of this model: .*give a prompt"):
+        model.generate(None, bos_token_id=10 ** 6, max_new_tokens=2)
+    # What the reference runs correctly is not refused: an eos id the model never emits, padding never read.
+    model.generation_config.eos_token_id = 10 ** 6
+    never = model.generate(ids, max_new_tokens=3, eos_token_id=None, pad_token_id=None)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=3), never[:1])  # one row: nothing is padded
+    assert torch.equal(model.generate(ids, max_new_tokens=3), never)  # no row finishes, padding unused
+    assert model.generate(ids, max_new_tokens=1, eos_token_id=eos, pad_token_id=10 ** 6).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", MODULES)
 def test_a_cache_of_another_dtype_or_layout_is_named_before_attention(name):
     module = MODULES[name]
     model = tiny(module)
@@ -449,3 +477,22 @@ def test_ids_are_checked_against_the_embedding_when_the_config_was_edited(name):
     with pytest.raises(ValueError, match=message):
         model(torch.tensor([[1, 999]]))
     assert model.generate(torch.tensor([[1, 2]]), max_new_tokens=2).shape == (1, 4)  # as the reference: it runs
+
+
+def cli(script, *argv):
+    """`python script argv` in a fresh process: (exit status, stderr)."""
+    run = subprocess.run([sys.executable, str(ROOT / script), *map(str, argv)], capture_output=True, text=True,
+                         timeout=300, env=dict(__import__("os").environ,
+                                               TIKTOKEN_CACHE_DIR=str(ROOT / "tests" / "fixtures" / "tiktoken")))
+    return run.returncode, run.stderr
+
+
+def test_sample_refuses_an_eos_id_outside_the_vocabulary_that_it_would_pad_with(tmp_path):
+    torch.manual_seed(0)  # GPT-2's vocabulary, so the command line uses GPT-2's BPE
+    config = nanogpt2.GPT2Config(n_layer=1, n_head=2, n_embd=8, n_positions=16, eos_token_id=10 ** 6)
+    nanogpt2.GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    status, err = cli("nanogpt2.py", "sample", "--model", tmp_path / "m", "--prompt", "hi", "--prompt",
+                      "hello there you", "--max-new-tokens", 3, "--temperature", 0)
+    assert status == 2 and err.count("\n") == 1, err  # was "input_ids holds token id 1000000", an argument never given
+    assert err.startswith(f"nanogpt2.py: error: eos_token_id 1000000 (from {tmp_path / 'm' / 'config.json'}) is not "
+                          "a token id of this model: ids are in [0, 50257)"), err
