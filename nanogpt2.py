@@ -4558,6 +4558,12 @@ def prepare_text_data(args, vocab, run: Run):
                 print(f"note: {e}; tokenising --data again", file=sys.stderr)
         same_vocab = meta is not None and meta.get("merges_sha256") == merges_sha256 and (
             meta["char_vocab"] is not None if tokenizer is None else meta["char_vocab"] == tokenizer.chars)
+        if same_vocab and meta["source"] == source:  # to be reused: its ids must be the vocabulary's
+            size = len(meta["char_vocab"]) if meta["char_vocab"] is not None else tokenizer.vocab_size
+            problem = tokens_beyond(dest, meta, size)
+            if problem:
+                print(f"note: {problem}; tokenising --data again", file=sys.stderr)
+                same_vocab = False
         if not same_vocab or meta["source"] != source:
             tokenizer = tokenizer or CharTokenizer(characters_of(args.data))
             print(f"tokenising {args.data} ({tokenizer.describe})...", flush=True)
@@ -4578,6 +4584,19 @@ def prepare_text_data(args, vocab, run: Run):
         tokenizer = BPETokenizer()
     data = TextData(dest, meta["dtype"], args.block_size, args.val_fraction, args.data)
     return data, tokenizer
+
+
+def tokens_beyond(path, meta: dict, vocab_size: int) -> Optional[str]:
+    """out/tokens.bin, to be reused, holds ids of the vocabulary, or what is wrong with it: a file damaged (or
+    written by another tool) after tokens.json described it would otherwise start a run that fails at its first
+    batch. One pass over the mapped file (a few seconds for gigabytes); None when all are below vocab_size."""
+    if meta["tokens"] == 0:
+        return None
+    high = int(np.memmap(path, dtype=meta["dtype"], mode="r").max())
+    if high < vocab_size:
+        return None
+    return (f"{path} holds token id {high:,}, but the vocabulary has {vocab_size:,} tokens (ids in "
+            f"[0, {vocab_size:,})): it is damaged, and it is only a cache of --data's tokens")
 
 
 def new_bpe_tokenizer(args) -> BPETokenizer:

@@ -483,3 +483,22 @@ def test_tokens_json_that_does_not_describe_tokens_bin_is_named_and_made_again(t
     assert "tokens.json is damaged" in capsys.readouterr().err
     meta = json.loads((out / "tokens.json").read_text())
     assert (out / "tokens.bin").stat().st_size == meta["tokens"] * 2 and isinstance(meta["char_vocab"], str)
+
+
+def test_tokens_bin_holding_ids_beyond_the_vocabulary_is_named_and_made_again(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello world, a small corpus of text. " * 40)
+    out = tmp_path / "run"
+    argv = ["train", *TINY_RUN, "--data", str(text), "--tokenizer", "char", "--block-size", "8", "--out", str(out)]
+    assert nanogpt2.main(argv) == 0
+    vocab = len(json.loads((out / "tokens.json").read_text())["char_vocab"])
+    count = (out / "tokens.bin").stat().st_size // 2
+    (out / "tokens.bin").write_bytes(b"\x60\xea" * count)  # id 60,000 throughout: tokens.json still fits its size
+    capsys.readouterr()
+    # Was a run that started, then failed on "input_ids holds token id 60000", an argument the user never gave.
+    assert nanogpt2.main(["train", "--resume", str(out), "--max-steps", "3"]) == 0  # made again, then trained
+    err = capsys.readouterr().err
+    assert f"note: {out / 'tokens.bin'} holds token id 60,000, but the vocabulary has {vocab} tokens " in err, err
+    assert "it is only a cache of --data's tokens; tokenising --data again" in err, err
+    tokens = (out / "tokens.bin").read_bytes()
+    assert len(tokens) == 2 * count and max(tokens[0::2]) < vocab and not any(tokens[1::2])
