@@ -2650,6 +2650,23 @@ def _write_atomically(path, data: bytes):
             f.write(data)
 
 
+
+def check_output_file(option: str, path):
+    """A file a command writes at its end (a PNG), checked before the work that makes it: a directory in its
+    place, or a folder that does not exist or cannot be written to, would otherwise be found by the final
+    write, after the model was loaded and run (minutes of sampling, lost)."""
+    path = os.fspath(path)
+    if path == "":
+        raise ValueError(f"{option} is empty: give the name of the file to write")
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory: give the name of a file to write (a .png) instead")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the directory {folder} is not writable")
+
+
 def read_safetensors_header(path) -> Tuple[dict, int]:
     """(header dict, offset of the data section). Every claim the header makes is checked against the
     file before any tensor is read, so a lying header gives an error, never an out-of-bounds read."""
@@ -5176,9 +5193,7 @@ def _check_args(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if getattr(args, "image", None) is not None and not os.path.isfile(args.image):
         raise ValueError(f"--image {args.image}: no such file")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise ValueError(f"--out {args.out}: the directory {out_dir} does not exist")
+    check_output_file("--out", args.out)  # a directory there would be found after all the sampling
     if args.palette is not None and not os.path.exists(args.palette):
         raise ValueError(f"--palette {args.palette}: no such file")
 

@@ -2924,6 +2924,22 @@ def _write_atomically(path, data: bytes):
             f.write(data)
 
 
+def check_output_file(option: str, path):
+    """A file a command writes at its end (a PNG), checked before the work that makes it: a directory in its
+    place, or a folder that does not exist or cannot be written to, would otherwise be found by the final
+    write, after the model was loaded and run (minutes of sampling, lost)."""
+    path = os.fspath(path)
+    if path == "":
+        raise ValueError(f"{option} is empty: give the name of the file to write")
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory: give the name of a file to write (a .png) instead")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: the directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the directory {folder} is not writable")
+
+
 def read_safetensors_header(path) -> Tuple[dict, int]:
     """(header dict, offset of the data section) of a .safetensors file, reading no tensor data.
 
@@ -6040,6 +6056,7 @@ def attention_picture(attentions, labels: List[str]) -> np.ndarray:
 
 def inspect_command(args):
     """python nanogpt2.py inspect: the attention picture, and each position's most likely next tokens."""
+    check_output_file("--out", args.out)  # before the model is loaded
     device = resolve_device(args.device)
     model = GPT2LMHeadModel.from_pretrained(args.model, device=device)
     tokenizer = tokenizer_for(model.config, resolve_checkpoint(args.model))

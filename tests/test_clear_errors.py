@@ -496,3 +496,20 @@ def test_sample_refuses_an_eos_id_outside_the_vocabulary_that_it_would_pad_with(
     assert status == 2 and err.count("\n") == 1, err  # was "input_ids holds token id 1000000", an argument never given
     assert err.startswith(f"nanogpt2.py: error: eos_token_id 1000000 (from {tmp_path / 'm' / 'config.json'}) is not "
                           "a token id of this model: ids are in [0, 50257)"), err
+
+
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(tmp_path):
+    imagegpt_model = tiny(imagegpt)
+    imagegpt_model.palette = torch.rand(4, 3) * 2 - 1
+    imagegpt_model.save_pretrained(tmp_path / "igpt")
+    tiny(nanogpt2).save_pretrained(tmp_path / "gpt")
+    (tmp_path / "d").mkdir()
+    for script, argv in [("imagegpt.py", ["sample", "--model", tmp_path / "igpt", "--num-samples", 1]),
+                         ("nanogpt2.py", ["inspect", "--model", tmp_path / "gpt", "--prompt", "hi"])]:
+        status, err = cli(script, *argv, "--out", tmp_path / "d", "--device", "cpu")
+        assert status == 2 and err.count("\n") == 1, err  # once refused only after all the sampling
+        assert err == f"{script}: error: --out {tmp_path / 'd'} is a directory: give the name of a file to write " \
+                      "(a .png) instead\n", err
+        status, err = cli(script, *argv, "--out", tmp_path / "no" / "x.png", "--device", "cpu")
+        assert status == 2 and f"the directory {tmp_path / 'no'} does not exist" in err and err.count("\n") == 1, err
+    assert list((tmp_path / "d").iterdir()) == []
