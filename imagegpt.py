@@ -2007,8 +2007,15 @@ def repeat_prompts(model, input_ids, num_samples, kwargs):
     # Before the repeat, so that a huge num_samples is refused, not allocated: the cache holds at most n_positions.
     prompts = input_ids.size(0) if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
     check_generation_memory(model, prompts * num_samples, model.config.n_positions)
-    if input_ids is None:
-        input_ids = torch.full((1, 1), kwargs.get("bos_token_id", model.generation_config.bos_token_id))
+    if input_ids is None:  # the SOS prompt, checked here as prepare_generation checks it for one sample
+        bos = kwargs.get("bos_token_id", model.generation_config.bos_token_id)
+        rows = model.transformer.wte.num_embeddings
+        if isinstance(bos, int) and not isinstance(bos, bool) and not 0 <= bos < rows:
+            source = _token_source("bos_token_id", kwargs, None)
+            raise ValueError(f"bos_token_id {bos}{source} is not a token id of this model: ids are in [0, {rows}); "
+                             f"generation starts from it when input_ids is None: give a prompt, or a bos_token_id "
+                             f"below {rows}")
+        input_ids = torch.full((1, 1), bos)
     if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.repeat_interleave(num_samples, dim=0)
     if isinstance(kwargs.get("attention_mask"), torch.Tensor):

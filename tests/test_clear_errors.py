@@ -442,6 +442,9 @@ def test_special_token_ids_the_model_would_read_are_named_before_any_work(name):
         model.generate(ids, max_new_tokens=3)
     with pytest.raises(ValueError, match=r"^bos_token_id 1000000 is not a token id of this model: .*give a prompt"):
         model.generate(None, bos_token_id=10 ** 6, max_new_tokens=2)
+    if name == "imagegpt":  # num_samples repeats the SOS prompt before generate's own checks
+        with pytest.raises(ValueError, match=r"^bos_token_id 1000000 is not a token id of this model: .*give a prompt"):
+            model.generate(None, bos_token_id=10 ** 6, max_new_tokens=2, num_samples=2)
     # What the reference runs correctly is not refused: an eos id the model never emits, padding never read.
     model.generation_config.eos_token_id = 10 ** 6
     never = model.generate(ids, max_new_tokens=3, eos_token_id=None, pad_token_id=None)
