@@ -1302,16 +1302,8 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path) -> "GenerationConfig":
-        path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))  # no FIFO, no link out
-        try:
-            with open(path, encoding="utf-8") as f:
-                config_dict = json.load(f)
-        except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
-            raise CheckpointError(f"{path} is not valid JSON ({e}); expected a generation_config.json object") from None
-        if not isinstance(config_dict, dict):
-            raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of "
-                                  "generation fields ({\"max_length\": 50, ...})")
-        return cls.from_dict(config_dict)
+        fields = "generation fields ({\"max_length\": 50, ...})"
+        return cls.from_dict(read_json_object(path, "generation_config.json", fields))
 
     def to_json_file(self, path):
         """Write generation_config.json (atomically)."""
@@ -2632,19 +2624,27 @@ def config_to_dict(config) -> dict:
     return d
 
 
-def config_from_json_file(cls, path) -> "GPT2Config":
-    path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))  # no FIFO, no link out
+def read_json_object(path, what: str, fields: str) -> dict:
+    """The JSON object in the file `path` (a config.json, a generation_config.json), read whole: a regular file
+    in its folder (no FIFO, no link out), at most MAX_JSON_BYTES, valid UTF-8 JSON, an object. Anything else is
+    a CheckpointError naming the file, what it is (`what`) and what it should hold (`fields`)."""
+    path = regular_file_in(os.path.dirname(os.fspath(path)) or ".", os.fspath(path))
     if os.path.getsize(path) > MAX_JSON_BYTES:  # read whole below: a config is a few kilobytes
-        raise CheckpointError(f"{path} is {os.path.getsize(path):,} bytes, not a config.json (at most "
+        raise CheckpointError(f"{path} is {os.path.getsize(path):,} bytes, not a {what} (at most "
                               f"{MAX_JSON_BYTES:,})")
     try:
         with open(path, encoding="utf-8") as f:
             config_dict = json.load(f)
     except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
-        raise CheckpointError(f"{path} is not valid JSON ({e}); expected a config.json object") from None
+        raise CheckpointError(f"{path} is not valid JSON ({e}); expected a {what} object") from None
     if not isinstance(config_dict, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of config "
-                              "fields ({\"n_layer\": 12, ...})")
+        raise CheckpointError(f"{path} holds a JSON {type(config_dict).__name__}, expected an object of {fields}")
+    return config_dict
+
+
+def config_from_json_file(cls, path) -> "GPT2Config":
+    path = os.fspath(path)
+    config_dict = read_json_object(path, "config.json", "config fields ({\"n_layer\": 12, ...})")
     try:
         return cls.from_dict(config_dict)
     except ValueError as e:  # a field of the wrong kind or out of range, or a model too big for memory: name the file
