@@ -384,7 +384,11 @@ def graded_copy(state, ex_id, together=False):
         return texts, origins, notes
     mine = set(BY_ID[ex_id]["functions"])
     plans = {}  # file -> {qualname: "reference" or [(old, new) of planted bugs to undo]}
-    for other in state["manifest"]["exercises"]:
+    started = list(state["manifest"]["exercises"])
+    # A write exercise taken out of exercises.json by hand still leaves its stub, which would fail this one.
+    started += [other for other, ex in BY_ID.items() if ex["kind"] == "write" and other not in started
+                and f'NotImplementedError("exercise {other}:' in texts.get(ex["file"], "")]
+    for other in started:
         if other == ex_id or other not in BY_ID or BY_ID[other]["file"] not in texts:
             continue
         ex = BY_ID[other]

@@ -207,6 +207,13 @@ def test_graded_copy_puts_the_reference_back_in_every_other_exercise_only(tmp_pa
     assert origins["nanogpt2.py"][first] is None and not notes
     assert exercises.graded_copy(state, "heads", together=True)[0]["nanogpt2.py"] == student
 
+    # kv-cache taken out of exercises.json by hand: its stub is still put back when heads is graded.
+    manifest = json.loads((folder / "exercises.json").read_text())
+    manifest["exercises"].remove("kv-cache")
+    (folder / "exercises.json").write_text(json.dumps(manifest))
+    heads = exercises.graded_copy(exercises.load_folder(str(folder)), "heads")[0]["nanogpt2.py"]
+    assert source(heads, "GPT2Attention.forward") == source(reference, "GPT2Attention.forward")
+
     # Bugs that share a function: the others' planted text is put back, this one's stays.
     bugs = tmp_path / "bugs"
     assert run_cli("start", "attention-bugs", "--out", str(bugs)).returncode == 0
