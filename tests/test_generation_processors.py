@@ -136,7 +136,8 @@ def test_repetition_penalty_moves_each_token_of_the_row_once(name, case, penalty
     got = module.repetition_penalty(ids, scores, penalty)
     torch.testing.assert_close(got, oracle_repetition_penalty(ids, scores, penalty), rtol=1e-6, atol=0)
     shuffled = torch.cat([ids, ids.flip(1)], dim=1)[:, torch.randperm(2 * ids.size(1))]
-    assert torch.equal(module.repetition_penalty(shuffled, scores, penalty), got)
+    torch.testing.assert_close(module.repetition_penalty(shuffled, scores, penalty), got, rtol=0, atol=0,
+                               msg="the scores for the row shuffled, each token repeated")
     assert torch.equal(scores, case[1]), "the input scores were modified"
 
 
@@ -146,7 +147,8 @@ def test_repetition_penalty_moves_each_token_of_the_row_once(name, case, penalty
 def test_no_repeat_ngram_forbids_exactly_the_tokens_that_repeat_an_ngram(name, case, n):
     ids, scores = case
     got = MODULES[name].no_repeat_ngram(ids, scores, n)
-    assert torch.equal(got, oracle_no_repeat_ngram(ids, scores, n))
+    torch.testing.assert_close(got, oracle_no_repeat_ngram(ids, scores, n), rtol=0, atol=0,
+                               msg="no_repeat_ngram's scores (-inf: forbidden)")
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -158,7 +160,8 @@ def test_bad_words_forbid_the_tokens_that_would_complete_a_word(name, case, data
     words = data.draw(st.lists(st.lists(st.integers(0, V - 1), min_size=1, max_size=4), min_size=1, max_size=4),
                       label="bad words")
     got = MODULES[name].ban_bad_words(ids, scores, words)
-    assert torch.equal(got, oracle_bad_words(ids, scores, words))
+    torch.testing.assert_close(got, oracle_bad_words(ids, scores, words), rtol=0, atol=0,
+                               msg="ban_bad_words' scores (-inf: forbidden)")
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -169,7 +172,8 @@ def test_forbid_eos_until_the_minimum_length(name, case, data):
     eos = tuple(data.draw(st.lists(st.integers(0, scores.size(-1) + 1), min_size=1, max_size=3), label="eos"))
     min_length = max(0, ids.size(1) + data.draw(st.integers(-3, 3), label="min_length - L"))  # near the edge
     got = MODULES[name].forbid_eos(ids, scores, min_length, eos)
-    assert torch.equal(got, oracle_forbid_eos(ids, scores, min_length, eos))
+    torch.testing.assert_close(got, oracle_forbid_eos(ids, scores, min_length, eos), rtol=0, atol=0,
+                               msg="forbid_eos' scores (-inf: forbidden)")
 
 
 # --- generation ------------------------------------------------------------------------------------------
