@@ -1087,7 +1087,7 @@ class GenerationConfig:
 
     def to_json_file(self, path):
         """Write generation_config.json (atomically)."""
-        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        write_json(path, self.to_dict())
 
 
 # The reference's decoding options this generate() does not implement, with the value that leaves decoding as it
@@ -1104,10 +1104,6 @@ UNSUPPORTED_GENERATION_FIELDS = {
 }
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # Below this, logits / temperature overflow to inf for logits of a few hundred, and sampling fails on NaN.
 MIN_TEMPERATURE = 1e-6
 
@@ -1118,34 +1114,36 @@ def _check_generation_config(config: GenerationConfig, scored: int):
     def bad(name, expected, hint=""):
         return ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}" + (f" ({hint})" if hint else ""))
 
-    if not _is_int(config.max_length) or config.max_length < 1:
+    if not is_kind(config.max_length, int) or config.max_length < 1:
         raise bad("max_length", "a positive integer", "the prompt included")
     for name in ("max_new_tokens", "min_new_tokens"):
-        if getattr(config, name) is not None and (not _is_int(getattr(config, name)) or getattr(config, name) < 0):
+        value = getattr(config, name)
+        if value is not None and (not is_kind(value, int) or value < 0):
             raise bad(name, "a non-negative integer", "or None")
-    if not _is_int(config.min_length) or config.min_length < 0:
+    if not is_kind(config.min_length, int) or config.min_length < 0:
         raise bad("min_length", "a non-negative integer", "the prompt included")
     for name in ("do_sample", "output_scores", "return_dict_in_generate"):
         if not isinstance(getattr(config, name), bool):
             raise bad(name, "True or False")
     for name in ("num_beams", "num_return_sequences"):
-        if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
+        value = getattr(config, name)
+        if not is_kind(value, int) or value < 1:
             raise bad(name, "a positive integer")
     for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):  # before any comparison
-        if getattr(config, name) is not None and not isinstance(getattr(config, name), (int, float)) \
-                or isinstance(getattr(config, name), bool):
+        value = getattr(config, name)
+        if isinstance(value, bool) or (value is not None and not isinstance(value, (int, float))):
             raise bad(name, "a number")
     if config.do_sample and config.temperature is not None and not MIN_TEMPERATURE <= config.temperature < math.inf:
         raise ValueError(f"temperature must be at least {MIN_TEMPERATURE} and finite when sampling, got "
                          f"{config.temperature!r} (a smaller one overflows the scores to inf; for the most likely "
                          "token every step, use do_sample=False)")
-    if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 0):
+    if config.top_k is not None and (not is_kind(config.top_k, int) or config.top_k < 0):
         raise bad("top_k", "a non-negative integer", "0 or None: no top-k")
     if config.top_p is not None and not 0 < config.top_p <= 1:
         raise bad("top_p", "in (0, 1]", "1.0 or None: no top-p")
     if config.repetition_penalty is not None and not 0 < config.repetition_penalty < math.inf:
         raise bad("repetition_penalty", "> 0 and finite", "1.0: none; above 1 penalises repeats")
-    if config.no_repeat_ngram_size is not None and (not _is_int(config.no_repeat_ngram_size)
+    if config.no_repeat_ngram_size is not None and (not is_kind(config.no_repeat_ngram_size, int)
                                                     or config.no_repeat_ngram_size < 0):
         raise bad("no_repeat_ngram_size", "a non-negative integer", "0: off")
     if not -math.inf < config.length_penalty < math.inf:  # nan fails both comparisons
@@ -1159,14 +1157,15 @@ def _check_generation_config(config: GenerationConfig, scored: int):
         raise ValueError(f"num_return_sequences ({config.num_return_sequences}) must be at most num_beams "
                          f"({config.num_beams}): beam search keeps num_beams hypotheses per prompt")
     eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
-    if config.eos_token_id is not None and (not eos or not all(_is_int(t) and t >= 0 for t in eos)):
+    if config.eos_token_id is not None and (not eos or not all(is_kind(t, int) and t >= 0 for t in eos)):
         raise bad("eos_token_id", "None, a token id or a non-empty list of token ids")
     for name in ("pad_token_id", "bos_token_id"):
-        if getattr(config, name) is not None and (not _is_int(getattr(config, name)) or getattr(config, name) < 0):
+        value = getattr(config, name)
+        if value is not None and (not is_kind(value, int) or value < 0):
             raise bad(name, "None or a token id (an integer >= 0)")
     words = config.bad_words_ids
     if words is not None and (not isinstance(words, (list, tuple)) or not words or not all(
-            isinstance(w, (list, tuple)) and w and all(_is_int(t) and 0 <= t < scored for t in w) for w in words)):
+            isinstance(w, (list, tuple)) and w and all(is_kind(t, int) and 0 <= t < scored for t in w) for w in words)):
         raise bad("bad_words_ids", f"None or a non-empty list of non-empty lists of token ids in [0, {scored})")
 
 
@@ -2390,7 +2389,7 @@ def config_from_json_file(cls, path) -> "ImageGPTConfig":
 
 
 def config_to_json_file(config, path):
-    _write_atomically(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(path, config.to_dict())
 
 
 # --- Memory: what a model or a batch needs, against what the machine has ---------------------------------
@@ -2656,6 +2655,12 @@ def _write_atomically(path, data: bytes):
     with _atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+
+def write_json(path, obj):
+    """obj as a config.json is written (indented, keys sorted, a final newline), atomically."""
+    _write_atomically(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 
@@ -3311,8 +3316,7 @@ def save_pretrained(model: nn.Module, directory):
     save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     if getattr(model, "generation_config", None) is not None:  # the heads that generate
         model.generation_config.to_json_file(os.path.join(directory, "generation_config.json"))
-    _write_atomically(os.path.join(directory, "config.json"),
-                      (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(os.path.join(directory, "config.json"), config)
     if model.palette is not None:
         save_palette(model.palette, directory, n_px=model.config.n_px)
 
@@ -3569,8 +3573,7 @@ def save_palette(palette, directory, n_px: Optional[int] = None):
     }
     if n_px is not None:
         processor["size"] = {"height": n_px, "width": n_px}
-    _write_atomically(os.path.join(directory, "preprocessor_config.json"),
-                      (json.dumps(processor, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(os.path.join(directory, "preprocessor_config.json"), processor)
     with _atomic_path(os.path.join(directory, "kmeans_centers.npy")) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, palette.numpy())

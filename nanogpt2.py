@@ -1307,7 +1307,7 @@ class GenerationConfig:
 
     def to_json_file(self, path):
         """Write generation_config.json (atomically)."""
-        _write_atomically(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        write_json(path, self.to_dict())
 
 
 # The reference's decoding options this generate() does not implement, with the value that leaves decoding as it
@@ -1324,10 +1324,6 @@ UNSUPPORTED_GENERATION_FIELDS = {
 }
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 # Below this, logits / temperature overflow to inf for logits of a few hundred, and sampling fails on NaN.
 MIN_TEMPERATURE = 1e-6
 
@@ -1338,34 +1334,36 @@ def _check_generation_config(config: GenerationConfig, scored: int):
     def bad(name, expected, hint=""):
         return ValueError(f"{name} must be {expected}, got {getattr(config, name)!r}" + (f" ({hint})" if hint else ""))
 
-    if not _is_int(config.max_length) or config.max_length < 1:
+    if not is_kind(config.max_length, int) or config.max_length < 1:
         raise bad("max_length", "a positive integer", "the prompt included")
     for name in ("max_new_tokens", "min_new_tokens"):
-        if getattr(config, name) is not None and (not _is_int(getattr(config, name)) or getattr(config, name) < 0):
+        value = getattr(config, name)
+        if value is not None and (not is_kind(value, int) or value < 0):
             raise bad(name, "a non-negative integer", "or None")
-    if not _is_int(config.min_length) or config.min_length < 0:
+    if not is_kind(config.min_length, int) or config.min_length < 0:
         raise bad("min_length", "a non-negative integer", "the prompt included")
     for name in ("do_sample", "output_scores", "return_dict_in_generate"):
         if not isinstance(getattr(config, name), bool):
             raise bad(name, "True or False")
     for name in ("num_beams", "num_return_sequences"):
-        if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
+        value = getattr(config, name)
+        if not is_kind(value, int) or value < 1:
             raise bad(name, "a positive integer")
     for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):  # before any comparison
-        if getattr(config, name) is not None and not isinstance(getattr(config, name), (int, float)) \
-                or isinstance(getattr(config, name), bool):
+        value = getattr(config, name)
+        if isinstance(value, bool) or (value is not None and not isinstance(value, (int, float))):
             raise bad(name, "a number")
     if config.do_sample and config.temperature is not None and not MIN_TEMPERATURE <= config.temperature < math.inf:
         raise ValueError(f"temperature must be at least {MIN_TEMPERATURE} and finite when sampling, got "
                          f"{config.temperature!r} (a smaller one overflows the scores to inf; for the most likely "
                          "token every step, use do_sample=False)")
-    if config.top_k is not None and (not _is_int(config.top_k) or config.top_k < 0):
+    if config.top_k is not None and (not is_kind(config.top_k, int) or config.top_k < 0):
         raise bad("top_k", "a non-negative integer", "0 or None: no top-k")
     if config.top_p is not None and not 0 < config.top_p <= 1:
         raise bad("top_p", "in (0, 1]", "1.0 or None: no top-p")
     if config.repetition_penalty is not None and not 0 < config.repetition_penalty < math.inf:
         raise bad("repetition_penalty", "> 0 and finite", "1.0: none; above 1 penalises repeats")
-    if config.no_repeat_ngram_size is not None and (not _is_int(config.no_repeat_ngram_size)
+    if config.no_repeat_ngram_size is not None and (not is_kind(config.no_repeat_ngram_size, int)
                                                     or config.no_repeat_ngram_size < 0):
         raise bad("no_repeat_ngram_size", "a non-negative integer", "0: off")
     if not -math.inf < config.length_penalty < math.inf:  # nan fails both comparisons
@@ -1379,14 +1377,15 @@ def _check_generation_config(config: GenerationConfig, scored: int):
         raise ValueError(f"num_return_sequences ({config.num_return_sequences}) must be at most num_beams "
                          f"({config.num_beams}): beam search keeps num_beams hypotheses per prompt")
     eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
-    if config.eos_token_id is not None and (not eos or not all(_is_int(t) and t >= 0 for t in eos)):
+    if config.eos_token_id is not None and (not eos or not all(is_kind(t, int) and t >= 0 for t in eos)):
         raise bad("eos_token_id", "None, a token id or a non-empty list of token ids")
     for name in ("pad_token_id", "bos_token_id"):
-        if getattr(config, name) is not None and (not _is_int(getattr(config, name)) or getattr(config, name) < 0):
+        value = getattr(config, name)
+        if value is not None and (not is_kind(value, int) or value < 0):
             raise bad(name, "None or a token id (an integer >= 0)")
     words = config.bad_words_ids
     if words is not None and (not isinstance(words, (list, tuple)) or not words or not all(
-            isinstance(w, (list, tuple)) and w and all(_is_int(t) and 0 <= t < scored for t in w) for w in words)):
+            isinstance(w, (list, tuple)) and w and all(is_kind(t, int) and 0 <= t < scored for t in w) for w in words)):
         raise bad("bad_words_ids", f"None or a non-empty list of non-empty lists of token ids in [0, {scored})")
 
 
@@ -2652,7 +2651,7 @@ def config_from_json_file(cls, path) -> "GPT2Config":
 
 
 def config_to_json_file(config, path):
-    _write_atomically(path, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(path, config.to_dict())
 
 
 # --- Memory: what a model or a batch needs, against what the machine has ---------------------------------
@@ -2922,6 +2921,11 @@ def _write_atomically(path, data: bytes):
     with _atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def write_json(path, obj):
+    """obj as a config.json is written (indented, keys sorted, a final newline), atomically."""
+    _write_atomically(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def check_output_file(option: str, path):
@@ -3578,8 +3582,7 @@ def save_pretrained(model: nn.Module, directory):
     save_safetensors(state_dict, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     if getattr(model, "generation_config", None) is not None:  # the heads that generate
         model.generation_config.to_json_file(os.path.join(directory, "generation_config.json"))
-    _write_atomically(os.path.join(directory, "config.json"),
-                      (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_json(os.path.join(directory, "config.json"), config)
 
 
 # Every model class loads and saves the same way: one function each, attached to all six classes.
@@ -3645,9 +3648,15 @@ def token_ids(ids, vocab_size: int = EOT_TOKEN + 1, name: str = "ids") -> List[i
         raise TypeError(f"{name} must be a sequence of token ids, got {type(ids).__name__} {ids!r:.60}")
     ids = list(ids)
     for i, token in enumerate(ids):
-        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
-            raise ValueError(f"{name}[{i}] is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
+        check_token_id(token, vocab_size, f"{name}[{i}]")
     return [int(token) for token in ids]
+
+
+def check_token_id(token, vocab_size: int, name: str = "token"):
+    """A ValueError naming `name` unless token is an integer (a Python or numpy one, not a bool) in
+    [0, vocab_size)."""
+    if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
+        raise ValueError(f"{name} is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
 
 
 def decode(ids) -> str:
@@ -3666,7 +3675,7 @@ def encode_batch(prompts: List[str], pad_id: int = EOT_TOKEN, encode_fn=encode) 
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts[{i}] is {type(prompt).__name__} {prompt!r:.40}, expected a str")
-    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0:
+    if not is_kind(pad_id, int) or pad_id < 0:
         raise TypeError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
     encoded = [encode_fn(p) or [pad_id] for p in prompts]
     T = max(len(ids) for ids in encoded)
@@ -3696,8 +3705,7 @@ class StreamDecoder:
         chars[token]. Everything returned, joined, plus flush(), equals decode() of all the tokens."""
         vocab_size = len(self.chars) if self.chars is not None else self.bpe.n_vocab if self.bpe else EOT_TOKEN + 1
         token = int(token) if isinstance(token, torch.Tensor) and token.numel() == 1 else token
-        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
-            raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {vocab_size})")
+        check_token_id(token, vocab_size)
         if self.chars is not None:
             return self.chars[int(token)]
         if self.bpe is not None:
@@ -3904,8 +3912,7 @@ class BytePairEncoding:
 
     def decode_single_token_bytes(self, token: int) -> bytes:
         """A token's bytes: a token can end in the middle of a character's UTF-8 bytes (see StreamDecoder)."""
-        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < self.n_vocab:
-            raise ValueError(f"token is {token!r:.40}, but token ids are integers in [0, {self.n_vocab})")
+        check_token_id(token, self.n_vocab)
         return self.tokens[token]
 
 
@@ -4105,7 +4112,7 @@ def train_bpe(source, vocab_size: int, option: str = "vocab_size") -> BytePairEn
     pair of adjacent tokens that occurs most often within the pieces (see the notes above PairCounts). A
     vocab_size under 257, or more than the text supports (no pair occurs twice any more), is a ValueError that
     names `option` (the command line passes "--vocab-size")."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+    if not is_kind(vocab_size, int) or vocab_size < 257:
         raise ValueError(f"{option} must be an integer of at least 257 (the 256 byte tokens and <|endoftext|>), "
                          f"got {vocab_size!r}")
     name = "the text" if isinstance(source, str) else os.fspath(source)
@@ -4634,9 +4641,8 @@ def read_tokens_meta(path) -> dict:
     --data again."""
     folder = os.path.dirname(path)
     try:
-        with open(regular_file_in(folder, path), encoding="utf-8") as f:
-            meta = json.loads(f.read(MAX_JSON_BYTES + 1))
-    except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError is a ValueError too), or too long
+        meta = read_json_object(path, "tokens.json", "fields about tokens.bin")
+    except ValueError:  # a CheckpointError: not a file in the folder, too long, not UTF-8 JSON, not an object
         meta = None
     tokens = os.path.join(folder, "tokens.bin")
     if not (isinstance(meta, dict) and {"source", "char_vocab", "dtype", "tokens"} <= set(meta)

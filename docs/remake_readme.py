@@ -306,9 +306,17 @@ def edit(path, qualname, body):
         f.write("".join(lines[:node.body[0].end_lineno]) + body + "".join(lines[node.end_lineno:]))
 
 
-def remake_exercises(texts):
+def put_back(path, qualnames):
+    """The reference's code of `qualnames` put back into the student file at `path` (as a student writes it)."""
     import exercises
 
+    with open(path, encoding="utf-8") as f:
+        mine = f.read()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(exercises.restore(mine, exercises.read_repo_file(os.path.basename(path)), qualnames))
+
+
+def remake_exercises(texts):
     with tempfile.TemporaryDirectory() as home:
         student = os.path.join(home, "gpt2-class")
         session = [exercises_cli("start", "lm-loss", "--out", student, cwd=home, home=home)]
@@ -318,19 +326,12 @@ def remake_exercises(texts):
         texts = replace_block(texts, "session-start", fenced(session[0]))
         texts = replace_block(texts, "session-fail", fenced(exercises_cli("check", student, "--hint", cwd=home,
                                                                         home=home)))
-        with open(path, encoding="utf-8") as f:
-            mine = f.read()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(exercises.restore(mine, exercises.read_repo_file("nanogpt2.py"), ["shifted_lm_loss"]))
+        put_back(path, ["shifted_lm_loss"])
         texts = replace_block(texts, "session-pass", fenced(exercises_cli("check", student, cwd=home, home=home)))
 
         chapter = os.path.join(home, "attention")
         exercises_cli("start", "attention", "--out", chapter, cwd=home)
-        with open(os.path.join(chapter, "nanogpt2.py"), encoding="utf-8") as f:
-            mine = f.read()
-        with open(os.path.join(chapter, "nanogpt2.py"), "w", encoding="utf-8") as f:
-            f.write(exercises.restore(mine, exercises.read_repo_file("nanogpt2.py"),
-                                      ["GPT2Attention.split_heads", "GPT2Attention.merge_heads"]))
+        put_back(os.path.join(chapter, "nanogpt2.py"), ["GPT2Attention.split_heads", "GPT2Attention.merge_heads"])
         texts = replace_block(texts, "session-chapter", fenced(
             exercises_cli("check", chapter, "--only", "heads", "kv-cache", cwd=home, home=home)))
 
@@ -367,17 +368,10 @@ def make_class(root):
                         ("carol", ["lm-loss", "top-k"]), ("erin", ["lm-loss", "top-k"])):
         run([*cli, *names, "--out", os.path.join(root, name)], cwd=REPO)
     alice = os.path.join(root, "alice", "nanogpt2.py")
-    with open(alice, encoding="utf-8") as f:
-        mine = f.read()
-    with open(alice, "w", encoding="utf-8") as f:
-        f.write(exercises.restore(mine, exercises.read_repo_file("nanogpt2.py"), ["shifted_lm_loss"]))
+    put_back(alice, ["shifted_lm_loss"])
     edit(alice, "top_k_filter", "    while True:  # waits for the k-th largest to turn up\n        pass\n")
     bob = os.path.join(root, "bob", "convert_tf.py")
-    with open(bob, encoding="utf-8") as f:
-        mine = f.read()
-    with open(bob, "w", encoding="utf-8") as f:
-        f.write(exercises.restore(mine, exercises.read_repo_file("convert_tf.py"),
-                                  [exercises.BY_ID[exercises.drill("sstable", "Bob")]["edits"][0][0]]))
+    put_back(bob, [exercises.BY_ID[exercises.drill("sstable", "Bob")]["edits"][0][0]])
     os.makedirs(os.path.join(root, "dave"))
     shutil.copyfile(os.path.join(REPO, "nanogpt2.py"), os.path.join(root, "dave", "nanogpt2.py"))
     erin = os.path.join(root, "erin", "nanogpt2.py")
